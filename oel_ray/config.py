@@ -1,0 +1,305 @@
+"""Hydra structured config: one dataclass per config group, validated before any expensive work.
+
+`conf/config.yaml` composes the groups on top of the `oel_schema` registered here, so a key that
+is not a field below is refused by Hydra, and `validate()` checks values with one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+SUPPORTED_GAMES = ("Sokoban", "FrozenLake")
+DTYPES = ("float32", "bfloat16", "float16")
+LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl")
+AGGREGATIONS = ("token_mean", "sequence_mean")
+KNOWLEDGE_FORMATS = ("structured", "unstructured")
+KNOWLEDGE_POSITIONS = ("user", "system")
+TINY_MODEL = "tiny"
+
+
+class ConfigError(ValueError):
+    """A user's configuration mistake: reported as one line naming the field and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    # A local checkpoint directory or a hub id (org/name, resolved from the local hub cache).
+    path: str = "${oc.env:OEL_RAY_CACHE,${oc.env:HOME}/.cache/oel_ray}/tiny-qwen3"
+    # Build the embedded tiny model at `path` when it is missing (CPU default, no hub needed).
+    build: Optional[str] = TINY_MODEL
+    dtype: str = "float32"
+    thinking: bool = False  # Qwen3 `enable_thinking` in the chat template
+    trust_remote_code: bool = False
+    max_model_len: int = 4096
+
+
+@dataclass
+class EnvConfig:
+    id: str = "Sokoban-v0"
+    kwargs: dict[str, Any] = field(default_factory=lambda: {"dim_room": [6, 6], "num_boxes": 1})
+    max_turns: int = 5
+    train_seed_offset: int = 0
+    eval_seed_offset: int = 10_000_000  # held-out maps live far from every training seed
+    eval_maps: int = 128
+    eval_samples: int = 1  # sampling seeds per held-out map
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    games_per_round: int = 8  # trajectories collected for extraction each round
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = -1
+    eval_top_p: float = 0.8
+    eval_top_k: int = 20
+    max_response_tokens: int = 1024
+    kv_cache_gib: float = 1.0  # CPU engine's KV cache
+    gpu_memory_utilization: float = 0.85
+    seed: int = 0
+
+
+@dataclass
+class ExtractorConfig:
+    k: int = 4  # trajectories accumulated per chain
+    use_step: Optional[int] = None  # accumulation step whose knowledge is used; None: k // 2 (paper)
+    num_chains: int = 2  # N independent chains (orders and sampling seeds)
+    format: str = "structured"
+    max_knowledge_tokens: int = 8192  # L: bound on each extraction and the accumulated knowledge
+    max_response_tokens: int = 1024
+    temperature: float = 0.7
+    top_p: float = 0.8
+    top_k: int = 20
+    model: str = "policy"  # "policy" (the deployed weights) or a local checkpoint path
+
+
+@dataclass
+class TeacherConfig:
+    knowledge_position: str = "user"  # the paper puts knowledge inside the user turn
+    num_actors: int = 1
+    batch_tokens: int = 8192  # tokens per teacher forward pass
+    chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
+
+
+@dataclass
+class LearnerConfig:
+    steps: int = 100  # optimizer steps per round
+    batch_size: int = 64  # prefixes per optimizer step (global)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    zero_stage: int = 2
+    num_ranks: int = 1
+    loss: str = "topk_reverse_kl"
+    support_k: int = 256
+    renormalize: bool = False
+    aggregation: str = "token_mean"
+    temperature: float = "${rollout.temperature}"  # type: ignore[assignment]  # score at the sampling temperature
+    dtype: str = "${model.dtype}"
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    address: Optional[str] = None  # None: start a local Ray; "auto": join a running cluster
+    num_cpus: Optional[float] = None  # local Ray only
+    dashboard: bool = False
+    use_gpu: bool = False
+    cpus_per_actor: float = 0.5  # fractional CPUs let all roles share a small machine
+    timeout_s: float = 1800.0  # collective / actor-call timeout before failing with a clear message
+
+
+@dataclass
+class OELConfig:
+    name: str = "tiny"
+    rounds: int = 1
+    seed: int = 0
+    output_dir: str = "${hydra:runtime.output_dir}"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="oel_schema", node=OELConfig)
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    _require(value in allowed, name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    _require(ok, name, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_model_path(path: str, build: Optional[str]) -> None:
+    if build is not None:
+        _choice("model.build", build, (TINY_MODEL,))
+        return
+    if os.path.isdir(path):
+        return
+    if HUB_ID.match(path) and not os.path.exists(path):
+        return  # a hub id, resolved from the local hub cache by transformers / vLLM
+    raise ConfigError(
+        f"model.path: {path!r} does not exist; give a checkpoint directory, a hub id such as "
+        "Qwen/Qwen3-4B-Instruct-2507, or model.build=tiny to build the embedded model there"
+    )
+
+
+def check_env_id(env_id: str) -> None:
+    from textarena.envs.registration import ENV_REGISTRY  # cheap: no environment is built
+
+    supported = sorted(e for e in ENV_REGISTRY if e.split("-")[0] in SUPPORTED_GAMES)
+    _require(env_id in supported, "env.id", f"{env_id!r} is not one of {', '.join(supported)}")
+
+
+def validate(cfg: OELConfig) -> OELConfig:
+    """Check every value a user can get wrong; raises ConfigError (one line) on the first."""
+    _positive("rounds", cfg.rounds)
+    check_model_path(cfg.model.path, cfg.model.build)
+    _choice("model.dtype", cfg.model.dtype, DTYPES)
+    _positive("model.max_model_len", cfg.model.max_model_len)
+
+    check_env_id(cfg.env.id)
+    _require(1 <= cfg.env.max_turns <= 100, "env.max_turns", f"{cfg.env.max_turns} must be in 1..100")
+    _positive("env.eval_maps", cfg.env.eval_maps, allow_zero=True)
+    _positive("env.eval_samples", cfg.env.eval_samples)
+    _positive("env.train_seed_offset", cfg.env.train_seed_offset, allow_zero=True)
+    _require(
+        cfg.env.eval_seed_offset >= cfg.env.train_seed_offset + 1_000_000,
+        "env.eval_seed_offset",
+        f"{cfg.env.eval_seed_offset} must be at least env.train_seed_offset + 1000000 "
+        "so held-out maps never share seeds with training maps",
+    )
+
+    r = cfg.rollout
+    _positive("rollout.num_workers", r.num_workers)
+    _positive("rollout.games_per_round", r.games_per_round)
+    _positive("rollout.temperature", r.temperature)
+    _require(0 < r.top_p <= 1, "rollout.top_p", f"{r.top_p} must be in (0, 1]")
+    _positive("rollout.max_response_tokens", r.max_response_tokens)
+    _require(
+        r.max_response_tokens < cfg.model.max_model_len,
+        "rollout.max_response_tokens",
+        f"{r.max_response_tokens} must be below model.max_model_len ({cfg.model.max_model_len})",
+    )
+    _positive("rollout.kv_cache_gib", r.kv_cache_gib)
+
+    e = cfg.extractor
+    _positive("extractor.k", e.k)
+    _positive("extractor.num_chains", e.num_chains)
+    if e.use_step is not None:
+        _require(1 <= e.use_step <= e.k, "extractor.use_step", f"{e.use_step} must be in 1..extractor.k ({e.k})")
+    _choice("extractor.format", e.format, KNOWLEDGE_FORMATS)
+    _positive("extractor.max_knowledge_tokens", e.max_knowledge_tokens)
+    _positive("extractor.max_response_tokens", e.max_response_tokens)
+    _positive("extractor.temperature", e.temperature)
+    if e.model != "policy":
+        check_model_path(e.model, None)
+    _require(
+        e.k <= r.games_per_round,
+        "extractor.k",
+        f"{e.k} trajectories per chain but rollout.games_per_round is {r.games_per_round}; "
+        "raise rollout.games_per_round or lower extractor.k",
+    )
+
+    _choice("teacher.knowledge_position", cfg.teacher.knowledge_position, KNOWLEDGE_POSITIONS)
+    _positive("teacher.num_actors", cfg.teacher.num_actors)
+    _positive("teacher.chunk_tokens", cfg.teacher.chunk_tokens)
+    _positive("teacher.batch_tokens", cfg.teacher.batch_tokens)
+
+    lr = cfg.learner
+    _positive("learner.steps", lr.steps)
+    _positive("learner.batch_size", lr.batch_size)
+    _positive("learner.grad_accum", lr.grad_accum)
+    _require(
+        lr.batch_size % (lr.grad_accum * lr.num_ranks) == 0,
+        "learner.batch_size",
+        f"{lr.batch_size} must be divisible by learner.grad_accum x learner.num_ranks "
+        f"({lr.grad_accum} x {lr.num_ranks})",
+    )
+    _positive("learner.lr", lr.lr)
+    _positive("learner.weight_decay", lr.weight_decay, allow_zero=True)
+    _require(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
+             f"{list(lr.betas)} must be two numbers in [0, 1)")
+    _positive("learner.grad_clip", lr.grad_clip, allow_zero=True)
+    _positive("learner.warmup_steps", lr.warmup_steps, allow_zero=True)
+    _choice("learner.zero_stage", lr.zero_stage, (0, 1, 2, 3))
+    _positive("learner.num_ranks", lr.num_ranks)
+    _choice("learner.loss", lr.loss, LOSSES)
+    _positive("learner.support_k", lr.support_k)
+    _choice("learner.aggregation", lr.aggregation, AGGREGATIONS)
+    _positive("learner.temperature", lr.temperature)
+    _choice("learner.dtype", lr.dtype, DTYPES)
+
+    _positive("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor)
+    _positive("cluster.timeout_s", cfg.cluster.timeout_s)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- override pre-check
+
+def _fields_at(path: list[str]) -> Optional[dict[str, Any]]:
+    """Field map of the dataclass at `path` under OELConfig; None where the node is a free dict."""
+    node: Any = OELConfig
+    for part in path:
+        if not dataclasses.is_dataclass(node):
+            return None
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        node = fields[part].type if part in fields else None
+        node = {"ModelConfig": ModelConfig, "EnvConfig": EnvConfig, "RolloutConfig": RolloutConfig,
+                "ExtractorConfig": ExtractorConfig, "TeacherConfig": TeacherConfig,
+                "LearnerConfig": LearnerConfig, "ClusterConfig": ClusterConfig}.get(node, node)
+    if not dataclasses.is_dataclass(node):
+        return None
+    return {f.name: f for f in dataclasses.fields(node)}
+
+
+def check_override_keys(overrides: list[str]) -> None:
+    """Refuse `section.typo=value` with one line before Hydra's multi-line error does."""
+    for item in overrides:
+        if "=" not in item or item.startswith(("+", "~", "hydra.", "hydra/")):
+            continue
+        key = item.split("=", 1)[0].lstrip("+")
+        parts = key.split(".")
+        if len(parts) == 1 and "/" in key:
+            continue  # a config-group choice, checked by Hydra against conf/
+        fields = _fields_at(parts[:-1])
+        if fields is None:
+            continue
+        name = parts[-1]
+        if name not in fields and name not in _GROUPS:
+            hint = difflib.get_close_matches(name, fields, n=1)
+            where = ".".join(parts[:-1]) or "the top level"
+            suggestion = f"did you mean {'.'.join(parts[:-1] + hint[:1])}? " if hint else ""
+            raise ConfigError(
+                f"{key}: no such field; {suggestion}fields in {where}: {', '.join(sorted(fields))}"
+            )
+
+
+_GROUPS = {"model", "env", "rollout", "extractor", "teacher", "learner", "cluster", "experiment"}

@@ -1,0 +1,107 @@
+"""The data that crosses actor boundaries, defined once.
+
+Everything here is a plain dataclass of Python scalars, strings and numpy arrays, so Ray moves it
+through the object store without custom serialisers (numpy arrays travel zero-copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+
+TRAJECTORY_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GameSpec:
+    """One game to play: which environment, which map (seed), and why (train/eval)."""
+
+    env_id: str
+    seed: int
+    split: str = "train"  # "train" (collection / extraction) or "eval" (held-out maps)
+    env_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Turn:
+    prompt: str  # the user message the model saw this turn (flattened history, no knowledge)
+    response: str  # the model's full reply, reasoning included
+    response_tokens: int
+    action: Optional[str]  # parsed action ("up", ...) or None when none could be parsed
+    feedback: str  # what the environment answered (move result, invalid-move reason, new board)
+
+
+@dataclass
+class Trajectory:
+    env_id: str
+    seed: int
+    split: str
+    round: int
+    model_version: int  # number of optimizer steps behind the weights that played this game
+    turns: list[Turn]
+    outcome: str  # "win" | "loss" | "invalid" | "turn_limit"
+    reward: float  # the game's own reward; a pass is reward == 1.0
+    reason: str  # the environment's closing reason
+    schema_version: int = TRAJECTORY_SCHEMA_VERSION
+
+    @property
+    def passed(self) -> bool:
+        return self.reward == 1.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "Trajectory":
+        row = dict(row)
+        version = row.get("schema_version")
+        if version != TRAJECTORY_SCHEMA_VERSION:
+            raise ValueError(
+                f"trajectory schema_version {version!r} is not {TRAJECTORY_SCHEMA_VERSION}; "
+                "re-collect with this version of oel_ray"
+            )
+        row["turns"] = [Turn(**t) for t in row["turns"]]
+        return cls(**row)
+
+
+@dataclass
+class Generation:
+    """One sampled reply from a rollout engine."""
+
+    token_ids: list[int]
+    text: str
+    finished: bool  # ended on EOS/stop rather than on the token limit
+    # Student top-k support per generated position, shape [len(token_ids), k], int32; None unless asked.
+    topk_ids: Optional[np.ndarray] = None
+
+
+@dataclass
+class DistillSample:
+    """One on-policy consolidation example: a student reply to a partial-trajectory prefix."""
+
+    student_prompt_ids: list[int]  # chat-templated prefix without knowledge
+    teacher_prompt_ids: list[int]  # the same prefix with the knowledge text in context
+    response_ids: list[int]  # the student's sampled reply (identical under both prompts)
+    support_ids: Optional[np.ndarray] = None  # [len(response_ids), k] int32 student top-k ids
+
+
+@dataclass
+class TeacherScores:
+    """Teacher log-probs on each sample's support: [len(response_ids), k] float32 per sample."""
+
+    logprobs: list[np.ndarray]
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    reverse_kl: float  # token-mean KL(student || teacher) on the support, before renormalisation
+    student_mass: float  # mean student probability mass inside the support
+    teacher_mass: float  # mean teacher probability mass inside the support
+    grad_norm: float
+    lr: float
+    response_tokens: int
+    seconds: dict[str, float] = field(default_factory=dict)  # per-phase wall time
