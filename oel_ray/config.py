@@ -55,6 +55,7 @@ class EnvConfig:
 class RolloutConfig:
     num_workers: int = 1
     games_per_round: int = 8  # trajectories collected for extraction each round
+    deploy_games_per_step: int = 64  # maps the round-start model plays per consolidation step
     temperature: float = 0.7
     top_p: float = 1.0
     top_k: int = -1
@@ -78,6 +79,9 @@ class ExtractorConfig:
     top_p: float = 0.8
     top_k: int = 20
     model: str = "policy"  # "policy" (the deployed weights) or a local checkpoint path
+    # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
+    # conf/extractor/<format>.yaml holds the team's templates.
+    prompt: str = "{knowledge}\n\n{trajectory}"
 
 
 @dataclass
@@ -209,6 +213,7 @@ def validate(cfg: OELConfig) -> OELConfig:
         f"{r.max_response_tokens} must be below model.max_model_len ({cfg.model.max_model_len})",
     )
     _positive("rollout.kv_cache_gib", r.kv_cache_gib)
+    _positive("rollout.deploy_games_per_step", r.deploy_games_per_step)
 
     e = cfg.extractor
     _positive("extractor.k", e.k)
@@ -219,6 +224,12 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("extractor.max_knowledge_tokens", e.max_knowledge_tokens)
     _positive("extractor.max_response_tokens", e.max_response_tokens)
     _positive("extractor.temperature", e.temperature)
+    _require("{trajectory}" in e.prompt, "extractor.prompt", "the template must contain {trajectory}")
+    _require(
+        e.max_response_tokens <= e.max_knowledge_tokens,
+        "extractor.max_response_tokens",
+        f"{e.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({e.max_knowledge_tokens})",
+    )
     if e.model != "policy":
         check_model_path(e.model, None)
     _require(

@@ -105,3 +105,14 @@ class StepMetrics:
     lr: float
     response_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)  # per-phase wall time
+
+
+@dataclass
+class KnowledgeSnapshot:
+    """One chain's accumulated knowledge after `step` trajectories (step 0: empty)."""
+
+    chain: int
+    step: int
+    text: str
+    num_tokens: int
+    trajectory_seeds: list[int]  # the maps it was extracted from, in order

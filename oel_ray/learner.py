@@ -1,0 +1,327 @@
+"""Consolidation learner: one DeepSpeed rank per Ray actor, and a thin group in front of them.
+
+Each rank trains on its shard `samples[rank::world_size]`; the loss of every micro-batch is a sum
+divided by the *global* token (or sequence) count, so the ranks and micro-batches add up to the
+paper's token mean over the whole batch. Collectives (step, state_dict, save, sequence_logprobs)
+must be called on all ranks: `LearnerGroup` does that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from oel_ray import losses
+from oel_ray.config import LearnerConfig
+from oel_ray.types import DistillSample, TeacherScores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
+
+
+def import_deepspeed():
+    """Import DeepSpeed without its ~60-100 s JIT compile on CPU.
+
+    `init_distributed` builds the `deepspeed_shm_comm` C++ op whenever DeepSpeed's table of
+    compatible ops says it can. That op only serves `inference_all_reduce`, which training never
+    calls (gloo does every collective), so on CPU we mark it incompatible in that table (a dict
+    DeepSpeed builds once per process and keeps, see deepspeed/ops/__init__.py).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+
+    if os.environ.get("DS_ACCELERATOR") == "cpu":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
+    return base
+
+
+class _Distill(torch.nn.Module):
+    """The causal LM plus the loss, so DeepSpeed's engine runs the whole forward.
+
+    The output head is applied chunk by chunk inside the loss (never the full [B, T, V] logits);
+    under ZeRO-3 its weight is registered as an external parameter of this module so DeepSpeed
+    gathers it for the whole forward and backward.
+    """
+
+    def __init__(self, model, cfg: LearnerConfig):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        self.chunk_tokens = 1024
+
+    def forward(self, input_ids, gather_idx, support, teacher_lp, mask, num_units):
+        base = getattr(self.model, self.model.base_model_prefix)
+        # Right padding with a causal model: real positions never see padding, so no attention mask.
+        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+        # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
+        hidden = hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        weight = self.model.get_output_embeddings().weight
+        kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
+                  chunk_tokens=self.chunk_tokens, num_units=num_units)
+        if self.cfg.loss == "sampled_reverse_kl":
+            out = losses.sampled_reverse_kl_from_hidden(hidden, weight, support[..., 0], teacher_lp[..., 0],
+                                                        mask, **kw)
+        else:
+            out = losses.topk_reverse_kl_from_hidden(hidden, weight, support, teacher_lp, mask,
+                                                     renormalize=self.cfg.renormalize, **kw)
+        return out.loss, out.reverse_kl, out.student_mass, out.teacher_mass
+
+
+def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
+    """(support [R, k] int64, teacher log-probs [R, k] float32, valid [R] bool) for one sample.
+
+    sampled_reverse_kl takes the teacher's log-prob of each sampled token either directly
+    (scores of shape [R] or [R, 1]) or from the top-k scores where the support holds the token;
+    positions whose token is outside the support are left out of the loss.
+    """
+    r = len(sample.response_ids)
+    lp = np.asarray(logprobs, dtype=np.float32)
+    if sampled:
+        y = np.asarray(sample.response_ids, dtype=np.int64)
+        if lp.ndim == 1 or lp.shape[-1] == 1:
+            lt, valid = lp.reshape(r), np.ones(r, bool)
+        else:
+            hit = np.asarray(sample.support_ids) == y[:, None]
+            valid = hit.any(1)
+            lt = np.where(valid, lp[np.arange(r), hit.argmax(1)], 0.0).astype(np.float32)
+        return y[:, None], lt[:, None], valid
+    if sample.support_ids is None:
+        raise ValueError("topk_reverse_kl needs DistillSample.support_ids (the student's top-k ids)")
+    support = np.asarray(sample.support_ids, dtype=np.int64)
+    if support.shape != lp.shape or support.shape[0] != r:
+        raise ValueError(f"support_ids {support.shape} and teacher logprobs {lp.shape} must both be "
+                         f"[len(response_ids)={r}, k]")
+    return support, lp, np.ones(r, bool)
+
+
+class Learner:
+    def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int,
+                 master_addr: str, master_port: int, ds_overrides: Optional[dict] = None):
+        cuda = torch.cuda.is_available()
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
+                          MASTER_PORT=str(master_port), LOCAL_RANK="0" if cuda else str(rank))
+        deepspeed = import_deepspeed()
+        from transformers import AutoModelForCausalLM
+
+        self.cfg, self.rank, self.world, self.model_path = cfg, rank, world_size, model_path
+        self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed)
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
+        module = _Distill(self.model, cfg)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("output heads with a bias are not supported")
+        if cfg.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(module, head.weight)
+        micro = cfg.batch_size // (cfg.grad_accum * world_size)
+        config = {
+            "train_batch_size": micro * cfg.grad_accum * world_size,
+            "train_micro_batch_size_per_gpu": micro,
+            "gradient_accumulation_steps": cfg.grad_accum,
+            "gradient_clipping": cfg.grad_clip,
+            "zero_optimization": {"stage": cfg.zero_stage},
+            "bf16": {"enabled": cfg.dtype == "bfloat16"},
+            "fp16": {"enabled": cfg.dtype == "float16"},
+            "steps_per_print": 1 << 30,
+        }
+        _merge(config, ds_overrides or {})
+        # Client AdamW: a config optimizer would JIT-compile FusedAdam / DeepSpeedCPUAdam.
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
+                                      weight_decay=cfg.weight_decay)
+        warm = cfg.warmup_steps
+
+        def schedule(opt):  # constant LR after an optional linear warm-up over `warm` steps
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
+                                               config=config)
+        self.pad_id = self.model.config.pad_token_id or 0
+
+    def ready(self) -> bool:
+        return True
+
+    def _collate(self, samples: list[DistillSample], targets: list[tuple]):
+        seqs = [list(s.student_prompt_ids) + list(s.response_ids) for s in samples]
+        if any(len(s.student_prompt_ids) == 0 for s in samples):
+            raise ValueError("every sample needs a non-empty prompt")
+        L, R = max(map(len, seqs)), max(1, max(len(s.response_ids) for s in samples))
+        k = targets[0][0].shape[1]
+        input_ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
+        gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
+        support = torch.zeros(len(seqs), R, k, dtype=torch.long)
+        teacher = torch.zeros(len(seqs), R, k, dtype=torch.float32)
+        mask = torch.zeros(len(seqs), R, dtype=torch.bool)
+        for b, (s, seq, (sup, lt, valid)) in enumerate(zip(samples, seqs, targets)):
+            p, r = len(s.student_prompt_ids), len(s.response_ids)
+            input_ids[b, :len(seq)] = torch.tensor(seq)
+            gather_idx[b] = (p - 1 + torch.arange(R)).clamp(max=L - 1)
+            support[b, :r], teacher[b, :r], mask[b, :r] = (torch.from_numpy(sup), torch.from_numpy(lt),
+                                                           torch.from_numpy(valid))
+        return dict(input_ids=input_ids, gather_idx=gather_idx, support=support, teacher_lp=teacher, mask=mask)
+
+    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> dict:
+        cfg, t0 = self.cfg, time.perf_counter()
+        if cfg.loss == "full_reverse_kl":
+            raise NotImplementedError("learner.loss=full_reverse_kl needs the teacher's full logits, which "
+                                      "TeacherScores does not carry yet; use topk_reverse_kl")
+        if len(samples) != len(scores.logprobs) or len(samples) < self.world * cfg.grad_accum:
+            raise ValueError(f"{len(samples)} samples / {len(scores.logprobs)} scores: need one score per "
+                             f"sample and at least num_ranks x grad_accum = {self.world * cfg.grad_accum}")
+        targets = [_targets(s, lp, cfg.loss == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
+        tokens = sum(int(v.sum()) for _, _, v in targets)
+        units = tokens if cfg.aggregation == "token_mean" else sum(int(v.any()) for _, _, v in targets)
+        lr = self.engine.get_lr()[0]
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
+        norm = None
+        for part in np.array_split(np.arange(self.rank, len(samples), self.world), cfg.grad_accum):
+            batch = self._collate([samples[i] for i in part], [targets[i] for i in part])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            loss, kl, smass, tmass = self.engine(**batch, num_units=units)
+            # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == "float32":
+                norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+            self.engine.step()
+            n = int(batch["mask"].sum())
+            sums += torch.stack([loss.detach(), kl * n, smass * n, tmass * n]).double().cpu()
+        buf = sums.to(self.device)
+        torch.distributed.all_reduce(buf)
+        total, kl, smass, tmass = buf.tolist()
+        norm = self.engine.get_global_grad_norm() if norm is None else norm
+        denom = max(tokens, 1)
+        return dict(step=step, loss=total, reverse_kl=kl / denom, student_mass=smass / denom,
+                    teacher_mass=tmass / denom, grad_norm=float(norm) if norm is not None else float("nan"),
+                    lr=float(lr), response_tokens=tokens, seconds={"learner": time.perf_counter() - t0})
+
+    def train_step_packed(self, batch: tuple, step: int) -> dict:
+        """`train_step` on one (samples, scores) object, as the group sends it."""
+        return self.train_step(*batch, step)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        """log p(token_i | tokens before i) for i >= 1 at temperature 1, fp32, length len - 1."""
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().numpy()
+
+    def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
+        """Full weights with Hugging Face names on rank 0 (None elsewhere), in the model dtype.
+
+        Like `save_pretrained`, a tied output head is left out (only the embedding is returned).
+        Collective under ZeRO-3: every rank must call it.
+        """
+        def take():
+            out, seen = {}, set()
+            for name, tensor in self.model.state_dict().items():
+                if tensor.data_ptr() in seen:  # tied to a tensor already taken
+                    continue
+                seen.add(tensor.data_ptr())
+                out[name] = tensor.detach().to("cpu", copy=True).contiguous()
+            return out
+
+        if self.cfg.zero_stage != 3:
+            return take() if self.rank == 0 else None
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            return take() if self.rank == 0 else None
+
+    def save(self, path: str) -> None:
+        """Write a Hugging Face checkpoint at `path` (rank 0), replacing it atomically by rename."""
+        weights = self.state_dict()
+        if self.rank == 0:
+            _write_checkpoint(weights, self.model, self.model_path, Path(path))
+        torch.distributed.barrier()
+
+
+def _write_checkpoint(weights: dict, model, source: str, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    if not os.path.isdir(source):  # a hub id: tokenizer files come from the local hub cache
+        from huggingface_hub import snapshot_download
+
+        source = snapshot_download(source, local_files_only=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    try:
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if model.generation_config is not None:
+            model.generation_config.save_pretrained(tmp)
+        for f in Path(source).iterdir():
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+class LearnerGroup:
+    """`cfg.num_ranks` Learner actors on this node; each call runs on all ranks, returns rank 0's."""
+
+    def __init__(self, cfg: LearnerConfig, model_path: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
+                 ds_overrides: Optional[dict] = None):
+        import ray
+
+        addr, port = ray.util.get_node_ip_address(), _free_port()
+        # torch would start one thread per core in every rank; ranks sharing cores then thrash.
+        env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}
+        actor = ray.remote(Learner).options(num_cpus=num_cpus, num_gpus=num_gpus,
+                                            runtime_env={"env_vars": env})
+        self.ranks = [actor.remote(cfg, model_path, r, cfg.num_ranks, addr, port, ds_overrides)
+                      for r in range(cfg.num_ranks)]
+        self._all("ready")
+
+    def _all(self, method: str, *args):
+        import ray
+
+        return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
+
+    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> dict:
+        import ray
+
+        batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
+        return self._all("train_step_packed", batch, step)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._all("state_dict")
+
+    def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
+        return self._all("sequence_logprobs", token_ids)
+
+    def save(self, path: str) -> None:
+        self._all("save", path)
+
+    def shutdown(self) -> None:
+        import ray
+
+        for r in self.ranks:
+            ray.kill(r)

@@ -1,0 +1,60 @@
+"""Chat messages for the student, the teacher and the extractor, in one place.
+
+The student's prompt for a turn is the game's flattened history (`Game.prompt()`), with no
+knowledge. The teacher sees the same message with the knowledge placed before the situation, so
+the only difference between the two distributions is the knowledge.
+"""
+
+from __future__ import annotations
+
+from oel_ray.types import Trajectory
+
+KNOWLEDGE_PREAMBLE = (
+    "Before acting, read the experience you have gathered from earlier games. "
+    "It may be incomplete or wrong; use what helps.\n"
+)
+
+
+def chat_ids(tokenizer, user: str, *, system: str | None = None, thinking: bool = False) -> list[int]:
+    """Token ids of a one-turn chat ready for the assistant's reply."""
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": user}
+    ]
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def knowledge_block(knowledge: str) -> str:
+    return f"{KNOWLEDGE_PREAMBLE}<experience>\n{knowledge.strip()}\n</experience>"
+
+
+def teacher_messages(prefix: str, knowledge: str, position: str) -> tuple[str | None, str]:
+    """(system, user) for the teacher: the knowledge inside the user turn (paper) or as system."""
+    if position == "system":
+        return knowledge_block(knowledge), prefix
+    intro, sep, situation = prefix.partition("\n\n")
+    if not sep:  # no intro paragraph: the whole prefix is the situation
+        return None, f"{knowledge_block(knowledge)}\n\n{prefix}"
+    return None, f"{intro}\n\n{knowledge_block(knowledge)}\n\n{situation}"
+
+
+def trajectory_text(traj: Trajectory) -> str:
+    """What the extractor reads: each turn's input and raw output, then how the game ended."""
+    parts = []
+    for i, turn in enumerate(traj.turns, 1):
+        parts.append(f"### Turn {i}\nObservation:\n{turn.prompt}\n\nYour output:\n{turn.response}")
+    if traj.outcome == "turn_limit":
+        ending = f"The turn limit ({len(traj.turns)} turns) was reached without success."
+    else:
+        result = "SUCCESS" if traj.passed else "FAILURE"
+        ending = f"Final result: {result}. {traj.reason}".strip()
+    parts.append(f"### Summary\n{ending}")
+    return "\n\n".join(parts)
+
+
+def extraction_prompt(template: str, knowledge: str, traj: Trajectory) -> str:
+    return template.format(
+        knowledge=knowledge.strip() or "(none yet)", trajectory=trajectory_text(traj)
+    )

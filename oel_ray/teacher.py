@@ -1,0 +1,98 @@
+"""TeacherServer: the frozen model with the knowledge in its context, scored on the student's support.
+
+It returns k log-probs per response token (4k bytes), never full-vocabulary logits. Log-softmax is
+computed from the logits divided by the rollout temperature, chunk by chunk over positions, so fp32
+memory is bounded by chunk_tokens x V whatever the sequence length. (vLLM's prompt_logprobs would
+ignore the temperature, which is why the teacher is a plain forward pass.)
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from oel_ray.types import DistillSample, TeacherScores
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TeacherServer:
+    def __init__(self, model_path: str, *, dtype: str, temperature: float, chunk_tokens: int,
+                 batch_tokens: int, trust_remote_code: bool = False):
+        from transformers import AutoModelForCausalLM
+
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+        ).to(self.device).eval()
+        self.temperature = temperature
+        self.chunk_tokens = chunk_tokens
+        self.batch_tokens = batch_tokens
+
+    def ready(self) -> bool:
+        return True
+
+    def load_weights(self, weights: dict) -> None:
+        """Become a new frozen teacher (the previous round's final checkpoint)."""
+        self.model.load_state_dict(weights, strict=False)
+        self.model.tie_weights()
+
+    @torch.no_grad()
+    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> TeacherScores:
+        """Teacher log-probs on each sample's support ([T, k]); with sampled_only, of the reply's
+        own tokens ([T, 1]) for the sampled-token estimator."""
+        out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
+        for batch in self._batches(samples):
+            for i, scores in zip(batch, self._score_batch([samples[i] for i in batch], sampled_only)):
+                out[i] = scores
+        return TeacherScores(logprobs=out)
+
+    def _batches(self, samples: list[DistillSample]) -> list[list[int]]:
+        order = sorted(range(len(samples)), key=lambda i: -self._length(samples[i]))
+        batches, current, longest = [], [], 0
+        for i in order:
+            longest = max(longest, self._length(samples[i]))
+            if current and longest * (len(current) + 1) > self.batch_tokens:
+                batches.append(current)
+                current, longest = [], self._length(samples[i])
+            current.append(i)
+        return batches + ([current] if current else [])
+
+    @staticmethod
+    def _length(s: DistillSample) -> int:
+        return len(s.teacher_prompt_ids) + len(s.response_ids)
+
+    def _score_batch(self, batch: list[DistillSample], sampled_only: bool) -> list[np.ndarray]:
+        seqs = [s.teacher_prompt_ids + s.response_ids for s in batch]
+        width = max(map(len, seqs))
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        head = self.model.get_output_embeddings().weight
+        results = []
+        for row, s in enumerate(batch):
+            start = len(s.teacher_prompt_ids) - 1  # the hidden state at p predicts token p + 1
+            h = hidden[row, start : start + len(s.response_ids)]
+            if sampled_only:
+                support = torch.tensor(s.response_ids, device=h.device)[:, None]
+            else:
+                support = torch.as_tensor(np.asarray(s.support_ids), device=h.device).long()
+            results.append(self._support_logprobs(h, head, support).cpu().numpy())
+        return results
+
+    def _support_logprobs(self, h: torch.Tensor, head: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+        parts = []
+        for lo in range(0, h.shape[0], self.chunk_tokens):
+            logits = (h[lo : lo + self.chunk_tokens] @ head.T).float() / self.temperature
+            parts.append(torch.log_softmax(logits, dim=-1).gather(1, support[lo : lo + self.chunk_tokens]))
+        return torch.cat(parts).to(torch.float32)
+
+
+def start_teacher(model_path: str, *, num_cpus: float, num_gpus: float, **kwargs) -> ray.actor.ActorHandle:
+    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(TeacherServer).remote(model_path, **kwargs)
+    ray.get(actor.ready.remote())
+    return actor
