@@ -10,6 +10,7 @@ import dataclasses
 import difflib
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -275,42 +276,50 @@ def validate(cfg: OELConfig) -> OELConfig:
 
 # ----------------------------------------------------------------------------- override pre-check
 
-def _fields_at(path: list[str]) -> Optional[dict[str, Any]]:
-    """Field map of the dataclass at `path` under OELConfig; None where the node is a free dict."""
-    node: Any = OELConfig
-    for part in path:
-        if not dataclasses.is_dataclass(node):
-            return None
-        fields = {f.name: f for f in dataclasses.fields(node)}
-        node = fields[part].type if part in fields else None
-        node = {"ModelConfig": ModelConfig, "EnvConfig": EnvConfig, "RolloutConfig": RolloutConfig,
-                "ExtractorConfig": ExtractorConfig, "TeacherConfig": TeacherConfig,
-                "LearnerConfig": LearnerConfig, "ClusterConfig": ClusterConfig}.get(node, node)
-    if not dataclasses.is_dataclass(node):
-        return None
-    return {f.name: f for f in dataclasses.fields(node)}
+def _parse_as(kind: Any, text: str) -> None:
+    """Raise ValueError where `text` cannot be a value of the scalar type `kind`."""
+    if typing.get_origin(kind) is typing.Union:  # Optional[X]
+        if text == "null":
+            return
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool and text.lower() not in ("true", "false"):
+        raise ValueError("true or false")
+    if kind is int:
+        int(text)
+    if kind is float:
+        float(text)
 
 
 def check_override_keys(overrides: list[str]) -> None:
-    """Refuse `section.typo=value` with one line before Hydra's multi-line error does."""
+    """Refuse `section.typo=value` and ill-typed values with one line, before Hydra's multi-line
+    errors and before anything expensive starts. Group choices (`env=frozenlake`) are left to Hydra."""
     for item in overrides:
-        if "=" not in item or item.startswith(("+", "~", "hydra.", "hydra/")):
+        if "=" not in item or item.startswith(("~", "hydra.", "hydra/", "+experiment", "experiment")):
             continue
-        key = item.split("=", 1)[0].lstrip("+")
+        key, value = item.split("=", 1)
+        key = key.lstrip("+")
         parts = key.split(".")
-        if len(parts) == 1 and "/" in key:
-            continue  # a config-group choice, checked by Hydra against conf/
-        fields = _fields_at(parts[:-1])
-        if fields is None:
+        if len(parts) == 1 and key in _GROUPS:
             continue
-        name = parts[-1]
-        if name not in fields and name not in _GROUPS:
-            hint = difflib.get_close_matches(name, fields, n=1)
-            where = ".".join(parts[:-1]) or "the top level"
-            suggestion = f"did you mean {'.'.join(parts[:-1] + hint[:1])}? " if hint else ""
-            raise ConfigError(
-                f"{key}: no such field; {suggestion}fields in {where}: {', '.join(sorted(fields))}"
-            )
+        node: Any = OELConfig
+        for depth, part in enumerate(parts):
+            if not dataclasses.is_dataclass(node):
+                break  # inside a free dict such as env.kwargs
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                where = ".".join(parts[:depth])
+                hint = difflib.get_close_matches(part, hints, n=1)
+                guess = f"did you mean {'.'.join(parts[:depth] + hint)}? " if hint else ""
+                raise ConfigError(f"{key}: no such field; {guess}fields in {where or 'the top level'}: "
+                                  f"{', '.join(sorted(hints))}")
+            node = hints[part]
+        else:
+            if not value.startswith("${") and not dataclasses.is_dataclass(node):
+                try:
+                    _parse_as(node, value)
+                except ValueError:
+                    name = getattr(node, "__name__", str(node).replace("typing.", ""))
+                    raise ConfigError(f"{key}: {value!r} is not a valid {name}") from None
 
 
 _GROUPS = {"model", "env", "rollout", "extractor", "teacher", "learner", "cluster", "experiment"}

@@ -19,7 +19,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
-from oel_ray.types import DistillSample, StepMetrics, Trajectory
+from oel_ray.types import DistillSample, StepMetrics, Trajectory  # noqa: F401
 
 
 @dataclass
@@ -72,10 +72,11 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
         with timed(seconds, "teacher"):
             scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
         with timed(seconds, "learner"):
-            result = roles.learner.train_step(samples, scores, step)
+            metrics = roles.learner.train_step(samples, scores, step)
         with timed(seconds, "sync"):
             roles.workers.load_weights(roles.learner.state_dict_ref(), version=step)
-        on_step(StepMetrics(step=step, seconds=seconds, **result))
+        metrics.seconds.update(seconds)
+        on_step(metrics)
 
 
 @contextmanager

@@ -51,6 +51,7 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.stop_token_ids = _stop_token_ids(model_path, self.tokenizer)
         self.tied_embeddings = _tied_embeddings(model_path)
+        self.per_request_seeds = _on_cuda()
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
@@ -77,7 +78,9 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            seed=sampling.seed,
+            # vLLM's CPU runner cannot rewind a per-request generator when a prefill is chunked
+            # ("CPU Generator does not use offset"): on CPU the engine-wide seed governs instead.
+            seed=sampling.seed if self.per_request_seeds else None,
             logprobs=sampling.support_k or None,
             stop_token_ids=self.stop_token_ids,
             flat_logprobs=True,  # flat arrays instead of a dict per position: no GC storm at k=256
@@ -152,3 +155,9 @@ def _tied_embeddings(model_path: str) -> bool:
 
     config = AutoConfig.from_pretrained(model_path)
     return bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

@@ -17,24 +17,21 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import ray
 import torch
 
 from oel_ray import losses
 from oel_ray.config import LearnerConfig
-from oel_ray.types import DistillSample, TeacherScores
+from oel_ray.types import DistillSample, StepMetrics, TeacherScores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 
 
 def import_deepspeed():
-    """Import DeepSpeed without its ~60-100 s JIT compile on CPU.
-
-    `init_distributed` builds the `deepspeed_shm_comm` C++ op whenever DeepSpeed's table of
-    compatible ops says it can. That op only serves `inference_all_reduce`, which training never
-    calls (gloo does every collective), so on CPU we mark it incompatible in that table (a dict
-    DeepSpeed builds once per process and keeps, see deepspeed/ops/__init__.py).
-    """
+    """Import DeepSpeed so that `init_distributed` skips its ~60-100 s JIT compile on CPU: the
+    `deepspeed_shm_comm` op it builds only serves `inference_all_reduce` (training never calls it;
+    gloo does every collective), so we mark it incompatible in DeepSpeed's per-process op table."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
@@ -59,10 +56,11 @@ class _Distill(torch.nn.Module):
     gathers it for the whole forward and backward.
     """
 
+    chunk_tokens = 1024  # positions per logits chunk: peak fp32 ~ 3 x chunk_tokens x V floats
+
     def __init__(self, model, cfg: LearnerConfig):
         super().__init__()
         self.model, self.cfg = model, cfg
-        self.chunk_tokens = 1024
 
     def forward(self, input_ids, gather_idx, support, teacher_lp, mask, num_units):
         base = getattr(self.model, self.model.base_model_prefix)
@@ -83,30 +81,23 @@ class _Distill(torch.nn.Module):
 
 
 def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
-    """(support [R, k] int64, teacher log-probs [R, k] float32, valid [R] bool) for one sample.
+    """(ids [R, k] int64, teacher log-probs [R, k] float32) for one sample of R response tokens.
 
-    sampled_reverse_kl takes the teacher's log-prob of each sampled token either directly
-    (scores of shape [R] or [R, 1]) or from the top-k scores where the support holds the token;
-    positions whose token is outside the support are left out of the loss.
+    topk_reverse_kl: the student's support ids and the teacher's log-probs on them. sampled_reverse_kl:
+    the sampled tokens and the teacher's log-prob of each ([R] or [R, 1], as the teacher server
+    returns with sampled_only=True).
     """
-    r = len(sample.response_ids)
-    lp = np.asarray(logprobs, dtype=np.float32)
+    r, lp = len(sample.response_ids), np.asarray(logprobs, dtype=np.float32)
     if sampled:
-        y = np.asarray(sample.response_ids, dtype=np.int64)
-        if lp.ndim == 1 or lp.shape[-1] == 1:
-            lt, valid = lp.reshape(r), np.ones(r, bool)
-        else:
-            hit = np.asarray(sample.support_ids) == y[:, None]
-            valid = hit.any(1)
-            lt = np.where(valid, lp[np.arange(r), hit.argmax(1)], 0.0).astype(np.float32)
-        return y[:, None], lt[:, None], valid
-    if sample.support_ids is None:
+        ids, lp = np.asarray(sample.response_ids, dtype=np.int64)[:, None], lp.reshape(-1, 1)
+    elif sample.support_ids is None:
         raise ValueError("topk_reverse_kl needs DistillSample.support_ids (the student's top-k ids)")
-    support = np.asarray(sample.support_ids, dtype=np.int64)
-    if support.shape != lp.shape or support.shape[0] != r:
-        raise ValueError(f"support_ids {support.shape} and teacher logprobs {lp.shape} must both be "
+    else:
+        ids = np.asarray(sample.support_ids, dtype=np.int64)
+    if ids.shape != lp.shape or ids.shape[0] != r:
+        raise ValueError(f"ids {ids.shape} and teacher logprobs {lp.shape} must both be "
                          f"[len(response_ids)={r}, k]")
-    return support, lp, np.ones(r, bool)
+    return ids, lp
 
 
 class Learner:
@@ -169,15 +160,14 @@ class Learner:
         support = torch.zeros(len(seqs), R, k, dtype=torch.long)
         teacher = torch.zeros(len(seqs), R, k, dtype=torch.float32)
         mask = torch.zeros(len(seqs), R, dtype=torch.bool)
-        for b, (s, seq, (sup, lt, valid)) in enumerate(zip(samples, seqs, targets)):
+        for b, (s, seq, (sup, lt)) in enumerate(zip(samples, seqs, targets)):
             p, r = len(s.student_prompt_ids), len(s.response_ids)
             input_ids[b, :len(seq)] = torch.tensor(seq)
             gather_idx[b] = (p - 1 + torch.arange(R)).clamp(max=L - 1)
-            support[b, :r], teacher[b, :r], mask[b, :r] = (torch.from_numpy(sup), torch.from_numpy(lt),
-                                                           torch.from_numpy(valid))
+            support[b, :r], teacher[b, :r], mask[b, :r] = torch.from_numpy(sup), torch.from_numpy(lt), True
         return dict(input_ids=input_ids, gather_idx=gather_idx, support=support, teacher_lp=teacher, mask=mask)
 
-    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> dict:
+    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> StepMetrics:
         cfg, t0 = self.cfg, time.perf_counter()
         if cfg.loss == "full_reverse_kl":
             raise NotImplementedError("learner.loss=full_reverse_kl needs the teacher's full logits, which "
@@ -186,8 +176,8 @@ class Learner:
             raise ValueError(f"{len(samples)} samples / {len(scores.logprobs)} scores: need one score per "
                              f"sample and at least num_ranks x grad_accum = {self.world * cfg.grad_accum}")
         targets = [_targets(s, lp, cfg.loss == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
-        tokens = sum(int(v.sum()) for _, _, v in targets)
-        units = tokens if cfg.aggregation == "token_mean" else sum(int(v.any()) for _, _, v in targets)
+        tokens = sum(len(s.response_ids) for s in samples)
+        units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
@@ -198,7 +188,9 @@ class Learner:
             # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == "float32":
-                norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
+                # DeepSpeed records no norm for plain fp32 without ZeRO: take it before the step.
+                grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+                norm = torch.nn.utils.get_total_norm(grads)
             self.engine.step()
             n = int(batch["mask"].sum())
             sums += torch.stack([loss.detach(), kl * n, smass * n, tmass * n]).double().cpu()
@@ -207,11 +199,12 @@ class Learner:
         total, kl, smass, tmass = buf.tolist()
         norm = self.engine.get_global_grad_norm() if norm is None else norm
         denom = max(tokens, 1)
-        return dict(step=step, loss=total, reverse_kl=kl / denom, student_mass=smass / denom,
-                    teacher_mass=tmass / denom, grad_norm=float(norm) if norm is not None else float("nan"),
-                    lr=float(lr), response_tokens=tokens, seconds={"learner": time.perf_counter() - t0})
+        return StepMetrics(step=step, loss=total, reverse_kl=kl / denom, student_mass=smass / denom,
+                           teacher_mass=tmass / denom,
+                           grad_norm=float(norm) if norm is not None else float("nan"), lr=float(lr),
+                           response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0})
 
-    def train_step_packed(self, batch: tuple, step: int) -> dict:
+    def train_step_packed(self, batch: tuple, step: int) -> StepMetrics:
         """`train_step` on one (samples, scores) object, as the group sends it."""
         return self.train_step(*batch, step)
 
@@ -231,7 +224,7 @@ class Learner:
         def take():
             out, seen = {}, set()
             for name, tensor in self.model.state_dict().items():
-                if tensor.data_ptr() in seen:  # tied to a tensor already taken
+                if tensor.numel() and tensor.data_ptr() in seen:  # tied to a tensor already taken
                     continue
                 seen.add(tensor.data_ptr())
                 out[name] = tensor.detach().to("cpu", copy=True).contiguous()
@@ -239,9 +232,7 @@ class Learner:
 
         if self.cfg.zero_stage != 3:
             return take() if self.rank == 0 else None
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+        with import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
             return take() if self.rank == 0 else None
 
     def save(self, path: str) -> None:
@@ -289,8 +280,6 @@ class LearnerGroup:
 
     def __init__(self, cfg: LearnerConfig, model_path: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  ds_overrides: Optional[dict] = None):
-        import ray
-
         addr, port = ray.util.get_node_ip_address(), _free_port()
         # torch would start one thread per core in every rank; ranks sharing cores then thrash.
         env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}
@@ -301,18 +290,20 @@ class LearnerGroup:
         self._all("ready")
 
     def _all(self, method: str, *args):
-        import ray
-
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
 
-    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> dict:
-        import ray
-
+    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> StepMetrics:
         batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
         return self._all("train_step_packed", batch, step)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")
+
+    def state_dict_ref(self) -> ray.ObjectRef:
+        """Rank 0's state_dict left in the object store (for weight sync without the driver)."""
+        refs = [r.state_dict.remote() for r in self.ranks]
+        ray.get(refs[1:])  # the other ranks only take part in the gather
+        return refs[0]
 
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
         return self._all("sequence_logprobs", token_ids)
@@ -321,7 +312,5 @@ class LearnerGroup:
         self._all("save", path)
 
     def shutdown(self) -> None:
-        import ray
-
         for r in self.ranks:
             ray.kill(r)
