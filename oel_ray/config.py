@@ -22,6 +22,8 @@ LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token_mean", "sequence_mean")
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
+HISTORY_FORMATS = ("flattened", "chat")
+WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
 
 
@@ -50,6 +52,10 @@ class EnvConfig:
     eval_seed_offset: int = 10_000_000  # held-out maps live far from every training seed
     eval_maps: int = 128
     eval_samples: int = 1  # sampling seeds per held-out map
+    # True: every map is a distinct board and no training board is a held-out one (Sokoban).
+    # False: maps are seeds and boards may repeat (paper's FrozenLake 3x3 has only 19 boards);
+    # training and held-out maps are then disjoint by seed only.
+    distinct_boards: bool = True
 
 
 @dataclass
@@ -66,6 +72,11 @@ class RolloutConfig:
     kv_cache_gib: float = 1.0  # CPU engine's KV cache
     gpu_memory_utilization: float = 0.85
     seed: int = 0
+    # "flattened" (paper): one user message holding every earlier board and action, no earlier
+    # replies. "chat": observations as user turns, earlier replies as assistant turns.
+    history: str = "flattened"
+    keep_reasoning: bool = False  # chat only: keep earlier <think> blocks the template would drop
+    bind_cores: bool = True  # CPU only: each worker's threads on its own share of the node's cores
 
 
 @dataclass
@@ -79,7 +90,11 @@ class ExtractorConfig:
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20
-    model: str = "policy"  # "policy" (the deployed weights) or a local checkpoint path
+    # "policy" (the deployed weights), a local checkpoint path, or an OpenAI-compatible base URL
+    # (http(s)://host/v1) serving `endpoint_model`, with the key in the env var `api_key_env`.
+    model: str = "policy"
+    endpoint_model: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
     # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
     # conf/extractor/<format>.yaml holds the team's templates.
     prompt: str = "{knowledge}\n\n{trajectory}"
@@ -112,6 +127,13 @@ class LearnerConfig:
     temperature: float = "${rollout.temperature}"  # type: ignore[assignment]  # score at the sampling temperature
     dtype: str = "${model.dtype}"
     seed: int = 0
+    # Learner -> rollout workers after every step: "object_store" (Ray, any machine), "nccl" (one
+    # NCCL group between learner rank 0 and the vLLM workers; GPUs only), "auto" (nccl on GPUs).
+    weight_sync: str = "auto"
+    sync_bucket_mb: float = 256.0  # nccl: tensors are packed into broadcasts of about this size
+    # Save the full training state (weights, optimizer, schedule) every this many steps, so an
+    # interrupted run resumes mid-consolidation (the paper checkpoints every 2 steps).
+    checkpoint_every: int = 2
 
 
 @dataclass
@@ -122,6 +144,22 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_actor: float = 0.5  # fractional CPUs let all roles share a small machine
     timeout_s: float = 1800.0  # collective / actor-call timeout before failing with a clear message
+    # The allocation a job asks for (launch/slurm/submit.sh hands these to sbatch) and the GPUs
+    # each actor takes from it: per rollout worker (one vLLM engine), per teacher actor, per
+    # learner rank. All zero on CPU; with use_gpu every role must fit in nodes x gpus_per_node.
+    nodes: int = 1
+    gpus_per_node: int = 0
+    rollout_gpus: float = 0.0
+    teacher_gpus: float = 0.0
+    learner_gpus: float = 0.0
+
+
+@dataclass
+class TrackingConfig:
+    tensorboard: bool = True  # per-step scalars under <output_dir>/tensorboard
+    wandb: bool = False  # needs `pip install wandb`; the key comes from WANDB_API_KEY, never config
+    wandb_project: str = "oel_ray"
+    progress_bars: bool = True
 
 
 @dataclass
@@ -137,6 +175,7 @@ class OELConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 def register() -> None:
@@ -201,6 +240,15 @@ def validate(cfg: OELConfig) -> OELConfig:
         f"{cfg.env.eval_seed_offset} must be at least env.train_seed_offset + 1000000 "
         "so held-out maps never share seeds with training maps",
     )
+    if not cfg.env.distinct_boards:
+        from oel_ray.games import ROUND_SEED_STRIDE  # lazy: games imports this module
+
+        # Seeds are then the only thing keeping the sets apart: the last round's streams must stay
+        # below the first held-out seed.
+        last = cfg.env.train_seed_offset + (cfg.rounds + 1) * ROUND_SEED_STRIDE
+        _require(last <= cfg.env.eval_seed_offset, "env.eval_seed_offset",
+                 f"{cfg.env.eval_seed_offset} must be at least {last} (env.train_seed_offset + (rounds + 1) "
+                 f"x {ROUND_SEED_STRIDE}) so training seeds never reach held-out seeds")
 
     r = cfg.rollout
     _positive("rollout.num_workers", r.num_workers)
@@ -215,6 +263,15 @@ def validate(cfg: OELConfig) -> OELConfig:
     )
     _positive("rollout.kv_cache_gib", r.kv_cache_gib)
     _positive("rollout.deploy_games_per_step", r.deploy_games_per_step)
+    _choice("rollout.history", r.history, HISTORY_FORMATS)
+    _require(not r.keep_reasoning or r.history == "chat", "rollout.keep_reasoning",
+             "only applies to rollout.history=chat (the flattened history never shows earlier replies)")
+    from oel_ray.games import STREAM_SEED_STRIDE  # lazy: games imports this module
+
+    deploy = cfg.learner.steps * r.deploy_games_per_step
+    _require(deploy <= STREAM_SEED_STRIDE, "rollout.deploy_games_per_step",
+             f"learner.steps x rollout.deploy_games_per_step = {deploy} maps per round exceeds the "
+             f"{STREAM_SEED_STRIDE} seeds of a map stream; lower one of them")
 
     e = cfg.extractor
     _positive("extractor.k", e.k)
@@ -231,7 +288,10 @@ def validate(cfg: OELConfig) -> OELConfig:
         "extractor.max_response_tokens",
         f"{e.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({e.max_knowledge_tokens})",
     )
-    if e.model != "policy":
+    if e.model.startswith(("http://", "https://")):
+        _require(bool(e.endpoint_model), "extractor.endpoint_model",
+                 "name the model served at extractor.model (an OpenAI-compatible endpoint)")
+    elif e.model != "policy":
         check_model_path(e.model, None)
     _require(
         e.k <= r.games_per_round,
@@ -249,6 +309,12 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("learner.steps", lr.steps)
     _positive("learner.batch_size", lr.batch_size)
     _positive("learner.grad_accum", lr.grad_accum)
+    _positive("learner.checkpoint_every", lr.checkpoint_every)
+    if cfg.tracking.wandb:
+        import importlib.util
+
+        _require(importlib.util.find_spec("wandb") is not None, "tracking.wandb",
+                 "true needs the wandb package: pip install wandb (or set tracking.wandb=false)")
     _require(
         lr.batch_size % (lr.grad_accum * lr.num_ranks) == 0,
         "learner.batch_size",
@@ -268,10 +334,44 @@ def validate(cfg: OELConfig) -> OELConfig:
     _choice("learner.aggregation", lr.aggregation, AGGREGATIONS)
     _positive("learner.temperature", lr.temperature)
     _choice("learner.dtype", lr.dtype, DTYPES)
+    _choice("learner.weight_sync", lr.weight_sync, WEIGHT_SYNCS)
+    _require(lr.weight_sync != "nccl" or cfg.cluster.use_gpu, "learner.weight_sync",
+             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
+    _positive("learner.sync_bucket_mb", lr.sync_bucket_mb)
 
-    _positive("cluster.cpus_per_actor", cfg.cluster.cpus_per_actor)
-    _positive("cluster.timeout_s", cfg.cluster.timeout_s)
+    check_cluster(cfg)
     return cfg
+
+
+def check_cluster(cfg: OELConfig) -> None:
+    """The roles must fit in the allocation: a misfit fails here, in one line, instead of as Ray
+    actors pending forever for GPUs that never appear."""
+    c = cfg.cluster
+    _positive("cluster.cpus_per_actor", c.cpus_per_actor)
+    _positive("cluster.timeout_s", c.timeout_s)
+    _positive("cluster.nodes", c.nodes)
+    _positive("cluster.gpus_per_node", c.gpus_per_node, allow_zero=True)
+    _require(c.nodes == 1 or c.address is not None, "cluster.nodes",
+             f"{c.nodes} nodes need a running Ray cluster: set cluster.address (launch/slurm/oel_ray.sbatch "
+             "starts one and sets it); a private local Ray spans one node")
+    own_extractor = cfg.extractor.model != "policy" and not cfg.extractor.model.startswith(("http://", "https://"))
+    actors = {  # GPU field -> how many actors of that role take it
+        "rollout_gpus": cfg.rollout.num_workers + int(own_extractor),  # a separate extractor is one more engine
+        "teacher_gpus": cfg.teacher.num_actors,
+        "learner_gpus": cfg.learner.num_ranks,
+    }
+    for name in actors:
+        gpus = getattr(c, name)
+        if c.use_gpu:
+            _require(0 < gpus <= c.gpus_per_node, f"cluster.{name}",
+                     f"{gpus} must be in (0, cluster.gpus_per_node={c.gpus_per_node}] when cluster.use_gpu is true")
+        else:
+            _require(gpus == 0, f"cluster.{name}", f"{gpus} GPUs but cluster.use_gpu is false; set it to 0")
+    need = sum(getattr(c, name) * n for name, n in actors.items())
+    have = c.nodes * c.gpus_per_node
+    _require(need <= have, "cluster.nodes",
+             f"the roles need {need:g} GPUs ({', '.join(f'{n} x {getattr(c, k):g} {k}' for k, n in actors.items())}) "
+             f"but cluster.nodes x cluster.gpus_per_node is {have}")
 
 
 # ----------------------------------------------------------------------------- override pre-check

@@ -12,7 +12,7 @@ import random
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import ray
 
@@ -20,6 +20,7 @@ from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.types import DistillSample, StepMetrics, Trajectory  # noqa: F401
+from oel_ray.weight_sync import WeightSync, for_roles
 
 
 @dataclass
@@ -27,6 +28,7 @@ class Roles:
     workers: "object"  # RolloutGroup
     teacher: "ray.actor.ActorHandle"
     learner: "object"  # LearnerGroup
+    sync: Optional[WeightSync] = None  # learner -> workers; built from cfg.learner.weight_sync on first use
 
 
 def step_prefixes(trajectories: list[Trajectory], steps: int, batch_size: int, seed: int) -> list[list[str]]:
@@ -62,19 +64,21 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
     support_k = 0 if sampled_only else lcfg.support_k
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
-    rng = random.Random(cfg.seed * 7919 + first_step)
     for step, prefixes in enumerate(batches, start=first_step + 1):
+        # Knowledge draws and sampling seeds depend only on (seed, step): a run resumed at any
+        # step makes the same choices as one that was never interrupted.
+        rng = random.Random(cfg.seed * 1_000_003 + step)
         seconds: dict[str, float] = {}
         pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
+        seeds = [rng.randrange(2**31) for _ in pairs]
         with timed(seconds, "generate"):
-            replies = roles.workers.generate([p for p, _ in pairs], sampling)
+            replies = roles.workers.generate([p for p, _ in pairs], sampling, seeds)
         samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
         with timed(seconds, "teacher"):
             scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
         with timed(seconds, "learner"):
             metrics = roles.learner.train_step(samples, scores, step)
-        with timed(seconds, "sync"):
-            roles.workers.load_weights(roles.learner.state_dict_ref(), version=step)
+        seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
         on_step(metrics)
 

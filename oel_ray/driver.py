@@ -1,29 +1,30 @@
 """The OEL loop, read top to bottom: collect -> extract -> consolidate -> evaluate -> checkpoint.
 
-Round r starts from round r-1's final weights, which are also that round's frozen teacher (round 1:
-the initial model). Everything a round produces lands under <output_dir>/round_<r>/.
+Round r starts from round r-1's final weights (round 1: the initial model): the rollout workers
+play with them, the frozen teacher holds them, and the learner restarts from them with a fresh
+optimizer, as the paper's per-round runs do. Every stage writes its outputs under
+<output_dir>/round_<r>/ atomically and is then marked finished in manifest.json, so re-running the
+same command skips what finished and resumes consolidation from its last saved training state.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 import ray
 
-from oel_ray import artifacts
+from oel_ray import artifacts, tracking
 from oel_ray.config import OELConfig
-from oel_ray.consolidate import Roles, consolidate, step_prefixes
-from oel_ray.engine import Sampling
-from oel_ray.evaluate import EvalReport, evaluate
-from oel_ray.extractor import Extractor
+from oel_ray.consolidate import consolidate, step_prefixes
+from oel_ray.evaluate import evaluate
 from oel_ray.games import train_specs
-from oel_ray.learner import LearnerGroup
-from oel_ray.rollout import RolloutGroup
-from oel_ray.teacher import start_teacher
-from oel_ray.types import StepMetrics
+from oel_ray.manifest import Manifest
+from oel_ray.roles import Deployment, sampling_for_play
 
 log = logging.getLogger("oel_ray")
 
@@ -32,125 +33,151 @@ EXTRACTION_STREAM, DEPLOY_STREAM = 0, 1  # independent map streams within a roun
 
 def run(cfg: OELConfig) -> dict:
     out = Path(cfg.output_dir)
+    manifest = Manifest(out, config_snapshot(cfg))
+    if manifest.resumed:
+        log.info("resuming the run in %s: finished stages are skipped", out)
+    cluster = Deployment(cfg, out)  # roles start on first use: a finished run starts nothing
     started = time.perf_counter()
-    roles, extractor, tokenizer = start_roles(cfg)
-    artifacts.write_json(out / "round_0" / "eval.json", stage(f"evaluate round 0 (initial model)",
-                                                              lambda: evaluate(roles.workers, cfg, 0)[0].to_json()))
-    reports: list[EvalReport] = []
-    steps_done = 0
-    kl_first = kl_last = None
+
+    def stage(name: str, fn) -> None:
+        if manifest.done(name):
+            log.info("[%s] finished earlier, skipped", name)
+            return
+        manifest.start(name)
+        timed(name, fn)
+        manifest.finish(name)
+
+    stage("round_0/evaluate", lambda: evaluate_into(out / "round_0", cluster.at_round_start(1), cfg, 0))
     for r in range(1, cfg.rounds + 1):
         rdir = out / f"round_{r}"
-        explore = sampling_for_play(cfg)
-
-        # 1. collect: the deployed model plays new training maps, no knowledge in context
-        trajectories = stage(f"round {r}: collect", lambda: roles.workers.play(
-            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM), explore, cfg.env.max_turns, r))
-        artifacts.write_trajectories(rdir / "trajectories.jsonl", trajectories)
-        log.info("  %d games, %d passed", len(trajectories), sum(t.passed for t in trajectories))
-
+        # 1. collect: the round-start model plays new training maps, no knowledge in context
+        stage(f"round_{r}/collect", lambda: play_into(
+            rdir / "trajectories.jsonl", cluster.at_round_start(r), cfg, r,
+            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)))
         # 2. extract: N chains accumulate knowledge over K trajectories each
-        chains = stage(f"round {r}: extract", lambda: ray.get(extractor.run.remote(trajectories)))
-        use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
-        knowledge_set = [chain[use_step].text for chain in chains]
-        artifacts.write_json(rdir / "knowledge.json", {
-            "use_step": use_step, "format": cfg.extractor.format,
-            "chains": [[vars(s) for s in chain] for chain in chains]})
-        log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
-                 [chain[use_step].num_tokens for chain in chains])
-
-        # 3. consolidate: deploy prefixes, then on-policy distillation step by step
-        deploy = stage(f"round {r}: deploy", lambda: roles.workers.play(
-            train_specs(cfg.env, r, cfg.learner.steps * cfg.rollout.deploy_games_per_step, DEPLOY_STREAM),
-            explore, cfg.env.max_turns, r))
-        artifacts.write_trajectories(rdir / "deploy.jsonl", deploy)
-        batches = step_prefixes(deploy, cfg.learner.steps, cfg.learner.batch_size, cfg.seed + r)
-        metrics: list[dict] = []
-
-        def on_step(m: StepMetrics) -> None:
-            metrics.append(flat_metrics(m))
-            log.info("  step %d/%d  kl %.4f  loss %.4f  grad %.3f  %s", m.step - steps_done, cfg.learner.steps,
-                     m.reverse_kl, m.loss, m.grad_norm,
-                     " ".join(f"{k} {v:.2f}s" for k, v in m.seconds.items()))
-
-        stage(f"round {r}: consolidate ({cfg.learner.steps} steps)", lambda: consolidate(
-            roles, cfg, batches, knowledge_set or [""], tokenizer, first_step=steps_done, on_step=on_step))
-        steps_done += cfg.learner.steps
-        artifacts.write_csv(rdir / "metrics.csv", metrics)
-        kl_first = metrics[0]["reverse_kl"] if kl_first is None else kl_first
-        kl_last = metrics[-1]["reverse_kl"]
-
+        stage(f"round_{r}/extract", lambda: extract_into(rdir, cluster.at_round_start(r), cfg))
+        # 3. consolidate: the same model plays the deploy maps whose turn prefixes it is then
+        #    distilled on, strictly on-policy, step by step
+        stage(f"round_{r}/deploy", lambda: play_into(
+            rdir / "deploy.jsonl", cluster.at_round_start(r), cfg, r,
+            train_specs(cfg.env, r, cfg.learner.steps * cfg.rollout.deploy_games_per_step, DEPLOY_STREAM)))
+        stage(f"round_{r}/consolidate", lambda: consolidate_round(rdir, cluster, cfg, r))
         # 4. evaluate the consolidated model on the held-out maps
-        report, eval_trajs = stage(f"round {r}: evaluate", lambda: evaluate(roles.workers, cfg, r))
-        artifacts.write_trajectories(rdir / "eval_trajectories.jsonl", eval_trajs)
-        artifacts.write_json(rdir / "eval.json", report.to_json())
-        artifacts.atomic_write_text(rdir / "eval.md", report.markdown())
-        reports.append(report)
-
-        # 5. checkpoint; the consolidated weights become the next round's frozen teacher
-        stage(f"round {r}: checkpoint", lambda: roles.learner.save(str(rdir / "model")))
-        if r < cfg.rounds:
-            ray.get(roles.teacher.load_weights.remote(roles.learner.state_dict_ref()))
-
-    summary = {
-        "rounds": cfg.rounds, "steps": steps_done, "wall_seconds": round(time.perf_counter() - started, 1),
-        "pass_rate": reports[-1].pass_rate, "pass_rate_ci": [reports[-1].ci_low, reports[-1].ci_high],
-        "response_tokens_per_turn": reports[-1].response_tokens_per_turn,
-        "reverse_kl_first_step": kl_first, "reverse_kl_last_step": kl_last,
-        "final_model": str(out / f"round_{cfg.rounds}" / "model"),
-    }
+        stage(f"round_{r}/evaluate", lambda: evaluate_into(rdir, cluster.after_consolidation(r), cfg, r))
+        # 5. checkpoint: Hugging Face weights, the next round's starting point and teacher
+        stage(f"round_{r}/checkpoint", lambda: checkpoint_round(rdir, cluster.after_consolidation(r)))
+        report_rounds(out, r)
+    cluster.shutdown()
+    summary = run_summary(out, cfg, time.perf_counter() - started)
     artifacts.write_json(out / "summary.json", summary)
     return summary
 
 
-def start_roles(cfg: OELConfig) -> tuple[Roles, "ray.actor.ActorHandle", object]:
-    """One rollout group, one teacher, one learner group, one extractor; resources from config."""
-    from transformers import AutoTokenizer
+# ----------------------------------------------------------------------------- stages
 
-    c = cfg.cluster
-    gpus = 1.0 if c.use_gpu else 0.0
+def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
+    """Play `specs`, streaming each worker's finished shard to disk (renamed into place at the end)."""
+    writer = artifacts.JsonlWriter(path)
+    with tracking.progress(len(specs), path.stem, cfg.tracking) as bar:
+        def on_shard(part):
+            writer.write(t.to_json() for t in part)
+            bar.update(len(part))
+
+        trajectories = roles.workers.play(specs, sampling_for_play(cfg), cfg.env.max_turns, r, on_shard=on_shard)
+    writer.close()
+    log.info("  %d games, %d passed", len(trajectories), sum(t.passed for t in trajectories))
+
+
+def extract_into(rdir: Path, roles, cfg: OELConfig) -> None:
+    trajectories = artifacts.read_trajectories(rdir / "trajectories.jsonl")
+    chains = ray.get(roles.extractor.run.remote(trajectories))
+    use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
+    artifacts.write_json(rdir / "knowledge.json", {
+        "use_step": use_step, "format": cfg.extractor.format,
+        "set": [chain[use_step].text for chain in chains],
+        "chains": [[vars(s) for s in chain] for chain in chains]})
+    log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
+             [chain[use_step].num_tokens for chain in chains])
+
+
+def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+    """`learner.steps` on-policy distillation steps; the full training state is saved every
+    `learner.checkpoint_every` steps, and a cut-off round resumes from the last save."""
     lcfg = cfg.learner
-    workers = stage(f"start {cfg.rollout.num_workers} rollout worker(s) (vLLM)", lambda: RolloutGroup(
-        cfg.model, num_workers=cfg.rollout.num_workers, seed=cfg.rollout.seed,
-        max_logprobs=lcfg.support_k, kv_cache_gib=cfg.rollout.kv_cache_gib,
-        gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, num_cpus=c.cpus_per_actor, num_gpus=gpus))
-    teacher = stage("start teacher", lambda: start_teacher(
-        cfg.model.path, num_cpus=c.cpus_per_actor, num_gpus=gpus, dtype=cfg.model.dtype,
-        temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
-        batch_tokens=cfg.teacher.batch_tokens, trust_remote_code=cfg.model.trust_remote_code))
-    learner = stage(f"start learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage})",
-                    lambda: LearnerGroup(lcfg, cfg.model.path, num_cpus=c.cpus_per_actor, num_gpus=gpus))
-    engines = workers.workers
-    if cfg.extractor.model != "policy":
-        engines = RolloutGroup(
-            _with_path(cfg.model, cfg.extractor.model), num_workers=1, seed=cfg.seed, max_logprobs=1,
-            kv_cache_gib=cfg.rollout.kv_cache_gib, gpu_memory_utilization=cfg.rollout.gpu_memory_utilization,
-            num_cpus=c.cpus_per_actor, num_gpus=gpus).workers
-    extractor_path = cfg.model.path if cfg.extractor.model == "policy" else cfg.extractor.model
-    extractor = ray.remote(num_cpus=0)(Extractor).remote(
-        cfg.extractor, extractor_path, engines, thinking=cfg.model.thinking, seed=cfg.seed)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
-    return Roles(workers=workers, teacher=teacher, learner=learner), extractor, tokenizer
+    base = (r - 1) * lcfg.steps  # global step numbers continue across rounds
+    done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
+    deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")
+    knowledge_set = json.loads((rdir / "knowledge.json").read_text())["set"]
+    batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, cfg.seed + r)
+    steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
+    steps.resume_at(base + done)
+    with tracking.progress(lcfg.steps, f"round {r} consolidate", cfg.tracking, initial=done) as bar:
+        def on_step(m) -> None:
+            row = steps.add(m)
+            bar.update(1, kl=m.reverse_kl)
+            log.debug("step %s", row)
+            if (m.step - base) % lcfg.checkpoint_every == 0 or m.step - base == lcfg.steps:
+                cluster.save_training_state(r, m.step - base)
+
+        consolidate(cluster.roles, cfg, batches[done:], knowledge_set or [""], cluster.tokenizer,
+                    first_step=base + done, on_step=on_step)
+    rows = steps.close()
+    log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
 
 
-def _with_path(model, path: str):
-    from dataclasses import replace
-
-    return replace(model, path=path, build=None)
-
-
-def sampling_for_play(cfg: OELConfig) -> Sampling:
-    r = cfg.rollout
-    return Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k)
-
-
-def flat_metrics(m: StepMetrics) -> dict:
-    row = {k: v for k, v in vars(m).items() if k != "seconds"}
-    row.update({f"seconds_{k}": round(v, 4) for k, v in m.seconds.items()})
-    return row
+def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
+    writer = artifacts.JsonlWriter(rdir / "eval_trajectories.jsonl")
+    report, _ = evaluate(roles.workers, cfg, r, on_shard=lambda part: writer.write(t.to_json() for t in part))
+    writer.close()
+    artifacts.write_json(rdir / "eval.json", report.to_json())
+    artifacts.atomic_write_text(rdir / "eval.md", report.markdown())
+    log.info("  pass rate %.3f [%.3f, %.3f] over %d games", report.pass_rate, report.ci_low, report.ci_high,
+             report.games)
 
 
-def stage(name: str, fn):
+def checkpoint_round(rdir: Path, roles) -> None:
+    roles.learner.save(str(rdir / "model"))
+    # The Hugging Face weights are now the round's result; the resumable state has served.
+    shutil.rmtree(rdir / "learner_state", ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def report_rounds(out: Path, upto: int) -> None:
+    reports = [json.loads((out / f"round_{r}" / "eval.json").read_text()) for r in range(upto + 1)]
+    table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)})
+    artifacts.atomic_write_text(out / "rounds.md", table)
+    tracking.plot_rounds(reports, out / "rounds.png")
+    log.info("rounds so far:\n%s", table)
+
+
+def kl_first_last(rdir: Path) -> tuple[float, float]:
+    rows = [json.loads(line) for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+    return rows[0]["reverse_kl"], rows[-1]["reverse_kl"]
+
+
+def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
+    last = json.loads((out / f"round_{cfg.rounds}" / "eval.json").read_text())
+    first_kl, _ = kl_first_last(out / "round_1")
+    _, last_kl = kl_first_last(out / f"round_{cfg.rounds}")
+    return {
+        "rounds": cfg.rounds, "steps": cfg.rounds * cfg.learner.steps, "wall_seconds": round(seconds, 1),
+        "pass_rate": last["pass_rate"], "pass_rate_ci": [last["ci_low"], last["ci_high"]],
+        "pass_rate_round_0": json.loads((out / "round_0" / "eval.json").read_text())["pass_rate"],
+        "response_tokens_per_turn": last["response_tokens_per_turn"],
+        "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl,
+        "final_model": str(out / f"round_{cfg.rounds}" / "model"),
+        "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
+    }
+
+
+def config_snapshot(cfg: OELConfig) -> dict:
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
+def timed(name: str, fn):
     log.info("[%s] ...", name)
     start = time.perf_counter()
     result = fn()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -51,7 +51,11 @@ class VLLMEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.stop_token_ids = _stop_token_ids(model_path, self.tokenizer)
         self.tied_embeddings = _tied_embeddings(model_path)
-        self.per_request_seeds = _on_cuda()
+        # vLLM's CPU runner cannot rewind a seeded per-request generator when a prefill is split
+        # into chunks ("CPU Generator does not use offset"): on CPU, prefill whole prompts instead,
+        # so per-request seeds work and replies do not depend on what else is in the batch.
+        cpu_prefill = {} if _on_cuda() else dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
@@ -66,11 +70,14 @@ class VLLMEngine:
             # vLLM would detokenize every top-k logprob entry (40x slower generation at k=256);
             # we decode replies ourselves with the same tokenizer.
             skip_tokenizer_init=True,
+            **cpu_prefill,
         )
         self.init_seconds = time.perf_counter() - started
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
-        """One batched call for all prompts (continuous batching inside vLLM)."""
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[Generation]:
+        """One batched call for all prompts (continuous batching inside vLLM). `seeds` gives each
+        prompt its own sampling seed (reproducible whatever else is in the batch)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
@@ -78,13 +85,15 @@ class VLLMEngine:
             temperature=sampling.temperature,
             top_p=sampling.top_p,
             top_k=sampling.top_k,
-            # vLLM's CPU runner cannot rewind a per-request generator when a prefill is chunked
-            # ("CPU Generator does not use offset"): on CPU the engine-wide seed governs instead.
-            seed=sampling.seed if self.per_request_seeds else None,
+            seed=sampling.seed,
             logprobs=sampling.support_k or None,
             stop_token_ids=self.stop_token_ids,
             flat_logprobs=True,  # flat arrays instead of a dict per position: no GC storm at k=256
         )
+        if seeds is not None:
+            params = [params.clone() for _ in prompts]
+            for p, seed in zip(params, seeds):
+                p.seed = seed
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -134,6 +143,26 @@ class VLLMEngine:
             # tensor back: log-probs then silently come from stale output embeddings.
             weights["lm_head.weight"] = weights["model.embed_tokens.weight"]
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights.items())})
+        self.llm.reset_prefix_cache()
+        return time.perf_counter() - started
+
+    def load_weights_stream(self, named_tensors: Iterator[tuple[str, "torch.Tensor"]]) -> float:
+        """`load_weights` for weights that arrive while they load (a collective weight sync): the
+        engine pulls them one by one from `named_tensors`, so no second full copy of the model is
+        held, and vLLM's post-load processing runs once at the end. The stream must not carry a
+        tied output head (the learner leaves it out); it is loaded from the embedding here.
+        """
+        started = time.perf_counter()
+        tie = self.tied_embeddings
+
+        def with_tied_head():
+            for name, tensor in named_tensors:
+                yield name, tensor
+                if tie and name == "model.embed_tokens.weight":
+                    yield "lm_head.weight", tensor  # else the reload would put the old head back
+
+        # In-process engine: the generator itself reaches the model's load_weights.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": with_tied_head()})
         self.llm.reset_prefix_cache()
         return time.perf_counter() - started
 

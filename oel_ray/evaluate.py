@@ -1,37 +1,50 @@
-"""Evaluation on the fixed held-out maps: pass rate (reward == 1) with a 95% interval, lengths."""
+"""Evaluation on the fixed held-out maps: pass rate (reward == 1) with a 95% interval, lengths.
+
+Every held-out map is played `env.eval_samples` times with temperature sampling and no knowledge in
+context, all in one call. Sampling seeds are per game, derived from `seed` and the sample index
+(`rollout.game_seeds`), so the samples of one map differ from each other but each is the same in
+every round (rounds are compared on common random numbers) and on any number of workers.
+"""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
-from oel_ray.games import eval_specs
+from oel_ray.games import eval_specs, invalid_turns
 from oel_ray.types import Trajectory
 
 
 @dataclass
 class EvalReport:
     round: int
-    games: int
+    games: int  # maps x samples
     passes: int
     pass_rate: float
-    ci_low: float
+    ci_low: float  # 95% Wilson interval over all games
     ci_high: float
     response_tokens_per_turn: float
     turns_per_game: float
     invalid_rate: float  # fraction of games that ended on invalid moves
+    invalid_turn_rate: float = 0.0  # fraction of turns with no parsable action or a refused move
+    maps: int = 0
+    samples: int = 1
+    per_sample_pass_rates: list[float] = field(default_factory=list)  # one per sampling seed
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def markdown(self) -> str:
+        samples = ", ".join(f"{p:.3f}" for p in self.per_sample_pass_rates)
         return (
-            "| round | games | pass rate | 95% CI | tokens/turn | turns/game | invalid |\n"
-            "|---|---|---|---|---|---|---|\n"
-            f"| {self.round} | {self.games} | {self.pass_rate:.3f} | [{self.ci_low:.3f}, {self.ci_high:.3f}] "
-            f"| {self.response_tokens_per_turn:.1f} | {self.turns_per_game:.2f} | {self.invalid_rate:.3f} |\n"
+            "| round | maps x samples | pass rate | 95% CI | per sample | tokens/turn | turns/game "
+            "| invalid games | invalid turns |\n"
+            "|---|---|---|---|---|---|---|---|---|\n"
+            f"| {self.round} | {self.maps} x {self.samples} | {self.pass_rate:.3f} "
+            f"| [{self.ci_low:.3f}, {self.ci_high:.3f}] | {samples} | {self.response_tokens_per_turn:.1f} "
+            f"| {self.turns_per_game:.2f} | {self.invalid_rate:.3f} | {self.invalid_turn_rate:.3f} |\n"
         )
 
 
@@ -45,25 +58,34 @@ def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def summarize(trajectories: list[Trajectory], round: int) -> EvalReport:
+def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> EvalReport:
+    """`trajectories` sample-major: the first `maps` are sample 0 of every map, then sample 1, ..."""
     n = len(trajectories)
+    if samples < 1 or n % samples:
+        raise ValueError(f"{n} trajectories do not split into {samples} samples of equal size")
+    maps = n // samples
     passes = sum(t.passed for t in trajectories)
     turns = [turn for t in trajectories for turn in t.turns]
     low, high = wilson_interval(passes, n)
+    per_sample = [sum(t.passed for t in trajectories[s * maps:(s + 1) * maps]) / max(1, maps)
+                  for s in range(samples)]
     return EvalReport(
         round=round, games=n, passes=passes, pass_rate=passes / n if n else 0.0, ci_low=low, ci_high=high,
         response_tokens_per_turn=sum(t.response_tokens for t in turns) / max(1, len(turns)),
         turns_per_game=len(turns) / max(1, n),
         invalid_rate=sum(t.outcome == "invalid" for t in trajectories) / max(1, n),
+        invalid_turn_rate=sum(invalid_turns(t) for t in trajectories) / max(1, len(turns)),
+        maps=maps, samples=samples, per_sample_pass_rates=per_sample,
     )
 
 
-def evaluate(workers, cfg: OELConfig, round: int) -> tuple[EvalReport, list[Trajectory]]:
-    """One rollout per held-out map and sampling seed, no knowledge in context."""
+def evaluate(workers, cfg: OELConfig, round: int, on_shard=None) -> tuple[EvalReport, list[Trajectory]]:
+    """One rollout per held-out map and sampling seed, no knowledge in context; trajectories come
+    back sample-major (see `summarize`). `on_shard` as in `RolloutGroup.play` (streaming)."""
     r = cfg.rollout
-    trajectories: list[Trajectory] = []
-    for sample in range(cfg.env.eval_samples):
-        sampling = Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.eval_top_p,
-                            top_k=r.eval_top_k, seed=cfg.seed * 1000 + sample)
-        trajectories += workers.play(eval_specs(cfg.env), sampling, cfg.env.max_turns, round)
-    return summarize(trajectories, round), trajectories
+    maps = eval_specs(cfg.env)
+    sampling = Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.eval_top_p,
+                        top_k=r.eval_top_k, seed=cfg.seed)
+    specs = maps * cfg.env.eval_samples
+    trajectories = workers.play(specs, sampling, cfg.env.max_turns, round, on_shard=on_shard)
+    return summarize(trajectories, round, cfg.env.eval_samples), trajectories

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import random
 import re
+from typing import Optional
 
 import ray
 
 from oel_ray.config import ExtractorConfig
+from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, extraction_prompt
 from oel_ray.types import KnowledgeSnapshot, Trajectory
@@ -48,13 +50,25 @@ def truncate_tokens(text: str, max_tokens: int, tokenizer) -> str:
     return text if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:]).lstrip()
 
 
+def chain_orders(trajectories: list[Trajectory], k: int, num_chains: int, seed: int) -> list[list[Trajectory]]:
+    """Each chain reads its own seeded selection and order of k trajectories."""
+    return [random.Random(seed * 1000 + c).sample(trajectories, k) for c in range(num_chains)]
+
+
 class Extractor:
-    def __init__(self, cfg: ExtractorConfig, model_path: str, engines: list, *, thinking: bool, seed: int):
+    """Runs the chains. `engines`: rollout-worker actors (the policy, or a worker holding the
+    extractor's own model) fed token ids; or one ChatEndpoint fed messages."""
+
+    def __init__(self, cfg: ExtractorConfig, policy_path: str, engines: list, *, thinking: bool, seed: int):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.engines = engines  # actors with .generate(prompts, sampling): the policy's or its own
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.engines = engines
+        self.endpoint = engines[0] if engines and isinstance(engines[0], ChatEndpoint) else None
+        # Knowledge length L is counted in the policy's tokens: the teacher (the policy) reads it.
+        self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
+        chat_path = policy_path if cfg.model in ("policy",) or self.endpoint else cfg.model
+        self.chat_tokenizer = self.tokenizer if chat_path == policy_path else AutoTokenizer.from_pretrained(chat_path)
         self.thinking = thinking
         self.seed = seed
 
@@ -70,31 +84,32 @@ class Extractor:
         merged = f"{knowledge}\n\n{answer}".strip() if answer else knowledge
         return truncate_tokens(merged, limit, self.tokenizer)
 
-    def run(self, trajectories: list[Trajectory]) -> list[list[KnowledgeSnapshot]]:
-        """Snapshots per chain per step (step 0 is the empty start)."""
+    def run(self, trajectories: list[Trajectory], chains: Optional[list[int]] = None) -> list[list[KnowledgeSnapshot]]:
+        """Snapshots per chain per step (step 0 is the empty start). `chains` picks a subset of the
+        configured chains; chain c reads and samples exactly the same whichever others run with it."""
         cfg = self.cfg
-        orders = [random.Random(self.seed * 1000 + c).sample(trajectories, cfg.k) for c in range(cfg.num_chains)]
-        knowledge = [""] * cfg.num_chains
-        snapshots = [[KnowledgeSnapshot(c, 0, "", 0, [])] for c in range(cfg.num_chains)]
+        chains = list(range(cfg.num_chains)) if chains is None else chains
+        orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed)
+        knowledge = {c: "" for c in chains}
+        snapshots = {c: [KnowledgeSnapshot(c, 0, "", 0, [])] for c in chains}
+        sampling = Sampling(max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, top_k=cfg.top_k)
         for step in range(cfg.k):
-            prompts = [
-                chat_ids(self.tokenizer, extraction_prompt(cfg.prompt, knowledge[c], orders[c][step]),
-                         thinking=self.thinking)
-                for c in range(cfg.num_chains)
-            ]
-            sampling = Sampling(max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
-                                top_p=cfg.top_p, top_k=cfg.top_k, seed=self.seed * 1000 + step)
-            for c, reply in enumerate(self._generate(prompts, sampling)):
+            texts = [extraction_prompt(cfg.prompt, knowledge[c], orders[c][step]) for c in chains]
+            seeds = [(self.seed * 1_000_003 + c * 10_007 + step) % 2**31 for c in chains]
+            for c, reply in zip(chains, self._generate(texts, sampling, seeds)):
                 knowledge[c] = self.accumulate(knowledge[c], reply)
-                seeds = [t.seed for t in orders[c][: step + 1]]
+                seeds_so_far = [t.seed for t in orders[c][: step + 1]]
                 snapshots[c].append(
-                    KnowledgeSnapshot(c, step + 1, knowledge[c], self.count_tokens(knowledge[c]), seeds)
-                )
-        return snapshots
+                    KnowledgeSnapshot(c, step + 1, knowledge[c], self.count_tokens(knowledge[c]), seeds_so_far))
+        return [snapshots[c] for c in chains]
 
-    def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[str]:
+    def _generate(self, texts: list[str], sampling: Sampling, seeds: list[int]) -> list[str]:
         """Chain c goes to engine c mod E: every engine gets one batched call per step."""
-        n = len(self.engines)
-        refs = [self.engines[e].generate.remote(prompts[e::n], sampling) for e in range(min(n, len(prompts)))]
+        if self.endpoint:
+            return self.endpoint.complete(texts, sampling, seeds)
+        prompts = [chat_ids(self.chat_tokenizer, t, thinking=self.thinking) for t in texts]
+        n = min(len(self.engines), len(prompts))
+        refs = [self.engines[e].generate.remote(prompts[e::n], sampling, seeds[e::n]) for e in range(n)]
         shards = ray.get(refs)
         return [shards[c % n][c // n].text for c in range(len(prompts))]

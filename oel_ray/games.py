@@ -6,7 +6,10 @@ of the game's rule text and symbol legend, then the flattened history (boards, p
 the environment's short feedback, never earlier replies), then the current board.
 
 Map identity is the initial board, not the seed: neighbouring Sokoban seeds often give the same
-room (generation retries with seed+1, ...), so train and held-out maps are kept apart by board.
+room (generation retries with seed+1, ...), so by default train and held-out maps are kept apart by
+board. Small map spaces (FrozenLake 3x3 with 2 holes has 19 boards) cannot give 128 distinct
+held-out boards; with `env.distinct_boards=false` maps are seeds, as in the paper, and train and
+held-out sets are kept apart by seed only.
 """
 
 from __future__ import annotations
@@ -96,6 +99,15 @@ def board_signature(env_id: str, env_kwargs: Mapping, seed: int) -> str:
     return _board(game_family(env_id), _unwrap(_new_env(env_id, env_kwargs, seed)))
 
 
+def invalid_turns(traj: Trajectory) -> int:
+    """Turns whose reply had no parsable action or made a move the env refused. The move that ends
+    a game as invalid is reported only in the closing reason, so it is counted from the outcome."""
+    flagged = [t.action is None or bool(_INVALID.search(t.feedback)) for t in traj.turns]
+    if traj.outcome == "invalid" and flagged:
+        flagged[-1] = True
+    return sum(flagged)
+
+
 def _short_note(text: str) -> str:
     invalid = _INVALID.search(text)
     return f"Invalid move: {invalid.group(1)}" if invalid else " ".join(text.split())
@@ -129,14 +141,34 @@ class Game:
         return _board(self.family, self._base)
 
     def prompt(self) -> str:
+        """The paper's prefix: one user message with every earlier board, parsed action and result,
+        never an earlier reply. Recorded as `Turn.prompt` whatever history format the policy sees."""
         if self.done:
             raise RuntimeError("the game is over; there is no next prompt")
         lines = [INTROS[self.family], ""]
         for number, (board, turn, note) in enumerate(zip(self._boards, self.turns, self._notes), 1):
             action = f"[{turn.action}]" if turn.action else "none"
             lines += [f"Turn {number}:", board, f"Action: {action}", f"Result: {note}", ""]
-        lines += [f"Turn {len(self.turns) + 1} (now):", self.board(), "Your action?"]
+        lines.append(self._situation())
         return "\n".join(lines)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The same game as a multi-turn chat: each turn's observation is a user message and each
+        earlier reply, raw (reasoning included), an assistant message. The chat template decides
+        what of an earlier reply the model sees again (Qwen3 drops its <think> block)."""
+        if self.done:
+            raise RuntimeError("the game is over; there is no next prompt")
+        chat = [{"role": "user", "content": f"{INTROS[self.family]}\n\n{self._situation(0)}"}]
+        for number, (turn, note) in enumerate(zip(self.turns, self._notes), 1):
+            chat.append({"role": "assistant", "content": turn.response})
+            chat.append({"role": "user", "content": f"Result: {note}\n\n{self._situation(number)}"})
+        return chat
+
+    def _situation(self, played: Optional[int] = None) -> str:
+        """The board before turn `played + 1` (default: now) and the question."""
+        played = len(self.turns) if played is None else played
+        board = self.board() if played == len(self.turns) else self._boards[played]
+        return f"Turn {played + 1} (now):\n{board}\nYour action?"
 
     def step(self, response: str, response_tokens: int) -> bool:
         """Play one reply; returns whether the game is over."""
@@ -224,18 +256,27 @@ def _eval_key(env: EnvConfig) -> tuple:
 
 
 def eval_specs(env: EnvConfig) -> list[GameSpec]:
-    """The held-out maps: `env.eval_maps` distinct boards, the same every round."""
+    """The held-out maps, the same every round: `env.eval_maps` distinct boards, or with
+    `distinct_boards=false` the `eval_maps` seeds from `eval_seed_offset` (boards may repeat)."""
     key = _eval_key(env)
+    if not env.distinct_boards:
+        offset, count = key[2], key[3]
+        return [GameSpec(env.id, seed, "eval", dict(key[1])) for seed in range(offset, offset + count)]
     return [GameSpec(env.id, seed, "eval", dict(key[1])) for seed, _ in _eval_maps(*key)]
 
 
 def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list[GameSpec]:
-    """`count` distinct training boards for (round, stream), none of them a held-out board."""
+    """`count` training maps for (round, stream): distinct boards none of which is held out, or with
+    `distinct_boards=false` consecutive seeds (the config keeps them below the held-out seeds)."""
     if not 0 <= stream < ROUND_SEED_STRIDE // STREAM_SEED_STRIDE or round < 0:
         raise ValueError(f"round {round} must be >= 0 and stream {stream} in "
                          f"0..{ROUND_SEED_STRIDE // STREAM_SEED_STRIDE - 1}")
     key = _eval_key(env)
-    held_out = frozenset(board for _, board in _eval_maps(*key))
     start = int(env.train_seed_offset) + round * ROUND_SEED_STRIDE + stream * STREAM_SEED_STRIDE
+    if not env.distinct_boards:
+        if count > STREAM_SEED_STRIDE:
+            raise ValueError(f"{count} maps do not fit in one stream's {STREAM_SEED_STRIDE} seeds; ask for fewer")
+        return [GameSpec(env.id, seed, "train", dict(key[1])) for seed in range(start, start + count)]
+    held_out = frozenset(board for _, board in _eval_maps(*key))
     found = _scan(env.id, dict(key[1]), start, count, stop=start + STREAM_SEED_STRIDE, exclude=held_out)
     return [GameSpec(env.id, seed, "train", dict(key[1])) for seed, _ in found]

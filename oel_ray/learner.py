@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -23,6 +24,7 @@ import torch
 from oel_ray import losses
 from oel_ray.config import LearnerConfig
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
+from oel_ray.weight_sync import Channel, TensorMeta, send
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
@@ -120,6 +122,8 @@ class Learner:
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("output heads with a bias are not supported")
+        # What a collective weight sync announces to the workers; read while every weight is whole.
+        self.metas = [TensorMeta.of(name, t) for name, t in _unique_tensors(self.model).items()]
         if cfg.zero_stage == 3:
             deepspeed.zero.register_external_parameter(module, head.weight)
         micro = cfg.batch_size // (cfg.grad_accum * world_size)
@@ -215,25 +219,48 @@ class Learner:
         logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().numpy()
 
+    @contextmanager
+    def _full_weights(self):
+        """Yields rank 0's full weights on the device with Hugging Face names (None elsewhere),
+        valid inside the block. Like `save_pretrained`, a tied output head is left out (only the
+        embedding is there). Collective under ZeRO-3: every rank must enter it."""
+        gather = (import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
+                  if self.cfg.zero_stage == 3 else nullcontext())
+        with gather:
+            yield _unique_tensors(self.model) if self.rank == 0 else None
+
     def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full weights with Hugging Face names on rank 0 (None elsewhere), in the model dtype.
+        """Full weights on rank 0 (None elsewhere), on the CPU in the model dtype; see `_full_weights`."""
+        with self._full_weights() as weights:
+            if weights is None:
+                return None
+            return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
 
-        Like `save_pretrained`, a tied output head is left out (only the embedding is returned).
-        Collective under ZeRO-3: every rank must call it.
-        """
-        def take():
-            out, seen = {}, set()
-            for name, tensor in self.model.state_dict().items():
-                if tensor.numel() and tensor.data_ptr() in seen:  # tied to a tensor already taken
-                    continue
-                seen.add(tensor.data_ptr())
-                out[name] = tensor.detach().to("cpu", copy=True).contiguous()
-            return out
+    # -------------------------------------------------------------- collective weight sync (weight_sync.py)
 
-        if self.cfg.zero_stage != 3:
-            return take() if self.rank == 0 else None
-        with import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
-            return take() if self.rank == 0 else None
+    def weight_metas(self) -> list[TensorMeta]:
+        return self.metas
+
+    def weight_channel_address(self) -> tuple[str, int]:
+        """Where rank 0 hosts the weight-sync group's rendezvous."""
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def open_weight_channel(self, backend: str, address: str, port: int, world_size: int, timeout_s: float) -> None:
+        """Rank 0 joins the weight-sync group as its sender (rank 0 of that group)."""
+        self.channel = Channel(backend, address, port, 0, world_size, timeout_s)
+
+    def send_weights(self, bucket_bytes: int) -> float:
+        """Broadcast the full weights to the rollout workers (every rank calls it: ZeRO-3 gathers)."""
+        start = time.perf_counter()
+        with self._full_weights() as weights:
+            if weights is not None:
+                send(self.channel, weights, self.metas, bucket_bytes)
+        return time.perf_counter() - start
+
+    def close_weight_channel(self) -> None:
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+            self.channel = None
 
     def save(self, path: str) -> None:
         """Write a Hugging Face checkpoint at `path` (rank 0), replacing it atomically by rename."""
@@ -241,6 +268,17 @@ class Learner:
         if self.rank == 0:
             _write_checkpoint(weights, self.model, self.model_path, Path(path))
         torch.distributed.barrier()
+
+
+def _unique_tensors(model) -> dict[str, torch.Tensor]:
+    """The model's state_dict without tensors tied to one already taken (the tied output head)."""
+    out, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.numel() and tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        out[name] = tensor
+    return out
 
 
 def _write_checkpoint(weights: dict, model, source: str, path: Path) -> None:

@@ -5,10 +5,11 @@ Shapes: B sequences, T response positions, V vocabulary, H hidden size, k suppor
 Student logits are divided by `temperature` before the softmax; teacher log-probs arrive already
 temperature-scaled (the teacher server scores at the rollout temperature).
 
-All variants share one per-token function (`_token_terms`) and one aggregation (`_aggregate`).
-The `*_from_hidden` variants never hold the fp32 [B, T, V] log-softmax: they project hidden states
-to logits `chunk_tokens` positions at a time under `torch.utils.checkpoint`, so backward recomputes
-each chunk and the peak extra memory is a few x chunk_tokens x V floats.
+All variants share one per-token function on the support log-probs (`_support_terms`) and one
+aggregation (per-token weights, `_token_weights`). The `*_from_hidden` variants never hold the
+[B, T, V] logits: `_HeadKL` projects `chunk_tokens` positions at a time and computes the gradient
+in the same pass, so forward and backward together hold one fp32 [chunk_tokens, V] block plus the
+head's gradient (benchmarks/kl_memory.py measures it against the materialised loss).
 
 `num_units` lets a batch split into micro-batches / ranks add up to the global mean: it is the
 global number of tokens (token_mean) or sequences (sequence_mean) the loss is averaged over
@@ -40,9 +41,8 @@ def _upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _token_terms(logits, support, teacher_lp, temperature, renormalize, sampled):
-    """Per-position loss and metrics for N positions: logits [N, V], support/teacher_lp [N, k]."""
-    ls = torch.log_softmax(_upcast(logits) / temperature, dim=-1).gather(-1, support)
+def _support_terms(ls, teacher_lp, renormalize, sampled):
+    """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k]."""
     lt = _upcast(teacher_lp)
     p = ls.exp()
     if sampled:  # REINFORCE: E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
@@ -59,55 +59,135 @@ def _token_terms(logits, support, teacher_lp, temperature, renormalize, sampled)
     return loss, kl.detach(), p.sum(-1).detach(), lt.exp().sum(-1)
 
 
-def _aggregate(values, mask, aggregation, num_units):
-    """Mean of per-token `values` [N] (the unmasked positions of `mask` [B, T], row-major)."""
+def _token_terms(logits, support, teacher_lp, temperature, renormalize, sampled):
+    """Per-position loss and metrics for N positions: logits [N, V], support/teacher_lp [N, k]."""
+    ls = torch.log_softmax(_upcast(logits) / temperature, dim=-1).gather(-1, support)
+    return _support_terms(ls, teacher_lp, renormalize, sampled)
+
+
+def _token_weights(mask, aggregation, num_units, dtype):
+    """w [N] over the unmasked positions (row-major) such that the loss is sum(w * per-token loss)."""
+    n = int(mask.sum())
     if aggregation == "token_mean":
-        denom = mask.sum() if num_units is None else num_units
-        return values.sum() / max(float(denom), 1.0)
+        denom = n if num_units is None else num_units
+        return torch.full((n,), 1.0 / max(float(denom), 1.0), dtype=dtype, device=mask.device)
     if aggregation == "sequence_mean":
         lengths = mask.sum(1)
-        row = mask.nonzero()[:, 0]
-        denom = (lengths > 0).sum() if num_units is None else num_units
-        return (values / lengths[row]).sum() / max(float(denom), 1.0)
+        denom = int((lengths > 0).sum()) if num_units is None else num_units
+        return (1.0 / (lengths[mask.nonzero()[:, 0]].to(dtype) * max(float(denom), 1.0)))
     raise ValueError(f"aggregation {aggregation!r} is not one of {', '.join(AGGREGATIONS)}")
 
 
-def _finish(terms, mask, aggregation, num_units) -> KLOutput:
-    loss, kl, smass, tmass = terms
-    n = int(mask.sum())
+def _finish(loss, kl, smass, tmass, n) -> KLOutput:
     mean = lambda x: x.sum() / max(n, 1)  # noqa: E731
-    return KLOutput(_aggregate(loss, mask, aggregation, num_units), mean(kl), mean(smass), mean(tmass), n)
+    return KLOutput(loss, mean(kl), mean(smass), mean(tmass), n)
 
 
 def _from_logits(student_logits, support, teacher_lp, mask, temperature, renormalize,
                  aggregation, num_units, sampled) -> KLOutput:
     mask = mask.bool()
-    terms = _token_terms(student_logits[mask], support[mask].long(), teacher_lp[mask],
-                         temperature, renormalize, sampled)
-    return _finish(terms, mask, aggregation, num_units)
+    loss, kl, smass, tmass = _token_terms(student_logits[mask], support[mask].long(), teacher_lp[mask],
+                                          temperature, renormalize, sampled)
+    w = _token_weights(mask, aggregation, num_units, loss.dtype)
+    return _finish((loss * w).sum(), kl, smass, tmass, int(mask.sum()))
+
+
+def _chunk_logprobs(rows, weight, support, temperature):
+    """(ls [n, k], exp(z - max) [n, V], its row sums [n, 1]) for z = rows @ weight.T / temperature.
+
+    The [n, V] block is the only large buffer: logits, then (in place) unnormalised probabilities.
+    """
+    z = _upcast(rows @ weight.t()).div_(temperature)
+    picked = z.gather(-1, support)
+    top = z.amax(-1, keepdim=True)
+    probs = z.sub_(top).exp_()
+    total = probs.sum(-1, keepdim=True)
+    return picked - top - total.log(), probs, total
+
+
+@torch.no_grad()
+def support_logprobs(hidden: torch.Tensor, weight: torch.Tensor, support: torch.Tensor,
+                     temperature: float, chunk_tokens: int) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T / temperature) gathered at `support` [N, k], chunk by chunk."""
+    parts = [_chunk_logprobs(hidden[i:i + chunk_tokens], weight, support[i:i + chunk_tokens], temperature)[0]
+             for i in range(0, hidden.shape[0], chunk_tokens)]
+    return torch.cat(parts) if parts else hidden.new_zeros((0, support.shape[-1]), dtype=torch.float32)
+
+
+class _HeadKL(torch.autograd.Function):
+    """sum(w * per-token loss) from hidden rows [N, H] and the output head [V, H], chunk by chunk.
+
+    The gradient is computed in the forward pass (the upstream gradient of a scalar only scales it),
+    so no chunk's logits are recomputed and the head weight is only read while the caller holds it
+    (under ZeRO-3 it is gathered for the forward only). Per chunk, with g = d loss / d ls on the
+    small support tensor: d loss / d z = (scatter(g) - softmax(z) * sum(g)) / T, written into the
+    [n, V] block in place.
+    """
+
+    @staticmethod
+    def forward(ctx, rows, weight, support, teacher_lp, w, temperature, renormalize, sampled, chunk):
+        need_rows, need_weight = ctx.needs_input_grad[:2]
+        acc = _upcast(weight).dtype
+        grad_rows = torch.zeros_like(rows) if need_rows else None
+        grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
+        loss = torch.zeros((), dtype=acc, device=rows.device)
+        kl, smass, tmass = [], [], []
+        for i in range(0, rows.shape[0], chunk):
+            r, s = rows[i:i + chunk], support[i:i + chunk]
+            ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
+            with torch.enable_grad():
+                ls.requires_grad_(need_rows or need_weight)
+                terms = _support_terms(ls, teacher_lp[i:i + chunk], renormalize, sampled)
+                part = (terms[0] * w[i:i + chunk]).sum()
+                g = torch.autograd.grad(part, ls)[0] if ls.requires_grad else None
+            loss += part.detach()
+            for out, value in zip((kl, smass, tmass), terms[1:]):
+                out.append(value.detach())
+            if g is None:
+                continue
+            dz = probs.div_(total).mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, s, g).div_(temperature)
+            if need_rows:
+                grad_rows[i:i + chunk] = dz.to(weight.dtype) @ weight
+            if need_weight:
+                grad_weight.addmm_(dz.t(), r.to(acc))
+        ctx.save_for_backward(grad_rows, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        kl, smass, tmass = torch.cat(kl), torch.cat(smass), torch.cat(tmass)
+        ctx.mark_non_differentiable(kl, smass, tmass)
+        return loss, kl, smass, tmass
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_rows, grad_weight = ctx.saved_tensors
+        if grad_rows is not None:
+            grad_rows = grad_rows * grad_loss.to(grad_rows.dtype)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+        return grad_rows, grad_weight, None, None, None, None, None, None, None
 
 
 def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renormalize,
                  aggregation, num_units, chunk_tokens, sampled) -> KLOutput:
     mask = mask.bool()
-    head = lm_head if callable(lm_head) else (lambda h: h @ lm_head.t())
     rows, sup, lt = hidden[mask], support[mask].long(), teacher_lp[mask]
-    if rows.shape[0] == 0:  # nothing to learn from; keep the graph so backward still runs
+    n = rows.shape[0]
+    if n == 0:  # nothing to learn from; keep the graph so backward still runs
         zero = hidden.sum() * 0.0
         return KLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    if callable(lm_head):  # a module as the head: chunks under checkpoint (recomputed in backward)
+        def fn(h, s, t):
+            return _token_terms(lm_head(h), s, t, temperature, renormalize, sampled)
 
-    def chunk_terms(h, s, t):
-        return _token_terms(head(h), s, t, temperature, renormalize, sampled)
-
-    parts = []
-    for i in range(0, rows.shape[0], chunk_tokens):
-        args = (rows[i:i + chunk_tokens], sup[i:i + chunk_tokens], lt[i:i + chunk_tokens])
-        if torch.is_grad_enabled():
-            parts.append(checkpoint(chunk_terms, *args, use_reentrant=False))
-        else:
-            parts.append(chunk_terms(*args))
-    terms = [torch.cat(x) for x in zip(*parts)]
-    return _finish(terms, mask, aggregation, num_units)
+        parts = []
+        for i in range(0, n, chunk_tokens):
+            args = (rows[i:i + chunk_tokens], sup[i:i + chunk_tokens], lt[i:i + chunk_tokens])
+            parts.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
+        loss, kl, smass, tmass = (torch.cat(x) for x in zip(*parts))
+        return _finish((loss * _token_weights(mask, aggregation, num_units, loss.dtype)).sum(), kl, smass, tmass, n)
+    w = _token_weights(mask, aggregation, num_units, _upcast(rows).dtype)
+    loss, kl, smass, tmass = _HeadKL.apply(rows, lm_head, sup, lt, w, temperature, renormalize, sampled,
+                                           chunk_tokens)
+    return _finish(loss, kl, smass, tmass, n)
 
 
 Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
@@ -166,4 +246,5 @@ def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     mask = mask.bool()
     ls = torch.log_softmax(_upcast(student_logits[mask]) / temperature, dim=-1)
     lt = torch.log_softmax(_upcast(teacher_logits[mask].detach()) / temperature, dim=-1)
-    return _aggregate((ls.exp() * (ls - lt)).sum(-1), mask, aggregation, num_units)
+    per_token = (ls.exp() * (ls - lt)).sum(-1)
+    return (per_token * _token_weights(mask, aggregation, num_units, per_token.dtype)).sum()

@@ -30,14 +30,16 @@ def hydra_main(raw: DictConfig) -> dict:
     from oel_ray.tiny_model import build_tiny_model
 
     if cfg.model.build == config.TINY_MODEL:
-        driver.stage("build tiny model", lambda: build_tiny_model(cfg.model.path))
-    driver.init_ray(cfg)
+        driver.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
     try:
-        summary = driver.run(cfg)
+        summary = driver.run(cfg)  # starts Ray only if some stage still has to run
+    except config.ConfigError as err:  # found on disk: a resume with other settings, a missing file
+        fail(str(err))
     finally:
         import ray
 
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     print_summary(summary)
     return summary
 
@@ -47,10 +49,11 @@ def print_summary(summary: dict) -> None:
     print(
         "\n=== OEL summary ===\n"
         f"rounds {summary['rounds']}, consolidation steps {summary['steps']}, wall {summary['wall_seconds']}s\n"
-        f"pass rate {summary['pass_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f})\n"
+        f"pass rate {summary['pass_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; round 0: {summary['pass_rate_round_0']:.3f})\n"
         f"mean response tokens per turn {summary['response_tokens_per_turn']:.1f}\n"
         f"reverse KL first step {summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}\n"
-        f"final model {summary['final_model']}"
+        f"final model {summary['final_model']}\n"
+        f"rounds table {summary['rounds_table']}, plot {summary['plot']}"
     )
 
 

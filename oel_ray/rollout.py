@@ -1,6 +1,19 @@
-"""RolloutWorker: one vLLM engine that plays games and answers prompts with the current weights."""
+"""Rollout workers: vLLM engines that play games and answer prompts with the current weights.
+
+`RolloutGroup` splits a list of games into one contiguous shard per worker and hands results back
+as each shard finishes (`play_iter`, for streaming to disk) or all at once in the order of the specs
+(`play`). With a sampling seed, every game gets its own seed derived from (seed, map seed, how many
+times that map came earlier in the call), so a game's replies do not depend on which worker played
+it or what else was in the batch, and repeats of one map (several eval samples, FrozenLake boards
+that recur) are independent samples.
+"""
 
 from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import ray
@@ -12,35 +25,161 @@ from oel_ray.prompts import chat_ids
 from oel_ray.types import GameSpec, Generation, Trajectory
 
 
+# ----------------------------------------------------------------------------- prompts
+
+def turn_prompt_ids(tokenizer, game: Game, *, history: str, thinking: bool, keep_reasoning: bool) -> list[int]:
+    """Token ids of the game's next turn for the policy.
+
+    "flattened" (paper): one user message with the whole history, no earlier replies.
+    "chat": the observations as user turns and the earlier replies as assistant turns, rendered by
+    the model's chat template; with `keep_reasoning` the raw replies go back in verbatim, so a
+    template that drops earlier <think> blocks (Qwen3) does not.
+    """
+    if history == "flattened":
+        return chat_ids(tokenizer, game.prompt(), thinking=thinking)
+    if history != "chat":
+        raise ValueError(f"history {history!r} is not one of flattened, chat")
+    messages = game.messages()
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    if keep_reasoning:
+        # Placeholders carry no </think>, so the template renders them untouched; the raw replies
+        # are put back in one pass (a reply that happens to contain a placeholder stays as it is).
+        count = iter(range(len(replies)))
+        messages = [{**m, "content": f"@@oel-reply-{next(count)}@@"} if m["role"] == "assistant" else m
+                    for m in messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+    if keep_reasoning:
+        found = re.findall(r"@@oel-reply-(\d+)@@", text)
+        if sorted(map(int, found)) != list(range(len(replies))):
+            raise ValueError("this chat template rewrites assistant messages; rollout.keep_reasoning "
+                             "cannot put the raw replies back")
+        text = re.sub(r"@@oel-reply-(\d+)@@", lambda m: replies[int(m.group(1))], text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+# ----------------------------------------------------------------------------- seeds
+
+def _mix(*values: int) -> int:
+    """A well-spread 32-bit seed from integers (SeedSequence hashes them; equal inputs, equal seed)."""
+    return int(np.random.SeedSequence([v & (2**64 - 1) for v in values]).generate_state(1)[0])
+
+
+def game_seeds(specs: list[GameSpec], base: int) -> list[int]:
+    """One sampling seed per game: the k-th occurrence of a map in the call gets its own stream."""
+    seen: Counter = Counter()
+    seeds = []
+    for spec in specs:
+        key = (spec.env_id, spec.seed)  # GameSpec holds a dict: not hashable itself
+        seeds.append(_mix(base, spec.seed, seen[key]))
+        seen[key] += 1
+    return seeds
+
+
+# ----------------------------------------------------------------------------- CPU placement
+
+def core_slices(placements: list[tuple[str, list[int]]]) -> list[list[int]]:
+    """The cores each worker binds to, from each worker's (node id, usable cores).
+
+    Workers on one node split its cores into disjoint contiguous slices (the first ones take the
+    remainder); with more workers than cores, they take one core each, round robin.
+    """
+    on_node: dict[str, list[int]] = {}
+    for index, (node, _) in enumerate(placements):
+        on_node.setdefault(node, []).append(index)
+    slices: list[list[int]] = [[] for _ in placements]
+    for node, members in on_node.items():
+        cores = sorted(placements[members[0]][1])
+        if len(members) > len(cores):
+            for rank, index in enumerate(members):
+                slices[index] = [cores[rank % len(cores)]]
+            continue
+        size, extra = divmod(len(cores), len(members))
+        start = 0
+        for rank, index in enumerate(members):
+            end = start + size + (rank < extra)
+            slices[index] = cores[start:end]
+            start = end
+    return slices
+
+
+def bind_to_cores(cores: list[int]) -> None:
+    """Run this process's engine on `cores` only, one OpenMP thread per core.
+
+    The engine runs in-process (uniproc executor), where vLLM does no thread binding of its own
+    (VLLM_CPU_OMP_THREADS_BIND is applied only by its multiprocessing executor), and Ray caps
+    OMP_NUM_THREADS at 1 for fractional-CPU actors. Call before torch is first used: OpenMP reads
+    OMP_NUM_THREADS when it loads, and its pool threads inherit the affinity of the thread that
+    starts them (Ray runs a synchronous actor's methods on the main thread).
+    """
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    os.sched_setaffinity(0, cores)
+    import torch
+
+    torch.set_num_threads(len(cores))
+
+
+# ----------------------------------------------------------------------------- worker
+
 class RolloutWorker:
+    """One engine. Two steps so that the group can place threads first: construct (cheap), then
+    `start(cores)` loads the model."""
+
     def __init__(self, model: ModelConfig, *, seed: int, max_logprobs: int, kv_cache_gib: float,
-                 gpu_memory_utilization: float):
-        self.engine = VLLMEngine(
-            model.path, dtype=model.dtype, max_model_len=model.max_model_len, seed=seed,
-            max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
-            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=model.trust_remote_code,
-        )
-        self.tokenizer = self.engine.tokenizer
+                 gpu_memory_utilization: float, history: str = "flattened", keep_reasoning: bool = False):
+        self.model = model
+        self.engine_args = dict(seed=seed, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
+                                gpu_memory_utilization=gpu_memory_utilization)
+        self.history = history
+        self.keep_reasoning = keep_reasoning
         self.thinking = model.thinking
         self.max_model_len = model.max_model_len
         self.version = 0  # optimizer steps behind the loaded weights
+        self.engine: Optional[VLLMEngine] = None
+
+    def placement(self) -> tuple[str, list[int]]:
+        return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))
+
+    def start(self, cores: Optional[list[int]] = None) -> float:
+        if cores:
+            bind_to_cores(cores)
+        m = self.model
+        self.engine = VLLMEngine(m.path, dtype=m.dtype, max_model_len=m.max_model_len,
+                                 trust_remote_code=m.trust_remote_code, **self.engine_args)
+        self.tokenizer = self.engine.tokenizer
+        return self.engine.init_seconds
 
     def ready(self) -> float:
         return self.engine.init_seconds
 
-    def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int) -> list[Trajectory]:
-        """Play all games to the end; every active game's next turn goes out in one batched call."""
+    def threads(self) -> dict:
+        """Where this worker computes: its cores and torch's thread count."""
+        import torch
+
+        return {"cores": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
+
+    def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int,
+             seeds: Optional[list[int]] = None) -> list[Trajectory]:
+        """Play all games to the end; every active game's next turn goes out in one batched call.
+        `seeds`: one per game (default: derived from `sampling.seed`, if any); turn t of a game
+        samples with a seed mixed from the game's seed and t."""
         games = [Game(spec, max_turns) for spec in specs]
-        while active := [g for g in games if not g.done]:
-            prompts = [chat_ids(self.tokenizer, g.prompt(), thinking=self.thinking) for g in active]
-            for game, gen in zip(active, self._generate(prompts, sampling)):
-                game.step(gen.text, len(gen.token_ids))
+        if seeds is None and sampling.seed is not None:
+            seeds = game_seeds(specs, sampling.seed)
+        while active := [i for i, g in enumerate(games) if not g.done]:
+            prompts = [turn_prompt_ids(self.tokenizer, games[i], history=self.history, thinking=self.thinking,
+                                       keep_reasoning=self.keep_reasoning) for i in active]
+            turn_seeds = None if seeds is None else [_mix(seeds[i], len(games[i].turns)) for i in active]
+            for i, gen in zip(active, self._generate(prompts, sampling, turn_seeds)):
+                games[i].step(gen.text, len(gen.token_ids))
         return [g.trajectory(round, self.version) for g in games]
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
-        return self._generate(prompts, sampling)
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[Generation]:
+        return self._generate(prompts, sampling, seeds)
 
-    def _generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def _generate(self, prompts: list[list[int]], sampling: Sampling,
+                  seeds: Optional[list[int]] = None) -> list[Generation]:
         longest = max(len(p) for p in prompts)
         room = self.max_model_len - longest
         if room < 1:
@@ -50,7 +189,7 @@ class RolloutWorker:
             )
         if room < sampling.max_tokens:
             sampling = Sampling(**{**sampling.__dict__, "max_tokens": room})
-        return self.engine.generate(prompts, sampling)
+        return self.engine.generate(prompts, sampling, seeds)
 
     def load_weights(self, weights: dict, version: int) -> float:
         seconds = self.engine.load_weights(weights)
@@ -60,33 +199,89 @@ class RolloutWorker:
     def prompt_logprobs(self, token_ids: list[int]) -> np.ndarray:
         return self.engine.prompt_logprobs(token_ids)
 
+    # Collective weight sync (oel_ray/weight_sync.py): this worker is rank `rank` >= 1 of a group
+    # whose rank 0 is the learner.
+
+    def open_weight_channel(self, backend: str, address: str, port: int, rank: int, world_size: int,
+                            timeout_s: float) -> None:
+        from oel_ray.weight_sync import Channel
+
+        self.close_weight_channel()  # a group with a learner that has since been replaced
+        self.channel = Channel(backend, address, port, rank, world_size, timeout_s)
+
+    def receive_weights(self, metas: list, bucket_bytes: int, version: int) -> float:
+        from oel_ray.weight_sync import receive
+
+        seconds = self.engine.load_weights_stream(receive(self.channel, metas, bucket_bytes))
+        self.version = version
+        return seconds
+
+    def close_weight_channel(self) -> None:
+        if getattr(self, "channel", None) is not None:
+            self.channel.close()
+            self.channel = None
+
+
+# ----------------------------------------------------------------------------- group
 
 class RolloutGroup:
-    """N rollout workers; splits games and prompts evenly and gathers results in order."""
+    """N rollout workers; splits games and prompts into balanced contiguous shards, results in order."""
 
     def __init__(self, model: ModelConfig, *, num_workers: int, seed: int, max_logprobs: int,
-                 kv_cache_gib: float, gpu_memory_utilization: float, num_cpus: float, num_gpus: float):
+                 kv_cache_gib: float, gpu_memory_utilization: float, num_cpus: float, num_gpus: float,
+                 history: str = "flattened", keep_reasoning: bool = False, bind_cores: bool = True):
         actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
         self.workers = [
             actor.remote(model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
-                         gpu_memory_utilization=gpu_memory_utilization)
+                         gpu_memory_utilization=gpu_memory_utilization, history=history,
+                         keep_reasoning=keep_reasoning)
             for i in range(num_workers)
         ]
-        ray.get([w.ready.remote() for w in self.workers])
+        cores: list[Optional[list[int]]] = [None] * num_workers
+        if bind_cores and not num_gpus:
+            cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
+        self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
 
-    def _scatter(self, items: list) -> list[list]:
-        n = len(self.workers)
-        size = -(-len(items) // n)
-        return [items[i * size:(i + 1) * size] for i in range(n)]
+    def _split(self, items: list) -> list[tuple[int, list]]:
+        """(offset, shard) per worker; shard sizes differ by at most one."""
+        size, extra = divmod(len(items), len(self.workers))
+        bounds = [i * size + min(i, extra) for i in range(len(self.workers) + 1)]
+        return [(bounds[i], items[bounds[i]:bounds[i + 1]]) for i in range(len(self.workers))]
 
-    def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int) -> list[Trajectory]:
-        shards = self._scatter(specs)
-        refs = [w.play.remote(s, sampling, max_turns, round) for w, s in zip(self.workers, shards) if s]
-        return [t for part in ray.get(refs) for t in part]
+    def play_iter(self, specs: list[GameSpec], sampling: Sampling, max_turns: int,
+                  round: int) -> Iterator[tuple[int, list[Trajectory]]]:
+        """Yield (offset, trajectories) as each worker's shard finishes: they are the games of
+        specs[offset:offset + len(trajectories)], in that order. Shards come in finishing order."""
+        seeds = None if sampling.seed is None else game_seeds(specs, sampling.seed)
+        pending = {}
+        for worker, (offset, shard) in zip(self.workers, self._split(specs)):
+            if shard:
+                shard_seeds = None if seeds is None else seeds[offset:offset + len(shard)]
+                pending[worker.play.remote(shard, sampling, max_turns, round, shard_seeds)] = (offset, shard)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            offset, shard = pending.pop(ref)
+            part = ray.get(ref)
+            if [t.seed for t in part] != [s.seed for s in shard]:
+                raise RuntimeError(f"a worker returned games {[t.seed for t in part]} for maps "
+                                   f"{[s.seed for s in shard]}")
+            yield offset, part
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling) -> list[Generation]:
-        shards = self._scatter(prompts)
-        refs = [w.generate.remote(s, sampling) for w, s in zip(self.workers, shards) if s]
+    def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int,
+             on_shard: Optional[Callable[[list[Trajectory]], None]] = None) -> list[Trajectory]:
+        """All games, in the order of `specs`; `on_shard` sees each shard as soon as it is done
+        (e.g. to stream it into a JsonlWriter)."""
+        out: list[Optional[Trajectory]] = [None] * len(specs)
+        for offset, part in self.play_iter(specs, sampling, max_turns, round):
+            out[offset:offset + len(part)] = part
+            if on_shard is not None:
+                on_shard(part)
+        return out  # type: ignore[return-value]  # every slot filled: play_iter checks each shard
+
+    def generate(self, prompts: list[list[int]], sampling: Sampling,
+                 seeds: Optional[list[int]] = None) -> list[Generation]:
+        refs = [w.generate.remote(shard, sampling, None if seeds is None else seeds[offset:offset + len(shard)])
+                for w, (offset, shard) in zip(self.workers, self._split(prompts)) if shard]
         return [g for part in ray.get(refs) for g in part]
 
     def load_weights(self, weights_ref: ray.ObjectRef, version: int) -> float:

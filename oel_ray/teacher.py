@@ -1,9 +1,10 @@
 """TeacherServer: the frozen model with the knowledge in its context, scored on the student's support.
 
 It returns k log-probs per response token (4k bytes), never full-vocabulary logits. Log-softmax is
-computed from the logits divided by the rollout temperature, chunk by chunk over positions, so fp32
-memory is bounded by chunk_tokens x V whatever the sequence length. (vLLM's prompt_logprobs would
-ignore the temperature, which is why the teacher is a plain forward pass.)
+computed from the logits divided by the rollout temperature, chunk by chunk over positions, with the
+learner's own routine (`losses.support_logprobs`), so fp32 memory is one chunk_tokens x V block
+whatever the sequence length. (vLLM's prompt_logprobs would ignore the temperature, which is why
+the teacher is a plain forward pass.)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 import ray
 import torch
 
+from oel_ray import losses
 from oel_ray.types import DistillSample, TeacherScores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -72,24 +74,17 @@ class TeacherServer:
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
         hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
-        head = self.model.get_output_embeddings().weight
-        results = []
+        rows, supports = [], []
         for row, s in enumerate(batch):
             start = len(s.teacher_prompt_ids) - 1  # the hidden state at p predicts token p + 1
-            h = hidden[row, start : start + len(s.response_ids)]
-            if sampled_only:
-                support = torch.tensor(s.response_ids, device=h.device)[:, None]
-            else:
-                support = torch.as_tensor(np.asarray(s.support_ids), device=h.device).long()
-            results.append(self._support_logprobs(h, head, support).cpu().numpy())
-        return results
-
-    def _support_logprobs(self, h: torch.Tensor, head: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
-        parts = []
-        for lo in range(0, h.shape[0], self.chunk_tokens):
-            logits = (h[lo : lo + self.chunk_tokens] @ head.T).float() / self.temperature
-            parts.append(torch.log_softmax(logits, dim=-1).gather(1, support[lo : lo + self.chunk_tokens]))
-        return torch.cat(parts).to(torch.float32)
+            rows.append(hidden[row, start : start + len(s.response_ids)])
+            support = np.asarray(s.response_ids).reshape(-1, 1) if sampled_only else np.asarray(s.support_ids)
+            supports.append(torch.as_tensor(support, dtype=torch.long, device=hidden.device))
+        # One pass over every response position of the batch: a few large matmuls, not one per sample.
+        head = self.model.get_output_embeddings().weight
+        scores = losses.support_logprobs(torch.cat(rows), head, torch.cat(supports), self.temperature,
+                                         self.chunk_tokens).to(torch.float32).cpu().numpy()
+        return np.split(scores, np.cumsum([len(s.response_ids) for s in batch])[:-1])
 
 
 def start_teacher(model_path: str, *, num_cpus: float, num_gpus: float, **kwargs) -> ray.actor.ActorHandle:

@@ -3,15 +3,24 @@
 No hub is reachable on CPU machines, so the project builds its own checkpoint, deterministically
 (fixed seeds, single thread), and saves it with `save_pretrained`; from then on it is loaded by the
 same code path as a real checkpoint such as Qwen/Qwen3-4B-Instruct-2507.
+
+A randomly initialised model never emits `<|im_end|>` or a bracketed move: every reply would run to
+the token limit and every game would be lost, so a demo round would show nothing. The model is
+therefore warm-started for a few hundred steps on synthetic chats: the real game prompts answered
+with a short reply ending in one move (the BFS solver's best move half the time, a random legal one
+otherwise: a weak but non-trivial player), and the real extraction prompts answered with a few
+generic lessons from a small phrase grammar.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -50,28 +59,78 @@ TINY_ARCH = dict(
 )
 VOCAB_SIZE = 512
 SEED = 1234
+# Bump whenever the built model changes: a cache holding another version is rebuilt. Saved in
+# config.json; version 1 (random weights) predates the field.
+TINY_VERSION = 2
+VERSION_KEY = "oel_tiny_version"
+
+# Warm-start data: the games of the paper's settings, on seeds far from every training round's
+# (round r starts at r * 100_000) and from the held-out maps (10_000_000 up).
+WARM_GAMES = [("Sokoban-v0", {"dim_room": (6, 6), "num_boxes": 1}, 120),
+              ("FrozenLake-v0-raw", {"size": 3, "num_holes": 2}, 60)]
+WARM_SEED = 9_000_000
+WARM_MAX_TURNS = 5
+EXTRACTORS = Path(__file__).resolve().parent.parent / "conf" / "extractor"
+# Training: one pass over length-sorted batches of at most this many tokens (little padding).
+BATCH_TOKENS, LR = 1500, 3e-3
+
+# The phrase grammar of replies and lessons. Reasons need not be true: the point is varied lengths.
+REASONS = {
+    "Sokoban": ["I need to get behind the box.", "The box must reach the goal O.",
+                "Pushing the box {a} brings it closer to O.", "The way {a} is open."],
+    "FrozenLake": ["The holes H are dangerous.", "Going {a} keeps me away from the holes.",
+                   "The goal G is down and to the right.", "The cell {a} looks safe."],
+}
+COMMON_REASONS = ["I move {a}.", "Let me try {a}.", "This is the shortest path.", "A wall is not in the way."]
+CONDITIONS = ["", "", "Before each move, ", "At the start, ", "When a move fails, ", "Near a wall, "]
+ADVICE = {
+    "Sokoban": ["push the box toward the goal O", "stand behind the box before pushing it",
+                "never push the box into a corner", "keep the box away from the walls",
+                "walk around the box to push it the other way"],
+    "FrozenLake": ["avoid the holes H", "step around the holes to reach G", "stay on safe cells",
+                   "go down or right to reach the goal G"],
+}
+COMMON_ADVICE = ["plan the shortest path to the goal", "do not repeat a move that was invalid",
+                 "never walk into a wall", "use as few steps as possible"]
+TAILS = ["", "", " to save turns", " because the turn limit is short", " since one wrong move can lose"]
+MOVES = ["up", "down", "left", "right"]
+
+
+def _lesson(rng: random.Random, family: str) -> str:
+    text = rng.choice(CONDITIONS) + rng.choice(ADVICE[family] + COMMON_ADVICE) + rng.choice(TAILS)
+    return text[0].upper() + text[1:] + "."
+
+
+def _items(rng: random.Random, family: str, count: int) -> str:
+    return "\n".join("- EXPERIENCE ITEM: " + _lesson(rng, family) for _ in range(count))
+
+
+def _reply(rng: random.Random, family: str, move: str) -> str:
+    reasons = [rng.choice(REASONS[family] + COMMON_REASONS).format(a=move)
+               for _ in range(rng.choice([0, 0, 1, 1, 2]))]
+    return " ".join(reasons + [f"[{move}]"])
 
 
 def _corpus(rng: random.Random, lines: int = 3000) -> list[str]:
-    """Game-like text so the BPE learns boards, actions, prompts and knowledge items."""
-    moves = ["[up]", "[down]", "[left]", "[right]"]
+    """Game-like text so the BPE learns boards, actions, prompts, replies and knowledge items."""
     words = ("you are the player P on a grid reach the goal box push wall hole ice move step "
              "current board action in square brackets experience item avoid walls first then "
              "success failure the game ended turn limit reached invalid move reason previous "
              "knowledge rule strategy always never before after left right up down").split()
     out = []
     for _ in range(lines):
-        kind = rng.random()
+        kind, family = rng.random(), rng.choice(list(REASONS))
         if kind < 0.35:
             size = rng.choice([3, 4, 6])
             rows = [" ".join(rng.choice("#_OXP√F HG") for _ in range(size)) for _ in range(size)]
             out.append("Current Board:\n" + "\n".join(rows))
         elif kind < 0.6:
-            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) + " " + rng.choice(moves))
+            out.append(" ".join(rng.choice(words) for _ in range(rng.randint(5, 20))) + " "
+                       + _reply(rng, family, rng.choice(MOVES)))
         elif kind < 0.8:
-            out.append("- EXPERIENCE ITEM: " + " ".join(rng.choice(words) for _ in range(rng.randint(4, 14))))
+            out.append(_items(rng, family, 1))
         else:
-            out.append(f"Turn {rng.randint(1, 5)}: action {rng.choice(moves)} -> " + rng.choice(words))
+            out.append(f"Turn {rng.randint(1, 5)}: action [{rng.choice(MOVES)}] -> " + rng.choice(words))
     return out
 
 
@@ -105,44 +164,148 @@ def build_tokenizer(out_dir: Path):
     return tok
 
 
+def synthetic_chats(tok, seed: int = SEED) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reply ids ending in <|im_end|>) for the warm start, in a fixed order.
+
+    Prompts are built by the real code paths (`Game`, `teacher_messages`, `extraction_prompt` with
+    the shipped extractor templates), so the model sees exactly what rollouts will send it.
+    """
+    import yaml
+
+    from oel_ray.games import Game
+    from oel_ray.prompts import chat_ids, extraction_prompt, teacher_messages
+    from oel_ray.solver import moves
+    from oel_ray.types import GameSpec
+
+    rng = random.Random(seed)
+    templates = [yaml.safe_load((EXTRACTORS / f"{name}.yaml").read_text())["prompt"]
+                 for name in ("structured", "unstructured")]
+    chats = []  # (system, user, reply)
+    for env_id, kwargs, count in WARM_GAMES:
+        for i in range(count):
+            game = Game(GameSpec(env_id, WARM_SEED + i, "train", kwargs), WARM_MAX_TURNS)
+            while not game.done:
+                best, legal = moves(game.family, game._base)  # the live, unwrapped env
+                move = best if best and rng.random() < 0.5 else rng.choice(legal or MOVES)
+                reply, system, user = _reply(rng, game.family, move), None, game.prompt()
+                if rng.random() < 0.25:  # the teacher's view of the same turn: knowledge in context
+                    knowledge = _items(rng, game.family, rng.randint(1, 6))
+                    system, user = teacher_messages(user, knowledge, rng.choice(["user", "user", "system"]))
+                chats.append((system, user, reply))
+                game.step(reply, len(tok(reply, add_special_tokens=False)["input_ids"]))
+            if i % 3 == 0:  # extraction prompts are long (every turn's prompt again): fewer of them
+                structured = i % 2 == 0
+                knowledge = _items(rng, game.family, rng.randint(1, 6)) if rng.random() < 0.6 else ""
+                prompt = extraction_prompt(templates[not structured], knowledge, game.trajectory(0, 0))
+                count_ = rng.choice([1, 2, 2, 3])
+                # Unstructured replies stay short: that extractor allows only 64 tokens.
+                reply = (_items(rng, game.family, count_) if structured
+                         else " ".join(_lesson(rng, game.family) for _ in range(min(count_, 2))))
+                chats.append((None, prompt, reply))
+    return [(chat_ids(tok, user, system=system), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+            for system, user, reply in chats]
+
+
+def _warm_start(model, chats: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
+    """Next-token training on the replies only (the prompts are given); returns the losses."""
+    import torch
+    import torch.nn.functional as F
+
+    # Length-sorted batches within a token budget (little padding), then a fixed shuffle.
+    batches, current = [], []
+    for i in sorted(range(len(chats)), key=lambda i: sum(map(len, chats[i]))):
+        if current and sum(map(len, chats[i])) * (len(current) + 1) > BATCH_TOKENS:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    random.Random(SEED).shuffle(batches)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    steps = len(batches)  # short warm-up, then linear decay to a tenth
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    model.train()
+    losses = []
+    for batch in batches:
+        width = max(sum(map(len, chats[i])) for i in batch)
+        ids = torch.full((len(batch), width), pad)
+        target = torch.zeros((len(batch), width), dtype=torch.bool)
+        for row, i in enumerate(batch):
+            prompt, reply = chats[i]
+            ids[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
+            target[row, len(prompt):len(prompt) + len(reply)] = True
+        # Right padding needs no attention mask: under causal attention no real token sees the pads.
+        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
+        mask = target[:, 1:]  # position t predicts token t + 1
+        loss = F.cross_entropy(model.lm_head(hidden[mask]), ids[:, 1:][mask])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+def cached_version(path: Path) -> Optional[int]:
+    """The tiny-model version saved at `path`; None when nothing is there."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    if config.get("hidden_size") != TINY_ARCH["hidden_size"] or config.get("num_hidden_layers") != 2:
+        # Never delete what this module did not build (model.path pointed at a real checkpoint).
+        raise ValueError(f"{path} holds a model that is not oel_ray's tiny model; not replacing it")
+    return config.get(VERSION_KEY, 1)
+
+
 def build_tiny_model(path: str | os.PathLike) -> Path:
-    """Build the tiny checkpoint at `path` unless it is already there; returns the path.
+    """Build the tiny checkpoint at `path` unless the current version is already there.
 
     Written to a temporary sibling directory and renamed, so an interrupted build never leaves a
-    half-written checkpoint that a later run would trust.
+    half-written checkpoint that a later run would trust; an older version is replaced.
     """
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     path = Path(path).expanduser()
-    if (path / "config.json").exists():
+    if cached_version(path) == TINY_VERSION:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         tok = build_tokenizer(tmp)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         pad = tok.convert_tokens_to_ids("<|endoftext|>")
         config = Qwen3Config(
             vocab_size=len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-            dtype="float32", **TINY_ARCH,
+            dtype="float32", **TINY_ARCH, **{VERSION_KEY: TINY_VERSION},
         )
+        chats = synthetic_chats(tok)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(1)  # one thread: the same float sums, so the same bytes, every time
         try:
             torch.manual_seed(SEED)
             model = Qwen3ForCausalLM(config)
+            _warm_start(model, chats, pad)
         finally:
             torch.set_num_threads(threads)
         model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
         model.save_pretrained(tmp, safe_serialization=True)
+        if path.exists():
+            try:
+                path.rename(old)  # an older version (or an empty directory) makes way
+            except FileNotFoundError:
+                pass
         try:
             tmp.rename(path)
         except OSError:  # another process built it first: keep theirs
-            if not (path / "config.json").exists():
+            if cached_version(path) != TINY_VERSION:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return path
 
 

@@ -1,0 +1,99 @@
+"""What every benchmark shares: the project's config, the tiny model, a local Ray, tables, results.
+
+Each benchmark composes the same Hydra config `make run` uses (conf/, the `tiny` defaults), so the
+sampling, lengths and batch sizes it measures are the project's, not numbers copied into a script.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+from oel_ray.artifacts import write_json
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+RAY_CPUS = 4  # logical CPUs on a 2-core machine: actors ask for fractions and mostly wait on each other
+
+# Before anything imports tokenizers or Ray: a tokenizer thread pool slows later torch work (see
+# ../shared/notes/platform.md), and a private loopback Ray needs no auth token.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def load_config(*overrides: str):
+    """The validated OELConfig of `conf/config.yaml` (+ overrides), as `python -m oel_ray.main` builds it."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from oel_ray import config
+
+    config.register()
+    # output_dir is only resolvable inside a Hydra run; benchmarks write nothing there.
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        raw = compose("config", overrides=["output_dir=/tmp/oel_ray_bench", *overrides])
+    return config.validate(OmegaConf.to_object(raw))
+
+
+def tiny_model_path(cfg=None) -> str:
+    """The embedded tiny model at the configured cache path (built offline on first use)."""
+    from oel_ray.tiny_model import build_tiny_model
+
+    cfg = cfg or load_config()
+    return str(build_tiny_model(cfg.model.path))
+
+
+def start_ray(num_cpus: int = RAY_CPUS) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def stop_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def stopwatch() -> Iterator[dict]:
+    """`with stopwatch() as t: ...` then t["s"] holds the elapsed wall seconds."""
+    out: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        yield out
+    finally:
+        out["s"] = time.perf_counter() - start
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    """Where the figures were measured: they only compare within one run on one machine."""
+    import torch
+
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+
+
+def save(name: str, result: dict) -> Path:
+    """benchmarks/results/<name>.json, written to a temporary file and renamed (never half-written)."""
+    path = RESULTS / f"{name}.json"
+    write_json(path, {"benchmark": name, "machine": machine(),
+                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result})
+    return path

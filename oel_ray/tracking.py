@@ -1,0 +1,137 @@
+"""What a run shows while it runs: per-step metrics (JSONL + CSV, TensorBoard, optional W&B), a
+round table in the console and a PNG of pass rate and response length per round."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from oel_ray import artifacts
+from oel_ray.config import TrackingConfig
+from oel_ray.types import StepMetrics
+
+log = logging.getLogger("oel_ray")
+
+
+def flat_metrics(m: StepMetrics) -> dict:
+    row = {k: v for k, v in vars(m).items() if k != "seconds"}
+    row.update({f"seconds_{k}": round(v, 4) for k, v in m.seconds.items()})
+    total = sum(m.seconds.values())
+    row["tokens_per_second"] = round(m.response_tokens / total, 2) if total else 0.0
+    return row
+
+
+class StepLog:
+    """One round's step metrics. Rows stream to metrics.jsonl as steps finish; `resume_at(step)`
+    drops rows past the step the training state was restored to, so a resumed round has each
+    step once; `close()` writes metrics.csv."""
+
+    def __init__(self, round_dir: Path, run_dir: Path, cfg: TrackingConfig, first_step: int):
+        self.jsonl, self.csv = round_dir / "metrics.jsonl", round_dir / "metrics.csv"
+        self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines()] if self.jsonl.exists() else []
+        self.writer = _tensorboard(run_dir, first_step) if cfg.tensorboard else None
+        self.wandb = _wandb(run_dir, cfg) if cfg.wandb else None
+
+    def resume_at(self, step: int) -> None:
+        self.rows = [row for row in self.rows if row["step"] <= step]
+        artifacts.atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.rows))
+
+    def add(self, m: StepMetrics) -> dict:
+        row = flat_metrics(m)
+        self.rows.append(row)
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {"loss": m.loss, "reverse_kl": m.reverse_kl, "grad_norm": m.grad_norm, "lr": m.lr,
+                   "tokens_per_second": row["tokens_per_second"], "student_mass": m.student_mass}
+        if self.writer:
+            for name, value in scalars.items():
+                self.writer.add_scalar(f"consolidate/{name}", value, m.step)
+            self.writer.flush()
+        if self.wandb:
+            self.wandb.log({f"consolidate/{k}": v for k, v in scalars.items()}, step=m.step)
+        return row
+
+    def close(self) -> list[dict]:
+        artifacts.write_csv(self.csv, self.rows)
+        if self.writer:
+            self.writer.close()
+        return self.rows
+
+
+def _tensorboard(run_dir: Path, first_step: int):
+    from torch.utils.tensorboard import SummaryWriter
+
+    # purge_step hides events a cut-off attempt logged past the restored step
+    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1)
+
+
+def _wandb(run_dir: Path, cfg: TrackingConfig):
+    import wandb
+
+    return wandb.init(project=cfg.wandb_project, dir=str(run_dir), name=run_dir.name, resume="allow",
+                      id=run_dir.name.replace("/", "-"))
+
+
+# ----------------------------------------------------------------------------- rounds
+
+def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]]) -> str:
+    lines = ["| round | pass rate | 95% CI | tokens/turn | invalid | KL first -> last |",
+             "|---|---|---|---|---|---|"]
+    for rep in reports:
+        first_last = kl.get(rep["round"])
+        kl_text = f"{first_last[0]:.4f} -> {first_last[1]:.4f}" if first_last else "-"
+        lines.append(f"| {rep['round']} | {rep['pass_rate']:.3f} | [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
+                     f"| {rep['response_tokens_per_turn']:.1f} | {rep['invalid_rate']:.3f} | {kl_text} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
+    """Pass rate (with its 95% interval) and mean response tokens per turn, per round."""
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError:  # plotting is a convenience: never fail a run for it
+        log.warning("matplotlib is not installed; skipping %s", path)
+        return None
+    rounds = [r["round"] for r in reports]
+    rate = [r["pass_rate"] for r in reports]
+    err = [[r["pass_rate"] - r["ci_low"] for r in reports], [r["ci_high"] - r["pass_rate"] for r in reports]]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    left.errorbar(rounds, rate, yerr=err, marker="o", capsize=4)
+    left.set(xlabel="round", ylabel="pass rate", ylim=(0, 1), title="held-out pass rate (95% CI)")
+    right.plot(rounds, [r["response_tokens_per_turn"] for r in reports], marker="o", color="tab:orange")
+    right.set(xlabel="round", ylabel="tokens", title="response tokens per turn")
+    for ax in (left, right):
+        ax.set_xticks(rounds)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+class progress:
+    """A progress bar on stderr for a long stage (a no-op with tracking.progress_bars=false);
+    `update(n, **shown)` advances it and shows the latest values."""
+
+    def __init__(self, total: int, name: str, cfg: TrackingConfig, initial: int = 0):
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc=f"  {name}", disable=not cfg.progress_bars,
+                        leave=False, dynamic_ncols=True)
+
+    def __enter__(self) -> "progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def update(self, n: int, **shown: float) -> None:
+        if shown:
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()}, refresh=False)
+        self.bar.update(n)

@@ -1,0 +1,238 @@
+"""Weight sync learner -> rollout workers after every optimizer step, behind one interface.
+
+`WeightSync.sync(version)` puts the learner's current weights into every rollout engine, in place,
+and returns the seconds it took. Two transports (`learner.weight_sync`):
+
+- object_store: rank 0's state_dict goes into Ray's object store once and every worker loads that
+  one copy (read zero-copy on its node). Any machine; the weights pass through host memory.
+- nccl: one NCCL group between learner rank 0 and every vLLM worker, opened once. Each sync the
+  learner broadcasts the weights from GPU memory, packed into buckets of about `bucket_mb`
+  (one NCCL call per bucket, not per tensor), and each worker streams what it receives straight
+  into the engine's reload, so vLLM's post-load processing runs once per sync and no worker holds
+  a second full copy of the model. GPUs only; learner rank 0 and each worker on its own GPU.
+
+The collective transport is written once for any process group that can broadcast; on CPU it runs
+over gloo with the same packing and streaming code, which is how the CPU tests exercise it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Iterator
+
+import ray
+import torch
+
+TRANSPORTS = ("auto", "object_store", "nccl")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What a receiver needs to allocate one tensor before it arrives."""
+
+    name: str
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.torch_dtype.itemsize
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> "TensorMeta":
+        return cls(name, str(tensor.dtype).removeprefix("torch."), tuple(tensor.shape))
+
+
+def buckets(metas: list[TensorMeta], bucket_bytes: int) -> list[list[TensorMeta]]:
+    """Consecutive runs of one dtype of at most `bucket_bytes` each (a larger tensor goes alone).
+    Sender and receivers compute the same plan from the same metas: it is never sent."""
+    out: list[list[TensorMeta]] = []
+    size = 0
+    for meta in metas:
+        if out and out[-1][0].dtype == meta.dtype and size + meta.nbytes <= bucket_bytes:
+            out[-1].append(meta)
+            size += meta.nbytes
+        else:
+            out.append([meta])
+            size = meta.nbytes
+    return out
+
+
+# ----------------------------------------------------------------------------- the wire
+
+class Channel:
+    """One member of a broadcast group outside every other process group (DeepSpeed's and vLLM's
+    own groups are untouched). Rank 0 sends; ranks 1.. receive. Every member must construct it at
+    the same time: rank 0 hosts the rendezvous store at (address, port)."""
+
+    def __init__(self, backend: str, address: str, port: int, rank: int, world_size: int, timeout_s: float):
+        self.backend, self.rank = backend, rank
+        if backend == "nccl":
+            # vLLM's stateless group + its NCCL wrapper: the pattern vLLM's own RL weight transfer
+            # uses (vllm.distributed.weight_transfer.nccl_common), and it works in a process whose
+            # torch.distributed is already initialised (the learner's DeepSpeed group).
+            from vllm.distributed.device_communicators.pynccl import PyNcclCommunicator
+            from vllm.distributed.utils import StatelessProcessGroup
+
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            group = StatelessProcessGroup.create(host=address, port=port, rank=rank, world_size=world_size,
+                                                 store_timeout=int(timeout_s))
+            self._comm = PyNcclCommunicator(group, device=self.device)
+        elif backend == "gloo":
+            from torch.distributed import ProcessGroupGloo, TCPStore
+
+            self.device = torch.device("cpu")
+            timeout = datetime.timedelta(seconds=timeout_s)
+            store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
+            self._comm = ProcessGroupGloo(store, rank, world_size, timeout)
+        else:
+            raise ValueError(f"channel backend {backend!r} is not one of nccl, gloo")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        if self.backend == "nccl":
+            self._comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+        else:
+            self._comm.broadcast(tensor, 0).wait()
+
+    def synchronize(self) -> None:
+        if self.backend == "nccl":
+            torch.cuda.current_stream().synchronize()
+
+    def close(self) -> None:
+        if self.backend == "nccl":
+            self._comm.destroy()
+        self._comm = None
+
+
+def send(channel: Channel, weights: dict[str, torch.Tensor], metas: list[TensorMeta], bucket_bytes: int) -> None:
+    """Rank 0: broadcast `weights` in the order and packing of `metas`."""
+    for bucket in buckets(metas, bucket_bytes):
+        tensors = [weights[m.name] for m in bucket]
+        for m, t in zip(bucket, tensors):
+            if TensorMeta.of(m.name, t) != m:  # a mismatch would hang the receivers or load garbage
+                raise ValueError(f"weight {m.name}: {TensorMeta.of(m.name, t)} differs from the announced {m}")
+        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(channel.device)
+        channel.broadcast(flat)
+    channel.synchronize()
+
+
+def receive(channel: Channel, metas: list[TensorMeta], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Ranks 1..: (name, tensor) in the order of `metas`, one bucket received at a time as the
+    consumer asks for it. Each bucket has its own buffer: tensors already handed out stay valid."""
+    for bucket in buckets(metas, bucket_bytes):
+        flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=channel.device)
+        channel.broadcast(flat)
+        offset = 0
+        for m in bucket:
+            yield m.name, flat[offset:offset + m.numel].view(m.shape)
+            offset += m.numel
+
+
+# ----------------------------------------------------------------------------- the interface
+
+class WeightSync(ABC):
+    transport: str
+    learner: object  # the LearnerGroup it reads from
+    workers: object  # the RolloutGroup it writes to
+
+    @abstractmethod
+    def sync(self, version: int) -> float:
+        """Load the learner's current weights into every rollout engine; returns seconds."""
+
+    def close(self) -> None:
+        """Release the transport (the actors keep running)."""
+
+
+class ObjectStoreSync(WeightSync):
+    transport = "object_store"
+
+    def __init__(self, learner, workers):
+        self.learner, self.workers = learner, workers
+
+    def sync(self, version: int) -> float:
+        start = time.perf_counter()
+        self.workers.load_weights(self.learner.state_dict_ref(), version=version)
+        return time.perf_counter() - start
+
+
+class CollectiveSync(WeightSync):
+    """Learner rank 0 broadcasts to every worker over one group opened at construction."""
+
+    def __init__(self, learner, workers, *, backend: str, bucket_mb: float, timeout_s: float):
+        self.learner, self.workers, self.timeout_s = learner, workers, timeout_s
+        self.transport = backend
+        self.bucket_bytes = max(1, int(bucket_mb * 2**20))
+        rank0, actors = learner.ranks[0], workers.workers
+        self.metas: list[TensorMeta] = ray.get(rank0.weight_metas.remote())
+        address, port = ray.get(rank0.weight_channel_address.remote())
+        world = 1 + len(actors)
+        self._wait([rank0.open_weight_channel.remote(backend, address, port, world, timeout_s)]
+                   + [w.open_weight_channel.remote(backend, address, port, 1 + i, world, timeout_s)
+                      for i, w in enumerate(actors)], "open the weight-sync group")
+
+    def sync(self, version: int) -> float:
+        start = time.perf_counter()
+        # Every learner rank takes part (ZeRO-3 gathers the full weights collectively); the workers
+        # receive concurrently: all of them meet inside the same broadcasts.
+        self._wait([r.send_weights.remote(self.bucket_bytes) for r in self.learner.ranks]
+                   + [w.receive_weights.remote(self.metas, self.bucket_bytes, version) for w in self.workers.workers],
+                   "sync weights")
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self._wait([self.learner.ranks[0].close_weight_channel.remote()]
+                   + [w.close_weight_channel.remote() for w in self.workers.workers], "close the weight-sync group")
+
+    def _wait(self, refs: list, what: str) -> list:
+        try:
+            return ray.get(refs, timeout=self.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise TimeoutError(f"weight sync ({self.transport}): could not {what} within cluster.timeout_s="
+                               f"{self.timeout_s:g}s; a learner rank or rollout worker is stuck or gone") from None
+
+
+def resolve(kind: str, use_gpu: bool) -> str:
+    """The transport `kind` ("auto" | "object_store" | "nccl") means on this cluster."""
+    if kind not in TRANSPORTS:
+        raise ValueError(f"learner.weight_sync {kind!r} is not one of {', '.join(TRANSPORTS)}")
+    if kind == "auto":
+        return "nccl" if use_gpu else "object_store"
+    return kind
+
+
+def make_weight_sync(kind: str, learner, workers, *, use_gpu: bool, bucket_mb: float = 256.0,
+                     timeout_s: float = 1800.0) -> WeightSync:
+    """`learner`: a LearnerGroup; `workers`: a RolloutGroup. "gloo" (CPU, tests) runs the nccl
+    transport's code over gloo."""
+    transport = kind if kind == "gloo" else resolve(kind, use_gpu)
+    if transport == "object_store":
+        return ObjectStoreSync(learner, workers)
+    return CollectiveSync(learner, workers, backend=transport, bucket_mb=bucket_mb, timeout_s=timeout_s)
+
+
+def for_roles(roles, cfg) -> WeightSync:
+    """The sync of these roles, built on first use from the config and kept on `roles.sync`, so
+    a group is opened once, not once per step; rebuilt when the learner or the workers were
+    replaced (a new LearnerGroup per round)."""
+    current = roles.sync
+    if current is not None and (current.learner is not roles.learner or current.workers is not roles.workers):
+        roles.sync = None  # the workers close their end of the old group when they join the new one
+    if roles.sync is None:
+        roles.sync = make_weight_sync(cfg.learner.weight_sync, roles.learner, roles.workers,
+                                      use_gpu=cfg.cluster.use_gpu, bucket_mb=cfg.learner.sync_bucket_mb,
+                                      timeout_s=cfg.cluster.timeout_s)
+    return roles.sync

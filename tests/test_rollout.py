@@ -1,0 +1,206 @@
+"""Rollout collection and evaluation: real Ray, two real vLLM CPU engines, the tiny model, real games.
+
+Also the pieces that need no engine: map selection in both board modes, chat-history token ids,
+per-game seeds, core placement, the eval report's counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from oel_ray import games
+from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig, validate
+from oel_ray.engine import Sampling
+from oel_ray.evaluate import evaluate, summarize
+from oel_ray.games import Game, board_signature, eval_specs, invalid_turns, train_specs
+from oel_ray.rollout import core_slices, game_seeds, turn_prompt_ids
+from oel_ray.types import GameSpec
+
+SOKOBAN = EnvConfig(id="Sokoban-v0", kwargs={"dim_room": [6, 6], "num_boxes": 1}, eval_maps=4)
+FROZENLAKE = dict(id="FrozenLake-v0-raw", kwargs={"size": 3, "num_holes": 2})
+GAMES = 7  # odd: the two workers get unequal shards (4 + 3)
+
+
+def boards(specs):
+    return [board_signature(s.env_id, s.env_kwargs, s.seed) for s in specs]
+
+
+# ----------------------------------------------------------------------------- map selection
+
+def test_paper_frozenlake_has_128_held_out_seeds_with_repeating_boards():
+    lake = EnvConfig(**FROZENLAKE, eval_maps=128, distinct_boards=False)
+    held = eval_specs(lake)
+    assert [s.seed for s in held] == list(range(lake.eval_seed_offset, lake.eval_seed_offset + 128))
+    assert all(s.split == "eval" for s in held)
+    assert len(set(boards(held))) < 128  # only 19 boards exist: they repeat, as in the paper
+    train = train_specs(lake, 1, 64, stream=1)
+    assert len(train) == 64 and len({s.seed for s in train}) == 64
+    assert max(s.seed for s in train) < lake.eval_seed_offset  # disjoint by seed
+    assert not {s.seed for s in train} & {s.seed for s in train_specs(lake, 1, 64, stream=0)}
+    with pytest.raises(ValueError, match="too small"):  # distinct boards: refused, as before
+        eval_specs(EnvConfig(**FROZENLAKE, eval_maps=128))
+
+
+def test_distinct_boards_mode_keeps_boards_apart():
+    env = EnvConfig(id=SOKOBAN.id, kwargs=SOKOBAN.kwargs, eval_seed_offset=3, eval_maps=12)
+    held = set(boards(eval_specs(env)))
+    train = boards(train_specs(env, 0, 12))
+    assert len(held) == 12 and len(set(train)) == 12 and not held & set(train)
+
+
+def compose(*overrides: str) -> OELConfig:
+    from pathlib import Path
+
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from oel_ray import config
+
+    config.register()
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        return OmegaConf.to_object(hydra_compose("config", overrides=["output_dir=/tmp/x", *overrides]))
+
+
+def test_config_for_new_fields():
+    lake = validate(compose("env=frozenlake"))
+    assert (lake.env.distinct_boards, lake.env.eval_maps, lake.rollout.history) == (False, 128, "flattened")
+    validate(compose("rollout.history=chat", "rollout.keep_reasoning=true"))
+    bad = [
+        (["rollout.history=threaded"], "rollout.history"),
+        (["rollout.keep_reasoning=true"], "rollout.keep_reasoning"),
+        # seeds alone keep the sets apart: the last round's training seeds would reach held-out ones
+        (["env=frozenlake", "rounds=10", "env.eval_seed_offset=1000000"], "env.eval_seed_offset"),
+        (["learner.steps=100", "rollout.deploy_games_per_step=200"], "deploy_games_per_step"),
+    ]
+    for overrides, field in bad:
+        with pytest.raises(ConfigError, match=field):
+            validate(compose(*overrides))
+
+
+# ----------------------------------------------------------------------------- pieces without an engine
+
+def test_core_slices():
+    two = [("a", [0, 1]), ("a", [0, 1])]
+    assert core_slices(two) == [[0], [1]]
+    assert core_slices([("a", [0, 1])]) == [[0, 1]]
+    assert core_slices([("a", list(range(5)))] * 2) == [[0, 1, 2], [3, 4]]
+    assert core_slices([("a", [0, 1])] * 3) == [[0], [1], [0]]  # oversubscribed: round robin
+    assert core_slices([("a", [0, 1]), ("b", [0, 1]), ("a", [0, 1])]) == [[0], [0, 1], [1]]  # per node
+
+
+def test_game_seeds_repeat_maps_get_their_own_stream():
+    maps = eval_specs(SOKOBAN)
+    once, twice = game_seeds(maps, 7), game_seeds(maps * 2, 7)
+    assert twice[:len(maps)] == once  # sample 0 is the same whatever the number of samples
+    assert len(set(twice)) == 2 * len(maps)
+    assert game_seeds(maps, 8) != once and game_seeds(maps, 7) == once
+
+
+def test_chat_history_token_ids(tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    game = Game(GameSpec(SOKOBAN.id, 1, "train", SOKOBAN.kwargs), 5)
+    first_user = game.prompt()  # no history yet: the chat's first user turn is the same text
+    reply = "<think>\nthe box is left of me\n</think>\n\nI go [up]"
+    game.step(reply, 9)
+    flat_prompt = game.prompt()
+    note = game._notes[0]
+
+    def expected(answer: str) -> str:
+        return (f"<|im_start|>user\n{first_user}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+                f"<|im_start|>user\nResult: {note}\n\nTurn 2 (now):\n{game.board()}\nYour action?<|im_end|>\n"
+                "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    def ids(history, keep):
+        return turn_prompt_ids(tok, game, history=history, thinking=False, keep_reasoning=keep)
+
+    # The template drops an earlier reply's reasoning (as Qwen3's does); keep_reasoning puts it back.
+    assert ids("chat", False) == tok(expected("I go [up]"), add_special_tokens=False)["input_ids"]
+    assert ids("chat", True) == tok(expected(reply), add_special_tokens=False)["input_ids"]
+    flat = ("<|im_start|>user\n" + flat_prompt + "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert ids("flattened", False) == tok(flat, add_special_tokens=False)["input_ids"]
+    assert "the box is left of me" not in flat_prompt and "Action: [up]" in flat_prompt
+
+    # Whatever the model saw, the recorded prefix is the flattened history (consolidation uses it).
+    game.step("[left]", 1)
+    assert game.turns[1].prompt == flat_prompt
+
+
+def test_invalid_turns_and_per_sample_report():
+    spec = GameSpec(SOKOBAN.id, 1, "eval", SOKOBAN.kwargs)
+
+    def play(replies):
+        game = Game(spec, 5)
+        for r in replies:
+            if game.step(r, 3):
+                break
+        return game.trajectory(0, 0)
+
+    moved = play(["[up]", "[up]", "[down]", "[down]", "[up]"])  # valid moves to the turn cap
+    walls = play(["[up]", "[up]", "[left]", "[left]"])  # two wall bumps in a row: ends invalid
+    garbled = play(["hmm", "[up]", "[up]", "[down]", "[down]"])  # one unparsable reply, then valid moves
+    assert (invalid_turns(moved), invalid_turns(walls), invalid_turns(garbled)) == (0, 2, 1)
+    assert walls.outcome == "invalid"
+    report = summarize([moved, walls, garbled, moved], round=3, samples=2)
+    assert (report.maps, report.samples, report.games) == (2, 2, 4)
+    assert report.per_sample_pass_rates == [0.0, 0.0] and report.invalid_rate == 0.25
+    assert report.invalid_turn_rate == pytest.approx(3 / (5 + 4 + 5 + 5))
+    assert "2 x 2" in report.markdown() and "invalid turns" in report.markdown()
+    with pytest.raises(ValueError):
+        summarize([moved, walls, garbled], round=0, samples=2)
+
+
+# ----------------------------------------------------------------------------- two real engines
+
+@pytest.fixture(scope="module")
+def group(ray_cluster, tiny_model):
+    from oel_ray.rollout import RolloutGroup
+
+    return RolloutGroup(ModelConfig(path=tiny_model, build=None, max_model_len=2048), num_workers=2, seed=0,
+                        max_logprobs=1, kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+
+
+SAMPLING = Sampling(max_tokens=16, temperature=0.7, top_p=0.8, top_k=20)
+
+
+def test_two_workers_compute_on_distinct_cores(group):
+    import os
+
+    placed = ray_get([w.threads.remote() for w in group.workers])
+    cores = [set(p["cores"]) for p in placed]
+    assert all(cores) and not cores[0] & cores[1] and cores[0] | cores[1] <= os.sched_getaffinity(0)
+    assert [p["torch_threads"] for p in placed] == [len(c) for c in cores]
+
+
+def test_collection_is_exact_and_in_spec_order(group):
+    specs = train_specs(SOKOBAN, 0, GAMES)
+    assert len(set(boards(specs))) == GAMES
+    shards = []
+    trajectories = group.play(specs, SAMPLING, 2, round=1, on_shard=shards.append)
+    assert len(trajectories) == GAMES
+    assert [t.seed for t in trajectories] == [s.seed for s in specs]  # none lost, none repeated, in order
+    for spec, board, traj in zip(specs, boards(specs), trajectories):
+        assert board in traj.turns[0].prompt and traj.split == "train" and traj.round == 1
+        assert 1 <= len(traj.turns) <= 2
+    assert sorted(len(s) for s in shards) == [3, 4]  # streamed per worker shard
+    offsets = sorted((o, [t.seed for t in part]) for o, part in group.play_iter(specs, SAMPLING, 1, 1))
+    assert offsets == [(0, [s.seed for s in specs[:4]]), (4, [s.seed for s in specs[4:]])]
+
+
+def test_eval_samples_of_one_map_differ_and_reproduce(group, tiny_model):
+    cfg = OELConfig(model=ModelConfig(path=tiny_model, build=None), env=EnvConfig(
+        id=SOKOBAN.id, kwargs=SOKOBAN.kwargs, eval_maps=3, eval_samples=2, max_turns=2),
+        rollout=RolloutConfig(max_response_tokens=16), seed=5)
+    report, trajectories = evaluate(group, cfg, round=0)
+    assert (report.games, report.maps, report.samples) == (6, 3, 2) and len(report.per_sample_pass_rates) == 2
+    first, second = trajectories[:3], trajectories[3:]
+    assert [t.seed for t in first] == [t.seed for t in second] == [s.seed for s in eval_specs(cfg.env)]
+    replies = lambda ts: [[turn.response for turn in t.turns] for t in ts]  # noqa: E731
+    assert replies(first) != replies(second)  # two samples of the same maps are not copies
+    assert replies(evaluate(group, cfg, round=0)[1]) == replies(trajectories)  # seeded: same again
+
+
+def ray_get(refs):
+    import ray
+
+    return ray.get(refs)

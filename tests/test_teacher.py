@@ -1,0 +1,100 @@
+"""The teacher server's scores are exact: batching, padding and chunking change nothing, and the
+log-softmax is taken at the temperature the server was given."""
+
+import numpy as np
+import pytest
+import torch
+
+from oel_ray.types import DistillSample
+
+TEMP, K = 0.7, 16
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def samples(reference_model):
+    """Unequal prompt and reply lengths (one empty reply, one of a single token); random supports."""
+    rng = np.random.default_rng(0)
+    vocab = reference_model.config.vocab_size
+    out = []
+    for prompt_len, reply_len in [(5, 40), (33, 3), (12, 0), (1, 25), (60, 1), (8, 17)]:
+        prompt = rng.integers(10, vocab, prompt_len).tolist()
+        reply = rng.integers(10, vocab, reply_len).tolist()
+        support = np.stack([rng.choice(vocab, K, replace=False) for _ in range(reply_len)]).astype(np.int32) \
+            if reply_len else np.zeros((0, K), np.int32)
+        out.append(DistillSample(prompt[:2], prompt, reply, support))
+    return out
+
+
+@torch.no_grad()
+def expected(model, sample: DistillSample, temperature: float, sampled_only: bool = False) -> np.ndarray:
+    """log_softmax(logits / T) of one unpadded sequence, at the reply's positions, gathered."""
+    ids = sample.teacher_prompt_ids + sample.response_ids
+    logits = model(torch.tensor([ids])).logits[0].float()
+    start = len(sample.teacher_prompt_ids) - 1
+    lp = torch.log_softmax(logits[start:start + len(sample.response_ids)] / temperature, -1)
+    support = (torch.tensor(sample.response_ids)[:, None] if sampled_only
+               else torch.from_numpy(sample.support_ids).long())
+    return lp.gather(-1, support).numpy()
+
+
+def server(tiny_model, temperature=TEMP, chunk_tokens=1024, batch_tokens=8192):
+    from oel_ray.teacher import TeacherServer
+
+    return TeacherServer(tiny_model, dtype="float32", temperature=temperature, chunk_tokens=chunk_tokens,
+                         batch_tokens=batch_tokens)
+
+
+@pytest.mark.parametrize("chunk_tokens,batch_tokens", [(1, 10_000), (7, 100), (1024, 1), (16, 64)])
+def test_support_logprobs_are_exact(tiny_model, reference_model, samples, chunk_tokens, batch_tokens):
+    teacher = server(tiny_model, chunk_tokens=chunk_tokens, batch_tokens=batch_tokens)
+    scores = teacher.score(samples).logprobs
+    assert len(scores) == len(samples)
+    for sample, got in zip(samples, scores):
+        assert got.dtype == np.float32 and got.shape == (len(sample.response_ids), K)
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
+
+
+def test_batches_respect_the_token_budget(tiny_model, samples):
+    teacher = server(tiny_model, batch_tokens=100)
+    batches = teacher._batches(samples)
+    assert sorted(i for b in batches for i in b) == list(range(len(samples)))
+    for batch in batches:
+        padded = len(batch) * max(teacher._length(samples[i]) for i in batch)
+        assert len(batch) == 1 or padded <= 100
+
+
+def test_sampled_only_scores_the_reply_tokens(tiny_model, reference_model, samples):
+    scores = server(tiny_model, chunk_tokens=5, batch_tokens=128).score(samples, sampled_only=True).logprobs
+    for sample, got in zip(samples, scores):
+        assert got.shape == (len(sample.response_ids), 1)
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP, sampled_only=True), atol=1e-5)
+
+
+def test_the_teacher_uses_its_temperature(tiny_model, reference_model, samples):
+    for temperature in (0.7, 1.0, 1.3):
+        got = server(tiny_model, temperature=temperature).score(samples[:2]).logprobs[0]
+        np.testing.assert_allclose(got, expected(reference_model, samples[0], temperature), atol=1e-5)
+        other = expected(reference_model, samples[0], 1.0 if temperature != 1.0 else 0.7)
+        assert np.abs(got - other).max() > 1e-2, "scores must depend on the temperature"
+
+
+def test_actor_returns_the_same_scores(ray_cluster, tiny_model, samples):
+    """Through Ray (what consolidation calls): the same arrays as in-process."""
+    from oel_ray.teacher import start_teacher
+
+    actor = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
+                          chunk_tokens=8, batch_tokens=256)
+    try:
+        remote = ray_cluster.get(actor.score.remote(samples)).logprobs
+    finally:
+        ray_cluster.kill(actor)
+    local = server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples).logprobs
+    for a, b in zip(remote, local):
+        np.testing.assert_array_equal(a, b)
