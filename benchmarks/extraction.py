@@ -4,65 +4,81 @@
 
 Chains are independent, so each accumulation step sends every chain's prompt at once, spread over
 the engines; the sequential baseline runs each chain alone on one engine. Same chains, same
-trajectories, same seeds, one run. Prints a table and saves benchmarks/results/extraction.json.
+trajectories, same seeds, same extractor config (conf/extractor/unstructured.yaml), one run; the two
+modes alternate over a few repetitions so machine noise hits both. One untimed run of each mode
+comes first: the repetitions then replay the same prompts, so both modes find them in vLLM's prefix
+cache alike (a cold cache would favour neither: both modes prefill the same prompts). Prints a
+table and saves benchmarks/results/extraction.json.
 """
 
 from __future__ import annotations
 
-import os
-import time
+import statistics
 from dataclasses import replace
-from pathlib import Path
 
-from oel_ray.artifacts import write_json
-from oel_ray.config import EnvConfig, ExtractorConfig, ModelConfig
-from oel_ray.engine import Sampling
-from oel_ray.extractor import Extractor
-from oel_ray.games import train_specs
-from oel_ray.tiny_model import build_tiny_model
+from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch, tiny_model_path
 
-CHAINS, K, WORKERS = 4, 6, 2
-RESULTS = Path(__file__).parent / "results" / "extraction.json"
+CHAINS, K, WORKERS = 4, 12, 2
+TRAJECTORIES = 24  # each chain draws its own K of these
+REPEATS = 5  # the tiny model's extractions are short: repeat to see through machine noise
 
 
 def main() -> None:
     import ray
 
+    from oel_ray.extractor import Extractor
+    from oel_ray.games import train_specs
+    from oel_ray.roles import sampling_for_play
     from oel_ray.rollout import RolloutGroup
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    path = str(build_tiny_model(os.path.expanduser(os.environ.get("OEL_RAY_CACHE", "~/.cache/oel_ray")) + "/tiny-qwen3"))
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    workers = RolloutGroup(ModelConfig(path=path, build=None), num_workers=WORKERS, seed=0, max_logprobs=1,
-                           kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=1, num_gpus=0)
-    trajectories = workers.play(train_specs(EnvConfig(), 1, 12), Sampling(max_tokens=32, temperature=0.7, seed=1),
-                                5, 1)
-    cfg = ExtractorConfig(format="unstructured", k=K, num_chains=CHAINS, max_knowledge_tokens=512,
-                          max_response_tokens=64, prompt="{trajectory}\n\nLessons learned:")
-    Extractor(replace(cfg, k=1), path, workers.workers, thinking=False, seed=0).run(trajectories)  # warm-up
+    cfg = load_config()
+    path = tiny_model_path(cfg)
+    cfg.model.path = path
+    ecfg = replace(cfg.extractor, k=K, num_chains=CHAINS)
+    start_ray()
+    try:
+        r = cfg.rollout
+        group = RolloutGroup(cfg.model, num_workers=WORKERS, seed=r.seed, max_logprobs=1, kv_cache_gib=r.kv_cache_gib,
+                             gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=cfg.cluster.cpus_per_actor,
+                             num_gpus=0)
+        trajectories = group.play(train_specs(cfg.env, 1, TRAJECTORIES), sampling_for_play(cfg), cfg.env.max_turns, 1)
+        together = Extractor(ecfg, path, group.workers, thinking=False, seed=cfg.seed)
+        alone = Extractor(ecfg, path, group.workers[:1], thinking=False, seed=cfg.seed)
+        together.run(trajectories)  # warm-up: both modes' prompts end up in the prefix caches
+        [alone.run(trajectories, chains=[c]) for c in range(CHAINS)]
 
-    start = time.perf_counter()
-    together = Extractor(cfg, path, workers.workers, thinking=False, seed=0).run(trajectories)
-    concurrent_s = time.perf_counter() - start
+        concurrent, sequential, same = [], [], True
+        for _ in range(REPEATS):
+            with stopwatch() as t:
+                chains_together = together.run(trajectories)
+            concurrent.append(t["s"])
+            # The same chains one after another, each alone on one engine (same orders and seeds).
+            with stopwatch() as t:
+                chains_alone = [alone.run(trajectories, chains=[c])[0] for c in range(CHAINS)]
+            sequential.append(t["s"])
+            # Chains are independent: running them together must not change what they extract.
+            same &= [[s.text for s in ch] for ch in chains_together] == [[s.text for s in ch] for ch in chains_alone]
+        knowledge_tokens = [ch[-1].num_tokens for ch in chains_together]
+        for w in group.workers:
+            ray.kill(w)
+    finally:
+        stop_ray()
 
-    # The same chains one after another, each alone on one engine (same orders and seeds).
-    start = time.perf_counter()
-    single = Extractor(cfg, path, workers.workers[:1], thinking=False, seed=0)
-    alone = [single.run(trajectories, chains=[c])[0] for c in range(CHAINS)]
-    sequential_s = time.perf_counter() - start
-    ray.shutdown()
-
-    same = [[s.text for s in chain] for chain in together] == [[s.text for s in chain] for chain in alone]
-    result = {
-        "chains": CHAINS, "k": K, "workers": WORKERS, "concurrent_seconds": round(concurrent_s, 2),
-        "sequential_seconds": round(sequential_s, 2), "speedup": round(sequential_s / concurrent_s, 2),
-        "same_knowledge": same, "cpu_count": os.cpu_count(),
-    }
-    print(f"| mode | chains | workers | seconds |\n|---|---|---|---|\n"
-          f"| concurrent | {CHAINS} | {WORKERS} | {concurrent_s:.2f} |\n"
-          f"| one after another | {CHAINS} | 1 | {sequential_s:.2f} |\n"
-          f"speed-up {result['speedup']}x; identical knowledge: {same}")
-    write_json(RESULTS, result)
+    concurrent_s, sequential_s = statistics.median(concurrent), statistics.median(sequential)
+    speedup = sequential_s / concurrent_s
+    print(markdown_table(["mode", "chains", "workers", "seconds (median)", "extractions/s"], [
+        ["concurrent", CHAINS, WORKERS, concurrent_s, CHAINS * K / concurrent_s],
+        ["one after another", CHAINS, 1, sequential_s, CHAINS * K / sequential_s]]))
+    print(f"speed-up {speedup:.2f}x (concurrent vs one after another); identical knowledge: {same}")
+    save("extraction", {
+        "chains": CHAINS, "k": K, "workers": WORKERS, "repeats": REPEATS, "statistic": "median",
+        "extractor": {"format": ecfg.format, "max_response_tokens": ecfg.max_response_tokens,
+                      "max_knowledge_tokens": ecfg.max_knowledge_tokens, "temperature": ecfg.temperature},
+        "concurrent_seconds": round(concurrent_s, 3), "sequential_seconds": round(sequential_s, 3),
+        "concurrent_runs": [round(s, 3) for s in concurrent], "sequential_runs": [round(s, 3) for s in sequential],
+        "speedup": round(speedup, 2), "faster_concurrent": speedup > 1.0, "same_knowledge": same,
+        "final_knowledge_tokens": knowledge_tokens,
+    })
 
 
 if __name__ == "__main__":

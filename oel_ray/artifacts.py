@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from oel_ray.config import InputError
 from oel_ray.types import Trajectory
 
 
@@ -66,8 +67,21 @@ def read_trajectories(path: Path) -> list[Trajectory]:
             try:
                 rows.append(Trajectory.from_json(json.loads(line)))
             except (ValueError, TypeError, KeyError) as err:
-                raise ValueError(f"{path}:{number}: not a trajectory row ({err}); re-collect this round") from err
+                raise InputError(f"{path}:{number}: not a trajectory row ({err}); delete the file and rerun "
+                                 "to play these games again") from None
     return rows
+
+
+def read_knowledge_set(path: Path) -> list[str]:
+    """The round's knowledge texts (knowledge.json's "set"), refused when unreadable or empty."""
+    try:
+        texts = json.loads(Path(path).read_text())["set"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a knowledge file ({type(err).__name__}: {err}); delete it and rerun "
+                         "to extract again") from None
+    if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
+        raise InputError(f"{path}: the knowledge set is empty; delete it and rerun to extract again")
+    return texts
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -11,6 +11,7 @@ import difflib
 import os
 import re
 import typing
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -29,6 +30,10 @@ TINY_MODEL = "tiny"
 
 class ConfigError(ValueError):
     """A user's configuration mistake: reported as one line naming the field and the fix."""
+
+
+class InputError(ConfigError):
+    """A file the run reads is missing or corrupt: reported as one line naming the file and the fix."""
 
 
 @dataclass
@@ -231,7 +236,7 @@ def validate(cfg: OELConfig) -> OELConfig:
 
     check_env_id(cfg.env.id)
     _require(1 <= cfg.env.max_turns <= 100, "env.max_turns", f"{cfg.env.max_turns} must be in 1..100")
-    _positive("env.eval_maps", cfg.env.eval_maps, allow_zero=True)
+    _positive("env.eval_maps", cfg.env.eval_maps)
     _positive("env.eval_samples", cfg.env.eval_samples)
     _positive("env.train_seed_offset", cfg.env.train_seed_offset, allow_zero=True)
     _require(
@@ -309,6 +314,7 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("learner.steps", lr.steps)
     _positive("learner.batch_size", lr.batch_size)
     _positive("learner.grad_accum", lr.grad_accum)
+    _positive("learner.num_ranks", lr.num_ranks)
     _positive("learner.checkpoint_every", lr.checkpoint_every)
     if cfg.tracking.wandb:
         import importlib.util
@@ -328,7 +334,6 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("learner.grad_clip", lr.grad_clip, allow_zero=True)
     _positive("learner.warmup_steps", lr.warmup_steps, allow_zero=True)
     _choice("learner.zero_stage", lr.zero_stage, (0, 1, 2, 3))
-    _positive("learner.num_ranks", lr.num_ranks)
     _choice("learner.loss", lr.loss, LOSSES)
     _positive("learner.support_k", lr.support_k)
     _choice("learner.aggregation", lr.aggregation, AGGREGATIONS)
@@ -394,12 +399,13 @@ def check_override_keys(overrides: list[str]) -> None:
     """Refuse `section.typo=value` and ill-typed values with one line, before Hydra's multi-line
     errors and before anything expensive starts. Group choices (`env=frozenlake`) are left to Hydra."""
     for item in overrides:
-        if "=" not in item or item.startswith(("~", "hydra.", "hydra/", "+experiment", "experiment")):
+        if "=" not in item or item.startswith(("~", "hydra.", "hydra/")):
             continue
         key, value = item.split("=", 1)
         key = key.lstrip("+")
         parts = key.split(".")
         if len(parts) == 1 and key in _GROUPS:
+            _check_group_choice(key, item, value)
             continue
         node: Any = OELConfig
         for depth, part in enumerate(parts):
@@ -414,12 +420,40 @@ def check_override_keys(overrides: list[str]) -> None:
                                   f"{', '.join(sorted(hints))}")
             node = hints[part]
         else:
-            if not value.startswith("${") and not dataclasses.is_dataclass(node):
+            for one in _swept_values(item, value):
+                if one.startswith("${") or dataclasses.is_dataclass(node):
+                    continue
                 try:
-                    _parse_as(node, value)
+                    _parse_as(node, one)
                 except ValueError:
                     name = getattr(node, "__name__", str(node).replace("typing.", ""))
-                    raise ConfigError(f"{key}: {value!r} is not a valid {name}") from None
+                    raise ConfigError(f"{key}: {one!r} is not a valid {name}") from None
 
 
+def _check_group_choice(group: str, item: str, value: str) -> None:
+    """`env=frozenlake`, `+experiment=sokoban_4b`: each chosen option must be a file in conf/<group>/."""
+    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    for one in _swept_values(item, value):
+        if one not in options and not one.startswith("${"):
+            raise ConfigError(f"{group}: {one!r} is not one of {', '.join(options)} (files in conf/{group}/)")
+
+
+def _swept_values(item: str, value: str) -> list[str]:
+    """Each value an override sets: one, or every value of a multirun sweep (`extractor.k=2,4`,
+    `range(1,5)`, `choice(...)`), so each is type-checked on its own."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        override = OverridesParser.create().parse_override(item)
+    except Exception:  # not Hydra syntax: check the text as it is
+        return [value]
+    if not override.is_sweep_override():
+        return [value]
+    try:
+        return [str(v) for v in override.sweep_string_iterator()]
+    except Exception:  # interval(): a continuous range, no list of values to check
+        return []
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 _GROUPS = {"model", "env", "rollout", "extractor", "teacher", "learner", "cluster", "experiment"}

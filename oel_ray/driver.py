@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from oel_ray import artifacts, tracking
-from oel_ray.config import OELConfig
+from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import consolidate, step_prefixes
 from oel_ray.evaluate import evaluate
 from oel_ray.games import train_specs
@@ -34,38 +34,44 @@ EXTRACTION_STREAM, DEPLOY_STREAM = 0, 1  # independent map streams within a roun
 def run(cfg: OELConfig) -> dict:
     out = Path(cfg.output_dir)
     manifest = Manifest(out, config_snapshot(cfg))
+    log_to_file(out / "oel.log")
     if manifest.resumed:
         log.info("resuming the run in %s: finished stages are skipped", out)
     cluster = Deployment(cfg, out)  # roles start on first use: a finished run starts nothing
     started = time.perf_counter()
 
-    def stage(name: str, fn) -> None:
+    def stage(name: str, fn, *outputs: str) -> None:
+        """Run a stage unless it finished earlier and its `outputs` (relative to out) are there."""
         if manifest.done(name):
             log.info("[%s] finished earlier, skipped", name)
             return
         manifest.start(name)
         timed(name, fn)
-        manifest.finish(name)
+        manifest.finish(name, outputs=list(outputs))
 
-    stage("round_0/evaluate", lambda: evaluate_into(out / "round_0", cluster.at_round_start(1), cfg, 0))
+    stage("round_0/evaluate", lambda: evaluate_into(out / "round_0", cluster.at_round_start(1), cfg, 0),
+          "round_0/eval.json")
     for r in range(1, cfg.rounds + 1):
-        rdir = out / f"round_{r}"
+        rdir, rel = out / f"round_{r}", f"round_{r}"
         # 1. collect: the round-start model plays new training maps, no knowledge in context
-        stage(f"round_{r}/collect", lambda: play_into(
+        stage(f"{rel}/collect", lambda: play_into(
             rdir / "trajectories.jsonl", cluster.at_round_start(r), cfg, r,
-            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)))
+            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)), f"{rel}/trajectories.jsonl")
         # 2. extract: N chains accumulate knowledge over K trajectories each
-        stage(f"round_{r}/extract", lambda: extract_into(rdir, cluster.at_round_start(r), cfg))
+        stage(f"{rel}/extract", lambda: extract_into(rdir, cluster, cfg, r), f"{rel}/knowledge.json")
         # 3. consolidate: the same model plays the deploy maps whose turn prefixes it is then
         #    distilled on, strictly on-policy, step by step
-        stage(f"round_{r}/deploy", lambda: play_into(
+        stage(f"{rel}/deploy", lambda: play_into(
             rdir / "deploy.jsonl", cluster.at_round_start(r), cfg, r,
-            train_specs(cfg.env, r, cfg.learner.steps * cfg.rollout.deploy_games_per_step, DEPLOY_STREAM)))
-        stage(f"round_{r}/consolidate", lambda: consolidate_round(rdir, cluster, cfg, r))
+            train_specs(cfg.env, r, cfg.learner.steps * cfg.rollout.deploy_games_per_step, DEPLOY_STREAM)),
+            f"{rel}/deploy.jsonl")
+        stage(f"{rel}/consolidate", lambda: consolidate_round(rdir, cluster, cfg, r), f"{rel}/metrics.csv")
         # 4. evaluate the consolidated model on the held-out maps
-        stage(f"round_{r}/evaluate", lambda: evaluate_into(rdir, cluster.after_consolidation(r), cfg, r))
+        stage(f"{rel}/evaluate", lambda: evaluate_into(rdir, cluster.after_consolidation(r), cfg, r),
+              f"{rel}/eval.json")
         # 5. checkpoint: Hugging Face weights, the next round's starting point and teacher
-        stage(f"round_{r}/checkpoint", lambda: checkpoint_round(rdir, cluster.after_consolidation(r)))
+        stage(f"{rel}/checkpoint", lambda: checkpoint_round(rdir, cluster.after_consolidation(r)),
+              f"{rel}/model/config.json")
         report_rounds(out, r)
     cluster.shutdown()
     summary = run_summary(out, cfg, time.perf_counter() - started)
@@ -85,16 +91,28 @@ def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
 
         trajectories = roles.workers.play(specs, sampling_for_play(cfg), cfg.env.max_turns, r, on_shard=on_shard)
     writer.close()
-    log.info("  %d games, %d passed", len(trajectories), sum(t.passed for t in trajectories))
+    errors = [t for t in trajectories if t.outcome == "error"]
+    log.info("  %d games, %d passed, %d invalid, %d ended by an environment error", len(trajectories),
+             sum(t.passed for t in trajectories), sum(t.outcome == "invalid" for t in trajectories), len(errors))
+    for t in errors[:3]:
+        log.warning("  map %d: %s", t.seed, t.reason)
 
 
-def extract_into(rdir: Path, roles, cfg: OELConfig) -> None:
-    trajectories = artifacts.read_trajectories(rdir / "trajectories.jsonl")
-    chains = ray.get(roles.extractor.run.remote(trajectories))
+def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+    trajectories = artifacts.read_trajectories(rdir / "trajectories.jsonl")  # before any actor starts
+    if len(trajectories) < cfg.extractor.k:
+        raise InputError(f"{rdir / 'trajectories.jsonl'}: {len(trajectories)} games but extractor.k is "
+                         f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
+    chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories))
     use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
+    knowledge_set = [chain[use_step].text for chain in chains]
+    if not any(text.strip() for text in knowledge_set):
+        raise InputError(f"{rdir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
+                         f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
+                         "try extractor.format=unstructured or a stronger extractor.model, then rerun")
     artifacts.write_json(rdir / "knowledge.json", {
         "use_step": use_step, "format": cfg.extractor.format,
-        "set": [chain[use_step].text for chain in chains],
+        "set": knowledge_set,
         "chains": [[vars(s) for s in chain] for chain in chains]})
     log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
              [chain[use_step].num_tokens for chain in chains])
@@ -105,9 +123,9 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
     `learner.checkpoint_every` steps, and a cut-off round resumes from the last save."""
     lcfg = cfg.learner
     base = (r - 1) * lcfg.steps  # global step numbers continue across rounds
+    deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")  # inputs first: a bad file fails fast
+    knowledge_set = artifacts.read_knowledge_set(rdir / "knowledge.json")
     done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
-    deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")
-    knowledge_set = json.loads((rdir / "knowledge.json").read_text())["set"]
     batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, cfg.seed + r)
     steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
     steps.resume_at(base + done)
@@ -119,7 +137,7 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
             if (m.step - base) % lcfg.checkpoint_every == 0 or m.step - base == lcfg.steps:
                 cluster.save_training_state(r, m.step - base)
 
-        consolidate(cluster.roles, cfg, batches[done:], knowledge_set or [""], cluster.tokenizer,
+        consolidate(cluster.roles, cfg, batches[done:], knowledge_set, cluster.tokenizer,
                     first_step=base + done, on_step=on_step)
     rows = steps.close()
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
@@ -169,6 +187,13 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         "final_model": str(out / f"round_{cfg.rounds}" / "model"),
         "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
     }
+
+
+def log_to_file(path: Path) -> None:
+    """Everything the console shows, also appended to the run's log (a resumed run adds to it)."""
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger().addHandler(handler)
 
 
 def config_snapshot(cfg: OELConfig) -> dict:

@@ -174,10 +174,17 @@ class Game:
         """Play one reply; returns whether the game is over."""
         prompt, board = self.prompt(), self.board()
         action = parse_action(response)
-        # An unparsable reply goes to the env as is, so the env reports its own invalid-format move.
-        env_done, _ = self._base.step(f"[{action}]" if action else response)
-        answer = [(text, kind) for _, text, kind in self._base.get_observation()[1]
-                  if kind != ObservationType.PLAYER_ACTION]  # the echo of what we sent
+        try:
+            # An unparsable reply goes to the env as is, so the env reports its own invalid-format move.
+            env_done, _ = self._base.step(f"[{action}]" if action else response)
+            answer = [(text, kind) for _, text, kind in self._base.get_observation()[1]
+                      if kind != ObservationType.PLAYER_ACTION]  # the echo of what we sent
+        except Exception as err:  # a bug in a game must not crash the round: the game ends as "error"
+            self._result = ("error", 0.0, f"the environment raised {type(err).__name__}: {err}")
+            self.turns.append(Turn(prompt, response, response_tokens, action, self._result[2]))
+            self._boards.append(board)
+            self._notes.append("error")
+            return True
         note = " ".join(_short_note(t) for t, kind in answer if kind != ObservationType.GAME_BOARD)
         if env_done:
             self._finish(turn_limit=False)

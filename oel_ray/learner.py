@@ -13,6 +13,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,7 @@ from oel_ray.types import DistillSample, StepMetrics, TeacherScores
 from oel_ray.weight_sync import Channel, TensorMeta, send
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+STATE_TAG = "learner_state"  # the DeepSpeed checkpoint tag inside a save_state directory
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
 
 
@@ -269,6 +271,28 @@ class Learner:
             _write_checkpoint(weights, self.model, self.model_path, Path(path))
         torch.distributed.barrier()
 
+    # -------------------------------------------------------------- resumable training state
+
+    def save_state(self, path: str, tmp: str) -> None:
+        """The full training state (weights, optimizer moments and ZeRO shards, LR schedule, step
+        counter) as a DeepSpeed checkpoint: every rank writes its part into `tmp`, then rank 0
+        renames `tmp` to `path` (replacing an older one), so `path` is always complete or absent.
+        `tmp` and `path` must be on storage all ranks share."""
+        self.engine.save_checkpoint(tmp, tag=STATE_TAG, save_latest=False)
+        torch.distributed.barrier()
+        if self.rank == 0:
+            _swap_in(Path(tmp), Path(path))
+        torch.distributed.barrier()
+
+    def load_state(self, path: str) -> int:
+        """Restore what `save_state` wrote (same ZeRO stage and number of ranks); returns the
+        number of optimizer steps taken before it was saved."""
+        loaded, _ = self.engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=True)
+        if loaded is None:
+            raise FileNotFoundError(f"{path}: no learner state saved there (expected {path}/{STATE_TAG})")
+        return int(self.engine.global_steps)
+
 
 def _unique_tensors(model) -> dict[str, torch.Tensor]:
     """The model's state_dict without tensors tied to one already taken (the tied output head)."""
@@ -290,7 +314,6 @@ def _write_checkpoint(weights: dict, model, source: str, path: Path) -> None:
         source = snapshot_download(source, local_files_only=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    old = path.with_name(f".{path.name}.old.{os.getpid()}")
     try:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         model.config.save_pretrained(tmp)
@@ -299,11 +322,19 @@ def _write_checkpoint(weights: dict, model, source: str, path: Path) -> None:
         for f in Path(source).iterdir():
             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
                 shutil.copy2(f, tmp / f.name)
+        _swap_in(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Make the finished directory `tmp` be `path`, replacing an older `path`, by renames only."""
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    try:
         if path.exists():
             path.rename(old)
         tmp.rename(path)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -348,6 +379,20 @@ class LearnerGroup:
 
     def save(self, path: str) -> None:
         self._all("save", path)
+
+    def save_state(self, path: str) -> None:
+        """Resumable training state at `path` (see Learner.save_state); atomic by rename."""
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            self._all("save_state", str(target), str(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # left only when a rank failed
+
+    def load_state(self, path: str) -> int:
+        """Restore the state saved at `path` on every rank; returns the optimizer steps it holds."""
+        return self._all("load_state", path)
 
     def shutdown(self) -> None:
         for r in self.ranks:

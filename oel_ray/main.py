@@ -11,11 +11,15 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from oel_ray import config
+from oel_ray import config, preflight
+
+# Hydra flags that take a value (`--cfg job`): the value is not an override.
+FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                    "--config-dir", "-cd", "--info", "--experimental-rerun"}
 
 
-def fail(message: str) -> None:
-    print(f"oel_ray: config error: {message}", file=sys.stderr)
+def fail(message: str, kind: str = "config") -> None:
+    print(f"oel_ray: {kind} error: {message}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -32,9 +36,10 @@ def hydra_main(raw: DictConfig) -> dict:
     if cfg.model.build == config.TINY_MODEL:
         driver.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
     try:
+        preflight.check(cfg)  # prompt room, env kwargs: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
-    except config.ConfigError as err:  # found on disk: a resume with other settings, a missing file
-        fail(str(err))
+    except config.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
+        fail(str(err), "input" if isinstance(err, config.InputError) else "config")
     finally:
         import ray
 
@@ -57,10 +62,37 @@ def print_summary(summary: dict) -> None:
     )
 
 
+def precheck(argv: list[str]) -> None:
+    """Compose and validate what the command asks for before Hydra runs anything, so every mistake,
+    `--cfg job` included, is one line. Sweeps are checked per override value instead."""
+    from hydra import compose, initialize_config_dir
+
+    config.check_override_keys(argv)
+    if {"-m", "--multirun"} & set(argv):
+        return
+    overrides, skip = [], False
+    for arg in argv:
+        if skip or arg in FLAGS_WITH_VALUE:
+            skip = not skip and arg in FLAGS_WITH_VALUE
+            continue
+        if not arg.startswith(("-", "hydra.", "hydra/", "+hydra")):
+            overrides.append(arg)
+    if not any(o.startswith("output_dir=") for o in overrides):
+        overrides.append("output_dir=.")  # Hydra fills the real one at run time
+    try:
+        with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+            raw = compose("config", overrides=overrides)
+        cfg = OmegaConf.to_object(raw)
+    except Exception as err:  # Hydra's own refusal: its first line names the key
+        lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+        raise config.ConfigError(" ".join(lines[:2])) from None  # the key, then Hydra's fix if any
+    config.validate(cfg)
+
+
 def main() -> None:
     config.register()
     try:
-        config.check_override_keys(sys.argv[1:])
+        precheck(sys.argv[1:])
     except config.ConfigError as err:
         fail(str(err))
     hydra_main()

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from oel_ray import artifacts
-from oel_ray.config import ConfigError
+from oel_ray.config import ConfigError, InputError
 
 # Fields that may differ between the first run and a resume: where things run, not what is computed.
 RESUMABLE_CHANGES = ("cluster", "tracking", "output_dir")
@@ -27,7 +27,7 @@ class Manifest:
             try:
                 self.data = json.loads(self.path.read_text())
             except json.JSONDecodeError as err:
-                raise ConfigError(f"{self.path}: not valid JSON ({err}); move the run directory away "
+                raise InputError(f"{self.path}: not valid JSON ({err}); move the run directory away "
                                   "or choose another output_dir") from None
             _check_same_config(self.data.get("config", {}), config, self.path.parent)
         else:
@@ -39,13 +39,18 @@ class Manifest:
         return any(s.get("finished") for s in self.data["stages"].values())
 
     def done(self, stage: str) -> Optional[dict]:
+        """The stage's record if it finished and its outputs are still there (a deleted output makes
+        the stage run again)."""
         record = self.data["stages"].get(stage)
-        return record if record and record.get("finished") else None
+        if not record or not record.get("finished"):
+            return None
+        return record if all((self.path.parent / p).exists() for p in record.get("outputs", [])) else None
 
     def start(self, stage: str) -> None:
         if self.done(stage):
             raise RuntimeError(f"stage {stage} already finished; it must not run twice")
         record = self.data["stages"].setdefault(stage, {"attempts": 0})
+        record.pop("finished", None)  # an output was deleted: the stage runs again
         record["attempts"] += 1
         record["started"] = time.time()
         self._save()

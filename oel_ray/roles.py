@@ -17,7 +17,7 @@ from typing import Optional
 
 import ray
 
-from oel_ray.config import ConfigError, OELConfig
+from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import Roles
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
@@ -61,7 +61,7 @@ class Deployment:
         if r > 1:
             previous = self.out / f"round_{r - 1}" / "model"
             if not (previous / "config.json").exists():
-                raise ConfigError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
+                raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
             weights = self.roles.learner.state_dict_ref()
@@ -100,7 +100,7 @@ class Deployment:
         self.at_round_start(r)
         saved = self._saved_states(r)
         if not saved or saved[-1][0] != self.cfg.learner.steps:
-            raise ConfigError(f"{self.out / f'round_{r}'}: the consolidated training state is missing; "
+            raise InputError(f"{self.out / f'round_{r}'}: the consolidated training state is missing; "
                               "rerun from a new output_dir")
         self.roles.learner.load_state(str(saved[-1][1]))
         self._sync(self.roles.learner.state_dict_ref(), version=r * self.cfg.learner.steps)

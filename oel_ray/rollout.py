@@ -10,6 +10,7 @@ that recur) are independent samples.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import Counter
@@ -23,6 +24,8 @@ from oel_ray.engine import Sampling, VLLMEngine
 from oel_ray.games import Game
 from oel_ray.prompts import chat_ids
 from oel_ray.types import GameSpec, Generation, Trajectory
+
+log = logging.getLogger("oel_ray")
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -152,6 +155,9 @@ class RolloutWorker:
     def ready(self) -> float:
         return self.engine.init_seconds
 
+    def pid(self) -> int:
+        return os.getpid()
+
     def threads(self) -> dict:
         """Where this worker computes: its cores and torch's thread count."""
         import torch
@@ -241,6 +247,7 @@ class RolloutGroup:
         if bind_cores and not num_gpus:
             cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
         self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
+        self.lost = 0  # workers that died; their work went to the others
 
     def _split(self, items: list) -> list[tuple[int, list]]:
         """(offset, shard) per worker; shard sizes differ by at most one."""
@@ -250,21 +257,14 @@ class RolloutGroup:
 
     def play_iter(self, specs: list[GameSpec], sampling: Sampling, max_turns: int,
                   round: int) -> Iterator[tuple[int, list[Trajectory]]]:
-        """Yield (offset, trajectories) as each worker's shard finishes: they are the games of
+        """Yield (offset, trajectories) as shards finish: they are the games of
         specs[offset:offset + len(trajectories)], in that order. Shards come in finishing order."""
         seeds = None if sampling.seed is None else game_seeds(specs, sampling.seed)
-        pending = {}
-        for worker, (offset, shard) in zip(self.workers, self._split(specs)):
-            if shard:
-                shard_seeds = None if seeds is None else seeds[offset:offset + len(shard)]
-                pending[worker.play.remote(shard, sampling, max_turns, round, shard_seeds)] = (offset, shard)
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            offset, shard = pending.pop(ref)
-            part = ray.get(ref)
-            if [t.seed for t in part] != [s.seed for s in shard]:
+        for offset, part in self._sharded("play", specs, lambda lo, hi: (
+                sampling, max_turns, round, None if seeds is None else seeds[lo:hi])):
+            if [t.seed for t in part] != [s.seed for s in specs[offset:offset + len(part)]]:
                 raise RuntimeError(f"a worker returned games {[t.seed for t in part]} for maps "
-                                   f"{[s.seed for s in shard]}")
+                                   f"{[s.seed for s in specs[offset:offset + len(part)]]}")
             yield offset, part
 
     def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int,
@@ -280,10 +280,55 @@ class RolloutGroup:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[Generation]:
-        refs = [w.generate.remote(shard, sampling, None if seeds is None else seeds[offset:offset + len(shard)])
-                for w, (offset, shard) in zip(self.workers, self._split(prompts)) if shard]
-        return [g for part in ray.get(refs) for g in part]
+        out: list[Optional[Generation]] = [None] * len(prompts)
+        for offset, part in self._sharded("generate", prompts, lambda lo, hi: (
+                sampling, None if seeds is None else seeds[lo:hi])):
+            out[offset:offset + len(part)] = part
+        return out  # type: ignore[return-value]
+
+    def _sharded(self, method: str, items: list, args: Callable[[int, int], tuple]) -> Iterator[tuple[int, list]]:
+        """Call `method(shard, *args(lo, hi))` on one contiguous shard of `items` per live worker and
+        yield (lo, results) as shards finish. The shard of a worker that dies is split over the live
+        ones and run again: every item is answered exactly once (per-item seeds travel with it)."""
+        pending: dict = {}
+
+        def submit(offset: int, shard: list) -> None:
+            for worker, (lo, part) in zip(self.workers, self._split(shard)):
+                if part:
+                    ref = getattr(worker, method).remote(part, *args(offset + lo, offset + lo + len(part)))
+                    pending[ref] = (worker, offset + lo, part)
+
+        submit(0, items)
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            worker, offset, shard = pending.pop(ref)
+            try:
+                part = ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self._drop(worker, err)
+                submit(offset, shard)
+                continue
+            if len(part) != len(shard):
+                raise RuntimeError(f"a worker answered {len(part)} of {len(shard)} items")
+            yield offset, part
+
+    def _drop(self, worker, err: Exception) -> None:
+        if worker in self.workers:
+            self.workers.remove(worker)
+            self.lost += 1
+            log.warning("a rollout worker died (%s); %d left, its unfinished work goes to them",
+                        type(err).__name__, len(self.workers))
+        if not self.workers:
+            raise RuntimeError("every rollout worker has died; the run stops here and resumes from its "
+                               "last finished stage when rerun") from err
 
     def load_weights(self, weights_ref: ray.ObjectRef, version: int) -> float:
         """Every worker loads the same object-store copy; returns the slowest worker's seconds."""
-        return max(ray.get([w.load_weights.remote(weights_ref, version) for w in self.workers]))
+        refs = {w.load_weights.remote(weights_ref, version): w for w in self.workers}
+        seconds = []
+        for ref, worker in refs.items():
+            try:
+                seconds.append(ray.get(ref))
+            except ray.exceptions.RayActorError as err:
+                self._drop(worker, err)
+        return max(seconds)

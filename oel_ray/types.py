@@ -41,7 +41,7 @@ class Trajectory:
     round: int
     model_version: int  # number of optimizer steps behind the weights that played this game
     turns: list[Turn]
-    outcome: str  # "win" | "loss" | "invalid" | "turn_limit"
+    outcome: str  # "win" | "loss" | "invalid" | "turn_limit" | "error" (the environment raised)
     reward: float  # the game's own reward; a pass is reward == 1.0
     reason: str  # the environment's closing reason
     schema_version: int = TRAJECTORY_SCHEMA_VERSION

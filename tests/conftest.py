@@ -24,3 +24,16 @@ def ray_cluster():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def smallest_tiny() -> list[str]:
+    """Overrides that cut the tiny experiment to the bone for launcher tests: every stage still
+    runs, on as little data as it accepts. batch_size 2 divides by any grad_accum of 1 or 2;
+    4 games cover extractor.k up to 4."""
+    return [
+        "+experiment=tiny", "rounds=1", "learner.steps=1", "learner.batch_size=2",
+        "rollout.games_per_round=4", "rollout.deploy_games_per_step=1", "extractor.num_chains=1",
+        "env.eval_maps=1", "rollout.max_response_tokens=16", "extractor.max_response_tokens=16",
+        "tracking.progress_bars=false",
+    ]

@@ -1,0 +1,185 @@
+"""The Slurm launch scripts on a real single-node Slurm: the set-up installs slurm-wlm and munge when
+missing, starts private munged/slurmctld/slurmd (own config, ports, sockets and state under a temp
+dir), and tears them down after. Skips only where root or apt-get are missing, naming which."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SBATCH = REPO / "launch" / "slurm" / "oel_ray.sbatch"
+DAEMONS = ("sbatch", "slurmctld", "slurmd", "munged")
+
+pytestmark = pytest.mark.e2e
+
+
+def install_slurm() -> None:
+    if all(shutil.which(tool) for tool in DAEMONS):
+        return
+    if os.geteuid() != 0:
+        pytest.skip("needs root to install slurm-wlm and munge")
+    if not shutil.which("apt-get"):
+        pytest.skip("needs apt-get to install slurm-wlm and munge")
+    install = ["apt-get", "install", "-y", "-q", "slurm-wlm", "munge"]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
+        subprocess.run(install, check=True, capture_output=True, env=env, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def slurm_conf(root: Path, host: str) -> str:
+    # One node, no cgroups, no accounting: the smallest Slurm the scripts can meet (platform notes).
+    return f"""\
+ClusterName=oeltest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/munge/munge.sock
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def stop(pid_file: Path) -> None:
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 15)
+    except (FileNotFoundError, ValueError, ProcessLookupError):
+        return
+    for _ in range(50):  # let it exit before its files go away
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """Environment for sbatch/squeue/scontrol aimed at a private, running single-node Slurm."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run slurmctld and slurmd (SlurmUser=root)")
+    install_slurm()
+    # Under /tmp, not pytest's 0700 tmp: munged runs as user munge and must reach its socket dir.
+    root = Path(tempfile.mkdtemp(prefix="oel_slurm_"))
+    root.chmod(0o755)
+    munge = root / "munge"
+    munge.mkdir(mode=0o755)
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(128))  # a private key: nothing here depends on /etc/munge
+    key.chmod(0o600)
+    shutil.chown(munge, "munge", "munge")
+    shutil.chown(key, "munge", "munge")
+    for sub in ("state", "spool"):
+        (root / sub).mkdir()
+    host = socket.gethostname().split(".")[0]  # slurmd finds its node by this name
+    conf = root / "slurm.conf"
+    conf.write_text(slurm_conf(root, host))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={munge}/munge.sock",
+                        f"--key-file={key}", f"--pid-file={munge}/munged.pid",
+                        f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"],
+                       check=True, timeout=30)
+        subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env, timeout=30)
+        subprocess.run(["slurmd", "-f", str(conf), "-N", host], check=True, env=env, timeout=30)
+        deadline = time.time() + 60
+        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True,
+                                           text=True, env=env).stdout:
+            assert time.time() < deadline, (root / "slurmctld.log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield env
+    finally:
+        subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
+        stop(root / "slurmd.pid")
+        stop(root / "slurmctld.pid")
+        stop(munge / "munged.pid")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def job_state(job_id: str, env: dict) -> str:
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env)
+    return re.search(r"JobState=(\S+)", shown.stdout).group(1)
+
+
+def ray_processes_of(job_id: str) -> list[str]:
+    """Processes still running from the job's Ray (their command lines name its temp dir)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, ValueError):
+            continue
+        if f"/tmp/oel_ray_{job_id}" in cmdline and proc.name.isdigit():
+            found.append(cmdline)
+    return found
+
+
+def test_sbatch_runs_the_tiny_experiment_on_a_ray_cluster_and_tears_it_down(slurm, smallest_tiny, tmp_path):
+    run_dir, log = tmp_path / "run", tmp_path / "job.out"
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", "--wait", f"--output={log}", str(SBATCH), *smallest_tiny,
+         f"hydra.run.dir={run_dir}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+        env={**slurm, "OEL_RAY_PYTHON": sys.executable},
+    )
+    output = log.read_text() if log.exists() else ""
+    assert submitted.returncode == 0, submitted.stderr + output[-4000:]
+    job_id = submitted.stdout.strip().split(";")[0]
+    assert job_state(job_id, slurm) == "COMPLETED", output[-4000:]
+    assert "Ray head on" in output and "Connected to Ray cluster" in output  # joined, did not start its own
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["steps"] == 1
+    assert ray_processes_of(job_id) == []
+    assert not Path(f"/tmp/oel_ray_{job_id}").exists()
+
+
+def test_submitit_launcher_sends_a_sweep_to_slurm(slurm, smallest_tiny, tmp_path):
+    """`-m hydra/launcher=submitit_slurm`: the jobs become a Slurm array job, one result dir each.
+    One job at a time: two Ray clusters at once would only fight over this machine's 2 cores."""
+    sweep_dir = tmp_path / "sweep"
+    proc = subprocess.run(
+        [sys.executable, "-m", "oel_ray.main", "-m", "hydra/launcher=submitit_slurm", *smallest_tiny,
+         "learner.grad_accum=1,2", "hydra.launcher.array_parallelism=1", "hydra.launcher.timeout_min=10",
+         f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600, env=slurm,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for job in ("0", "1"):
+        summary = json.loads((sweep_dir / job / "summary.json").read_text())
+        assert summary["steps"] == 1
+    array_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir()}
+    assert len(array_ids) == 1 and all(job_state(f"{next(iter(array_ids))}_{i}", slurm) == "COMPLETED"
+                                       for i in (0, 1))

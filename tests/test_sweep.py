@@ -1,0 +1,37 @@
+"""A Hydra multirun over the two sweep keys runs one whole OEL job per combination, each in its own
+directory with its own results (basic launcher: the jobs run one after another)."""
+
+import itertools
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
+
+
+@pytest.mark.e2e
+def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny):
+    sweep_dir = tmp_path / "sweep"
+    swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
+    proc = subprocess.run(
+        [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept,
+         f"hydra.sweep.dir={sweep_dir}"],
+        capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    assert [p.name for p in jobs] == ["0", "1", "2", "3"]
+    seen = set()
+    for job in jobs:
+        summary = json.loads((job / "summary.json").read_text())
+        assert summary["rounds"] == 1 and summary["steps"] == 1
+        assert 0.0 <= summary["pass_rate"] <= 1.0
+        composed = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
+        seen.add((composed["extractor"]["k"], composed["learner"]["grad_accum"]))
+    assert seen == set(itertools.product(*SWEEP.values()))
