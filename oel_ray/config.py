@@ -24,6 +24,8 @@ AGGREGATIONS = ("token_mean", "sequence_mean")
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
+TEACHER_CONTEXTS = ("knowledge", "trajectories")
+CONSOLIDATION_MODES = ("on_policy", "off_policy")
 WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
 
@@ -108,6 +110,9 @@ class ExtractorConfig:
 @dataclass
 class TeacherConfig:
     knowledge_position: str = "user"  # the paper puts knowledge inside the user turn
+    # What the teacher reads before the prefix: the extracted "knowledge" (OEL), or the raw
+    # "trajectories" it would have been extracted from (the paper's ablation), same length cap.
+    context: str = "knowledge"
     num_actors: int = 1
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
@@ -160,6 +165,25 @@ class ClusterConfig:
 
 
 @dataclass
+class ConsolidationConfig:
+    # "on_policy" (OEL): the student samples, reverse KL to the teacher on the student's support.
+    # "off_policy" (context-distillation baseline): the teacher, with the knowledge in context,
+    # samples once per prefix at round start; the student minimises forward KL on those replies.
+    mode: str = "on_policy"
+
+
+@dataclass
+class OODConfig:
+    # IF-Eval prompt-level strict accuracy, measured every round beside the pass rate (the paper's
+    # out-of-distribution check): "fixture" (the team's small IF-Eval-format set), the path of an
+    # IF-Eval JSONL (e.g. google-research's input_data.jsonl), or "none".
+    ifeval: str = "fixture"
+    max_tokens: int = "${rollout.max_response_tokens}"  # type: ignore[assignment]  # paper: 1280
+    unknown_instructions: str = "skip"  # ids without a checker (language detection): skip or error
+    seed: int = 42
+
+
+@dataclass
 class TrackingConfig:
     tensorboard: bool = True  # per-step scalars under <output_dir>/tensorboard
     wandb: bool = False  # needs `pip install wandb`; the key comes from WANDB_API_KEY, never config
@@ -180,6 +204,8 @@ class OELConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    consolidation: ConsolidationConfig = field(default_factory=ConsolidationConfig)
+    ood: OODConfig = field(default_factory=OODConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
@@ -306,6 +332,15 @@ def validate(cfg: OELConfig) -> OELConfig:
     )
 
     _choice("teacher.knowledge_position", cfg.teacher.knowledge_position, KNOWLEDGE_POSITIONS)
+    _choice("teacher.context", cfg.teacher.context, TEACHER_CONTEXTS)
+    _choice("consolidation.mode", cfg.consolidation.mode, CONSOLIDATION_MODES)
+    _positive("ood.max_tokens", cfg.ood.max_tokens)
+    _choice("ood.unknown_instructions", cfg.ood.unknown_instructions, ("skip", "error"))
+    _require(cfg.ood.ifeval in ("fixture", "none") or os.path.isfile(os.path.expanduser(cfg.ood.ifeval)),
+             "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, none, or the path of an IF-Eval JSONL")
+    _require(cfg.consolidation.mode == "on_policy" or cfg.learner.loss == "topk_reverse_kl",
+             "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
+             "keep learner.loss=topk_reverse_kl (the default)")
     _positive("teacher.num_actors", cfg.teacher.num_actors)
     _positive("teacher.chunk_tokens", cfg.teacher.chunk_tokens)
     _positive("teacher.batch_tokens", cfg.teacher.batch_tokens)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import ray
 
-from oel_ray import artifacts, tracking
+from oel_ray import artifacts, preflight, tracking
+from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import consolidate, step_prefixes
 from oel_ray.evaluate import evaluate
@@ -103,7 +104,8 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
     if len(trajectories) < cfg.extractor.k:
         raise InputError(f"{rdir / 'trajectories.jsonl'}: {len(trajectories)} games but extractor.k is "
                          f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
-    chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories))
+    raw = cfg.teacher.context == "trajectories"  # ablation: the trajectories themselves, no extraction
+    chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw))
     use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
     knowledge_set = [chain[use_step].text for chain in chains]
     if not any(text.strip() for text in knowledge_set):
@@ -111,7 +113,7 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
                          f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
                          "try extractor.format=unstructured or a stronger extractor.model, then rerun")
     artifacts.write_json(rdir / "knowledge.json", {
-        "use_step": use_step, "format": cfg.extractor.format,
+        "use_step": use_step, "format": "raw_trajectories" if raw else cfg.extractor.format,
         "set": knowledge_set,
         "chains": [[vars(s) for s in chain] for chain in chains]})
     log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
@@ -129,28 +131,44 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
     batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, cfg.seed + r)
     steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
     steps.resume_at(base + done)
+    last = [done]  # steps of this round completed so far
     with tracking.progress(lcfg.steps, f"round {r} consolidate", cfg.tracking, initial=done) as bar:
         def on_step(m) -> None:
-            row = steps.add(m)
+            steps.add(m)
             bar.update(1, kl=m.reverse_kl)
-            log.debug("step %s", row)
-            if (m.step - base) % lcfg.checkpoint_every == 0 or m.step - base == lcfg.steps:
-                cluster.save_training_state(r, m.step - base)
+            last[0] = m.step - base
+            if last[0] % lcfg.checkpoint_every == 0 or last[0] == lcfg.steps:
+                cluster.save_training_state(r, last[0])
 
-        consolidate(cluster.roles, cfg, batches[done:], knowledge_set, cluster.tokenizer,
-                    first_step=base + done, on_step=on_step)
+        try:
+            consolidate(cluster.roles, cfg, batches[done:], knowledge_set, cluster.tokenizer,
+                        first_step=base + done, on_step=on_step)
+        except ray.exceptions.RayActorError:
+            cluster.try_save_training_state(r, last[0])  # a dead worker or teacher: keep the steps done
+            raise
     rows = steps.close()
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
 
 
 def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
+    """Held-out games (pass rate) and, out of distribution, IF-Eval; both without knowledge."""
     writer = artifacts.JsonlWriter(rdir / "eval_trajectories.jsonl")
     report, _ = evaluate(roles.workers, cfg, r, on_shard=lambda part: writer.write(t.to_json() for t in part))
     writer.close()
-    artifacts.write_json(rdir / "eval.json", report.to_json())
-    artifacts.atomic_write_text(rdir / "eval.md", report.markdown())
+    result = report.to_json()
+    markdown = report.markdown()
     log.info("  pass rate %.3f [%.3f, %.3f] over %d games", report.pass_rate, report.ci_low, report.ci_high,
              report.games)
+    if rows := preflight.ifeval_rows(cfg):
+        ood = run_ifeval(roles.workers, roles.tokenizer, rows, reference_sampling(cfg.ood.max_tokens, cfg.ood.seed),
+                         unknown=cfg.ood.unknown_instructions)
+        artifacts.write_json(rdir / "ifeval.json", ood.to_json())
+        result["ifeval"] = ood.summary()
+        markdown += "\n" + ood.markdown()
+        log.info("  IF-Eval prompt-level strict accuracy %.3f over %d prompts", ood.strict_prompt_accuracy,
+                 ood.prompts)
+    artifacts.write_json(rdir / "eval.json", result)
+    artifacts.atomic_write_text(rdir / "eval.md", markdown)
 
 
 def checkpoint_round(rdir: Path, roles) -> None:
@@ -183,6 +201,7 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         "pass_rate": last["pass_rate"], "pass_rate_ci": [last["ci_low"], last["ci_high"]],
         "pass_rate_round_0": json.loads((out / "round_0" / "eval.json").read_text())["pass_rate"],
         "response_tokens_per_turn": last["response_tokens_per_turn"],
+        "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
         "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl,
         "final_model": str(out / f"round_{cfg.rounds}" / "model"),
         "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),

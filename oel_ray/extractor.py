@@ -16,7 +16,7 @@ import ray
 from oel_ray.config import ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
-from oel_ray.prompts import chat_ids, extraction_prompt
+from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_text
 from oel_ray.types import KnowledgeSnapshot, Trajectory
 
 ITEM_LINE = re.compile(r"^\s*-+\s*EXPERIENCE ITEM:", re.IGNORECASE)
@@ -84,9 +84,15 @@ class Extractor:
         merged = f"{knowledge}\n\n{answer}".strip() if answer else knowledge
         return truncate_tokens(merged, limit, self.tokenizer)
 
-    def run(self, trajectories: list[Trajectory], chains: Optional[list[int]] = None) -> list[list[KnowledgeSnapshot]]:
+    def _append_raw(self, context: str, trajectory: str) -> str:
+        return truncate_tokens(f"{context}\n\n{trajectory}".strip(), self.cfg.max_knowledge_tokens, self.tokenizer)
+
+    def run(self, trajectories: list[Trajectory], chains: Optional[list[int]] = None,
+            raw: bool = False) -> list[list[KnowledgeSnapshot]]:
         """Snapshots per chain per step (step 0 is the empty start). `chains` picks a subset of the
-        configured chains; chain c reads and samples exactly the same whichever others run with it."""
+        configured chains; chain c reads and samples exactly the same whichever others run with it.
+        `raw`: the paper's ablation: no extraction, each chain's context is the trajectories
+        themselves, accumulated and truncated to L tokens the same way (newest kept)."""
         cfg = self.cfg
         chains = list(range(cfg.num_chains)) if chains is None else chains
         orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed)
@@ -95,10 +101,14 @@ class Extractor:
         sampling = Sampling(max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
                             top_p=cfg.top_p, top_k=cfg.top_k)
         for step in range(cfg.k):
-            texts = [extraction_prompt(cfg.prompt, knowledge[c], orders[c][step]) for c in chains]
-            seeds = [(self.seed * 1_000_003 + c * 10_007 + step) % 2**31 for c in chains]
-            for c, reply in zip(chains, self._generate(texts, sampling, seeds)):
-                knowledge[c] = self.accumulate(knowledge[c], reply)
+            if raw:
+                replies = [trajectory_text(orders[c][step]) for c in chains]
+            else:
+                texts = [extraction_prompt(cfg.prompt, knowledge[c], orders[c][step]) for c in chains]
+                seeds = [(self.seed * 1_000_003 + c * 10_007 + step) % 2**31 for c in chains]
+                replies = self._generate(texts, sampling, seeds)
+            for c, reply in zip(chains, replies):
+                knowledge[c] = self._append_raw(knowledge[c], reply) if raw else self.accumulate(knowledge[c], reply)
                 seeds_so_far = [t.seed for t in orders[c][: step + 1]]
                 snapshots[c].append(
                     KnowledgeSnapshot(c, step + 1, knowledge[c], self.count_tokens(knowledge[c]), seeds_so_far))

@@ -133,36 +133,48 @@ class _HeadKL(torch.autograd.Function):
         loss = torch.zeros((), dtype=acc, device=rows.device)
         kl, smass, tmass = [], [], []
         for i in range(0, rows.shape[0], chunk):
-            r, s = rows[i:i + chunk], support[i:i + chunk]
-            ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
-            with torch.enable_grad():
-                ls.requires_grad_(need_rows or need_weight)
-                terms = _support_terms(ls, teacher_lp[i:i + chunk], renormalize, sampled)
-                part = (terms[0] * w[i:i + chunk]).sum()
-                g = torch.autograd.grad(part, ls)[0] if ls.requires_grad else None
-            loss += part.detach()
-            for out, value in zip((kl, smass, tmass), terms[1:]):
-                out.append(value.detach())
-            if g is None:
-                continue
-            dz = probs.div_(total).mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, s, g).div_(temperature)
-            if need_rows:
-                grad_rows[i:i + chunk] = dz.to(weight.dtype) @ weight
-            if need_weight:
-                grad_weight.addmm_(dz.t(), r.to(acc))
-        ctx.save_for_backward(grad_rows, grad_weight)
-        ctx.weight_dtype = weight.dtype
+            part, metrics = _HeadKL._chunk(rows[i:i + chunk], weight, support[i:i + chunk], teacher_lp[i:i + chunk],
+                                           w[i:i + chunk], temperature, renormalize, sampled,
+                                           None if grad_rows is None else grad_rows[i:i + chunk], grad_weight)
+            loss += part
+            for out, value in zip((kl, smass, tmass), metrics):
+                out.append(value)
+        # Intermediates, not inputs or outputs: kept on ctx (allowed) so backward can scale them in place.
+        ctx.grads, ctx.weight_dtype = (grad_rows, grad_weight), weight.dtype
         kl, smass, tmass = torch.cat(kl), torch.cat(smass), torch.cat(tmass)
         ctx.mark_non_differentiable(kl, smass, tmass)
         return loss, kl, smass, tmass
 
     @staticmethod
+    def _chunk(r, weight, s, lt, w, temperature, renormalize, sampled, grad_rows, grad_weight):
+        """Loss and metrics of one chunk; adds its gradients into grad_rows / grad_weight. A function
+        of its own so the [n, V] block is freed on return, before the next chunk allocates its own."""
+        ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
+        need_grad = grad_rows is not None or grad_weight is not None
+        with torch.enable_grad():
+            ls.requires_grad_(need_grad)
+            terms = _support_terms(ls, lt, renormalize, sampled)
+            part = (terms[0] * w).sum()
+            g = torch.autograd.grad(part, ls)[0] if need_grad else None
+        metrics = [t.detach() for t in terms[1:]]
+        if g is not None:
+            dz = probs.div_(total).mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, s, g).div_(temperature)
+            if grad_rows is not None:
+                grad_rows.copy_(dz.to(weight.dtype) @ weight)
+            if grad_weight is not None:
+                grad_weight.addmm_(dz.t(), r.to(grad_weight.dtype))
+        return part.detach(), metrics
+
+    @staticmethod
     def backward(ctx, grad_loss, *_):
-        grad_rows, grad_weight = ctx.saved_tensors
+        if ctx.grads is None:
+            raise RuntimeError("_HeadKL computes its gradients once: backward through it cannot run twice")
+        (grad_rows, grad_weight), ctx.grads = ctx.grads, None
+        # Scaled in place: a second head-sized buffer would add V x H floats to the peak.
         if grad_rows is not None:
-            grad_rows = grad_rows * grad_loss.to(grad_rows.dtype)
+            grad_rows = grad_rows.mul_(grad_loss.to(grad_rows.dtype))
         if grad_weight is not None:
-            grad_weight = (grad_weight * grad_loss).to(ctx.weight_dtype)
+            grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_rows, grad_weight, None, None, None, None, None, None, None
 
 

@@ -30,6 +30,8 @@ def hydra_main(raw: DictConfig) -> dict:
     except config.ConfigError as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
+    from ray.exceptions import RayActorError
+
     from oel_ray import driver
     from oel_ray.tiny_model import build_tiny_model
 
@@ -40,6 +42,11 @@ def hydra_main(raw: DictConfig) -> dict:
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
     except config.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         fail(str(err), "input" if isinstance(err, config.InputError) else "config")
+    except RayActorError as err:
+        logging.getLogger("oel_ray").error("%s", err)
+        print(f"oel_ray: stopped: a role died ({type(err).__name__}); finished stages and the last "
+              "training state are saved: rerun the same command to resume", file=sys.stderr)
+        sys.exit(1)
     finally:
         import ray
 
@@ -56,6 +63,8 @@ def print_summary(summary: dict) -> None:
         f"rounds {summary['rounds']}, consolidation steps {summary['steps']}, wall {summary['wall_seconds']}s\n"
         f"pass rate {summary['pass_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}; round 0: {summary['pass_rate_round_0']:.3f})\n"
         f"mean response tokens per turn {summary['response_tokens_per_turn']:.1f}\n"
+        + (f"IF-Eval prompt-level strict accuracy (OOD) {summary['ifeval_strict_prompt_accuracy']:.3f}\n"
+           if summary.get("ifeval_strict_prompt_accuracy") is not None else "") +
         f"reverse KL first step {summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}\n"
         f"final model {summary['final_model']}\n"
         f"rounds table {summary['rounds_table']}, plot {summary['plot']}"

@@ -12,6 +12,21 @@ FILLER = "- EXPERIENCE ITEM: keep the box away from the walls.\n"  # knowledge-l
 def check(cfg: OELConfig) -> None:
     game = _longest_game(cfg)
     _check_prompt_room(cfg, game)
+    ifeval_rows(cfg)
+
+
+def ifeval_rows(cfg: OELConfig) -> list:
+    """The OOD prompts, read and checked (every instruction known or skippable); [] when off."""
+    from oel_ray import ifeval
+
+    if cfg.ood.ifeval == "none":
+        return []
+    try:
+        rows = ifeval.load_rows(cfg.ood.ifeval)
+        ifeval.select_rows(rows, cfg.ood.unknown_instructions)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"ood.ifeval: {err}") from None
+    return rows
 
 
 def _longest_game(cfg: OELConfig):

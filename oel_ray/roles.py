@@ -92,6 +92,17 @@ class Deployment:
             shutil.rmtree(path, ignore_errors=True)
         self.holds = ("trained", r, steps)
 
+    def try_save_training_state(self, r: int, steps: int) -> None:
+        """After a failure elsewhere: save what the learner has, if it is still alive."""
+        saved = self._saved_states(r)
+        if steps == 0 or (saved and saved[-1][0] == steps):
+            return
+        try:
+            self.save_training_state(r, steps)
+            log.warning("  saved the training state after step %d of round %d before stopping", steps, r)
+        except ray.exceptions.RayActorError:
+            log.warning("  the learner is gone too; the run resumes from the last saved step")
+
     def after_consolidation(self, r: int) -> "Deployment":
         """Workers and learner at round r's consolidated weights."""
         final = ("trained", r, self.cfg.learner.steps)

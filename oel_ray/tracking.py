@@ -78,14 +78,20 @@ def _wandb(run_dir: Path, cfg: TrackingConfig):
 # ----------------------------------------------------------------------------- rounds
 
 def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]]) -> str:
-    lines = ["| round | pass rate | 95% CI | tokens/turn | invalid | KL first -> last |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| round | pass rate | 95% CI | tokens/turn | invalid | IF-Eval strict | KL first -> last |",
+             "|---|---|---|---|---|---|---|"]
     for rep in reports:
         first_last = kl.get(rep["round"])
         kl_text = f"{first_last[0]:.4f} -> {first_last[1]:.4f}" if first_last else "-"
+        ood = ifeval_accuracy(rep)
         lines.append(f"| {rep['round']} | {rep['pass_rate']:.3f} | [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
-                     f"| {rep['response_tokens_per_turn']:.1f} | {rep['invalid_rate']:.3f} | {kl_text} |")
+                     f"| {rep['response_tokens_per_turn']:.1f} | {rep['invalid_rate']:.3f} "
+                     f"| {'-' if ood is None else f'{ood:.3f}'} | {kl_text} |")
     return "\n".join(lines) + "\n"
+
+
+def ifeval_accuracy(report: dict) -> Optional[float]:
+    return report["ifeval"]["strict_prompt_accuracy"] if "ifeval" in report else None
 
 
 def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
@@ -99,12 +105,18 @@ def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
     rounds = [r["round"] for r in reports]
     rate = [r["pass_rate"] for r in reports]
     err = [[r["pass_rate"] - r["ci_low"] for r in reports], [r["ci_high"] - r["pass_rate"] for r in reports]]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ood = [ifeval_accuracy(r) for r in reports]
+    panels = 3 if any(v is not None for v in ood) else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5))
+    left, right = axes[0], axes[1]
     left.errorbar(rounds, rate, yerr=err, marker="o", capsize=4)
     left.set(xlabel="round", ylabel="pass rate", ylim=(0, 1), title="held-out pass rate (95% CI)")
     right.plot(rounds, [r["response_tokens_per_turn"] for r in reports], marker="o", color="tab:orange")
     right.set(xlabel="round", ylabel="tokens", title="response tokens per turn")
-    for ax in (left, right):
+    if panels == 3:
+        axes[2].plot(rounds, [float("nan") if v is None else v for v in ood], marker="o", color="tab:green")
+        axes[2].set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="IF-Eval prompt-level strict (OOD)")
+    for ax in axes:
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     fig.tight_layout()

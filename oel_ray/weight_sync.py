@@ -9,15 +9,18 @@ and returns the seconds it took. Two transports (`learner.weight_sync`):
   learner broadcasts the weights from GPU memory, packed into buckets of about `bucket_mb`
   (one NCCL call per bucket, not per tensor), and each worker streams what it receives straight
   into the engine's reload, so vLLM's post-load processing runs once per sync and no worker holds
-  a second full copy of the model. GPUs only; learner rank 0 and each worker on its own GPU.
+  a second full copy of the model. GPUs only: learner rank 0 and each worker on a GPU of its own
+  (one GPU per engine, as RolloutGroup places them).
 
 The collective transport is written once for any process group that can broadcast; on CPU it runs
-over gloo with the same packing and streaming code, which is how the CPU tests exercise it.
+over gloo with the same packing and streaming code, which is how the CPU tests exercise it (the
+NCCL calls themselves run only on a GPU cluster).
 """
 
 from __future__ import annotations
 
 import datetime
+import math
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -43,10 +46,7 @@ class TensorMeta:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:

@@ -21,6 +21,6 @@ def test_experiments_compose(experiment):
     assert cfg.learner.temperature == cfg.rollout.temperature  # the teacher scores at the sampling temperature
     if experiment == "sokoban_4b":
         assert (cfg.model.path, cfg.rounds, cfg.learner.lr, cfg.extractor.k, cfg.extractor.use_step) == (
-            "Qwen/Qwen3-4B-Instruct-2507", 3, 1e-6, 100, 50)
+            "Qwen/Qwen3-4B-Instruct-2507", 3, 1e-6, 100, None)  # None: step K/2 = 50, as in the paper
         assert cfg.env.eval_maps == 128 and cfg.learner.steps == 100 and cfg.learner.batch_size == 64
     config.validate(cfg)  # hub ids pass without loading weights

@@ -47,8 +47,8 @@ def test_paper_experiment_composes_and_validates(experiment):
     assert cfg.name == experiment
     assert (cfg.model.path, cfg.model.build, cfg.model.thinking) == (model, None, thinking)
     assert (cfg.env.id, cfg.env.max_turns, cfg.env.eval_maps, cfg.rounds) == (env_id, 5, 128, rounds)
-    assert (cfg.extractor.format, cfg.extractor.k, cfg.extractor.use_step, cfg.extractor.num_chains) == (
-        fmt, k, use_step, 10)
+    assert (cfg.extractor.format, cfg.extractor.k, cfg.extractor.num_chains) == (fmt, k, 10)
+    assert cfg.extractor.use_step is None and k // 2 == use_step  # the driver's default: step K/2
     assert cfg.extractor.max_knowledge_tokens == knowledge
     assert (cfg.learner.lr, cfg.learner.steps, cfg.learner.batch_size) == (lr, steps, 64)
     assert (cfg.rollout.deploy_games_per_step, cfg.rollout.max_response_tokens) == (64, 1024)

@@ -11,18 +11,20 @@ the quantity on-policy distillation minimises), with a local copy of the learner
 the frozen initial model.
 """
 
-import os
+import random
 import time
 
 import numpy as np
-import pytest
 import torch
 
-STEPS, BATCH = 30, 8
+# 32 prefixes per step: with 8 (the tiny replies are ~5 tokens) the steps are so noisy that the
+# result hangs on the learning rate (62% at lr 2e-4, worse at 3e-4, KL up 5x at 1e-3); with 32,
+# lr 1e-4..4e-4 all gave 69-79% lower held-out KL.
+STEPS, BATCH, LR = 30, 32, 2e-4
 TRAIN_GAMES, HELD_OUT_MAPS, SAMPLES_PER_PREFIX = 30, 16, 4
-LR = float(os.environ.get("OEL_SIGNAL_LR", "1e-3"))
 # Experience items as the extractor writes them. In the tiny model's context this text shifts the
-# teacher's reply distribution (~0.05 nats per token of reverse KL against the prefix alone).
+# teacher's replies: ~0.03 nats per token of reverse KL against the prefix alone on the held-out
+# prefixes (a single short generic item gave ~0.0003, too little to measure a reduction against).
 KNOWLEDGE = (
     "-- EXPERIENCE ITEM: Walls block moves; pushing a box into a corner loses the game.\n"
     "-- EXPERIENCE ITEM: Move [up] when the box is above you, then keep pushing [up].\n"
@@ -57,8 +59,6 @@ def held_out_kl(workers, student, teacher, tokenizer, cfg, prefixes: list[str]) 
     rollout temperature, on replies the rollout worker samples (fixed seeds)."""
     from oel_ray.consolidate import make_samples
     from oel_ray.engine import Sampling
-
-    import random
 
     pairs = make_samples(prefixes, [KNOWLEDGE], tokenizer, cfg, random.Random(0))
     pairs = [p for p in pairs for _ in range(SAMPLES_PER_PREFIX)]
@@ -95,7 +95,6 @@ def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     frozen = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    print(f"\nroles started in {time.perf_counter() - started:.0f}s")
     try:
         # Prefixes as the driver makes them: the turn prompts of games the student played. Training
         # boards and held-out boards are disjoint (games.train_specs excludes every held-out board).
@@ -104,11 +103,9 @@ def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_
         held_out = turn_prompts(workers.play(eval_specs(cfg.env), play, cfg.env.max_turns, 1))
         batches = step_prefixes(train, STEPS, BATCH, cfg.seed)
         assert not set(held_out) & set(turn_prompts(train))
-        print(f"games played at {time.perf_counter() - started:.0f}s")
 
         before = held_out_kl(workers, student, frozen, tokenizer, cfg, held_out)
         metrics = []
-        print(f"KL measured at {time.perf_counter() - started:.0f}s")
         t0 = time.perf_counter()
         consolidate(roles, cfg, batches, [KNOWLEDGE], tokenizer, first_step=0, on_step=metrics.append)
         seconds = time.perf_counter() - t0
@@ -116,6 +113,8 @@ def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_
         after = held_out_kl(workers, student, frozen, tokenizer, cfg, held_out)
     finally:
         learner.shutdown()
+        for actor in [teacher, *workers.workers]:
+            ray_cluster.kill(actor)
     sync = [m.seconds["sync"] for m in metrics]
     print("\ntraining KL per step:", " ".join(f"{m.reverse_kl:.3f}" for m in metrics))
     print(f"\nheld-out reverse KL {before:.4f} -> {after:.4f} ({100 * (1 - after / before):.0f}% lower) on "

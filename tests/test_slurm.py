@@ -129,9 +129,15 @@ def slurm():
         shutil.rmtree(root, ignore_errors=True)
 
 
-def job_state(job_id: str, env: dict) -> str:
-    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env)
-    return re.search(r"JobState=(\S+)", shown.stdout).group(1)
+def job_state(job_id: str, env: dict, wait_s: float = 60) -> str:
+    """The job's final state (a job can still be exiting once its results are on disk)."""
+    deadline = time.time() + wait_s
+    while True:
+        shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, env=env)
+        state = re.search(r"JobState=(\S+)", shown.stdout).group(1)
+        if state not in ("PENDING", "RUNNING", "COMPLETING") or time.time() > deadline:
+            return state
+        time.sleep(1)
 
 
 def ray_processes_of(job_id: str) -> list[str]:
@@ -180,6 +186,6 @@ def test_submitit_launcher_sends_a_sweep_to_slurm(slurm, smallest_tiny, tmp_path
     for job in ("0", "1"):
         summary = json.loads((sweep_dir / job / "summary.json").read_text())
         assert summary["steps"] == 1
-    array_ids = {p.name.split("_")[0] for p in (sweep_dir / ".submitit").iterdir()}
-    assert len(array_ids) == 1 and all(job_state(f"{next(iter(array_ids))}_{i}", slurm) == "COMPLETED"
-                                       for i in (0, 1))
+    tasks = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(tasks) == 2 and len({t.split("_")[0] for t in tasks}) == 1  # one array job, two tasks
+    assert [job_state(task, slurm) for task in tasks] == ["COMPLETED", "COMPLETED"]

@@ -3,6 +3,8 @@ directory with its own results (basic launcher: the jobs run one after another).
 
 import itertools
 import json
+import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +37,26 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
         composed = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         seen.add((composed["extractor"]["k"], composed["learner"]["grad_accum"]))
     assert seen == set(itertools.product(*SWEEP.values()))
+
+
+def test_slurm_sweep_script_submits_one_job_per_combination_with_the_configs_allocation():
+    """launch/slurm/sweep.sh, dry run: the sbatch lines it would submit (no Slurm needed)."""
+    proc = subprocess.run(
+        ["launch/slurm/sweep.sh", "+experiment=frozenlake_4b", "extractor.k=10,25", "learner.grad_accum=1,2"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+        env={**os.environ, "OEL_RAY_DRY_RUN": "1", "OEL_RAY_PYTHON": sys.executable},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4
+    combos, run_dirs = set(), set()
+    for line in lines:
+        words = shlex.split(line)
+        # frozenlake_4b asks for the paper's 3 nodes x 8 GPUs (conf/cluster/paper.yaml).
+        assert words[:6] == ["sbatch", "--parsable", f"--chdir={REPO}", "--nodes=3", "--gpus-per-node=8",
+                             str(REPO / "launch" / "slurm" / "oel_ray.sbatch")]
+        overrides = dict(w.split("=", 1) for w in words[6:])
+        combos.add((int(overrides["extractor.k"]), int(overrides["learner.grad_accum"])))
+        run_dirs.add(overrides["hydra.run.dir"])
+    assert combos == set(itertools.product([10, 25], [1, 2]))
+    assert len(run_dirs) == 4 and all(d.startswith("runs/${name}-sweep/") for d in run_dirs)

@@ -28,7 +28,10 @@ def roles(ray_cluster, tiny_model):
                             chunk_tokens=64, batch_tokens=4096)
     cfg = LearnerConfig(lr=5e-2, batch_size=4, zero_stage=2, support_k=64, temperature=1.0, dtype="float32")
     learner = LearnerGroup(cfg, tiny_model, num_cpus=0.5)
-    return workers, teacher, learner
+    yield workers, teacher, learner
+    learner.shutdown()
+    for actor in [teacher, *workers.workers]:  # free the engine's memory for the next test modules
+        ray_cluster.kill(actor)
 
 
 def take_a_step(workers, teacher, learner, step):
@@ -111,15 +114,19 @@ def test_nccl_transport_targets_the_installed_vllm_api():
 
 
 def test_transport_choice():
+    from omegaconf import OmegaConf
+
     from oel_ray.config import ConfigError, OELConfig, validate
     from oel_ray.weight_sync import resolve
 
+    def config(weight_sync: str):  # the schema's defaults, interpolations resolved as Hydra would
+        raw = OmegaConf.merge(OmegaConf.structured(OELConfig),
+                              {"output_dir": "unused", "learner": {"weight_sync": weight_sync}})
+        return OmegaConf.to_object(raw)
+
     assert resolve("auto", use_gpu=False) == "object_store" and resolve("auto", use_gpu=True) == "nccl"
-    cfg = OELConfig()
-    cfg.model.build, cfg.learner.temperature, cfg.learner.dtype = "tiny", 0.7, "float32"
-    cfg.learner.weight_sync = "nccl"
+    assert validate(config("auto")).learner.weight_sync == "auto"
     with pytest.raises(ConfigError, match=r"^learner.weight_sync: nccl needs GPUs"):
-        validate(cfg)
-    cfg.learner.weight_sync = "shm"
+        validate(config("nccl"))
     with pytest.raises(ConfigError, match=r"^learner.weight_sync: 'shm' is not one of auto, object_store, nccl"):
-        validate(cfg)
+        validate(config("shm"))
