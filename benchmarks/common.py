@@ -75,6 +75,8 @@ def stopwatch() -> Iterator[dict]:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
+            if v and abs(v) < 0.001:
+                return f"{v:.3g}"  # a tiny error or ratio must not print as 0.000
             return f"{v:,.3f}" if abs(v) < 10 else f"{v:,.1f}"
         return str(v)
 
@@ -91,9 +93,11 @@ def machine() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def save(name: str, result: dict) -> Path:
-    """benchmarks/results/<name>.json, written to a temporary file and renamed (never half-written)."""
+def save(name: str, result: dict, tables: dict[str, str] | None = None) -> Path:
+    """benchmarks/results/<name>.json, written to a temporary file and renamed (never half-written).
+    `tables`: the markdown tables the script printed, by title; run_all copies them into summary.md."""
     path = RESULTS / f"{name}.json"
+    extra = {"tables_md": tables} if tables else {}
     write_json(path, {"benchmark": name, "machine": machine(),
-                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result})
+                      "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result, **extra})
     return path

@@ -7,8 +7,10 @@ worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate
 starts them; its prompts are real: turn prefixes of games the model just played, a knowledge set
 the extractor just wrote. The baselines then replay exactly those (student prompt, teacher prompt)
 pairs with the same sampling, max new tokens, optimizer settings and step count. Each system runs
-`WARMUP_STEPS` untimed steps first. Ray is shut down before the baselines run, so they have the
-machine to themselves.
+`WARMUP_STEPS` untimed steps first. oel_ray runs twice (`OEL_VARIANTS`): as `make run` configures
+it, and with every role allowed both cores. Ray is shut down before the baselines run, so they have
+the machine to themselves. The load average before each measurement is saved with it: other work
+on the machine shows there.
 
 Also reported: where an oel_ray step spends its time (generation, teacher, learner, weight sync,
 and the rest: driver work and Ray overhead = wall - their sum) and per-stage throughput (teacher
@@ -18,17 +20,19 @@ benchmarks/results/consolidation.json.
 
 from __future__ import annotations
 
+import math
+import os
 import random
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from benchmarks.baselines.work import Run, Work
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch, tiny_model_path
+from benchmarks.common import (RAY_CPUS, load_config, markdown_table, save, start_ray, stop_ray, stopwatch,
+                               tiny_model_path)
 
 BATCH_SIZES = (64, 8)  # the paper's samples per step; the tiny config's learner.batch_size
-WARMUP_STEPS, TIMED_STEPS = 1, 3
+WARMUP_STEPS, TIMED_STEPS = 1, 4
 DEPLOY_GAMES_PER_STEP = 64  # enough distinct turn prefixes that a batch of 64 rarely repeats one
 
 
@@ -94,76 +98,127 @@ def summarize_profile(profile: list[dict], pairs_per_step: list[list[tuple]]) ->
         "learner_step_s": seconds["learner"] / len(profile),
         "learner_compute_step_s": seconds["learner_compute"] / len(profile),
         "sync_s": seconds["sync"] / len(profile),
+        # real prompt tokens / the padded [batch, longest prompt] block every system computes on
+        "prompt_padding_efficiency": sum(len(s) for pairs in pairs_per_step for s, _ in pairs)
+        / sum(len(pairs) * max(len(s) for s, _ in pairs) for pairs in pairs_per_step),
     }
     return ({k: round(v, 4) for k, v in mean.items()}, {k: round(v, 4) for k, v in stages.items()})
 
 
-def main() -> None:
+# oel_ray as `make run` starts it (conf/cluster/local.yaml gives every role half a CPU: the learner
+# and the teacher then run one thread each), and with every role allowed both cores: a strictly
+# on-policy step runs its stages one after another, so they never compete for them.
+OEL_VARIANTS = {"oel_ray": [], "oel_ray cpus_per_actor=2": ["cluster.cpus_per_actor=2"]}
+
+
+def ray_cpus(cfg) -> int:
+    """Logical CPUs for every role's request: rollout workers, teacher actors, learner ranks."""
+    roles = cfg.rollout.num_workers + cfg.teacher.num_actors + cfg.learner.num_ranks
+    return max(RAY_CPUS, math.ceil(cfg.cluster.cpus_per_actor * roles))
+
+
+def run_variant(overrides: list[str], data: dict, out: Path) -> dict:
+    """Start the roles with these config overrides and run every batch size's steps; on the first
+    variant, also make the prompts (`data`) that every later system replays."""
+    from oel_ray.consolidate import step_prefixes
     from oel_ray.roles import Deployment
 
+    cfg = load_config(f"learner.batch_size={max(BATCH_SIZES)}", *overrides)
+    cfg.model.path = tiny_model_path(cfg)
+    steps, result = WARMUP_STEPS + TIMED_STEPS, {"overrides": overrides, "ray_cpus": ray_cpus(cfg)}
+    start_ray(ray_cpus(cfg))
+    try:
+        with stopwatch() as t:
+            dep = Deployment(cfg, out).at_round_start(1)  # the roles `make run` starts
+        result["start_roles_s"] = round(t["s"], 1)
+        if not data:
+            with stopwatch() as t:
+                deploy, knowledge_set = prepare(dep, cfg)
+            data.update(cfg=cfg, tokenizer=dep.tokenizer, knowledge_set=knowledge_set, prepare_s=t["s"], pairs={},
+                        prefixes={b: step_prefixes(deploy, steps, b, cfg.seed + 1) for b in BATCH_SIZES})
+        first_step = 0
+        # One learner serves every batch size (the later ones start from slightly trained weights;
+        # the baselines start fresh): reply lengths are saved per step, so the work can be compared.
+        for batch in BATCH_SIZES:
+            prefixes = data["prefixes"][batch]
+            pairs = data["pairs"].setdefault(batch, [
+                step_pairs(cfg, p, data["knowledge_set"], data["tokenizer"], first_step + 1 + i)
+                for i, p in enumerate(prefixes)])
+            load = os.getloadavg()[0]
+            run, profile = run_oel_ray(dep, cfg, prefixes, data["knowledge_set"], first_step)
+            for p, n in zip(profile, run.response_tokens):
+                p["response_tokens"] = n
+            mean, stages = summarize_profile(profile, pairs[WARMUP_STEPS:])
+            result[batch] = {"run": run, "profile_mean_s": mean, "profile_steps": profile, "stages": stages,
+                             "load_before": load}
+            first_step += steps
+        dep.shutdown()
+    finally:
+        stop_ray()
+    return result
+
+
+def main() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:  # fail now, not after oel_ray's minutes
+        raise SystemExit("benchmarks.consolidation compares against TRL: pip install -e '.[bench]'")
     from benchmarks.baselines.plain_loop import run_plain_loop
     from benchmarks.baselines.trl_gkd import run_trl
 
-    cfg = load_config(f"learner.batch_size={max(BATCH_SIZES)}")
-    cfg.model.path = tiny_model_path(cfg)
-    steps = WARMUP_STEPS + TIMED_STEPS
-    oel, works, profiles, stages, timings = {}, {}, {}, {}, {}
-    start_ray()
-    try:
-        with tempfile.TemporaryDirectory(prefix="oel_bench_consolidation.") as out:
-            with stopwatch() as t:
-                dep = Deployment(cfg, Path(out)).at_round_start(1)  # the roles `make run` starts
-            timings["start_roles_s"] = t["s"]
-            with stopwatch() as t:
-                deploy, knowledge_set = prepare(dep, cfg)
-            timings["prepare_prompts_s"] = t["s"]
-            first_step = 0
-            from oel_ray.consolidate import step_prefixes
+    data: dict = {}
+    with tempfile.TemporaryDirectory(prefix="oel_bench_consolidation.") as out:
+        variants = {name: run_variant(overrides, data, Path(out)) for name, overrides in OEL_VARIANTS.items()}
+    cfg, tokenizer = data["cfg"], data["tokenizer"]
 
-            for batch in BATCH_SIZES:
-                prefixes = step_prefixes(deploy, steps, batch, cfg.seed + 1)
-                pairs = [step_pairs(cfg, p, knowledge_set, dep.tokenizer, first_step + 1 + i)
-                         for i, p in enumerate(prefixes)]
-                oel[batch], profile = run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step)
-                for p, n in zip(profile, oel[batch].response_tokens):
-                    p["response_tokens"] = n
-                profiles[batch], stages[batch] = summarize_profile(profile, pairs[WARMUP_STEPS:])
-                profiles[batch]["steps"] = profile
-                works[batch] = make_work(cfg, dep.tokenizer, pairs)
-                first_step += steps
-            dep.shutdown()
-    finally:
-        stop_ray()
-
-    rows, comparisons = [], []
+    rows, profile_rows, stage_rows, comparisons = [], [], [], []
     for batch in BATCH_SIZES:
-        with stopwatch() as t:
-            trl = run_trl(works[batch])
-        timings[f"trl_batch_{batch}_s"] = t["s"]
-        with stopwatch() as t:
-            plain = run_plain_loop(works[batch])
-        timings[f"plain_batch_{batch}_s"] = t["s"]
-        ours = oel[batch]
-        comparisons.append({
-            "batch_size": batch, "runs": [r.to_json() for r in (ours, trl, plain)],
-            "oel_ray_vs_trl": round(ours.samples_per_s / trl.samples_per_s, 2),
-            "oel_ray_vs_plain_loop": round(ours.samples_per_s / plain.samples_per_s, 2),
-            "oel_ray_profile_mean_s": {k: v for k, v in profiles[batch].items() if k != "steps"},
-            "oel_ray_profile_steps": profiles[batch]["steps"], "stages": stages[batch]})
-        for r in (ours, trl, plain):
+        work = make_work(cfg, tokenizer, data["pairs"][batch])
+        baselines, loads, walls = {}, {}, {}
+        for name, fn in (("trl", run_trl), ("plain_loop", run_plain_loop)):
+            loads[name] = os.getloadavg()[0]
+            with stopwatch() as t:
+                baselines[name] = fn(work)  # fresh models: model loading and set-up are in wall_s only
+            walls[name] = round(t["s"], 1)
+        trl, plain = baselines["trl"], baselines["plain_loop"]
+        entry = {"batch_size": batch, "baselines": {k: r.to_json() for k, r in baselines.items()},
+                 "baselines_load_before": loads, "baselines_wall_s": walls, "oel_ray": {}}
+        for name, v in variants.items():
+            ours = v[batch]["run"]
+            ours.system = name
+            entry["oel_ray"][name] = {
+                **ours.to_json(), "overrides": v["overrides"],
+                "vs_trl": round(ours.samples_per_s / trl.samples_per_s, 2),
+                "vs_plain_loop": round(ours.samples_per_s / plain.samples_per_s, 2),
+                "profile_mean_s": v[batch]["profile_mean_s"], "profile_steps": v[batch]["profile_steps"],
+                "stages": v[batch]["stages"], "load_before": v[batch]["load_before"]}
+            p, s = v[batch]["profile_mean_s"], v[batch]["stages"]
+            profile_rows.append([name, batch, p["wall"], p["generate"], p["teacher"],
+                                 f"{p['learner']:.3f} ({p['learner_compute']:.3f})", p["sync"],
+                                 p["driver_and_ray_overhead"]])
+            stage_rows.append([name, batch, s["teacher_tokens_per_s"], s["learner_tokens_per_s"], s["learner_step_s"],
+                               s["generation_response_tokens_per_s"], s["prompt_padding_efficiency"]])
+        comparisons.append(entry)
+        best = max((v[batch]["run"] for v in variants.values()), key=lambda r: r.samples_per_s)
+        for r in [v[batch]["run"] for v in variants.values()] + [trl, plain]:
             rows.append([r.system, batch, r.samples_per_s, r.response_tokens_per_s,
-                         sum(r.step_seconds) / len(r.step_seconds), ours.samples_per_s / r.samples_per_s])
+                         sum(r.step_seconds) / len(r.step_seconds), r.samples_per_s / trl.samples_per_s,
+                         r.samples_per_s / plain.samples_per_s, "" if r is not best else "best oel_ray"])
 
-    print(markdown_table(["system", "batch", "samples/s", "reply tokens/s", "s/step", "oel_ray speed-up"], rows))
-    print()
-    print(markdown_table(
-        ["batch", "wall s", "generate", "teacher", "learner (compute)", "sync", "driver + Ray overhead"],
-        [[b, p["wall"], p["generate"], p["teacher"], f"{p['learner']:.3f} ({p['learner_compute']:.3f})", p["sync"],
-          p["driver_and_ray_overhead"]] for b, p in profiles.items()]))
-    print()
-    print(markdown_table(["batch", "teacher tokens/s", "learner tokens/s", "learner step s", "generation tokens/s"],
-                         [[b, s["teacher_tokens_per_s"], s["learner_tokens_per_s"], s["learner_step_s"],
-                           s["generation_response_tokens_per_s"]] for b, s in stages.items()]))
+    headline = verdict(comparisons[0])
+    tables = {
+        f"Consolidation samples/s, side by side ({TIMED_STEPS} timed steps after {WARMUP_STEPS} warm-up)":
+            markdown_table(["system", "batch", "samples/s", "reply tokens/s", "s/step", "vs TRL", "vs plain loop", ""],
+                           rows),
+        "oel_ray step profile (mean seconds per timed step; overhead = wall - the stages)": markdown_table(
+            ["system", "batch", "wall", "generate", "teacher", "learner (in actor)", "sync", "driver + Ray overhead"],
+            profile_rows),
+        "Per-stage throughput inside the oel_ray steps": markdown_table(
+            ["system", "batch", "teacher tokens/s", "learner tokens/s", "learner step s", "generation reply tokens/s",
+             "prompt padding efficiency"], stage_rows),
+    }
+    tables["Verdict"] = headline["text"]
+    print("\n\n".join(f"{title}\n{table}" for title, table in tables.items()))
     save("consolidation", {
         "model": "tiny", "warmup_steps": WARMUP_STEPS, "timed_steps": TIMED_STEPS,
         "max_new_tokens": cfg.rollout.max_response_tokens, "temperature": cfg.rollout.temperature,
@@ -172,9 +227,30 @@ def main() -> None:
                     "weight_sync": cfg.learner.weight_sync},
         "baselines": {"trl": "trl.experimental.gkd.GKDTrainer, lmbda=1, beta=1, teacher reads its own prompt",
                       "plain_loop": "HF generate + full-vocabulary reverse KL + AdamW, one process"},
-        "knowledge_tokens": [len(dep.tokenizer(k)["input_ids"]) for k in knowledge_set],
-        "comparisons": comparisons, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-    })
+        "knowledge_tokens": [len(tokenizer(k)["input_ids"]) for k in data["knowledge_set"]],
+        "prepare_prompts_s": round(data["prepare_s"], 1),
+        "start_roles_s": {name: v["start_roles_s"] for name, v in variants.items()},
+        "headline": headline, "comparisons": comparisons,
+    }, tables=tables)
+
+
+def verdict(entry: dict) -> dict:
+    """The acceptance figure (oel_ray >= 2x TRL, at the first batch size) and, whatever it is, the
+    stage that takes the largest share of an oel_ray step."""
+    default, best = entry["oel_ray"]["oel_ray"], max(entry["oel_ray"].values(), key=lambda r: r["samples_per_s"])
+    stages = {k: v for k, v in default["profile_mean_s"].items()
+              if k in ("generate", "teacher", "learner", "sync", "driver_and_ray_overhead")}
+    top = max(stages, key=stages.get)
+    share = stages[top] / default["profile_mean_s"]["wall"]
+    text = (f"batch {entry['batch_size']}: oel_ray (make run config) is {default['vs_trl']}x TRL GKDTrainer and "
+            f"{default['vs_plain_loop']}x the plain loop; best oel_ray ({best['system']}) {best['vs_trl']}x TRL, "
+            f"{best['vs_plain_loop']}x plain. Target >= 2x TRL: {'met' if best['vs_trl'] >= 2 else 'not met'}. "
+            f"Largest share of an oel_ray step: {top} ({share:.0%}).")
+    return {"batch_size": entry["batch_size"], "oel_ray_vs_trl": default["vs_trl"],
+            "oel_ray_vs_plain_loop": default["vs_plain_loop"], "best_variant": best["system"],
+            "best_vs_trl": best["vs_trl"], "best_vs_plain_loop": best["vs_plain_loop"],
+            "meets_2x_trl": best["vs_trl"] >= 2, "largest_stage": top, "largest_stage_share": round(share, 3),
+            "text": text}
 
 
 def make_work(cfg, tokenizer, pairs) -> Work:

@@ -4,9 +4,9 @@
 
 Both groups are started first and measured in alternation on the same fresh maps (Sokoban 6x6 with
 one box, `train_specs`), with the sampling of conf/rollout/tiny.yaml, so machine noise hits both
-alike. Each repetition plays maps neither group has seen: vLLM's prefix cache would otherwise skip
-the prefill of prompts seen before and flatter the later repetitions. Prints a table and saves
-benchmarks/results/rollout.json.
+alike; tokens/s counts generated reply tokens. Each repetition plays maps neither group has seen:
+vLLM's prefix cache would otherwise skip the prefill of prompts seen before and flatter the later
+repetitions. Prints a table and saves benchmarks/results/rollout.json.
 """
 
 from __future__ import annotations
@@ -80,16 +80,17 @@ def main() -> None:
         rows.append([n, games_s, tokens_s, statistics.median(r["seconds"] for r in runs[n]),
                      sum(r["turns"] for r in runs[n]) / REPEATS, init[n]])
     speedup = summary[2]["games_per_s"] / summary[1]["games_per_s"]
-    print(markdown_table(["workers", "games/s", "tokens/s", "s per batch", "turns per batch", "start+warm-up s"],
-                         rows))
-    print(f"{GAMES} games per batch, median of {REPEATS}; 2 vs 1 workers: {speedup:.2f}x games/s")
+    table = markdown_table(["workers", "games/s", "reply tokens/s", "s per batch", "turns per batch", "start+warm-up s"],
+                           rows)
+    note = f"{GAMES} games per batch, median of {REPEATS}; 2 vs 1 workers: {speedup:.2f}x games/s"
+    print(f"{table}\n{note}")
     save("rollout", {
         "model": "tiny", "env": cfg.env.id, "env_kwargs": cfg.env.kwargs, "max_turns": cfg.env.max_turns,
         "games_per_batch": GAMES, "repeats": REPEATS, "statistic": "median",
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "max_tokens": sampling.max_tokens},
         "results": [summary[n] for n in WORKER_COUNTS], "speedup_2_vs_1_workers": round(speedup, 2),
-    })
+    }, tables={"Rollout collection (tiny, Sokoban 6x6, 1 box)": f"{table}\n\n{note}"})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,18 @@
-"""Consolidation: on-policy context distillation of the knowledge into the weights.
+"""Consolidation: context distillation of the knowledge into the weights.
 
-Per step: the student (rollout workers, current weights) replies to partial-trajectory prefixes
-without knowledge; the frozen teacher scores the same replies with the knowledge in context on the
-student's top-k support; the learner takes one reverse-KL step; the new weights go back to the
-workers before the next step, so every step is strictly on-policy.
+on_policy (OEL): per step the student (rollout workers, current weights) replies to
+partial-trajectory prefixes without knowledge; the frozen teacher scores the same replies with the
+knowledge in context on the student's top-k support; the learner takes one reverse-KL step; the
+new weights go back to the workers before the next step, so every step is strictly on-policy.
+With learner.loss=full_reverse_kl the teacher server is not asked: each learner rank holds a
+teacher copy and takes the exact KL over the vocabulary.
+
+off_policy (the context-distillation baseline): the workers keep the round-start weights all
+round, so they *are* the teacher; they reply to each prefix *with* the knowledge in context and
+return the teacher's top-k per position; the teacher server scores those replies on that support;
+the learner minimises the forward KL(teacher || student) with the student reading the prefix
+without knowledge. No weight sync per step (the driver syncs once after the round).
+StepMetrics.reverse_kl then holds that forward KL (see Learner.train_step).
 """
 
 from __future__ import annotations
@@ -57,11 +66,16 @@ def make_samples(prefixes: list[str], knowledge_set: list[str], tokenizer, cfg: 
     return pairs
 
 
+def learner_loss(cfg: OELConfig) -> str:
+    """What the learner minimises: learner.loss on-policy; the forward KL off-policy."""
+    return "topk_forward_kl" if cfg.consolidation.mode == "off_policy" else cfg.learner.loss
+
+
 def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledge_set: list[str], tokenizer,
                 *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
-    lcfg = cfg.learner
-    sampled_only = lcfg.loss == "sampled_reverse_kl"
-    support_k = 0 if sampled_only else lcfg.support_k
+    lcfg, on_policy, loss = cfg.learner, cfg.consolidation.mode == "on_policy", learner_loss(cfg)
+    sampled_only = loss == "sampled_reverse_kl"
+    support_k = lcfg.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
     for step, prefixes in enumerate(batches, start=first_step + 1):
@@ -71,14 +85,17 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
         seconds: dict[str, float] = {}
         pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
         seeds = [rng.randrange(2**31) for _ in pairs]
-        with timed(seconds, "generate"):
-            replies = roles.workers.generate([p for p, _ in pairs], sampling, seeds)
+        with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
+            replies = roles.workers.generate([p if on_policy else t for p, t in pairs], sampling, seeds)
         samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
-        with timed(seconds, "teacher"):
-            scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
+        scores = None  # full_reverse_kl: the learner's own teacher copy scores the whole vocabulary
+        if loss != "full_reverse_kl":
+            with timed(seconds, "teacher"):
+                scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
         with timed(seconds, "learner"):
-            metrics = roles.learner.train_step(samples, scores, step)
-        seconds["sync"] = for_roles(roles, cfg).sync(version=step)
+            metrics = roles.learner.train_step(samples, scores, step, loss=loss)
+        if on_policy:  # off-policy: the workers keep the teacher's (round-start) weights
+            seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
         on_step(metrics)
 

@@ -146,6 +146,8 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
         except ray.exceptions.RayActorError:
             cluster.try_save_training_state(r, last[0])  # a dead worker or teacher: keep the steps done
             raise
+    if cfg.consolidation.mode == "off_policy":  # the workers kept the teacher's weights until now
+        cluster.sync_workers(version=r * lcfg.steps)
     rows = steps.close()
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
 

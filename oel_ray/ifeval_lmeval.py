@@ -101,7 +101,9 @@ def _check() -> Optional[str]:
     path = _dataset_path()
     try:
         import datasets
-
+    except ImportError:
+        return "lm-eval's IF-Eval task needs the datasets package: pip install datasets"
+    try:
         datasets.load_dataset(path, split="train")
     except Exception as err:  # any failure means: not usable offline
         return (f"lm-eval's IF-Eval data {path!r} is not available offline ({type(err).__name__}); "

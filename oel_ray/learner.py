@@ -24,6 +24,7 @@ import torch
 
 from oel_ray import losses
 from oel_ray.config import LearnerConfig
+from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
 from oel_ray.weight_sync import Channel, TensorMeta, send
 
@@ -52,12 +53,19 @@ def _merge(base: dict, extra: dict) -> dict:
     return base
 
 
+# The support losses, by name; full_reverse_kl takes the teacher's hidden states instead.
+SUPPORT_LOSSES = {"topk_reverse_kl": losses.topk_reverse_kl_from_hidden,
+                  "topk_forward_kl": losses.topk_forward_kl_from_hidden}
+
+
 class _Distill(torch.nn.Module):
     """The causal LM plus the loss, so DeepSpeed's engine runs the whole forward.
 
     The output head is applied chunk by chunk inside the loss (never the full [B, T, V] logits);
     under ZeRO-3 its weight is registered as an external parameter of this module so DeepSpeed
-    gathers it for the whole forward and backward.
+    gathers it for the whole forward and backward. The frozen teacher copy of full_reverse_kl is
+    not part of this module (DeepSpeed would shard, save and optimise it): its hidden states and
+    head come in as inputs.
     """
 
     chunk_tokens = 1024  # positions per logits chunk: peak fp32 ~ 3 x chunk_tokens x V floats
@@ -66,7 +74,8 @@ class _Distill(torch.nn.Module):
         super().__init__()
         self.model, self.cfg = model, cfg
 
-    def forward(self, input_ids, gather_idx, support, teacher_lp, mask, num_units):
+    def forward(self, input_ids, gather_idx, mask, num_units, loss, support=None, teacher_lp=None,
+                teacher_hidden=None, teacher_head=None):
         base = getattr(self.model, self.model.base_model_prefix)
         # Right padding with a causal model: real positions never see padding, so no attention mask.
         hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
@@ -75,19 +84,22 @@ class _Distill(torch.nn.Module):
         weight = self.model.get_output_embeddings().weight
         kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
                   chunk_tokens=self.chunk_tokens, num_units=num_units)
-        if self.cfg.loss == "sampled_reverse_kl":
+        if loss == "full_reverse_kl":
+            out = losses.full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, teacher_head, mask, **kw)
+        elif loss == "sampled_reverse_kl":
             out = losses.sampled_reverse_kl_from_hidden(hidden, weight, support[..., 0], teacher_lp[..., 0],
                                                         mask, **kw)
         else:
-            out = losses.topk_reverse_kl_from_hidden(hidden, weight, support, teacher_lp, mask,
-                                                     renormalize=self.cfg.renormalize, **kw)
-        return out.loss, out.reverse_kl, out.student_mass, out.teacher_mass
+            out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
+                                       renormalize=self.cfg.renormalize, **kw)
+        return out.loss, out.kl, out.student_mass, out.teacher_mass
 
 
 def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
     """(ids [R, k] int64, teacher log-probs [R, k] float32) for one sample of R response tokens.
 
-    topk_reverse_kl: the student's support ids and the teacher's log-probs on them. sampled_reverse_kl:
+    topk_reverse_kl: the student's support ids and the teacher's log-probs on them (topk_forward_kl:
+    the teacher's own top-k ids on its own reply, and its log-probs on them). sampled_reverse_kl:
     the sampled tokens and the teacher's log-prob of each ([R] or [R, 1], as the teacher server
     returns with sampled_only=True).
     """
@@ -95,7 +107,7 @@ def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
     if sampled:
         ids, lp = np.asarray(sample.response_ids, dtype=np.int64)[:, None], lp.reshape(-1, 1)
     elif sample.support_ids is None:
-        raise ValueError("topk_reverse_kl needs DistillSample.support_ids (the student's top-k ids)")
+        raise ValueError("the top-k losses need DistillSample.support_ids (the sampling model's top-k ids)")
     else:
         ids = np.asarray(sample.support_ids, dtype=np.int64)
     if ids.shape != lp.shape or ids.shape[0] != r:
@@ -120,6 +132,10 @@ class Learner:
         torch.manual_seed(cfg.seed)
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
+        # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
+        # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
+        self.teacher = (ColocatedTeacher(model_path, DTYPES[cfg.dtype], self.device)
+                        if cfg.loss == "full_reverse_kl" else None)
         module = _Distill(self.model, cfg)
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
@@ -155,51 +171,90 @@ class Learner:
     def ready(self) -> bool:
         return True
 
-    def _collate(self, samples: list[DistillSample], targets: list[tuple]):
-        seqs = [list(s.student_prompt_ids) + list(s.response_ids) for s in samples]
-        if any(len(s.student_prompt_ids) == 0 for s in samples):
+    def _pack(self, prompts: list[list[int]], responses: list[list[int]]):
+        """Right-padded prompt + response ids [B, L], and per response position j the index of the
+        hidden state that predicts response token j (len(prompt) - 1 + j) [B, R]."""
+        if any(len(p) == 0 for p in prompts):
             raise ValueError("every sample needs a non-empty prompt")
-        L, R = max(map(len, seqs)), max(1, max(len(s.response_ids) for s in samples))
-        k = targets[0][0].shape[1]
+        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+        L, R = max(map(len, seqs)), max(1, max(map(len, responses)))
         input_ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
         gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
-        support = torch.zeros(len(seqs), R, k, dtype=torch.long)
-        teacher = torch.zeros(len(seqs), R, k, dtype=torch.float32)
-        mask = torch.zeros(len(seqs), R, dtype=torch.bool)
-        for b, (s, seq, (sup, lt)) in enumerate(zip(samples, seqs, targets)):
-            p, r = len(s.student_prompt_ids), len(s.response_ids)
+        for b, (p, seq) in enumerate(zip(prompts, seqs)):
             input_ids[b, :len(seq)] = torch.tensor(seq)
-            gather_idx[b] = (p - 1 + torch.arange(R)).clamp(max=L - 1)
-            support[b, :r], teacher[b, :r], mask[b, :r] = torch.from_numpy(sup), torch.from_numpy(lt), True
-        return dict(input_ids=input_ids, gather_idx=gather_idx, support=support, teacher_lp=teacher, mask=mask)
+            gather_idx[b] = (len(p) - 1 + torch.arange(R)).clamp(max=L - 1)
+        return input_ids, gather_idx
 
-    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> StepMetrics:
+    def _collate(self, samples: list[DistillSample], targets: Optional[list[tuple]]):
+        """The engine's inputs for one micro-batch: the student's sequences, the response mask and,
+        for the support losses, the support ids and teacher log-probs (`targets`)."""
+        responses = [s.response_ids for s in samples]
+        input_ids, gather_idx = self._pack([s.student_prompt_ids for s in samples], responses)
+        mask = torch.arange(gather_idx.shape[1])[None, :] < torch.tensor([len(r) for r in responses])[:, None]
+        batch = dict(input_ids=input_ids, gather_idx=gather_idx, mask=mask)
+        if targets is not None:
+            k = targets[0][0].shape[1]
+            batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
+            batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
+            for b, (sup, lt) in enumerate(targets):
+                batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
+                                                                                      torch.from_numpy(lt))
+        return batch
+
+    def _teacher_inputs(self, samples: list[DistillSample]) -> dict:
+        """full_reverse_kl: the frozen teacher copy's hidden states at the response positions of
+        (teacher prompt + response), and its output head."""
+        input_ids, gather_idx = self._pack([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples])
+        return dict(teacher_hidden=self.teacher.hidden(input_ids.to(self.device), gather_idx.to(self.device)),
+                    teacher_head=self.teacher.head)
+
+    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
+                   loss: Optional[str] = None) -> StepMetrics:
+        """One optimizer step on `samples`. `loss` (default learner.loss) is one of losses.LOSSES:
+        off-policy consolidation passes topk_forward_kl. `scores` are the teacher server's log-probs
+        on each sample's support (None for full_reverse_kl: the teacher copy here scores).
+
+        StepMetrics.reverse_kl reports the KL the loss minimises, token mean, un-renormalised:
+        KL(student || teacher) on the support (topk_reverse_kl), its single-sample estimate
+        (sampled_reverse_kl), over the whole vocabulary (full_reverse_kl), or the forward
+        KL(teacher || student) on the teacher's support (topk_forward_kl)."""
         cfg, t0 = self.cfg, time.perf_counter()
-        if cfg.loss == "full_reverse_kl":
-            raise NotImplementedError("learner.loss=full_reverse_kl needs the teacher's full logits, which "
-                                      "TeacherScores does not carry yet; use topk_reverse_kl")
-        if len(samples) != len(scores.logprobs) or len(samples) < self.world * cfg.grad_accum:
-            raise ValueError(f"{len(samples)} samples / {len(scores.logprobs)} scores: need one score per "
-                             f"sample and at least num_ranks x grad_accum = {self.world * cfg.grad_accum}")
-        targets = [_targets(s, lp, cfg.loss == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
+        kind = loss or cfg.loss
+        if kind not in losses.LOSSES:
+            raise ValueError(f"loss {kind!r} is not one of {', '.join(losses.LOSSES)}")
+        if kind == "full_reverse_kl" and self.teacher is None:
+            raise ValueError("full_reverse_kl needs the teacher copy each rank loads when the learner is built "
+                             "with learner.loss=full_reverse_kl")
+        if len(samples) < self.world * cfg.grad_accum:
+            raise ValueError(f"{len(samples)} samples: need at least num_ranks x grad_accum = "
+                             f"{self.world * cfg.grad_accum}")
+        targets = None
+        if kind != "full_reverse_kl":
+            if scores is None or len(scores.logprobs) != len(samples):
+                raise ValueError(f"{len(samples)} samples but {0 if scores is None else len(scores.logprobs)} "
+                                 f"teacher scores: {kind} needs one per sample")
+            targets = [_targets(s, lp, kind == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
         tokens = sum(len(s.response_ids) for s in samples)
         units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
         for part in np.array_split(np.arange(self.rank, len(samples), self.world), cfg.grad_accum):
-            batch = self._collate([samples[i] for i in part], [targets[i] for i in part])
+            micro = [samples[i] for i in part]
+            batch = self._collate(micro, None if targets is None else [targets[i] for i in part])
             batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss, kl, smass, tmass = self.engine(**batch, num_units=units)
+            if kind == "full_reverse_kl":
+                batch.update(self._teacher_inputs(micro))
+            value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
             # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.
-            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            self.engine.backward(value * self.world, scale_wrt_gas=False)
             if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == "float32":
                 # DeepSpeed records no norm for plain fp32 without ZeRO: take it before the step.
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)
             self.engine.step()
             n = int(batch["mask"].sum())
-            sums += torch.stack([loss.detach(), kl * n, smass * n, tmass * n]).double().cpu()
+            sums += torch.stack([value.detach(), kl * n, smass * n, tmass * n]).double().cpu()
         buf = sums.to(self.device)
         torch.distributed.all_reduce(buf)
         total, kl, smass, tmass = buf.tolist()
@@ -210,9 +265,9 @@ class Learner:
                            grad_norm=float(norm) if norm is not None else float("nan"), lr=float(lr),
                            response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0})
 
-    def train_step_packed(self, batch: tuple, step: int) -> StepMetrics:
+    def train_step_packed(self, batch: tuple, step: int, loss: Optional[str] = None) -> StepMetrics:
         """`train_step` on one (samples, scores) object, as the group sends it."""
-        return self.train_step(*batch, step)
+        return self.train_step(*batch, step, loss)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
@@ -361,9 +416,11 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
 
-    def train_step(self, samples: list[DistillSample], scores: TeacherScores, step: int) -> StepMetrics:
+    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
+                   loss: Optional[str] = None) -> StepMetrics:
+        """See Learner.train_step; `loss` overrides learner.loss for this step (off-policy: topk_forward_kl)."""
         batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
-        return self._all("train_step_packed", batch, step)
+        return self._all("train_step_packed", batch, step, loss)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")

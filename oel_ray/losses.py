@@ -1,14 +1,25 @@
-"""Consolidation losses: reverse KL(student || teacher) per response token, pure torch.
+"""Consolidation losses: a KL between student and teacher per response token, pure torch.
+
+Four kinds (`LOSSES`), all at the rollout temperature:
+- topk_reverse_kl (OEL, on-policy): sum over the student's top-k support of p_s (log p_s - log p_t),
+  gradients through both p_s and log p_s.
+- sampled_reverse_kl: the single-sample (REINFORCE) estimator of the same KL on the sampled token.
+- full_reverse_kl: the exact KL(student || teacher) over the whole vocabulary, from both models'
+  hidden states (the learner holds a frozen teacher copy: full logits never travel).
+- topk_forward_kl (off-policy context-distillation baseline): the teacher sampled the reply, the
+  support is the teacher's top-k, and per token sum_v p_t (log p_t - log p_s); the gradient flows
+  through log p_s only (the teacher's probabilities are data).
 
 Shapes: B sequences, T response positions, V vocabulary, H hidden size, k support size.
 `mask` [B, T] (bool) marks real response tokens; padded positions contribute nothing.
 Student logits are divided by `temperature` before the softmax; teacher log-probs arrive already
 temperature-scaled (the teacher server scores at the rollout temperature).
 
-All variants share one per-token function on the support log-probs (`_support_terms`) and one
-aggregation (per-token weights, `_token_weights`). The `*_from_hidden` variants never hold the
-[B, T, V] logits: `_HeadKL` projects `chunk_tokens` positions at a time and computes the gradient
-in the same pass, so forward and backward together hold one fp32 [chunk_tokens, V] block plus the
+The support kinds share one per-token function on the support log-probs (`_support_terms`); all
+kinds share one aggregation (per-token weights, `_token_weights`). The `*_from_hidden` variants
+never hold the [B, T, V] logits: `_HeadLoss` projects `chunk_tokens` positions at a time and
+computes the gradient in the same pass, so forward and backward together hold one fp32
+[chunk_tokens, V] block (three for full_reverse_kl: student, teacher and a transient one) plus the
 head's gradient (benchmarks/kl_memory.py measures it against the materialised loss).
 
 `num_units` lets a batch split into micro-batches / ranks add up to the global mean: it is the
@@ -25,12 +36,18 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 AGGREGATIONS = ("token_mean", "sequence_mean")
+# What the learner can minimise: learner.loss picks one of the reverse kinds; off-policy
+# consolidation (consolidation.mode=off_policy) uses topk_forward_kl.
+LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl", "topk_forward_kl")
 
 
 @dataclass
 class KLOutput:
     loss: torch.Tensor  # scalar, differentiable
-    reverse_kl: torch.Tensor  # token mean of the un-renormalised KL on the support (detached)
+    # Token mean of the un-renormalised KL this loss minimises (detached): KL(student || teacher)
+    # for the reverse kinds (on the support, or over the vocabulary for full_reverse_kl), and
+    # KL(teacher || student) on the teacher's support for topk_forward_kl.
+    kl: torch.Tensor
     student_mass: torch.Tensor  # token mean of the student's probability mass on the support
     teacher_mass: torch.Tensor  # token mean of the teacher's probability mass on the support
     tokens: int  # unmasked tokens in this batch
@@ -41,28 +58,33 @@ def _upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _support_terms(ls, teacher_lp, renormalize, sampled):
-    """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k]."""
-    lt = _upcast(teacher_lp)
-    p = ls.exp()
-    if sampled:  # REINFORCE: E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
+def _support_terms(ls, teacher_lp, renormalize, kind):
+    """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k].
+
+    kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE).
+    """
+    lt = _upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
+    if kind == "sampled":  # E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
         kl = (ls - lt).sum(-1)  # single-sample estimate of KL(p || q)
         loss = (ls * (ls - lt).detach()).sum(-1)
     else:
-        kl = (p * (ls - lt)).sum(-1)
+        # The two directions differ only in the argument order; lt carries no gradient, so the
+        # forward KL's gradient flows through log p_s alone and the reverse's through p_s too.
+        first, second = (ls, lt) if kind == "reverse" else (lt, ls)
+        kl = (first.exp() * (first - second)).sum(-1)
         if renormalize:
-            lsn = ls - ls.logsumexp(-1, keepdim=True)
-            ltn = lt - lt.logsumexp(-1, keepdim=True)
-            loss = (lsn.exp() * (lsn - ltn)).sum(-1)
+            fn = first - first.logsumexp(-1, keepdim=True)
+            sn = second - second.logsumexp(-1, keepdim=True)
+            loss = (fn.exp() * (fn - sn)).sum(-1)
         else:
             loss = kl
-    return loss, kl.detach(), p.sum(-1).detach(), lt.exp().sum(-1)
+    return loss, kl.detach(), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
 
 
-def _token_terms(logits, support, teacher_lp, temperature, renormalize, sampled):
+def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind):
     """Per-position loss and metrics for N positions: logits [N, V], support/teacher_lp [N, k]."""
     ls = torch.log_softmax(_upcast(logits) / temperature, dim=-1).gather(-1, support)
-    return _support_terms(ls, teacher_lp, renormalize, sampled)
+    return _support_terms(ls, teacher_lp, renormalize, kind)
 
 
 def _token_weights(mask, aggregation, num_units, dtype):
@@ -84,10 +106,10 @@ def _finish(loss, kl, smass, tmass, n) -> KLOutput:
 
 
 def _from_logits(student_logits, support, teacher_lp, mask, temperature, renormalize,
-                 aggregation, num_units, sampled) -> KLOutput:
+                 aggregation, num_units, kind) -> KLOutput:
     mask = mask.bool()
     loss, kl, smass, tmass = _token_terms(student_logits[mask], support[mask].long(), teacher_lp[mask],
-                                          temperature, renormalize, sampled)
+                                          temperature, renormalize, kind)
     w = _token_weights(mask, aggregation, num_units, loss.dtype)
     return _finish((loss * w).sum(), kl, smass, tmass, int(mask.sum()))
 
@@ -114,53 +136,48 @@ def support_logprobs(hidden: torch.Tensor, weight: torch.Tensor, support: torch.
     return torch.cat(parts) if parts else hidden.new_zeros((0, support.shape[-1]), dtype=torch.float32)
 
 
-class _HeadKL(torch.autograd.Function):
-    """sum(w * per-token loss) from hidden rows [N, H] and the output head [V, H], chunk by chunk.
+# A chunk's computation: (lo, hi, rows [n, H], head [V, H], need_grad) -> (its part of the loss,
+# per-token metrics [kl, student mass, teacher mass], d part / d logits [n, V] or None).
+ChunkTerms = Callable[[int, int, torch.Tensor, torch.Tensor, bool], tuple]
+
+
+class _HeadLoss(torch.autograd.Function):
+    """sum(w * per-token loss) from hidden rows [N, H] and the output head [V, H], chunk by chunk;
+    `terms` (a `ChunkTerms`) says what the loss of one chunk of positions is.
 
     The gradient is computed in the forward pass (the upstream gradient of a scalar only scales it),
     so no chunk's logits are recomputed and the head weight is only read while the caller holds it
-    (under ZeRO-3 it is gathered for the forward only). Per chunk, with g = d loss / d ls on the
-    small support tensor: d loss / d z = (scatter(g) - softmax(z) * sum(g)) / T, written into the
-    [n, V] block in place.
+    (under ZeRO-3 it is gathered for the forward only). Each chunk's d loss / d logits is turned
+    into the rows' and the head's gradients before the next chunk allocates its block.
     """
 
     @staticmethod
-    def forward(ctx, rows, weight, support, teacher_lp, w, temperature, renormalize, sampled, chunk):
+    def forward(ctx, rows, weight, terms, chunk):
         need_rows, need_weight = ctx.needs_input_grad[:2]
         acc = _upcast(weight).dtype
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         loss = torch.zeros((), dtype=acc, device=rows.device)
-        kl, smass, tmass = [], [], []
-        for i in range(0, rows.shape[0], chunk):
-            part, metrics = _HeadKL._chunk(rows[i:i + chunk], weight, support[i:i + chunk], teacher_lp[i:i + chunk],
-                                           w[i:i + chunk], temperature, renormalize, sampled,
-                                           None if grad_rows is None else grad_rows[i:i + chunk], grad_weight)
+        metrics = []
+        for lo in range(0, rows.shape[0], chunk):
+            part, chunk_metrics = _HeadLoss._chunk(terms, lo, lo + chunk, rows, weight, grad_rows, grad_weight)
             loss += part
-            for out, value in zip((kl, smass, tmass), metrics):
-                out.append(value)
+            metrics.append(chunk_metrics)
         # Intermediates, not inputs or outputs: kept on ctx (allowed) so backward can scale them in place.
         ctx.grads, ctx.weight_dtype = (grad_rows, grad_weight), weight.dtype
-        kl, smass, tmass = torch.cat(kl), torch.cat(smass), torch.cat(tmass)
+        kl, smass, tmass = (torch.cat(m) for m in zip(*metrics))
         ctx.mark_non_differentiable(kl, smass, tmass)
         return loss, kl, smass, tmass
 
     @staticmethod
-    def _chunk(r, weight, s, lt, w, temperature, renormalize, sampled, grad_rows, grad_weight):
-        """Loss and metrics of one chunk; adds its gradients into grad_rows / grad_weight. A function
-        of its own so the [n, V] block is freed on return, before the next chunk allocates its own."""
-        ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
-        need_grad = grad_rows is not None or grad_weight is not None
-        with torch.enable_grad():
-            ls.requires_grad_(need_grad)
-            terms = _support_terms(ls, lt, renormalize, sampled)
-            part = (terms[0] * w).sum()
-            g = torch.autograd.grad(part, ls)[0] if need_grad else None
-        metrics = [t.detach() for t in terms[1:]]
-        if g is not None:
-            dz = probs.div_(total).mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, s, g).div_(temperature)
+    def _chunk(terms, lo, hi, rows, weight, grad_rows, grad_weight):
+        """One chunk; adds its gradients into grad_rows / grad_weight. A function of its own so the
+        [n, V] blocks are freed on return, before the next chunk allocates its own."""
+        r = rows[lo:hi]
+        part, metrics, dz = terms(lo, hi, r, weight, grad_rows is not None or grad_weight is not None)
+        if dz is not None:
             if grad_rows is not None:
-                grad_rows.copy_(dz.to(weight.dtype) @ weight)
+                grad_rows[lo:hi].copy_(dz.to(weight.dtype) @ weight)
             if grad_weight is not None:
                 grad_weight.addmm_(dz.t(), r.to(grad_weight.dtype))
         return part.detach(), metrics
@@ -168,27 +185,85 @@ class _HeadKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_):
         if ctx.grads is None:
-            raise RuntimeError("_HeadKL computes its gradients once: backward through it cannot run twice")
+            raise RuntimeError("_HeadLoss computes its gradients once: backward through it cannot run twice")
         (grad_rows, grad_weight), ctx.grads = ctx.grads, None
         # Scaled in place: a second head-sized buffer would add V x H floats to the peak.
         if grad_rows is not None:
             grad_rows = grad_rows.mul_(grad_loss.to(grad_rows.dtype))
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_loss).to(ctx.weight_dtype)
-        return grad_rows, grad_weight, None, None, None, None, None, None, None
+        return grad_rows, grad_weight, None, None
 
 
-def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renormalize,
-                 aggregation, num_units, chunk_tokens, sampled) -> KLOutput:
-    mask = mask.bool()
-    rows, sup, lt = hidden[mask], support[mask].long(), teacher_lp[mask]
+def _support_chunk_terms(support, teacher_lp, w, temperature, renormalize, kind) -> ChunkTerms:
+    """A support kind's chunk: autograd on the small [n, k] support log-probs gives g = d loss / d ls,
+    then d loss / d z = (scatter(g) - softmax(z) * sum(g)) / T, written into the [n, V] block in place."""
+    def terms(lo, hi, r, weight, need_grad):
+        s = support[lo:hi]
+        ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
+        with torch.enable_grad():
+            ls.requires_grad_(need_grad)
+            loss, *metrics = _support_terms(ls, teacher_lp[lo:hi], renormalize, kind)
+            part = (loss * w[lo:hi]).sum()
+            g = torch.autograd.grad(part, ls)[0] if need_grad else None
+        metrics = [m.detach() for m in metrics]
+        if g is None:
+            return part, metrics, None
+        dz = probs.div_(total).mul_(-g.sum(-1, keepdim=True)).scatter_add_(-1, s, g).div_(temperature)
+        return part, metrics, dz
+    return terms
+
+
+def _log_softmax_block(rows, weight, temperature, dtype=None):
+    """log_softmax(rows @ weight.T / temperature) [n, V], in `dtype` (default: at least fp32)."""
+    z = rows @ weight.t()
+    return torch.log_softmax((_upcast(z) if dtype is None else z.to(dtype)).div_(temperature), dim=-1)
+
+
+def _full_chunk_terms(teacher_rows, teacher_weight, w, temperature) -> ChunkTerms:
+    """The exact reverse KL's chunk. With d = log p_s - log p_t and KL = sum_v p_s d per position,
+    d KL / d z_s = p_s (d - KL) / T (the teacher is frozen). Both log-softmaxes are upcast blocks;
+    d, then the gradient, is written into the teacher's, p_s into the student's."""
+    def terms(lo, hi, r, weight, need_grad):
+        ls = _log_softmax_block(r, weight, temperature)
+        d = _log_softmax_block(teacher_rows[lo:hi], teacher_weight, temperature, ls.dtype).neg_().add_(ls)
+        p = ls.exp_()
+        kl = (p.unsqueeze(1) @ d.unsqueeze(-1)).view(-1)  # row dot products without a third [n, V] block
+        part = (kl * w[lo:hi]).sum()
+        ones = torch.ones_like(kl)  # the whole vocabulary: both masses are 1
+        dz = d.sub_(kl[:, None]).mul_(p).mul_((w[lo:hi] / temperature)[:, None]) if need_grad else None
+        return part, [kl, ones, ones], dz
+    return terms
+
+
+Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+
+
+def _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
+                make_terms: Callable[[torch.Tensor], ChunkTerms]) -> KLOutput:
+    """`_HeadLoss` on the unmasked rows of hidden [B, T, H]; make_terms(w) builds the chunk terms."""
+    rows = hidden[mask]
     n = rows.shape[0]
     if n == 0:  # nothing to learn from; keep the graph so backward still runs
         zero = hidden.sum() * 0.0
         return KLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+    w = _token_weights(mask, aggregation, num_units, _upcast(rows).dtype)
+    loss, kl, smass, tmass = _HeadLoss.apply(rows, lm_head, make_terms(w), chunk_tokens)
+    return _finish(loss, kl, smass, tmass, n)
+
+
+def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renormalize,
+                 aggregation, num_units, chunk_tokens, kind) -> KLOutput:
+    mask = mask.bool()
+    sup, lt = support[mask].long(), teacher_lp[mask]
     if callable(lm_head):  # a module as the head: chunks under checkpoint (recomputed in backward)
+        rows, n = hidden[mask], int(mask.sum())
+        if n == 0:
+            zero = hidden.sum() * 0.0
+            return KLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
+
         def fn(h, s, t):
-            return _token_terms(lm_head(h), s, t, temperature, renormalize, sampled)
+            return _token_terms(lm_head(h), s, t, temperature, renormalize, kind)
 
         parts = []
         for i in range(0, n, chunk_tokens):
@@ -196,13 +271,8 @@ def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renorm
             parts.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
         loss, kl, smass, tmass = (torch.cat(x) for x in zip(*parts))
         return _finish((loss * _token_weights(mask, aggregation, num_units, loss.dtype)).sum(), kl, smass, tmass, n)
-    w = _token_weights(mask, aggregation, num_units, _upcast(rows).dtype)
-    loss, kl, smass, tmass = _HeadKL.apply(rows, lm_head, sup, lt, w, temperature, renormalize, sampled,
-                                           chunk_tokens)
-    return _finish(loss, kl, smass, tmass, n)
-
-
-Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
+    return _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
+                       lambda w: _support_chunk_terms(sup, lt, w, temperature, renormalize, kind))
 
 
 def topk_reverse_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
@@ -211,7 +281,7 @@ def topk_reverse_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
                     num_units: Optional[float] = None) -> KLOutput:
     """Top-k reverse KL from logits [B, T, V]; support_ids / teacher_logprobs [B, T, k]."""
     return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, sampled=False)
+                        renormalize, aggregation, num_units, kind="reverse")
 
 
 def topk_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, support_ids: torch.Tensor,
@@ -224,7 +294,28 @@ def topk_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, supp
     `lm_head_weight` may also be a callable (the output-head module) mapping [n, H] -> [n, V].
     """
     return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, chunk_tokens, sampled=False)
+                        renormalize, aggregation, num_units, chunk_tokens, kind="reverse")
+
+
+def topk_forward_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
+                    teacher_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
+                    renormalize: bool = False, aggregation: str = "token_mean",
+                    num_units: Optional[float] = None) -> KLOutput:
+    """Forward KL(teacher || student) on the support (the teacher's top-k on its own samples):
+    per token sum_v p_t(v) (log p_t(v) - log p_s(v)); logits [B, T, V], support / teacher [B, T, k].
+    With `renormalize`, both distributions are renormalised over the support first."""
+    return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
+                        renormalize, aggregation, num_units, kind="forward")
+
+
+def topk_forward_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, support_ids: torch.Tensor,
+                                teacher_logprobs: torch.Tensor, mask: torch.Tensor,
+                                temperature: float = 1.0, renormalize: bool = False,
+                                aggregation: str = "token_mean", chunk_tokens: int = 1024,
+                                num_units: Optional[float] = None) -> KLOutput:
+    """`topk_forward_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
+    return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
+                        renormalize, aggregation, num_units, chunk_tokens, kind="forward")
 
 
 def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
@@ -233,11 +324,11 @@ def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
                        num_units: Optional[float] = None) -> KLOutput:
     """Sampled-token estimator: loss_t = ls_y * stopgrad(ls_y - lt_y) for the sampled token y.
 
-    token_ids / teacher_token_logprobs [B, T]. Metrics: reverse_kl is the mean of ls_y - lt_y (an
+    token_ids / teacher_token_logprobs [B, T]. Metrics: kl is the mean of ls_y - lt_y (an
     unbiased estimate of the KL); the masses are the probabilities of the sampled tokens.
     """
     return _from_logits(student_logits, token_ids[..., None], teacher_token_logprobs[..., None], mask,
-                        temperature, False, aggregation, num_units, sampled=True)
+                        temperature, False, aggregation, num_units, kind="sampled")
 
 
 def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, token_ids: torch.Tensor,
@@ -247,16 +338,32 @@ def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, t
                                    num_units: Optional[float] = None) -> KLOutput:
     """`sampled_reverse_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
     return _from_hidden(hidden, lm_head_weight, token_ids[..., None], teacher_token_logprobs[..., None],
-                        mask, temperature, False, aggregation, num_units, chunk_tokens, sampled=True)
+                        mask, temperature, False, aggregation, num_units, chunk_tokens, kind="sampled")
 
 
 def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
                     temperature: float = 1.0, aggregation: str = "token_mean",
                     num_units: Optional[float] = None) -> torch.Tensor:
     """Exact KL(student || teacher) over the whole vocabulary; both logits [B, T, V] are divided by
-    `temperature`; the teacher gets no gradient."""
+    `temperature`; the teacher gets no gradient. Materialises [B, T, V]: a reference for tests."""
     mask = mask.bool()
     ls = torch.log_softmax(_upcast(student_logits[mask]) / temperature, dim=-1)
     lt = torch.log_softmax(_upcast(teacher_logits[mask].detach()) / temperature, dim=-1)
     per_token = (ls.exp() * (ls - lt)).sum(-1)
     return (per_token * _token_weights(mask, aggregation, num_units, per_token.dtype)).sum()
+
+
+def full_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
+                                teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor,
+                                mask: torch.Tensor, temperature: float = 1.0,
+                                aggregation: str = "token_mean", chunk_tokens: int = 1024,
+                                num_units: Optional[float] = None) -> KLOutput:
+    """`full_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight.T (student) and
+    teacher_hidden [B, T, H_t] @ teacher_head_weight.T (frozen teacher, no gradient), chunk by chunk:
+    never a [B, T, V] tensor. The masses are 1 (the support is the whole vocabulary)."""
+    if callable(lm_head_weight):
+        raise TypeError("full_reverse_kl_from_hidden takes the output head's weight tensor, not a module")
+    mask = mask.bool()
+    teacher_rows, teacher_weight = teacher_hidden[mask].detach(), teacher_head_weight.detach()
+    return _apply_head(hidden, lm_head_weight, mask, aggregation, num_units, chunk_tokens,
+                       lambda w: _full_chunk_terms(teacher_rows, teacher_weight, w, temperature))

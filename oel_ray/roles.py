@@ -19,6 +19,7 @@ import ray
 
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import Roles
+from oel_ray.weight_sync import for_roles
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.extractor import Extractor
@@ -64,9 +65,8 @@ class Deployment:
                 raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
-            weights = self.roles.learner.state_dict_ref()
-            ray.get(self.roles.teacher.load_weights.remote(weights))
-            self._sync(weights, version=(r - 1) * self.cfg.learner.steps)
+            ray.get(self.roles.teacher.load_weights.remote(self.roles.learner.state_dict_ref()))
+            self.sync_workers(version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
         return self
 
@@ -79,7 +79,8 @@ class Deployment:
         steps, path = saved[-1]
         log.info("  resuming consolidation after step %d of round %d", steps, r)
         self.roles.learner.load_state(str(path))
-        self._sync(self.roles.learner.state_dict_ref(), version=(r - 1) * self.cfg.learner.steps + steps)
+        if self.cfg.consolidation.mode == "on_policy":  # off-policy: the workers keep the teacher's weights
+            self.sync_workers(version=(r - 1) * self.cfg.learner.steps + steps)
         self.holds = ("trained", r, steps)
         return steps
 
@@ -114,7 +115,7 @@ class Deployment:
             raise InputError(f"{self.out / f'round_{r}'}: the consolidated training state is missing; "
                               "rerun from a new output_dir")
         self.roles.learner.load_state(str(saved[-1][1]))
-        self._sync(self.roles.learner.state_dict_ref(), version=r * self.cfg.learner.steps)
+        self.sync_workers(version=r * self.cfg.learner.steps)
         self.holds = final
         return self
 
@@ -129,8 +130,9 @@ class Deployment:
         found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STATE_DIR.match(p.name))]
         return sorted(found)
 
-    def _sync(self, weights_ref, version: int) -> None:
-        self.roles.workers.load_weights(weights_ref, version)
+    def sync_workers(self, version: int) -> None:
+        """The learner's weights to the rollout workers, through the configured transport."""
+        for_roles(self.roles, self.cfg).sync(version=version)
 
     def _learner(self, model_path: str) -> LearnerGroup:
         c = self.cfg.cluster

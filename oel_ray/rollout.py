@@ -150,6 +150,11 @@ class RolloutWorker:
         self.engine = VLLMEngine(m.path, dtype=m.dtype, max_model_len=m.max_model_len,
                                  trust_remote_code=m.trust_remote_code, **self.engine_args)
         self.tokenizer = self.engine.tokenizer
+        # After start-up, only vLLM's warnings: every in-place reload logs three INFO lines per
+        # worker, and a RotaryEmbedding warning that is harmless (its cos/sin cache is a buffer no
+        # checkpoint carries; vLLM puts it back): a 100-step round would drown the console.
+        logging.getLogger("vllm").setLevel(logging.WARNING)
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         return self.engine.init_seconds
 
     def ready(self) -> float:

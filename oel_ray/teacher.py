@@ -1,10 +1,13 @@
-"""TeacherServer: the frozen model with the knowledge in its context, scored on the student's support.
+"""The frozen teacher: the round-start model with the knowledge in its context.
 
-It returns k log-probs per response token (4k bytes), never full-vocabulary logits. Log-softmax is
-computed from the logits divided by the rollout temperature, chunk by chunk over positions, with the
-learner's own routine (`losses.support_logprobs`), so fp32 memory is one chunk_tokens x V block
-whatever the sequence length. (vLLM's prompt_logprobs would ignore the temperature, which is why
-the teacher is a plain forward pass.)
+TeacherServer scores replies on a support: it returns k log-probs per response token (4k bytes),
+never full-vocabulary logits. Log-softmax is computed from the logits divided by the rollout
+temperature, chunk by chunk over positions, with the learner's own routine
+(`losses.support_logprobs`), so fp32 memory is one chunk_tokens x V block whatever the sequence
+length. (vLLM's prompt_logprobs would ignore the temperature, which is why the teacher is a plain
+forward pass.) The support is the student's top-k (on-policy) or the teacher's own (off-policy).
+
+ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary KL.
 """
 
 from __future__ import annotations
@@ -85,6 +88,37 @@ class TeacherServer:
         scores = losses.support_logprobs(torch.cat(rows), head, torch.cat(supports), self.temperature,
                                          self.chunk_tokens).to(torch.float32).cpu().numpy()
         return np.split(scores, np.cumsum([len(s.response_ids) for s in batch])[:-1])
+
+
+class ColocatedTeacher:
+    """A frozen teacher copy inside a learner rank, for learner.loss=full_reverse_kl.
+
+    The exact KL needs the teacher's whole distribution at every response position: V floats per
+    token, which must not travel between actors. So each learner rank holds its own copy (one more
+    model's memory per rank, not sharded by ZeRO) and hands the loss hidden states and the output
+    head; the loss projects them chunk by chunk beside the student's.
+    """
+
+    def __init__(self, model_path: str, dtype: torch.dtype, device: torch.device):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+        self.model.requires_grad_(False)
+        if getattr(self.model.get_output_embeddings(), "bias", None) is not None:
+            raise ValueError("output heads with a bias are not supported")
+
+    @property
+    def head(self) -> torch.Tensor:
+        """The output head's weight [V, H] (a detached view: the loss must not train it)."""
+        return self.model.get_output_embeddings().weight.detach()
+
+    @torch.no_grad()
+    def hidden(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
+        """Last hidden states [B, R, H] at `gather_idx` [B, R] of right-padded `input_ids` [B, L]
+        (causal: real positions never see the padding, so no attention mask)."""
+        base = getattr(self.model, self.model.base_model_prefix)
+        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+        return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def start_teacher(model_path: str, *, num_cpus: float, num_gpus: float, **kwargs) -> ray.actor.ActorHandle:

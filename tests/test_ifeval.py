@@ -260,6 +260,15 @@ def fake_lm_eval(root, dataset_path: str, record) -> None:
     (pkg / "tasks" / "ifeval" / "__init__.py").write_text("")
     (pkg / "tasks" / "ifeval" / "instructions_util.py").write_text("")
     (pkg / "tasks" / "ifeval" / "ifeval.yaml").write_text(f"task: ifeval\ndataset_path: {dataset_path}\n")
+    # and the one `datasets` call the availability check makes: a local directory loads, else it raises
+    (root / "datasets").mkdir()
+    (root / "datasets" / "__init__.py").write_text(textwrap.dedent("""
+        import os
+        def load_dataset(path, split):
+            if not os.path.isdir(path):
+                raise FileNotFoundError(path)
+            return []
+    """))
 
 
 def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkeypatch, tmp_path):
@@ -341,3 +350,14 @@ def test_run_ifeval_skip_mode_reports_what_it_left_out(workers, tiny_model):
                         Sampling(max_tokens=8, temperature=0.7, seed=1, support_k=4), unknown="skip")
     assert report.prompts == 2 and report.skipped_prompts == 1
     assert report.skipped_instructions == {"language:response_language": 1}
+
+
+def test_lm_eval_route_refuses_missing_data_in_one_line(monkeypatch, tmp_path):
+    from oel_ray import ifeval_lmeval
+
+    fake_lm_eval(tmp_path / "site", str(tmp_path / "no_such_data"), tmp_path / "called.json")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "lm_eval", raising=False)
+    problem = ifeval_lmeval.lm_eval_problem()
+    assert "is not available offline (FileNotFoundError)" in problem and "\n" not in problem

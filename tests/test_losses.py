@@ -3,8 +3,11 @@ import torch
 
 from oel_ray.losses import (
     full_reverse_kl,
+    full_reverse_kl_from_hidden,
     sampled_reverse_kl,
     sampled_reverse_kl_from_hidden,
+    topk_forward_kl,
+    topk_forward_kl_from_hidden,
     topk_reverse_kl,
     topk_reverse_kl_from_hidden,
 )
@@ -54,7 +57,7 @@ def test_full_support_equals_full_kl_and_gradient_matches_reference():
     out = topk_reverse_kl(a, support, lt, mask, TEMP)
     full = full_reverse_kl(logits, teacher, mask, TEMP)
     assert abs(out.loss.item() - full.item()) < 1e-5
-    assert abs(out.reverse_kl.item() - full.item()) < 1e-5
+    assert abs(out.kl.item() - full.item()) < 1e-5
     assert abs(out.student_mass.item() - 1) < 1e-5 and abs(out.teacher_mass.item() - 1) < 1e-5
 
     # gradient through both exp(ls) and ls, compared with autograd of the direct formula (top-k)
@@ -86,7 +89,7 @@ def test_hidden_chunked_matches_logits(chunk, renormalize):
     out = topk_reverse_kl_from_hidden(h2, w2, support, lt, mask, TEMP, renormalize, chunk_tokens=chunk)
     out.loss.backward()
     torch.testing.assert_close(out.loss, ref.loss)
-    for name in ("reverse_kl", "student_mass", "teacher_mass"):
+    for name in ("kl", "student_mass", "teacher_mass"):
         torch.testing.assert_close(getattr(out, name), getattr(ref, name))
     torch.testing.assert_close(h2.grad, h1.grad)
     torch.testing.assert_close(w2.grad, w1.grad)
@@ -112,7 +115,7 @@ def test_renormalisation_semantics():
     assert torch.allclose(out.loss, per_token[mask].mean())
     # un-renormalised truncated KL can be negative; the reported metric is always un-renormalised
     raw = topk_reverse_kl(logits, support, lt, mask, TEMP, renormalize=False)
-    assert torch.allclose(out.reverse_kl, raw.loss)
+    assert torch.allclose(out.kl, raw.loss)
     # a support holding (numerically) all the mass of both: the two modes agree
     peaked = logits.clone()
     peaked.scatter_(-1, support, 60.0 + torch.randn(support.shape, dtype=peaked.dtype))
@@ -193,4 +196,125 @@ def test_sampled_estimator_gradient_is_unbiased():
     a = sampled_reverse_kl(hidden @ weight.t(), ids, lt, m, TEMP)
     b = sampled_reverse_kl_from_hidden(hidden, weight, ids, lt, m, TEMP, chunk_tokens=3)
     torch.testing.assert_close(a.loss, b.loss)
-    torch.testing.assert_close(a.reverse_kl, b.reverse_kl)
+    torch.testing.assert_close(a.kl, b.kl)
+
+
+# ----------------------------------------------------------------------------- forward KL (off-policy)
+
+def forward_reference(logits, support, lt, mask, renormalize=False):
+    """Direct formula of the off-policy loss, written independently: per position
+    sum_v p_t(v) (log p_t(v) - log p_s(v)) on the support, token mean."""
+    total, n = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not mask[b, t]:
+                continue
+            ls = torch.log_softmax(logits[b, t] / TEMP, -1)[support[b, t]]
+            lq = lt[b, t]
+            if renormalize:
+                ls, lq = ls - torch.logsumexp(ls, 0), lq - torch.logsumexp(lq, 0)
+            total = total + (torch.exp(lq) * (lq - ls)).sum()
+            n += 1
+    return total / n
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_forward_kl_value_and_gradient_match_a_direct_reference(renormalize):
+    logits, teacher, mask = make(dtype=torch.float32)
+    support = student_support(teacher)  # the teacher's own top-k, as off-policy sampling returns it
+    lt = teacher_on(teacher, support).requires_grad_()
+    a, r = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = topk_forward_kl(a, support, lt, mask, TEMP, renormalize)
+    out.loss.backward()
+    ref = forward_reference(r, support, lt.detach(), mask, renormalize)
+    ref.backward()
+    assert abs(out.loss.item() - ref.item()) < 1e-5
+    torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-7)
+    assert a.grad[~mask].abs().max() == 0
+    assert lt.grad is None  # the teacher's probabilities are data, not parameters
+    # the reported KL is always the un-renormalised forward KL; the masses are the usual ones
+    raw = forward_reference(logits, support, lt.detach(), mask)
+    assert abs(out.kl.item() - raw.item()) < 1e-5
+    assert abs(out.teacher_mass.item() - lt.detach()[mask].exp().sum(-1).mean().item()) < 1e-5
+    # full support: the exact forward KL(teacher || student) over the vocabulary
+    everything = torch.arange(V).expand(B, T, V)
+    exact = topk_forward_kl(logits, everything, teacher_on(teacher, everything), mask, TEMP)
+    lq, ls = torch.log_softmax(teacher / TEMP, -1)[mask], torch.log_softmax(logits / TEMP, -1)[mask]
+    assert abs(exact.loss.item() - (lq.exp() * (lq - ls)).sum(-1).mean().item()) < 1e-5
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_forward_kl_from_hidden_matches_logits(chunk, renormalize):
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / 2
+    _, teacher, mask = make()
+    support = student_support(teacher)
+    lt = teacher_on(teacher, support)
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = topk_forward_kl(h1 @ w1.t(), support, lt, mask, TEMP, renormalize)
+    ref.loss.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = topk_forward_kl_from_hidden(h2, w2, support, lt, mask, TEMP, renormalize, chunk_tokens=chunk)
+    out.loss.backward()
+    for name in ("loss", "kl", "student_mass", "teacher_mass"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name))
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+
+
+def test_forward_kl_is_minimised_by_the_teacher_renormalised_on_the_support():
+    """Un-renormalised, the forward KL on a support is lowest when the student puts all its mass on
+    the support in the teacher's proportions (a bounded objective, unlike the reverse one)."""
+    _, teacher, mask = make()
+    support = student_support(teacher, k=4)
+    lt = teacher_on(teacher, support)
+    match = torch.full((B, T, V), -1e4, dtype=torch.float64)
+    match.scatter_(-1, support, (lt - lt.logsumexp(-1, keepdim=True)) * TEMP)
+    best = topk_forward_kl(match, support, lt, mask, TEMP).loss
+    logits, _, _ = make(seed=5)
+    assert best < topk_forward_kl(logits, support, lt, mask, TEMP).loss
+    x = match.clone().requires_grad_()
+    topk_forward_kl(x, support, lt, mask, TEMP).loss.backward()
+    assert x.grad.abs().max() < 1e-9  # a stationary point
+
+
+# ----------------------------------------------------------------------------- exact full reverse KL
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("aggregation", ["token_mean", "sequence_mean"])
+def test_full_reverse_kl_from_hidden_matches_materialised_logits(chunk, aggregation):
+    g = torch.Generator().manual_seed(6)
+    hidden = torch.randn(B, T, H, generator=g, dtype=torch.float64)
+    weight = torch.randn(V, H, generator=g, dtype=torch.float64) / 2
+    teacher_hidden = torch.randn(B, T, H + 3, generator=g, dtype=torch.float64)  # another model's width
+    teacher_weight = torch.randn(V, H + 3, generator=g, dtype=torch.float64) / 2
+    _, _, mask = make()
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    ref = full_reverse_kl(h1 @ w1.t(), teacher_hidden @ teacher_weight.t(), mask, TEMP, aggregation)
+    ref.backward()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    th, tw = teacher_hidden.clone().requires_grad_(), teacher_weight.clone().requires_grad_()
+    out = full_reverse_kl_from_hidden(h2, w2, th, tw, mask, TEMP, aggregation, chunk_tokens=chunk)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref)
+    torch.testing.assert_close(h2.grad, h1.grad)
+    torch.testing.assert_close(w2.grad, w1.grad)
+    assert th.grad is None and tw.grad is None  # the teacher is frozen
+    assert out.student_mass.item() == out.teacher_mass.item() == 1.0
+    if aggregation == "token_mean":
+        torch.testing.assert_close(out.kl, ref.detach())
+
+
+def test_full_reverse_kl_from_hidden_fp32_equals_topk_with_the_whole_vocabulary():
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(B, T, H, generator=g)
+    weight = torch.randn(V, H, generator=g) / 2
+    teacher_hidden = torch.randn(B, T, H, generator=g)
+    _, _, mask = make()
+    everything = torch.arange(V).expand(B, T, V)
+    lt = torch.log_softmax(teacher_hidden @ weight.t() / TEMP, -1)
+    topk = topk_reverse_kl_from_hidden(hidden, weight, everything, lt, mask, TEMP, chunk_tokens=4)
+    full = full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, weight, mask, TEMP, chunk_tokens=4)
+    assert abs(full.loss.item() - topk.loss.item()) < 1e-5 and abs(full.kl.item() - topk.kl.item()) < 1e-5

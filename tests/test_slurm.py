@@ -1,9 +1,12 @@
-"""The Slurm launch scripts on a real single-node Slurm: the set-up installs slurm-wlm and munge when
-missing, starts private munged/slurmctld/slurmd (own config, ports, sockets and state under a temp
-dir), and tears them down after. Skips only where root or apt-get are missing, naming which."""
+"""The Slurm launch scripts on a real Slurm on this machine: the set-up installs slurm-wlm and munge
+when missing, starts private munged, slurmctld and two slurmd (own config, ports, sockets and state
+under a temp dir), and stops them after. The two slurmd are two Slurm nodes on one host, so the
+sbatch script's multi-node path (Ray workers started by srun) runs for real. Skips only where root
+or apt-get are missing, saying which."""
 
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -42,23 +45,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+NODES = ("oel1", "oel2")
+
+
 def slurm_conf(root: Path, host: str) -> str:
-    # One node, no cgroups, no accounting: the smallest Slurm the scripts can meet (platform notes).
+    # The smallest Slurm the scripts can meet: no cgroups, no accounting (platform notes). One CPU
+    # per node: both nodes share this machine's cores. Job ids start at random, so this run's
+    # /tmp/oel_ray_<job id> dirs and Ray ports are its own even beside an earlier run's leftovers.
+    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs=1\n"
+                    for name in NODES)
     return f"""\
 ClusterName=oeltest
+FirstJobId={random.randint(100_000, 900_000)}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmctldPort={free_port()}
-SlurmdPort={free_port()}
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={root}/munge/munge.sock
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool_%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd_%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd_%n.log
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -67,8 +77,7 @@ ReturnToService=2
 MpiDefault=none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-NodeName={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} State=UNKNOWN
-PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+{nodes}PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -102,9 +111,8 @@ def slurm():
     key.chmod(0o600)
     shutil.chown(munge, "munge", "munge")
     shutil.chown(key, "munge", "munge")
-    for sub in ("state", "spool"):
-        (root / sub).mkdir()
-    host = socket.gethostname().split(".")[0]  # slurmd finds its node by this name
+    (root / "state").mkdir()
+    host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
     conf.write_text(slurm_conf(root, host))
     env = {**os.environ, "SLURM_CONF": str(conf)}
@@ -114,16 +122,18 @@ def slurm():
                         f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"],
                        check=True, timeout=30)
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env, timeout=30)
-        subprocess.run(["slurmd", "-f", str(conf), "-N", host], check=True, env=env, timeout=30)
+        for name in NODES:
+            subprocess.run(["slurmd", "-f", str(conf), "-N", name], check=True, env=env, timeout=30)
         deadline = time.time() + 60
-        while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True,
-                                           text=True, env=env).stdout:
+        while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
+                             env=env).stdout.split() != ["idle"] * len(NODES):
             assert time.time() < deadline, (root / "slurmctld.log").read_text()[-2000:]
             time.sleep(0.5)
         yield env
     finally:
         subprocess.run(["scancel", "--user=root"], env=env, capture_output=True)
-        stop(root / "slurmd.pid")
+        for name in NODES:
+            stop(root / f"slurmd_{name}.pid")
         stop(root / "slurmctld.pid")
         stop(munge / "munged.pid")
         shutil.rmtree(root, ignore_errors=True)
@@ -148,16 +158,17 @@ def ray_processes_of(job_id: str) -> list[str]:
             cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except (OSError, ValueError):
             continue
-        if f"/tmp/oel_ray_{job_id}" in cmdline and proc.name.isdigit():
+        if re.search(rf"/tmp/oel_ray_{job_id}(/|_|\s|$)", cmdline) and proc.name.isdigit():
             found.append(cmdline)
     return found
 
 
-def test_sbatch_runs_the_tiny_experiment_on_a_ray_cluster_and_tears_it_down(slurm, smallest_tiny, tmp_path):
+def test_sbatch_runs_the_tiny_experiment_on_a_two_node_ray_cluster_and_tears_it_down(slurm, smallest_tiny,
+                                                                                     tmp_path):
     run_dir, log = tmp_path / "run", tmp_path / "job.out"
     submitted = subprocess.run(
-        ["sbatch", "--parsable", "--wait", f"--output={log}", str(SBATCH), *smallest_tiny,
-         f"hydra.run.dir={run_dir}"],
+        ["sbatch", "--parsable", "--wait", f"--nodes={len(NODES)}", f"--output={log}", str(SBATCH),
+         *smallest_tiny, f"hydra.run.dir={run_dir}"],
         capture_output=True, text=True, cwd=REPO, timeout=600,
         env={**slurm, "OEL_RAY_PYTHON": sys.executable},
     )
@@ -165,11 +176,12 @@ def test_sbatch_runs_the_tiny_experiment_on_a_ray_cluster_and_tears_it_down(slur
     assert submitted.returncode == 0, submitted.stderr + output[-4000:]
     job_id = submitted.stdout.strip().split(";")[0]
     assert job_state(job_id, slurm) == "COMPLETED", output[-4000:]
-    assert "Ray head on" in output and "Connected to Ray cluster" in output  # joined, did not start its own
+    assert f"oel_ray: {len(NODES)} Ray nodes up" in output  # the srun'd worker joined the head
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["steps"] == 1
+    # Teardown: no Ray process of the job left, head's and worker's temp dirs gone.
     assert ray_processes_of(job_id) == []
-    assert not Path(f"/tmp/oel_ray_{job_id}").exists()
+    assert [*Path("/tmp").glob(f"oel_ray_{job_id}"), *Path("/tmp").glob(f"oel_ray_{job_id}_*")] == []
 
 
 def test_submitit_launcher_sends_a_sweep_to_slurm(slurm, smallest_tiny, tmp_path):

@@ -86,7 +86,8 @@ def test_the_teacher_uses_its_temperature(tiny_model, reference_model, samples):
 
 
 def test_actor_returns_the_same_scores(ray_cluster, tiny_model, samples):
-    """Through Ray (what consolidation calls): the same arrays as in-process."""
+    """Through Ray (what consolidation calls): the same scores as in-process. Not bit-equal: the
+    actor runs torch with one thread, this process with two, and fp32 sums then differ in order."""
     from oel_ray.teacher import start_teacher
 
     actor = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
@@ -96,5 +97,6 @@ def test_actor_returns_the_same_scores(ray_cluster, tiny_model, samples):
     finally:
         ray_cluster.kill(actor)
     local = server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples).logprobs
+    assert len(remote) == len(local)
     for a, b in zip(remote, local):
-        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)

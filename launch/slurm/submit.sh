@@ -19,7 +19,7 @@ value() { awk -v key="$1:" '$1 == key {print $2}' <<< "$cluster"; }
 nodes=$(value nodes)
 gpus=$(value gpus_per_node)
 
-cmd=(sbatch --parsable --nodes="$nodes")
+cmd=(sbatch --parsable --chdir="$(cd "$here/../.." && pwd)" --nodes="$nodes")  # run from the repository
 (( gpus > 0 )) && cmd+=(--gpus-per-node="$gpus")
 cmd+=("$here/oel_ray.sbatch" "$@")
 if [[ -n "${OEL_RAY_DRY_RUN:-}" ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi

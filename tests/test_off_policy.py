@@ -1,0 +1,145 @@
+"""Off-policy context distillation (consolidation.mode=off_policy), the paper's baseline, on the real
+roles: one vLLM rollout worker, the teacher server and the DeepSpeed learner on Ray, no mocks.
+
+The workers keep the round-start weights for the whole round (they are the teacher): they reply to
+each prefix with the knowledge in context and return the teacher's top-k; the student learns the
+forward KL(teacher || student) on those replies while reading the prefix without the knowledge.
+"""
+
+import random
+import time
+
+import numpy as np
+import torch
+
+STEPS, BATCH, LR, SUPPORT_K = 6, 8, 3e-4, 256
+# Experience items as the extractor writes them; in the tiny model's context they shift its replies.
+KNOWLEDGE = (
+    "-- EXPERIENCE ITEM: Walls block moves; pushing a box into a corner loses the game.\n"
+    "-- EXPERIENCE ITEM: Move [up] when the box is above you, then keep pushing [up].\n"
+    "-- EXPERIENCE ITEM: Think about the goal O before every move and answer with one action.\n"
+) * 4
+
+
+def make_config(tiny_model: str, out: str):
+    from omegaconf import OmegaConf
+
+    from oel_ray.config import OELConfig, validate
+
+    raw = OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.create({
+        "output_dir": out, "seed": 0,
+        "model": {"path": tiny_model, "build": None},
+        "rollout": {"temperature": 0.7, "max_response_tokens": 48},
+        "teacher": {"knowledge_position": "user"},
+        "consolidation": {"mode": "off_policy"},
+        "learner": {"steps": STEPS, "batch_size": BATCH, "lr": LR, "zero_stage": 2, "support_k": SUPPORT_K,
+                    "weight_sync": "object_store"},
+    }))
+    return validate(OmegaConf.to_object(raw))
+
+
+def first_turn_prompts(cfg, count: int) -> list[str]:
+    """Prefixes as the deploy games start them: the first turn prompt of `count` training maps."""
+    from oel_ray.games import Game, train_specs
+
+    return [Game(spec, cfg.env.max_turns).prompt() for spec in train_specs(cfg.env, 1, count, 1)]
+
+
+def teacher_samples(workers, cfg, prefixes, tokenizer, step: int):
+    """What off-policy step `step` must train on: the draws `consolidate` makes for that step
+    (knowledge and seeds from (seed, step)), sampled from the knowledge-conditioned prompt with the
+    teacher's top-k as the support."""
+    from oel_ray.consolidate import make_samples
+    from oel_ray.engine import Sampling
+    from oel_ray.types import DistillSample
+
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    pairs = make_samples(prefixes, [KNOWLEDGE], tokenizer, cfg, rng)
+    seeds = [rng.randrange(2**31) for _ in pairs]
+    r = cfg.rollout
+    sampling = Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                        support_k=cfg.learner.support_k)
+    replies = workers.generate([t for _, t in pairs], sampling, seeds)
+    return [DistillSample(s, t, g.token_ids, g.topk_ids) for (s, t), g in zip(pairs, replies)]
+
+
+@torch.no_grad()
+def forward_kl(student, teacher, samples, temperature: float) -> tuple[float, float]:
+    """(token-mean forward KL(teacher || student) on each sample's support, the fraction of positions
+    where the support's first id is the teacher's argmax): the student reads the student prompt,
+    the teacher the teacher prompt, both followed by the same reply."""
+    total, top1, tokens = 0.0, 0, 0
+    for s in samples:
+        r, sp, tp = s.response_ids, s.student_prompt_ids, s.teacher_prompt_ids
+        ls = torch.log_softmax(student(torch.tensor([sp + r])).logits[0, len(sp) - 1:-1] / temperature, -1)
+        lt = torch.log_softmax(teacher(torch.tensor([tp + r])).logits[0, len(tp) - 1:-1] / temperature, -1)
+        support = torch.from_numpy(s.support_ids).long()
+        top1 += int((support[:, 0] == lt.argmax(-1)).sum())
+        ls, lt = ls.gather(-1, support), lt.gather(-1, support)
+        total += float((lt.exp() * (lt - ls)).sum())
+        tokens += len(r)
+    return total / tokens, top1 / tokens
+
+
+def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_start(ray_cluster, tiny_model,
+                                                                                     tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oel_ray.consolidate import Roles, consolidate
+    from oel_ray.learner import LearnerGroup
+    from oel_ray.rollout import RolloutGroup
+    from oel_ray.teacher import start_teacher
+
+    started = time.perf_counter()
+    cfg = make_config(tiny_model, str(tmp_path))
+    temp = cfg.learner.temperature
+    workers = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=SUPPORT_K, kv_cache_gib=1,
+                           gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=temp,
+                            chunk_tokens=1024, batch_tokens=8192)
+    learner = LearnerGroup(cfg.learner, tiny_model, num_cpus=0.5)
+    roles = Roles(workers=workers, teacher=teacher, learner=learner)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    frozen = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    engine = workers.workers[0]
+    try:
+        prefixes = first_turn_prompts(cfg, BATCH)
+        samples = teacher_samples(workers, cfg, prefixes, tokenizer, step=1)
+        probe = samples[0].student_prompt_ids + samples[0].response_ids  # a fixed sequence
+        engine_start = ray_cluster.get(engine.prompt_logprobs.remote(probe))
+        learner_start = learner.sequence_logprobs(probe)
+        before, top1 = forward_kl(student, frozen, samples, temp)
+
+        metrics, engine_during = [], []
+
+        def on_step(m):
+            metrics.append(m)
+            engine_during.append(ray_cluster.get(engine.prompt_logprobs.remote(probe)))
+
+        t0 = time.perf_counter()
+        # The same prefixes every step, fresh teacher replies each time (seeds differ per step).
+        consolidate(roles, cfg, [prefixes] * STEPS, [KNOWLEDGE], tokenizer, first_step=0, on_step=on_step)
+        seconds = time.perf_counter() - t0
+        student.load_state_dict(learner.state_dict(), strict=False)
+        after, _ = forward_kl(student, frozen, samples, temp)
+        learner_end = learner.sequence_logprobs(probe)
+    finally:
+        learner.shutdown()
+        for actor in [teacher, *workers.workers]:
+            ray_cluster.kill(actor)
+    print(f"\nforward KL on the teacher's step-1 samples {before:.4f} -> {after:.4f}; per step "
+          f"{[round(m.reverse_kl, 4) for m in metrics]}; {STEPS} steps in {seconds:.1f}s; "
+          f"test {time.perf_counter() - started:.0f}s")
+    # The replies and supports are the teacher's: the first support id is its own argmax.
+    assert top1 > 0.95
+    # Step 1 trained on exactly those samples: the learner's KL before its first update is the
+    # forward KL computed here (student without knowledge, teacher with it, teacher's support).
+    assert before > 0.01, "the knowledge should change the teacher's distribution"
+    assert abs(metrics[0].reverse_kl - before) < 1e-4 * max(1.0, before)
+    assert after < 0.7 * before
+    # The workers kept the round-start weights through every step, while the learner moved.
+    for logprobs in engine_during:
+        np.testing.assert_allclose(logprobs, engine_start, rtol=0, atol=1e-6)
+    assert np.abs(learner_end - learner_start).max() > 1e-2
+    assert len(metrics) == STEPS and all("sync" not in m.seconds for m in metrics)
