@@ -28,8 +28,19 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(STAMP)
-	$(PY) -m benchmarks.rollout
+# `make bench`: every script in benchmarks/ in one run (at most 15 minutes on 2 cores), then
+# benchmarks/results/summary.md and README.md's table. The bench extra (TRL, datasets) goes on top
+# of the project once; torch is pinned to the build already installed so pip cannot swap it for
+# another wheel (on CPU machines any other torch is GBs of CUDA wheels), and checked afterwards.
+BENCH_STAMP := $(VENV)/.oel_ray-bench-installed
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml Makefile
+	$(PY) -m pip install -q -e ".[bench]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	$(PY) -c "import torch, trl; print('bench extra: trl', trl.__version__, 'torch', torch.__version__)"
+	touch $@
+
+bench: $(BENCH_STAMP)
+	$(PY) -m benchmarks.run_all
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

@@ -90,7 +90,8 @@ def main() -> None:
         "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                      "max_tokens": sampling.max_tokens},
         "results": [summary[n] for n in WORKER_COUNTS], "speedup_2_vs_1_workers": round(speedup, 2),
-    }, tables={"Rollout collection (tiny, Sokoban 6x6, 1 box)": f"{table}\n\n{note}"})
+    }, tables={"Rollout collection (tiny, Sokoban 6x6, 1 box)": f"{table}\n\n{note}"},
+        readme=["Rollout collection (tiny, Sokoban 6x6, 1 box)"])
 
 
 if __name__ == "__main__":

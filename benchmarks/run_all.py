@@ -2,17 +2,21 @@
 
     python -m benchmarks.run_all [name ...]
 
-Each benchmark runs in its own process (a fresh Ray, fresh engines, no memory carried over), under
-a time limit so one stuck script cannot eat the whole `make bench` budget (15 minutes on 2 cores).
-The known ones run first, in `ORDER`; any other script in benchmarks/ with a `main()` runs after
-them. summary.md holds only what the scripts saved: their own tables where they give them
-(`common.save(..., tables=...)`), else their scalar results, plus each script's runtime and status.
+Each benchmark runs in its own process (a fresh Ray, fresh engines, no memory carried over). The
+whole run must end within `BUDGET_S` (`make bench`: 15 minutes on 2 cores), so each script has a
+planned share (`PLAN_S`) and may use it plus whatever the scripts before it left unused, never more:
+a slow or stuck script is stopped at its deadline and the rest still run. The known ones run first,
+in `ORDER`; any other script in benchmarks/ with a `main()` runs after them. summary.md holds only
+what the scripts saved: their own tables where they give them (`common.save(..., tables=...)`),
+else their scalar results, plus each script's runtime and status; the tables a script marks for the
+README (`common.save(..., readme=...)`) replace the part of README.md between `README_MARKERS`.
 Exits non-zero when any benchmark failed.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -20,12 +24,17 @@ from pathlib import Path
 
 from oel_ray.artifacts import atomic_write_text
 
-from benchmarks.common import RESULTS, machine, markdown_table
+from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("rollout", "extraction", "consolidation", "weight_sync", "kl_memory")
+ORDER = ("rollout", "extraction", "consolidation", "round", "weight_sync", "kl_memory")
 NOT_BENCHMARKS = {"__init__", "common", "run_all"}
-TIME_LIMIT_S = 600
+BUDGET_S = 14 * 60  # `make bench` <= 15 minutes: a minute left for installing, start-up and the summary
+# Seconds planned per script, adding up to the budget: 1.5-2.5x what each took on a quiet 2-core
+# machine (rollout 49, extraction 34, consolidation ~200, round ~65, weight_sync 32, kl_memory 26).
+PLAN_S = {"rollout": 120, "extraction": 90, "consolidation": 330, "round": 120, "weight_sync": 90, "kl_memory": 90}
+UNPLANNED_S = 60  # a script not in PLAN_S
+README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
 
 def discover() -> list[str]:
@@ -34,16 +43,28 @@ def discover() -> list[str]:
     return [n for n in ORDER if n in found] + [n for n in found if n not in ORDER]
 
 
-def run(name: str) -> dict:
-    """Run one benchmark with its output passed through; its runtime and how it ended."""
+def deadlines(names: list[str], start: float) -> list[float]:
+    """When each script must have ended: the planned shares added up from `start`, capped at the budget."""
+    ends, total = [], 0.0
+    for name in names:
+        total += PLAN_S.get(name, UNPLANNED_S)
+        ends.append(start + min(total, BUDGET_S))
+    return ends
+
+
+def run(name: str, deadline: float) -> dict:
+    """Run one benchmark with its output passed through, until `deadline` at the latest (a
+    time.perf_counter() value); its runtime and how it ended."""
     print(f"\n=== benchmarks.{name} ===", flush=True)
     start = time.perf_counter()
+    limit = deadline - start
+    if limit < 10:
+        return {"benchmark": name, "seconds": 0.0, "status": "skipped: the time budget was spent"}
     try:
-        code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent,
-                              timeout=TIME_LIMIT_S).returncode
+        code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, timeout=limit).returncode
         status = "ok" if code == 0 else f"failed (exit {code})"
     except subprocess.TimeoutExpired:
-        status = f"timed out after {TIME_LIMIT_S} s"
+        status = f"stopped at its deadline after {limit:.0f} s"
     return {"benchmark": name, "seconds": round(time.perf_counter() - start, 1), "status": status}
 
 
@@ -74,13 +95,17 @@ def section(name: str, runtime: dict) -> str:
     return f"{head}\n\n{body}"
 
 
-def write_summary(runtimes: list[dict], wall_s: float) -> Path:
+def provenance() -> str:
     m = machine()
+    return (f"Written by `python -m benchmarks.run_all` on {time.strftime('%Y-%m-%d %H:%M %Z')}: "
+            f"{m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}. Every figure comes from the "
+            "results files of this run's scripts; ratios compare systems measured in the same run on the same machine.")
+
+
+def write_summary(runtimes: list[dict], wall_s: float) -> Path:
     parts = [
         "# Benchmark summary",
-        f"Written by `python -m benchmarks.run_all` on {time.strftime('%Y-%m-%d %H:%M %Z')}: "
-        f"{m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}. Every figure below comes from the "
-        "results files of this run's scripts; ratios compare systems measured in the same run on the same machine.",
+        provenance(),
         markdown_table(["benchmark", "status", "seconds"], [[r["benchmark"], r["status"], r["seconds"]]
                                                              for r in runtimes] + [["total", "", round(wall_s, 1)]]),
         *[section(r["benchmark"], r) for r in runtimes],
@@ -90,13 +115,35 @@ def write_summary(runtimes: list[dict], wall_s: float) -> Path:
     return path
 
 
+def update_readme(runtimes: list[dict], readme: Path = ROOT / "README.md") -> bool:
+    """Put this run's README tables between the markers in README.md; False when it has none."""
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        print(f"{readme}: no {start} ... {end} markers; README not updated")
+        return False
+    parts = [provenance() + " All tables: `benchmarks/results/summary.md`."]
+    for r in runtimes:
+        path = RESULTS / f"{r['benchmark']}.json"
+        data = json.loads(path.read_text()) if r["status"] == "ok" and path.exists() else {}
+        if r["status"] != "ok":
+            parts.append(f"`benchmarks.{r['benchmark']}`: {r['status']}.")
+        parts += [f"**{title}**\n\n{data['tables_md'][title]}" for title in data.get("readme_tables", [])]
+    block = f"{start}\n" + "\n\n".join(parts) + f"\n{end}"
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    atomic_write_text(readme, pattern.sub(lambda _: block, text, count=1))
+    return True
+
+
 def main() -> None:
     names = sys.argv[1:] or discover()
     start = time.perf_counter()
-    runtimes = [run(name) for name in names]
+    runtimes = [run(name, deadline) for name, deadline in zip(names, deadlines(names, start))]
     wall = time.perf_counter() - start
     atomic_write_text(RESULTS / "run_all.json", json.dumps({"runs": runtimes, "seconds": round(wall, 1)}, indent=2))
     path = write_summary(runtimes, wall)
+    if not sys.argv[1:]:  # a partial run leaves the README's table, which comes from a whole one
+        update_readme(runtimes)
     print("\n" + markdown_table(["benchmark", "status", "seconds"],
                                 [[r["benchmark"], r["status"], r["seconds"]] for r in runtimes]))
     print(f"total {wall:.0f} s; summary: {path}")

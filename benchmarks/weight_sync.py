@@ -59,14 +59,16 @@ def main() -> None:
 
     rows = {t: {"median_ms": 1e3 * statistics.median(v), "mean_ms": 1e3 * statistics.fmean(v),
                 "min_ms": 1e3 * min(v), "max_ms": 1e3 * max(v), "syncs": len(v)} for t, v in seconds.items()}
-    print(f"\nWeight sync, tiny model: {len(weights)} tensors, {size / 2**20:.2f} MiB "
-          f"({cfg.model.dtype}), 1 learner rank -> 1 vLLM worker\n")
-    print(markdown_table(["transport", "median ms", "mean ms", "min ms", "max ms"],
-                         [[t, r["median_ms"], r["mean_ms"], r["min_ms"], r["max_ms"]] for t, r in rows.items()]))
-    print(f"\nafter the last sync: max |engine - learner| log-prob = {error:.2e}")
+    title = (f"Weight sync, tiny model: {len(weights)} tensors, {size / 2**20:.2f} MiB ({cfg.model.dtype}), "
+             "1 learner rank -> 1 vLLM worker")
+    table = markdown_table(["transport", "median ms", "mean ms", "min ms", "max ms"],
+                           [[t, r["median_ms"], r["mean_ms"], r["min_ms"], r["max_ms"]] for t, r in rows.items()])
+    note = f"after the last sync: max |engine - learner| log-prob = {error:.2e}; gloo runs the nccl transport's code"
+    print(f"\n{title}\n\n{table}\n\n{note}")
     path = save("weight_sync", {"model": {"tensors": len(weights), "bytes": size, "dtype": cfg.model.dtype},
                                 "transports": rows, "max_logprob_error_after_sync": error,
-                                "note": "gloo runs the nccl transport's packing/streaming code on CPU"})
+                                "note": "gloo runs the nccl transport's packing/streaming code on CPU"},
+                tables={title: f"{table}\n\n{note}"}, readme=[title])
     print(f"saved {path}")
     assert error < 1e-4, "the worker does not run the learner's weights"
 

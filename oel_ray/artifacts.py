@@ -2,29 +2,39 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from oel_ray.config import InputError
 from oel_ray.types import Trajectory
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def atomic_open(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
+    """A text file that appears at `path` whole, or not at all: written under a temporary name
+    beside it, synced, then renamed over it. Readable like any new file (mkstemp's are 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "w", newline=newline) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -87,11 +97,7 @@ def read_knowledge_set(path: Path) -> list[str]:
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
-    fields = list(rows[0])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
+    with atomic_open(path, newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)

@@ -144,6 +144,10 @@ class LearnerConfig:
     # Save the full training state (weights, optimizer, schedule) every this many steps, so an
     # interrupted run resumes mid-consolidation (the paper checkpoints every 2 steps).
     checkpoint_every: int = 2
+    # Torch threads per learner rank; 0: every core of the node split over the ranks when the
+    # consolidation stages run one after another (nothing else computes meanwhile), the rank's CPU
+    # share rounded up when sampling overlaps the learner (consolidation.async_steps=1).
+    threads: int = 0
 
 
 @dataclass
@@ -170,17 +174,25 @@ class ConsolidationConfig:
     # "off_policy" (context-distillation baseline): the teacher, with the knowledge in context,
     # samples once per prefix at round start; the student minimises forward KL on those replies.
     mode: str = "on_policy"
+    # 0: strictly on-policy, every batch is sampled by the current weights. 1: the workers sample
+    # (and the teacher scores) batch t+1 while the learner takes step t, so batch t+1 comes from
+    # weights one step old (StepMetrics.policy_lag = 1): faster, one step off-policy. On CPU pair it
+    # with rollout.bind_cores=false: bound, the workers' engines take every core from the learner.
+    async_steps: int = 0
 
 
 @dataclass
 class OODConfig:
     # IF-Eval prompt-level strict accuracy, measured every round beside the pass rate (the paper's
     # out-of-distribution check): "fixture" (the team's small IF-Eval-format set), the path of an
-    # IF-Eval JSONL (e.g. google-research's input_data.jsonl), or "none".
+    # IF-Eval JSONL (e.g. google-research's input_data.jsonl), "lm_eval" (lm-eval's ifeval task on
+    # each round's saved checkpoint through its vLLM backend; needs lm-eval and its data offline), or "none".
     ifeval: str = "fixture"
     max_tokens: int = "${rollout.max_response_tokens}"  # type: ignore[assignment]  # paper: 1280
     unknown_instructions: str = "skip"  # ids without a checker (language detection): skip or error
     seed: int = 42
+    # lm_eval: its engine starts beside the idle rollout engines, on the driver node's first GPU
+    lm_eval_gpu_memory_utilization: float = 0.1
 
 
 @dataclass
@@ -319,11 +331,16 @@ def validate(cfg: OELConfig) -> OELConfig:
         "extractor.max_response_tokens",
         f"{e.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({e.max_knowledge_tokens})",
     )
+    _require(  # the extraction prompt is cut to leave a full reply room: some must be left for it
+        e.max_response_tokens < cfg.model.max_model_len,
+        "extractor.max_response_tokens",
+        f"{e.max_response_tokens} must be below model.max_model_len ({cfg.model.max_model_len})",
+    )
     if e.model.startswith(("http://", "https://")):
         _require(bool(e.endpoint_model), "extractor.endpoint_model",
                  "name the model served at extractor.model (an OpenAI-compatible endpoint)")
-    elif e.model != "policy":
-        check_model_path(e.model, None)
+    elif e.model != "policy":  # the initial checkpoint (${model.path}) is built first when model.build says so
+        check_model_path(e.model, cfg.model.build if e.model == cfg.model.path else None)
     _require(
         e.k <= r.games_per_round,
         "extractor.k",
@@ -334,10 +351,13 @@ def validate(cfg: OELConfig) -> OELConfig:
     _choice("teacher.knowledge_position", cfg.teacher.knowledge_position, KNOWLEDGE_POSITIONS)
     _choice("teacher.context", cfg.teacher.context, TEACHER_CONTEXTS)
     _choice("consolidation.mode", cfg.consolidation.mode, CONSOLIDATION_MODES)
+    _choice("consolidation.async_steps", cfg.consolidation.async_steps, (0, 1))
     _positive("ood.max_tokens", cfg.ood.max_tokens)
     _choice("ood.unknown_instructions", cfg.ood.unknown_instructions, ("skip", "error"))
-    _require(cfg.ood.ifeval in ("fixture", "none") or os.path.isfile(os.path.expanduser(cfg.ood.ifeval)),
-             "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, none, or the path of an IF-Eval JSONL")
+    _require(cfg.ood.ifeval in ("fixture", "lm_eval", "none") or os.path.isfile(os.path.expanduser(cfg.ood.ifeval)),
+             "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, lm_eval, none, or the path of an IF-Eval JSONL")
+    _require(0 < cfg.ood.lm_eval_gpu_memory_utilization <= 1, "ood.lm_eval_gpu_memory_utilization",
+             f"{cfg.ood.lm_eval_gpu_memory_utilization} must be in (0, 1]")
     _require(cfg.consolidation.mode == "on_policy" or cfg.learner.loss == "topk_reverse_kl",
              "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
              "keep learner.loss=topk_reverse_kl (the default)")
@@ -351,6 +371,7 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("learner.grad_accum", lr.grad_accum)
     _positive("learner.num_ranks", lr.num_ranks)
     _positive("learner.checkpoint_every", lr.checkpoint_every)
+    _positive("learner.threads", lr.threads, allow_zero=True)
     if cfg.tracking.wandb:
         import importlib.util
 

@@ -13,10 +13,16 @@ return the teacher's top-k per position; the teacher server scores those replies
 the learner minimises the forward KL(teacher || student) with the student reading the prefix
 without knowledge. No weight sync per step (the driver syncs once after the round).
 StepMetrics.reverse_kl then holds that forward KL (see Learner.train_step).
+
+consolidation.async_steps=1 overlaps the stages: the workers sample (and the teacher scores) batch
+t+1 while the learner takes step t, so batch t+1 comes from the weights before step t, one step
+old (StepMetrics.policy_lag). The weight sync after step t still runs every step, once both are
+done, so the workers never change weights in the middle of a batch.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -28,7 +34,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
-from oel_ray.types import DistillSample, StepMetrics, Trajectory  # noqa: F401
+from oel_ray.types import DistillSample, StepMetrics, TeacherScores, Trajectory  # noqa: F401
 from oel_ray.weight_sync import WeightSync, for_roles
 
 
@@ -73,31 +79,84 @@ def learner_loss(cfg: OELConfig) -> str:
 
 def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledge_set: list[str], tokenizer,
                 *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
-    lcfg, on_policy, loss = cfg.learner, cfg.consolidation.mode == "on_policy", learner_loss(cfg)
-    sampled_only = loss == "sampled_reverse_kl"
-    support_k = lcfg.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
-    sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
-                        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
-    for step, prefixes in enumerate(batches, start=first_step + 1):
-        # Knowledge draws and sampling seeds depend only on (seed, step): a run resumed at any
-        # step makes the same choices as one that was never interrupted.
-        rng = random.Random(cfg.seed * 1_000_003 + step)
+    loss, on_policy = learner_loss(cfg), cfg.consolidation.mode == "on_policy"
+    steps = list(enumerate(batches, start=first_step + 1))
+    roles.learner.set_threads(learner_threads(cfg))
+
+    def sample(step: int, prefixes: list[str], seconds: dict[str, float]):
+        return sample_and_score(roles, cfg, step, prefixes, knowledge_set, tokenizer, seconds)
+
+    if cfg.consolidation.async_steps:
+        return _consolidate_overlapped(roles, cfg, steps, sample, on_step)
+    for step, prefixes in steps:
         seconds: dict[str, float] = {}
-        pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
-        seeds = [rng.randrange(2**31) for _ in pairs]
-        with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
-            replies = roles.workers.generate([p if on_policy else t for p, t in pairs], sampling, seeds)
-        samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
-        scores = None  # full_reverse_kl: the learner's own teacher copy scores the whole vocabulary
-        if loss != "full_reverse_kl":
-            with timed(seconds, "teacher"):
-                scores = ray.get(roles.teacher.score.remote(samples, sampled_only))
+        samples, scores = sample(step, prefixes, seconds)
         with timed(seconds, "learner"):
             metrics = roles.learner.train_step(samples, scores, step, loss=loss)
         if on_policy:  # off-policy: the workers keep the teacher's (round-start) weights
             seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
         on_step(metrics)
+
+
+def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str], knowledge_set: list[str],
+                     tokenizer, seconds: dict[str, float]) -> tuple[list[DistillSample], Optional[TeacherScores]]:
+    """Step `step`'s samples (the workers' replies) and the teacher's scores of them (None for
+    full_reverse_kl: the learner's own teacher copy scores the whole vocabulary)."""
+    on_policy, loss = cfg.consolidation.mode == "on_policy", learner_loss(cfg)
+    support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
+    sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
+                        top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
+    # Knowledge draws and sampling seeds depend only on (seed, step): a run resumed at any step
+    # makes the same choices as one that was never interrupted.
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
+    seeds = [rng.randrange(2**31) for _ in pairs]
+    with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
+        replies = roles.workers.generate([p if on_policy else t for p, t in pairs], sampling, seeds)
+    samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
+    if loss == "full_reverse_kl":
+        return samples, None
+    with timed(seconds, "teacher"):
+        return samples, ray.get(roles.teacher.score.remote(samples, loss == "sampled_reverse_kl"))
+
+
+def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int, list[str]]], sample,
+                            on_step: Callable[[StepMetrics], None]) -> None:
+    """async_steps=1. A step's seconds are the driver's during that step: sampling and scoring the
+    next batch (the first step also its own), then `learner`, the wait the overlap did not hide."""
+    if not steps:
+        return
+    loss, on_policy = learner_loss(cfg), cfg.consolidation.mode == "on_policy"
+    seconds: dict[str, float] = {}
+    batch, lag = sample(*steps[0], seconds), 0  # the first batch comes from the current weights
+    for i, (step, _) in enumerate(steps):
+        running = roles.learner.submit_train_step(*batch, step, loss=loss)
+        try:
+            if i + 1 < len(steps):  # while the learner takes this step, from the weights before it
+                upcoming = sample(*steps[i + 1], seconds)
+        except Exception:  # the learner's step still counts: a state saved now then matches the steps done
+            metrics = ray.get(running)[0]
+            metrics.policy_lag = lag
+            on_step(metrics)
+            raise
+        with timed(seconds, "learner"):
+            metrics = ray.get(running)[0]
+        if on_policy:
+            seconds["sync"] = for_roles(roles, cfg).sync(version=step)
+        metrics.seconds.update(seconds)
+        metrics.policy_lag = lag
+        on_step(metrics)
+        if i + 1 < len(steps):
+            batch, lag, seconds = upcoming, int(on_policy), {}
+
+
+def learner_threads(cfg: OELConfig) -> Optional[int]:
+    """learner.threads, else (auto) None: every core the learner's node has, as nothing else
+    computes while it does; or its CPU share rounded up when sampling runs beside it."""
+    if cfg.learner.threads:
+        return cfg.learner.threads
+    return max(1, math.ceil(cfg.cluster.cpus_per_actor)) if cfg.consolidation.async_steps else None
 
 
 @contextmanager

@@ -20,9 +20,11 @@ import ray
 
 from oel_ray import artifacts, preflight, tracking
 from oel_ray.ifeval import reference_sampling, run_ifeval
+from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.config import InputError, OELConfig
-from oel_ray.consolidate import consolidate, step_prefixes
+from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import evaluate
+from oel_ray.extractor import knowledge_set
 from oel_ray.games import train_specs
 from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
@@ -30,6 +32,7 @@ from oel_ray.roles import Deployment, sampling_for_play
 log = logging.getLogger("oel_ray")
 
 EXTRACTION_STREAM, DEPLOY_STREAM = 0, 1  # independent map streams within a round
+LM_EVAL_FILE = "ifeval_lm_eval.json"  # ood.ifeval=lm_eval: a round's IF-Eval, beside its eval.json
 
 
 def run(cfg: OELConfig) -> dict:
@@ -52,6 +55,9 @@ def run(cfg: OELConfig) -> dict:
 
     stage("round_0/evaluate", lambda: evaluate_into(out / "round_0", cluster.at_round_start(1), cfg, 0),
           "round_0/eval.json")
+    if cfg.ood.ifeval == "lm_eval":  # IF-Eval through lm-eval, on the initial checkpoint
+        stage("round_0/ifeval", lambda: lm_eval_into(out / "round_0", local_checkpoint(cfg.model.path), cfg),
+              f"round_0/{LM_EVAL_FILE}")
     for r in range(1, cfg.rounds + 1):
         rdir, rel = out / f"round_{r}", f"round_{r}"
         # 1. collect: the round-start model plays new training maps, no knowledge in context
@@ -73,6 +79,8 @@ def run(cfg: OELConfig) -> dict:
         # 5. checkpoint: Hugging Face weights, the next round's starting point and teacher
         stage(f"{rel}/checkpoint", lambda: checkpoint_round(rdir, cluster.after_consolidation(r)),
               f"{rel}/model/config.json")
+        if cfg.ood.ifeval == "lm_eval":  # ... and on the checkpoint just saved
+            stage(f"{rel}/ifeval", lambda: lm_eval_into(rdir, str(rdir / "model"), cfg), f"{rel}/{LM_EVAL_FILE}")
         report_rounds(out, r)
     cluster.shutdown()
     summary = run_summary(out, cfg, time.perf_counter() - started)
@@ -105,19 +113,22 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
         raise InputError(f"{rdir / 'trajectories.jsonl'}: {len(trajectories)} games but extractor.k is "
                          f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
     raw = cfg.teacher.context == "trajectories"  # ablation: the trajectories themselves, no extraction
-    chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw))
+    chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
     use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
-    knowledge_set = [chain[use_step].text for chain in chains]
-    if not any(text.strip() for text in knowledge_set):
+    texts, empty = knowledge_set(chains, use_step)
+    if not texts:
         raise InputError(f"{rdir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
                          f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
                          "try extractor.format=unstructured or a stronger extractor.model, then rerun")
     artifacts.write_json(rdir / "knowledge.json", {
         "use_step": use_step, "format": "raw_trajectories" if raw else cfg.extractor.format,
-        "set": knowledge_set,
+        "set": texts,
         "chains": [[vars(s) for s in chain] for chain in chains]})
     log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
              [chain[use_step].num_tokens for chain in chains])
+    if empty:
+        log.warning("  %d of %d chains had no knowledge at step %d; the teacher reads the other %d",
+                    empty, len(chains), use_step, len(texts))
 
 
 def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
@@ -126,7 +137,7 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
     lcfg = cfg.learner
     base = (r - 1) * lcfg.steps  # global step numbers continue across rounds
     deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")  # inputs first: a bad file fails fast
-    knowledge_set = artifacts.read_knowledge_set(rdir / "knowledge.json")
+    knowledge = artifacts.read_knowledge_set(rdir / "knowledge.json")
     done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
     batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, cfg.seed + r)
     steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
@@ -141,10 +152,10 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
                 cluster.save_training_state(r, last[0])
 
         try:
-            consolidate(cluster.roles, cfg, batches[done:], knowledge_set, cluster.tokenizer,
+            consolidate(cluster.roles, cfg, batches[done:], knowledge, cluster.tokenizer,
                         first_step=base + done, on_step=on_step)
-        except ray.exceptions.RayActorError:
-            cluster.try_save_training_state(r, last[0])  # a dead worker or teacher: keep the steps done
+        except Exception:  # a dead role, a weight-sync timeout, a bug: keep the steps done, then stop
+            cluster.try_save_training_state(r, last[0])
             raise
     if cfg.consolidation.mode == "off_policy":  # the workers kept the teacher's weights until now
         cluster.sync_workers(version=r * lcfg.steps)
@@ -173,6 +184,28 @@ def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
     artifacts.atomic_write_text(rdir / "eval.md", markdown)
 
 
+def lm_eval_into(rdir: Path, checkpoint: str, cfg: OELConfig) -> None:
+    """IF-Eval prompt-level strict accuracy from lm-eval's ifeval task on a saved checkpoint, with
+    the paper's sampling (`oel_ray.ifeval_lmeval`, in a child process)."""
+    o = cfg.ood
+    metrics = run_lm_eval_ifeval(checkpoint, seed=o.seed, max_gen_toks=o.max_tokens,
+                                 max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
+                                 gpu_memory_utilization=o.lm_eval_gpu_memory_utilization)
+    artifacts.write_json(rdir / LM_EVAL_FILE, {
+        "source": "lm_eval", "checkpoint": checkpoint, "strict_prompt_accuracy": metrics["prompt_level_strict_acc"],
+        "strict_instruction_accuracy": metrics.get("inst_level_strict_acc"), "lm_eval": metrics})
+    log.info("  IF-Eval (lm-eval) prompt-level strict accuracy %.3f", metrics["prompt_level_strict_acc"])
+
+
+def local_checkpoint(path: str) -> str:
+    """The directory of a model: `path` itself, or a hub id's snapshot in the local hub cache."""
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(path, local_files_only=True)
+
+
 def checkpoint_round(rdir: Path, roles) -> None:
     roles.learner.save(str(rdir / "model"))
     # The Hugging Face weights are now the round's result; the resumable state has served.
@@ -181,8 +214,16 @@ def checkpoint_round(rdir: Path, roles) -> None:
 
 # ----------------------------------------------------------------------------- reporting
 
+def round_report(rdir: Path) -> dict:
+    """The round's eval.json, with lm-eval's IF-Eval beside the pass rate when it measured it."""
+    report = json.loads((rdir / "eval.json").read_text())
+    if (rdir / LM_EVAL_FILE).exists():
+        report["ifeval"] = json.loads((rdir / LM_EVAL_FILE).read_text())
+    return report
+
+
 def report_rounds(out: Path, upto: int) -> None:
-    reports = [json.loads((out / f"round_{r}" / "eval.json").read_text()) for r in range(upto + 1)]
+    reports = [round_report(out / f"round_{r}") for r in range(upto + 1)]
     table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)})
     artifacts.atomic_write_text(out / "rounds.md", table)
     tracking.plot_rounds(reports, out / "rounds.png")
@@ -195,7 +236,7 @@ def kl_first_last(rdir: Path) -> tuple[float, float]:
 
 
 def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
-    last = json.loads((out / f"round_{cfg.rounds}" / "eval.json").read_text())
+    last = round_report(out / f"round_{cfg.rounds}")
     first_kl, _ = kl_first_last(out / "round_1")
     _, last_kl = kl_first_last(out / f"round_{cfg.rounds}")
     return {
@@ -204,7 +245,8 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         "pass_rate_round_0": json.loads((out / "round_0" / "eval.json").read_text())["pass_rate"],
         "response_tokens_per_turn": last["response_tokens_per_turn"],
         "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
-        "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl,
+        # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
+        "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
         "final_model": str(out / f"round_{cfg.rounds}" / "model"),
         "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
     }

@@ -74,10 +74,11 @@ class VLLMEngine:
         )
         self.init_seconds = time.perf_counter() - started
 
-    def generate(self, prompts: list[list[int]], sampling: Sampling,
-                 seeds: Optional[list[int]] = None) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], sampling: Sampling, seeds: Optional[list[int]] = None,
+                 max_tokens: Optional[list[int]] = None) -> list[Generation]:
         """One batched call for all prompts (continuous batching inside vLLM). `seeds` gives each
-        prompt its own sampling seed (reproducible whatever else is in the batch)."""
+        prompt its own sampling seed (reproducible whatever else is in the batch), `max_tokens` its
+        own reply budget (default: `sampling.max_tokens` for all)."""
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(
@@ -90,10 +91,13 @@ class VLLMEngine:
             stop_token_ids=self.stop_token_ids,
             flat_logprobs=True,  # flat arrays instead of a dict per position: no GC storm at k=256
         )
-        if seeds is not None:
+        if seeds is not None or max_tokens is not None:
             params = [params.clone() for _ in prompts]
-            for p, seed in zip(params, seeds):
-                p.seed = seed
+            for i, p in enumerate(params):
+                if seeds is not None:
+                    p.seed = seeds[i]
+                if max_tokens is not None:
+                    p.max_tokens = max_tokens[i]
         outputs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
         )
@@ -110,13 +114,20 @@ class VLLMEngine:
         ids = list(completion.token_ids)
         finished = completion.finish_reason == "stop"
         # The stop token is kept in token_ids (the student learns to stop) but not in the text.
-        text_ids = ids[:-1] if finished and ids and ids[-1] in self.stop_token_ids else ids
         return Generation(
             token_ids=ids,
-            text=self.tokenizer.decode(text_ids),
+            text=self.tokenizer.decode(ids[:self._written(ids, finished)]),
             finished=finished,
             topk_ids=topk,
         )
+
+    def reply_tokens(self, gen: Generation) -> int:
+        """The reply's length as written: generated tokens without the closing stop token (the
+        same tokens as `gen.text`)."""
+        return self._written(gen.token_ids, gen.finished)
+
+    def _written(self, ids: list[int], finished: bool) -> int:
+        return len(ids) - int(finished and bool(ids) and ids[-1] in self.stop_token_ids)
 
     def prompt_logprobs(self, token_ids: list[int]) -> np.ndarray:
         """Log-prob of each token given its prefix (length len-1), as the engine computes it."""

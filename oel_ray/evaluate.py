@@ -23,7 +23,7 @@ class EvalReport:
     games: int  # maps x samples
     passes: int
     pass_rate: float
-    ci_low: float  # 95% Wilson interval over all games
+    ci_low: float  # 95% Wilson interval at the effective number of games
     ci_high: float
     response_tokens_per_turn: float
     turns_per_game: float
@@ -32,6 +32,7 @@ class EvalReport:
     maps: int = 0
     samples: int = 1
     per_sample_pass_rates: list[float] = field(default_factory=list)  # one per sampling seed
+    effective_games: float = 0.0  # independent games the samples are worth (see effective_games)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -48,14 +49,38 @@ class EvalReport:
         )
 
 
-def wilson_interval(passes: int, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval: well-behaved at 0% and 100%, unlike the normal approximation."""
+def wilson_interval(passes: float, n: float, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval: well-behaved at 0% and 100%, unlike the normal approximation.
+    `n` may be an effective (fractional) count, `passes` then the pass rate times it."""
     if n == 0:
         return 0.0, 0.0
     p = passes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def effective_games(per_map: list[list[bool]]) -> float:
+    """How many independent games `per_map` (each map's samples) are worth for a pass-rate interval.
+
+    Samples of one map are correlated (an easy map tends to pass every time), so maps x samples
+    overstates the evidence. Design effect: n / (1 + (s - 1) * ICC), with the intraclass correlation
+    from the one-way ANOVA of passes by map, kept between the number of maps (samples perfectly
+    correlated) and of games (independent). With one sample per map it is the number of games; when
+    every game passed or every game failed the correlation cannot be estimated and it is the
+    number of maps (the cautious end)."""
+    m, s = len(per_map), len(per_map[0]) if per_map else 0
+    n = m * s
+    if s <= 1:
+        return float(n)
+    rates = [sum(games) / s for games in per_map]
+    mean = sum(rates) / m
+    between = s * sum((r - mean) ** 2 for r in rates) / (m - 1) if m > 1 else 0.0
+    within = s * sum(r * (1 - r) for r in rates) / (m * (s - 1))
+    if m < 2 or between + (s - 1) * within == 0:
+        return float(m)
+    design_effect = 1 + (s - 1) * (between - within) / (between + (s - 1) * within)
+    return float(n) if design_effect <= 1 else max(float(m), n / design_effect)
 
 
 def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> EvalReport:
@@ -66,7 +91,8 @@ def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> E
     maps = n // samples
     passes = sum(t.passed for t in trajectories)
     turns = [turn for t in trajectories for turn in t.turns]
-    low, high = wilson_interval(passes, n)
+    effective = effective_games([[t.passed for t in trajectories[m::maps]] for m in range(maps)])
+    low, high = wilson_interval(passes / n * effective if n else 0, effective)
     per_sample = [sum(t.passed for t in trajectories[s * maps:(s + 1) * maps]) / max(1, maps)
                   for s in range(samples)]
     return EvalReport(
@@ -75,7 +101,7 @@ def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> E
         turns_per_game=len(turns) / max(1, n),
         invalid_rate=sum(t.outcome == "invalid" for t in trajectories) / max(1, n),
         invalid_turn_rate=sum(invalid_turns(t) for t in trajectories) / max(1, len(turns)),
-        maps=maps, samples=samples, per_sample_pass_rates=per_sample,
+        maps=maps, samples=samples, per_sample_pass_rates=per_sample, effective_games=effective,
     )
 
 

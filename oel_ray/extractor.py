@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import random
 import re
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
 from oel_ray.config import ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
-from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_text
+from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
+from oel_ray.rollout import mix_seeds
 from oel_ray.types import KnowledgeSnapshot, Trajectory
 
 ITEM_LINE = re.compile(r"^\s*-+\s*EXPERIENCE ITEM:", re.IGNORECASE)
@@ -33,33 +34,99 @@ def keep_items(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if ITEM_LINE.match(line)]
 
 
-def truncate_items(items: list[str], max_tokens: int, count) -> list[str]:
-    """Keep the newest whole items whose total length fits in max_tokens."""
+def token_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def truncate_tokens(text: str, max_tokens: int, tokenizer, keep: str = "newest") -> str:
+    """At most max_tokens tokens of `text`: its newest (last) ones, or with keep="oldest" its first.
+    Decoding a cut and encoding it again can merge or split tokens at the cut, so the result is
+    counted again and cut deeper until it fits."""
+    limit = max(0, max_tokens)
+    ids = token_ids(tokenizer, text)
+    cut, count = limit, len(ids)
+    while count > limit:
+        part = ids[len(ids) - cut:] if keep == "newest" else ids[:cut]
+        text = tokenizer.decode(part).lstrip() if keep == "newest" else tokenizer.decode(part).rstrip()
+        count = len(token_ids(tokenizer, text))
+        cut -= 1
+    return text
+
+
+def truncate_items(items: list[str], max_tokens: int, tokenizer) -> list[str]:
+    """The newest whole items whose total length fits in max_tokens. If the newest item alone is
+    longer, its beginning (where the item marker is) cut to max_tokens: never nothing."""
     kept, total = [], 0
     for item in reversed(items):
-        total += count(item + "\n")
+        total += len(token_ids(tokenizer, item + "\n"))
         if total > max_tokens:
             break
         kept.append(item)
+    if not kept and items:
+        return [truncate_tokens(items[-1], max_tokens, tokenizer, keep="oldest")]
     return kept[::-1]
 
 
-def truncate_tokens(text: str, max_tokens: int, tokenizer) -> str:
-    """Keep the newest max_tokens tokens of free text."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return text if len(ids) <= max_tokens else tokenizer.decode(ids[-max_tokens:]).lstrip()
+def fit_trajectory(traj: Trajectory, max_tokens: int, tokenizer) -> str:
+    """The extractor's trajectory text in about max_tokens: the summary and the newest turns that fit
+    whole; older turns are left out, which loses little, since each turn's observation lists every
+    earlier board and move. If not even the newest turn fits, its beginning is kept. The summary
+    always stays, whatever its length."""
+    *turns, summary = trajectory_parts(traj)
+    note = "(Turns 1 to {} are left out for length; the observations below list their moves.)"
+    room = max_tokens - len(token_ids(tokenizer, f"{note.format(len(turns))}\n\n{summary}"))
+    kept: list[str] = []
+    for turn in reversed(turns):
+        need = len(token_ids(tokenizer, turn + "\n\n"))
+        if need > room:
+            break
+        kept.insert(0, turn)
+        room -= need
+    if not kept and turns and room > 0:
+        kept = [truncate_tokens(turns[-1], room, tokenizer, keep="oldest") + " [...]"]
+    left_out = len(turns) - len(kept)
+    return "\n\n".join(([note.format(left_out)] if left_out and kept else []) + kept + [summary])
 
 
-def chain_orders(trajectories: list[Trajectory], k: int, num_chains: int, seed: int) -> list[list[Trajectory]]:
-    """Each chain reads its own seeded selection and order of k trajectories."""
-    return [random.Random(seed * 1000 + c).sample(trajectories, k) for c in range(num_chains)]
+def shrink_to_fit(render: Callable[[int], str], length: Callable[[str], int], budget: int, size: int) -> str:
+    """render(n) for the largest n <= size, stepping down, whose length is within budget; render(0)
+    if none is."""
+    text = render(size)
+    while (over := length(text) - budget) > 0 and size > 0:
+        size = max(0, size - over)
+        text = render(size)
+    return text
+
+
+def chain_orders(trajectories: list[Trajectory], k: int, num_chains: int, seed: int,
+                 round: int) -> list[list[Trajectory]]:
+    """Each chain reads its own selection and order of k trajectories, new in every round."""
+    return [random.Random(mix_seeds(seed, round, c)).sample(trajectories, k) for c in range(num_chains)]
+
+
+def chain_seed(seed: int, round: int, chain: int, step: int) -> int:
+    """The sampling seed of one chain's extraction at one accumulation step of one round."""
+    return mix_seeds(seed, round, chain, step)
+
+
+def knowledge_set(chains: list[list[KnowledgeSnapshot]], use_step: int) -> tuple[list[str], int]:
+    """The texts the teacher reads: each chain's knowledge at `use_step`, without the empty ones (a
+    chain whose extractions had no items so far), and how many were left out for being empty."""
+    texts = [chain[use_step].text for chain in chains]
+    kept = [text for text in texts if text.strip()]
+    return kept, len(texts) - len(kept)
 
 
 class Extractor:
     """Runs the chains. `engines`: rollout-worker actors (the policy, or a worker holding the
-    extractor's own model) fed token ids; or one ChatEndpoint fed messages."""
+    extractor's own model) fed token ids; or one ChatEndpoint fed messages.
 
-    def __init__(self, cfg: ExtractorConfig, policy_path: str, engines: list, *, thinking: bool, seed: int):
+    `context_length`: tokens of prompt and reply the engines take (default: asked from the rollout
+    workers; None for an endpoint, whose prompts are sent whole). Each prompt is then cut to leave
+    room for a full reply of extractor.max_response_tokens."""
+
+    def __init__(self, cfg: ExtractorConfig, policy_path: str, engines: list, *, thinking: bool, seed: int,
+                 context_length: Optional[int] = None):
         from transformers import AutoTokenizer
 
         self.cfg = cfg
@@ -71,31 +138,58 @@ class Extractor:
         self.chat_tokenizer = self.tokenizer if chat_path == policy_path else AutoTokenizer.from_pretrained(chat_path)
         self.thinking = thinking
         self.seed = seed
+        if context_length is None and engines and not self.endpoint:
+            context_length = min(ray.get([e.context_length.remote() for e in engines]))
+        self.prompt_budget = None if context_length is None else context_length - cfg.max_response_tokens
 
     def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return len(token_ids(self.tokenizer, text))
 
     def accumulate(self, knowledge: str, reply: str) -> str:
         answer = strip_reasoning(reply)
         limit = self.cfg.max_knowledge_tokens
         if self.cfg.format == "structured":
             items = keep_items(knowledge) + keep_items(answer)
-            return "\n".join(truncate_items(items, limit, self.count_tokens))
+            return "\n".join(truncate_items(items, limit, self.tokenizer))
         merged = f"{knowledge}\n\n{answer}".strip() if answer else knowledge
         return truncate_tokens(merged, limit, self.tokenizer)
 
     def _append_raw(self, context: str, trajectory: str) -> str:
         return truncate_tokens(f"{context}\n\n{trajectory}".strip(), self.cfg.max_knowledge_tokens, self.tokenizer)
 
-    def run(self, trajectories: list[Trajectory], chains: Optional[list[int]] = None,
-            raw: bool = False) -> list[list[KnowledgeSnapshot]]:
+    def prompt(self, knowledge: str, traj: Trajectory) -> str:
+        """The extraction prompt, short enough that a full reply still fits the engine's context:
+        the trajectory gives way first (oldest turns), then, should the template, knowledge and
+        summary alone be too long, the oldest knowledge shown."""
+        template, tok = self.cfg.prompt, self.chat_tokenizer
+
+        def length(text: str) -> int:
+            return len(chat_ids(tok, text, thinking=self.thinking))
+
+        text = extraction_prompt(template, knowledge, traj)
+        if self.prompt_budget is None or length(text) <= self.prompt_budget:
+            return text
+        full = len(token_ids(tok, trajectory_text(traj)))
+        text = shrink_to_fit(lambda n: extraction_prompt(template, knowledge, traj, fit_trajectory(traj, n, tok)),
+                             length, self.prompt_budget, full)
+        if length(text) <= self.prompt_budget:
+            return text
+        bare = fit_trajectory(traj, 0, tok)
+        return shrink_to_fit(lambda n: extraction_prompt(template, truncate_tokens(knowledge, n, tok), traj, bare),
+                             length, self.prompt_budget, len(token_ids(tok, knowledge)))
+
+    def run(self, trajectories: list[Trajectory], chains: Optional[list[int]] = None, raw: bool = False,
+            round: Optional[int] = None) -> list[list[KnowledgeSnapshot]]:
         """Snapshots per chain per step (step 0 is the empty start). `chains` picks a subset of the
         configured chains; chain c reads and samples exactly the same whichever others run with it.
-        `raw`: the paper's ablation: no extraction, each chain's context is the trajectories
-        themselves, accumulated and truncated to L tokens the same way (newest kept)."""
+        `round` (default: the round the trajectories were played in) makes each round's chain
+        orders and sampling seeds new. `raw`: the paper's ablation: no extraction, each chain's
+        context is the trajectories themselves, accumulated and truncated to L tokens the same way
+        (newest kept)."""
         cfg = self.cfg
         chains = list(range(cfg.num_chains)) if chains is None else chains
-        orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed)
+        round = trajectory_round(trajectories) if round is None else round
+        orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed, round)
         knowledge = {c: "" for c in chains}
         snapshots = {c: [KnowledgeSnapshot(c, 0, "", 0, [])] for c in chains}
         sampling = Sampling(max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,
@@ -104,9 +198,8 @@ class Extractor:
             if raw:
                 replies = [trajectory_text(orders[c][step]) for c in chains]
             else:
-                texts = [extraction_prompt(cfg.prompt, knowledge[c], orders[c][step]) for c in chains]
-                seeds = [(self.seed * 1_000_003 + c * 10_007 + step) % 2**31 for c in chains]
-                replies = self._generate(texts, sampling, seeds)
+                texts = [self.prompt(knowledge[c], orders[c][step]) for c in chains]
+                replies = self._generate(texts, sampling, [chain_seed(self.seed, round, c, step) for c in chains])
             for c, reply in zip(chains, replies):
                 knowledge[c] = self._append_raw(knowledge[c], reply) if raw else self.accumulate(knowledge[c], reply)
                 seeds_so_far = [t.seed for t in orders[c][: step + 1]]
@@ -123,3 +216,10 @@ class Extractor:
         refs = [self.engines[e].generate.remote(prompts[e::n], sampling, seeds[e::n]) for e in range(n)]
         shards = ray.get(refs)
         return [shards[c % n][c // n].text for c in range(len(prompts))]
+
+
+def trajectory_round(trajectories: list[Trajectory]) -> int:
+    rounds = {t.round for t in trajectories}
+    if len(rounds) != 1:
+        raise ValueError(f"trajectories from rounds {sorted(rounds)}: pass the extraction's round")
+    return rounds.pop()

@@ -2,12 +2,15 @@
 
 Each rank trains on its shard `samples[rank::world_size]`; the loss of every micro-batch is a sum
 divided by the *global* token (or sequence) count, so the ranks and micro-batches add up to the
-paper's token mean over the whole batch. Collectives (step, state_dict, save, sequence_logprobs)
-must be called on all ranks: `LearnerGroup` does that.
+paper's token mean over the whole batch. Inside a micro-batch the samples go through the model in
+length buckets, one forward pass each (`length_buckets`), so little compute goes to padding; the
+loss is the same sum over the same response tokens. Collectives (step, state_dict, save,
+sequence_logprobs) must be called on all ranks: `LearnerGroup` does that.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import socket
@@ -76,11 +79,10 @@ class _Distill(torch.nn.Module):
 
     def forward(self, input_ids, gather_idx, mask, num_units, loss, support=None, teacher_lp=None,
                 teacher_hidden=None, teacher_head=None):
+        """input_ids / gather_idx: one tensor per length bucket (see `length_buckets`); the rows of
+        the other inputs are the buckets' rows one after another."""
         base = getattr(self.model, self.model.base_model_prefix)
-        # Right padding with a causal model: real positions never see padding, so no attention mask.
-        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
-        # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
-        hidden = hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        hidden = torch.cat([_response_hidden(base, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
         weight = self.model.get_output_embeddings().weight
         kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
                   chunk_tokens=self.chunk_tokens, num_units=num_units)
@@ -93,6 +95,38 @@ class _Distill(torch.nn.Module):
             out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
                                        renormalize=self.cfg.renormalize, **kw)
         return out.loss, out.kl, out.student_mass, out.teacher_mass
+
+
+def _response_hidden(base, input_ids, gather_idx):
+    """Last hidden states [B, R, H] at the positions that predict the response tokens."""
+    # Right padding with a causal model: real positions never see padding, so no attention mask.
+    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+    # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
+    return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+# What one more forward pass costs, in padded tokens, when `length_buckets` weighs it against padding.
+BUCKET_OVERHEAD_TOKENS = 128
+
+
+def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` grouped into buckets of similar length, longest first, so that one
+    forward pass per bucket computes on as little padding as is worth a pass: the split minimises
+    the padded tokens (bucket size x its longest) plus `overhead_tokens` per bucket, exactly, by
+    dynamic programming over the sorted lengths. The loss is a sum over response tokens, so the
+    buckets change which padding is computed, never the result (up to float rounding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cost, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # over the first j sorted
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last bucket is order[i:j]; its longest is order[i]
+            c = cost[i] + (j - i) * lengths[order[i]] + overhead_tokens
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    buckets, j = [], len(order)
+    while j:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
 
 
 def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
@@ -114,6 +148,43 @@ def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
         raise ValueError(f"ids {ids.shape} and teacher logprobs {lp.shape} must both be "
                          f"[len(response_ids)={r}, k]")
     return ids, lp
+
+
+def _pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, width: Optional[int] = None):
+    """Right-padded prompt + response ids [B, L], and per response position j the index of the
+    hidden state that predicts response token j (len(prompt) - 1 + j) [B, R]; R = `width` or the
+    longest response."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every sample needs a non-empty prompt")
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    L, R = max(map(len, seqs)), width or max(1, max(map(len, responses)))
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
+    for b, (p, seq) in enumerate(zip(prompts, seqs)):
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        gather_idx[b] = (len(p) - 1 + torch.arange(R)).clamp(max=L - 1)
+    return input_ids, gather_idx
+
+
+def _collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int):
+    """The engine's inputs for one micro-batch: the student's sequences (one block per length
+    bucket: the samples come grouped, `bucket_sizes` long each), the response mask and, for the
+    support losses, the support ids and teacher log-probs (`targets`)."""
+    responses = [s.response_ids for s in samples]
+    width = max(1, max(map(len, responses)))
+    starts = np.cumsum([0, *bucket_sizes])
+    blocks = [_pack([s.student_prompt_ids for s in samples[a:b]], responses[a:b], pad_id, width)
+              for a, b in zip(starts[:-1], starts[1:])]
+    mask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
+    batch = dict(input_ids=tuple(ids for ids, _ in blocks), gather_idx=tuple(idx for _, idx in blocks), mask=mask)
+    if targets is not None:
+        k = targets[0][0].shape[1]
+        batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
+        batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
+        for b, (sup, lt) in enumerate(targets):
+            batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
+                                                                                  torch.from_numpy(lt))
+    return batch
 
 
 class Learner:
@@ -171,40 +242,18 @@ class Learner:
     def ready(self) -> bool:
         return True
 
-    def _pack(self, prompts: list[list[int]], responses: list[list[int]]):
-        """Right-padded prompt + response ids [B, L], and per response position j the index of the
-        hidden state that predicts response token j (len(prompt) - 1 + j) [B, R]."""
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("every sample needs a non-empty prompt")
-        seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-        L, R = max(map(len, seqs)), max(1, max(map(len, responses)))
-        input_ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
-        gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
-        for b, (p, seq) in enumerate(zip(prompts, seqs)):
-            input_ids[b, :len(seq)] = torch.tensor(seq)
-            gather_idx[b] = (len(p) - 1 + torch.arange(R)).clamp(max=L - 1)
-        return input_ids, gather_idx
-
-    def _collate(self, samples: list[DistillSample], targets: Optional[list[tuple]]):
-        """The engine's inputs for one micro-batch: the student's sequences, the response mask and,
-        for the support losses, the support ids and teacher log-probs (`targets`)."""
-        responses = [s.response_ids for s in samples]
-        input_ids, gather_idx = self._pack([s.student_prompt_ids for s in samples], responses)
-        mask = torch.arange(gather_idx.shape[1])[None, :] < torch.tensor([len(r) for r in responses])[:, None]
-        batch = dict(input_ids=input_ids, gather_idx=gather_idx, mask=mask)
-        if targets is not None:
-            k = targets[0][0].shape[1]
-            batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
-            batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
-            for b, (sup, lt) in enumerate(targets):
-                batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
-                                                                                      torch.from_numpy(lt))
-        return batch
+    def set_threads(self, threads: Optional[int]) -> int:
+        """Torch threads for this rank from now on; None: the cores this process may run on, split
+        over the ranks. Returns the count."""
+        threads = threads or max(1, len(os.sched_getaffinity(0)) // self.world)
+        torch.set_num_threads(threads)
+        return threads
 
     def _teacher_inputs(self, samples: list[DistillSample]) -> dict:
         """full_reverse_kl: the frozen teacher copy's hidden states at the response positions of
         (teacher prompt + response), and its output head."""
-        input_ids, gather_idx = self._pack([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples])
+        input_ids, gather_idx = _pack([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples],
+                                      self.pad_id)
         return dict(teacher_hidden=self.teacher.hidden(input_ids.to(self.device), gather_idx.to(self.device)),
                     teacher_head=self.teacher.head)
 
@@ -240,9 +289,12 @@ class Learner:
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
         for part in np.array_split(np.arange(self.rank, len(samples), self.world), cfg.grad_accum):
+            buckets = length_buckets([len(samples[i].student_prompt_ids) + len(samples[i].response_ids) for i in part])
+            part = [part[i] for bucket in buckets for i in bucket]
             micro = [samples[i] for i in part]
-            batch = self._collate(micro, None if targets is None else [targets[i] for i in part])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
+            batch = _collate(micro, None if targets is None else [targets[i] for i in part],
+                             list(map(len, buckets)), self.pad_id)
+            batch = {k: _to(v, self.device) for k, v in batch.items()}
             if kind == "full_reverse_kl":
                 batch.update(self._teacher_inputs(micro))
             value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
@@ -349,6 +401,10 @@ class Learner:
         return int(self.engine.global_steps)
 
 
+def _to(x, device):
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+
+
 def _unique_tensors(model) -> dict[str, torch.Tensor]:
     """The model's state_dict without tensors tied to one already taken (the tied output head)."""
     out, seen = {}, set()
@@ -419,8 +475,17 @@ class LearnerGroup:
     def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
                    loss: Optional[str] = None) -> StepMetrics:
         """See Learner.train_step; `loss` overrides learner.loss for this step (off-policy: topk_forward_kl)."""
+        return ray.get(self.submit_train_step(samples, scores, step, loss))[0]
+
+    def submit_train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
+                          loss: Optional[str] = None) -> list[ray.ObjectRef]:
+        """`train_step` started on every rank without waiting: ray.get(refs)[0] is its StepMetrics."""
         batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
-        return self._all("train_step_packed", batch, step, loss)
+        return [r.train_step_packed.remote(batch, step, loss) for r in self.ranks]
+
+    def set_threads(self, threads: Optional[int] = None) -> int:
+        """Torch threads per rank (None: the node's cores split over the ranks); see Learner.set_threads."""
+        return self._all("set_threads", threads)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._all("state_dict")

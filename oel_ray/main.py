@@ -1,12 +1,16 @@
 """Entry point: `python -m oel_ray.main [+experiment=NAME] [overrides...]` (Hydra; -m for sweeps).
 
-Configuration mistakes are reported as one line naming the field and the fix, before Ray starts.
+Configuration mistakes are reported as one line naming the field and the fix, before Ray starts
+(exit code 2). A run stopped by a dead role or a timeout says so in one line and how to resume
+(exit code 1); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
+from typing import Optional
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
@@ -23,6 +27,29 @@ def fail(message: str, kind: str = "config") -> None:
     sys.exit(2)
 
 
+def stop_reason(err: BaseException) -> Optional[str]:
+    """Why the run stopped, in a few words, when `err` or what caused it is an operational failure
+    that a rerun resumes from: a role's process, a Ray worker or a node died, or a wait timed out.
+    None for anything else (a bug: its traceback is the report)."""
+    from ray import exceptions as rx
+
+    seen: Optional[BaseException] = err
+    while seen is not None:
+        if isinstance(seen, rx.RayActorError):
+            role = re.search(r"class_name: (\w+)", str(seen))
+            died = f"the {role.group(1)} actor died" if role else "a role died"
+            return f"{died} ({type(seen).__name__})" if seen is err else f"{first_line(err)} ({died})"
+        if isinstance(seen, (rx.WorkerCrashedError, rx.NodeDiedError, rx.ObjectLostError, TimeoutError)):
+            return first_line(seen) if seen is err else f"{first_line(err)} ({first_line(seen)})"
+        seen = seen.__cause__ or getattr(seen, "cause", None)  # RayTaskError keeps the remote one in .cause
+    return None
+
+
+def first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> dict:
     try:
@@ -30,8 +57,6 @@ def hydra_main(raw: DictConfig) -> dict:
     except config.ConfigError as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    from ray.exceptions import RayActorError
-
     from oel_ray import driver
     from oel_ray.tiny_model import build_tiny_model
 
@@ -42,10 +67,13 @@ def hydra_main(raw: DictConfig) -> dict:
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
     except config.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         fail(str(err), "input" if isinstance(err, config.InputError) else "config")
-    except RayActorError as err:
-        logging.getLogger("oel_ray").error("%s", err)
-        print(f"oel_ray: stopped: a role died ({type(err).__name__}); finished stages and the last "
-              "training state are saved: rerun the same command to resume", file=sys.stderr)
+    except Exception as err:
+        reason = stop_reason(err)
+        if reason is None:
+            raise
+        logging.getLogger("oel_ray").error("%s: %s", type(err).__name__, err)
+        print(f"oel_ray: stopped: {reason}; finished stages and the last training state are saved: "
+              "rerun the same command to resume", file=sys.stderr)
         sys.exit(1)
     finally:
         import ray
@@ -65,7 +93,8 @@ def print_summary(summary: dict) -> None:
         f"mean response tokens per turn {summary['response_tokens_per_turn']:.1f}\n"
         + (f"IF-Eval prompt-level strict accuracy (OOD) {summary['ifeval_strict_prompt_accuracy']:.3f}\n"
            if summary.get("ifeval_strict_prompt_accuracy") is not None else "") +
-        f"reverse KL first step {summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}\n"
+        f"{'forward' if 'forward' in summary['consolidation_loss'] else 'reverse'} KL first step "
+        f"{summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}\n"
         f"final model {summary['final_model']}\n"
         f"rounds table {summary['rounds_table']}, plot {summary['plot']}"
     )

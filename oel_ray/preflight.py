@@ -13,13 +13,15 @@ def check(cfg: OELConfig) -> None:
     game = _longest_game(cfg)
     _check_prompt_room(cfg, game)
     ifeval_rows(cfg)
+    _check_lm_eval(cfg)
 
 
 def ifeval_rows(cfg: OELConfig) -> list:
-    """The OOD prompts, read and checked (every instruction known or skippable); [] when off."""
+    """The OOD prompts, read and checked (every instruction known or skippable); [] when off or
+    measured by lm-eval."""
     from oel_ray import ifeval
 
-    if cfg.ood.ifeval == "none":
+    if cfg.ood.ifeval in ("none", "lm_eval"):
         return []
     try:
         rows = ifeval.load_rows(cfg.ood.ifeval)
@@ -27,6 +29,15 @@ def ifeval_rows(cfg: OELConfig) -> list:
     except (OSError, ValueError) as err:
         raise ConfigError(f"ood.ifeval: {err}") from None
     return rows
+
+
+def _check_lm_eval(cfg: OELConfig) -> None:
+    """ood.ifeval=lm_eval: lm-eval, its vLLM backend and its IF-Eval data must be on this machine
+    (a child process tries them offline, in seconds): otherwise every round would fail at its end."""
+    from oel_ray.ifeval_lmeval import lm_eval_problem
+
+    if cfg.ood.ifeval == "lm_eval" and (problem := lm_eval_problem()):
+        raise ConfigError(f"ood.ifeval: lm_eval cannot run here: {problem}")
 
 
 def _longest_game(cfg: OELConfig):

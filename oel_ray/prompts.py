@@ -40,21 +40,26 @@ def teacher_messages(prefix: str, knowledge: str, position: str) -> tuple[str | 
     return None, f"{intro}\n\n{knowledge_block(knowledge)}\n\n{situation}"
 
 
-def trajectory_text(traj: Trajectory) -> str:
-    """What the extractor reads: each turn's input and raw output, then how the game ended."""
-    parts = []
-    for i, turn in enumerate(traj.turns, 1):
-        parts.append(f"### Turn {i}\nObservation:\n{turn.prompt}\n\nYour output:\n{turn.response}")
+def trajectory_parts(traj: Trajectory) -> list[str]:
+    """What the extractor reads, in pieces: one per turn (its input and raw output), then a summary
+    of how the game ended."""
+    parts = [f"### Turn {i}\nObservation:\n{turn.prompt}\n\nYour output:\n{turn.response}"
+             for i, turn in enumerate(traj.turns, 1)]
     if traj.outcome == "turn_limit":
         ending = f"The turn limit ({len(traj.turns)} turns) was reached without success."
     else:
         result = "SUCCESS" if traj.passed else "FAILURE"
         ending = f"Final result: {result}. {traj.reason}".strip()
-    parts.append(f"### Summary\n{ending}")
-    return "\n\n".join(parts)
+    return parts + [f"### Summary\n{ending}"]
 
 
-def extraction_prompt(template: str, knowledge: str, traj: Trajectory) -> str:
+def trajectory_text(traj: Trajectory) -> str:
+    return "\n\n".join(trajectory_parts(traj))
+
+
+def extraction_prompt(template: str, knowledge: str, traj: Trajectory, trajectory: str | None = None) -> str:
+    """`trajectory`: the game's text when already rendered (e.g. shortened to fit the context)."""
     return template.format(
-        knowledge=knowledge.strip() or "(none yet)", trajectory=trajectory_text(traj)
+        knowledge=knowledge.strip() or "(none yet)",
+        trajectory=trajectory_text(traj) if trajectory is None else trajectory,
     )

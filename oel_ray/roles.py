@@ -94,15 +94,17 @@ class Deployment:
         self.holds = ("trained", r, steps)
 
     def try_save_training_state(self, r: int, steps: int) -> None:
-        """After a failure elsewhere: save what the learner has, if it is still alive."""
+        """After a failure elsewhere: save what the learner has, if it can. Never raises: the
+        failure being handled is the one to report."""
         saved = self._saved_states(r)
         if steps == 0 or (saved and saved[-1][0] == steps):
             return
         try:
             self.save_training_state(r, steps)
             log.warning("  saved the training state after step %d of round %d before stopping", steps, r)
-        except ray.exceptions.RayActorError:
-            log.warning("  the learner is gone too; the run resumes from the last saved step")
+        except Exception as err:  # the learner died too, or timed out
+            log.warning("  could not save the training state (%s: %s); the run resumes from the last saved step",
+                        type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
     def after_consolidation(self, r: int) -> "Deployment":
         """Workers and learner at round r's consolidated weights."""
@@ -172,11 +174,14 @@ class Deployment:
         if e.model == "policy":
             return workers.workers
         if e.model.startswith(("http://", "https://")):
+            log.info("  knowledge extracted by %s at %s", e.endpoint_model, e.model)
             return [ChatEndpoint(e.model, e.endpoint_model, api_key_env=e.api_key_env, timeout_s=c.timeout_s)]
-        return RolloutGroup(
+        from oel_ray.driver import timed
+
+        return timed(f"start the extractor's own engine ({e.model})", lambda: RolloutGroup(
             replace(self.cfg.model, path=e.model, build=None), num_workers=1, seed=self.cfg.seed, max_logprobs=1,
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            num_cpus=c.cpus_per_actor, num_gpus=gpus).workers
+            num_cpus=c.cpus_per_actor, num_gpus=gpus)).workers
 
 
 def sampling_for_play(cfg: OELConfig) -> Sampling:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import warnings
 from collections import Counter
 from typing import Callable, Iterator, Optional
 
@@ -63,7 +64,7 @@ def turn_prompt_ids(tokenizer, game: Game, *, history: str, thinking: bool, keep
 
 # ----------------------------------------------------------------------------- seeds
 
-def _mix(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
     """A well-spread 32-bit seed from integers (SeedSequence hashes them; equal inputs, equal seed)."""
     return int(np.random.SeedSequence([v & (2**64 - 1) for v in values]).generate_state(1)[0])
 
@@ -74,7 +75,7 @@ def game_seeds(specs: list[GameSpec], base: int) -> list[int]:
     seeds = []
     for spec in specs:
         key = (spec.env_id, spec.seed)  # GameSpec holds a dict: not hashable itself
-        seeds.append(_mix(base, spec.seed, seen[key]))
+        seeds.append(mix_seeds(base, spec.seed, seen[key]))
         seen[key] += 1
     return seeds
 
@@ -122,6 +123,18 @@ def bind_to_cores(cores: list[int]) -> None:
     torch.set_num_threads(len(cores))
 
 
+def quiet_vllm_start() -> None:
+    """Keep vLLM's start-up chatter (dozens of INFO/WARNING lines and a harmless 'Chat template
+    warmup failed' traceback per worker) off the console; errors still show. A VLLM_LOGGING_LEVEL
+    already set (e.g. INFO or DEBUG, to look into a problem) is respected. vLLM reads the variable
+    when it is first imported; the logger level covers a process that imported it earlier."""
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR").upper()
+    logging.getLogger("vllm").setLevel(level)
+    # vLLM's kernel scan touches a deprecated torch attribute: a FutureWarning that is not ours.
+    warnings.filterwarnings("ignore", message=r".*torch\.distributed\.reduce_op.* is deprecated",
+                            category=FutureWarning)
+
+
 # ----------------------------------------------------------------------------- worker
 
 class RolloutWorker:
@@ -139,6 +152,7 @@ class RolloutWorker:
         self.max_model_len = model.max_model_len
         self.version = 0  # optimizer steps behind the loaded weights
         self.engine: Optional[VLLMEngine] = None
+        self.calls = 0  # batched engine generate calls so far
 
     def placement(self) -> tuple[str, list[int]]:
         return ray.get_runtime_context().get_node_id(), sorted(os.sched_getaffinity(0))
@@ -146,14 +160,16 @@ class RolloutWorker:
     def start(self, cores: Optional[list[int]] = None) -> float:
         if cores:
             bind_to_cores(cores)
+        quiet_vllm_start()
         m = self.model
         self.engine = VLLMEngine(m.path, dtype=m.dtype, max_model_len=m.max_model_len,
                                  trust_remote_code=m.trust_remote_code, **self.engine_args)
         self.tokenizer = self.engine.tokenizer
-        # After start-up, only vLLM's warnings: every in-place reload logs three INFO lines per
+        # After start-up, at most vLLM's warnings: every in-place reload logs three INFO lines per
         # worker, and a RotaryEmbedding warning that is harmless (its cos/sin cache is a buffer no
         # checkpoint carries; vLLM puts it back): a 100-step round would drown the console.
-        logging.getLogger("vllm").setLevel(logging.WARNING)
+        vllm_log = logging.getLogger("vllm")
+        vllm_log.setLevel(max(vllm_log.getEffectiveLevel(), logging.WARNING))
         logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(logging.ERROR)
         return self.engine.init_seconds
 
@@ -162,6 +178,14 @@ class RolloutWorker:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def context_length(self) -> int:
+        """Tokens of prompt and reply together that this engine takes (model.max_model_len)."""
+        return self.max_model_len
+
+    def generate_calls(self) -> int:
+        """Batched engine generate calls made so far (a game turn of every active game is one)."""
+        return self.calls
 
     def threads(self) -> dict:
         """Where this worker computes: its cores and torch's thread count."""
@@ -180,9 +204,9 @@ class RolloutWorker:
         while active := [i for i, g in enumerate(games) if not g.done]:
             prompts = [turn_prompt_ids(self.tokenizer, games[i], history=self.history, thinking=self.thinking,
                                        keep_reasoning=self.keep_reasoning) for i in active]
-            turn_seeds = None if seeds is None else [_mix(seeds[i], len(games[i].turns)) for i in active]
+            turn_seeds = None if seeds is None else [mix_seeds(seeds[i], len(games[i].turns)) for i in active]
             for i, gen in zip(active, self._generate(prompts, sampling, turn_seeds)):
-                games[i].step(gen.text, len(gen.token_ids))
+                games[i].step(gen.text, self.engine.reply_tokens(gen))
         return [g.trajectory(round, self.version) for g in games]
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
@@ -191,16 +215,17 @@ class RolloutWorker:
 
     def _generate(self, prompts: list[list[int]], sampling: Sampling,
                   seeds: Optional[list[int]] = None) -> list[Generation]:
+        """One batched engine call. Each reply's token budget is `sampling.max_tokens` cut to the
+        room its own prompt leaves in the context, so a long prompt never shortens the others."""
         longest = max(len(p) for p in prompts)
-        room = self.max_model_len - longest
-        if room < 1:
+        if self.max_model_len - longest < 1:
             raise ValueError(
                 f"a prompt of {longest} tokens leaves no room to reply within model.max_model_len "
                 f"({self.max_model_len}); raise model.max_model_len or shorten the prompts"
             )
-        if room < sampling.max_tokens:
-            sampling = Sampling(**{**sampling.__dict__, "max_tokens": room})
-        return self.engine.generate(prompts, sampling, seeds)
+        budgets = [min(sampling.max_tokens, self.max_model_len - len(p)) for p in prompts]
+        self.calls += 1
+        return self.engine.generate(prompts, sampling, seeds, max_tokens=budgets)
 
     def load_weights(self, weights: dict, version: int) -> float:
         seconds = self.engine.load_weights(weights)

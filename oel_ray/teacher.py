@@ -39,7 +39,14 @@ class TeacherServer:
         return True
 
     def load_weights(self, weights: dict) -> None:
-        """Become a new frozen teacher (the previous round's final checkpoint)."""
+        """Become a new frozen teacher (the previous round's final checkpoint). Every weight must
+        come: a tied output head may be left out (it is re-tied), nothing else."""
+        own = set(self.model.state_dict())
+        tied = {"lm_head.weight"} if self.model.config.tie_word_embeddings else set()
+        missing, unexpected = own - set(weights) - tied, set(weights) - own
+        if missing or unexpected:  # checked first: a refused load leaves the teacher as it was
+            raise ValueError(f"teacher weights do not match the model: missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]}")
         self.model.load_state_dict(weights, strict=False)
         self.model.tie_weights()
 
@@ -82,7 +89,7 @@ class TeacherServer:
             start = len(s.teacher_prompt_ids) - 1  # the hidden state at p predicts token p + 1
             rows.append(hidden[row, start : start + len(s.response_ids)])
             support = np.asarray(s.response_ids).reshape(-1, 1) if sampled_only else np.asarray(s.support_ids)
-            supports.append(torch.as_tensor(support, dtype=torch.long, device=hidden.device))
+            supports.append(torch.tensor(support, dtype=torch.long, device=hidden.device))  # copies: Ray hands read-only arrays
         # One pass over every response position of the batch: a few large matmuls, not one per sample.
         head = self.model.get_output_embeddings().weight
         scores = losses.support_logprobs(torch.cat(rows), head, torch.cat(supports), self.temperature,

@@ -105,6 +105,9 @@ class StepMetrics:
     lr: float
     response_tokens: int
     seconds: dict[str, float] = field(default_factory=dict)  # per-phase wall time
+    # Optimizer steps the sampling weights were behind the learner's: 0 on-policy, 1 for batches
+    # sampled while the learner took the previous step (consolidation.async_steps=1).
+    policy_lag: int = 0
 
 
 @dataclass

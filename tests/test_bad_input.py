@@ -48,9 +48,13 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["env.kwargs.bogus=1"], "Could not override 'env.kwargs.bogus'. To append to your config use +env.kwargs.bogus=1"),
     (["learner.batch_size=7", "learner.grad_accum=2"], "learner.batch_size: 7 must be divisible by learner.grad_accum x learner.num_ranks"),
     # found with the tokenizer and a real game, still before Ray
-    (["model.max_model_len=64"], "model.max_model_len: 64 is too small: the teacher's longest prompt"),
+    (["model.max_model_len=64"], "extractor.max_response_tokens: 64 must be below model.max_model_len (64)"),
+    (["model.max_model_len=96"], "model.max_model_len: 96 is too small: the teacher's longest prompt"),
     (["extractor.max_knowledge_tokens=100000"], "model.max_model_len: 4096 is too small"),
     (["env.kwargs.dim_room=[2,2]"], "env.kwargs: Sokoban-v0 refused {'dim_room': [2, 2], 'num_boxes': 1} (ValueError"),
+    # lm-eval (with its IF-Eval data, offline) is not on this machine: said at start, not after round 0
+    (["ood.ifeval=lm_eval"], "ood.ifeval: lm_eval cannot run here: "),
+    (["ood.ifeval=/no/such/ifeval.jsonl"], "ood.ifeval: '/no/such/ifeval.jsonl' is not a file; give fixture, lm_eval"),
 ]
 
 

@@ -14,8 +14,9 @@ import pytest
 from oel_ray.config import ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
-from oel_ray.extractor import Extractor, chain_orders, keep_items, strip_reasoning, truncate_items
-from oel_ray.prompts import extraction_prompt
+from oel_ray.extractor import (Extractor, chain_orders, chain_seed, keep_items, knowledge_set, strip_reasoning,
+                               token_ids, truncate_items, truncate_tokens)
+from oel_ray.prompts import chat_ids, extraction_prompt
 from oel_ray.types import GameSpec, Trajectory, Turn
 
 STRUCTURED = "Known:\n{knowledge}\n\nGame:\n{trajectory}"
@@ -46,7 +47,7 @@ def test_structured_filter_keeps_only_item_lines():
 
 def test_truncation_counts_tokens_and_keeps_newest_whole_items(extractor):
     items = [f"- EXPERIENCE ITEM: lesson number {i} about walls" for i in range(8)]
-    kept = truncate_items(items, 40, extractor.count_tokens)
+    kept = truncate_items(items, 40, extractor.tokenizer)
     assert kept == items[-len(kept):] and 0 < len(kept) < len(items)
     assert sum(extractor.count_tokens(i + "\n") for i in kept) <= 40
     # Characters are not the unit: the kept text is far longer than 40 characters.
@@ -74,14 +75,110 @@ def test_unstructured_truncation_keeps_the_newest_tokens(tiny_model):
 
 def test_chain_orders_differ_across_chains_and_repeat_with_the_seed():
     trajs = [fake_trajectory(s) for s in range(10)]
-    a, b = chain_orders(trajs, 4, 3, seed=1), chain_orders(trajs, 4, 3, seed=1)
+    a, b = chain_orders(trajs, 4, 3, seed=1, round=1), chain_orders(trajs, 4, 3, seed=1, round=1)
     assert [[t.seed for t in c] for c in a] == [[t.seed for t in c] for c in b]
     assert len({tuple(t.seed for t in c) for c in a}) == 3
+
+
+def test_chain_orders_and_sampling_seeds_are_new_every_round():
+    trajs = [fake_trajectory(s) for s in range(20)]
+    orders = {r: [[t.seed for t in c] for c in chain_orders(trajs, 6, 3, seed=1, round=r)] for r in (1, 2, 3)}
+    for chain in range(3):
+        assert len({tuple(orders[r][chain]) for r in orders}) == 3  # each chain: a new order per round
+    seeds = {(r, c, step): chain_seed(1, r, c, step) for r in (1, 2, 3) for c in range(3) for step in range(6)}
+    assert len(set(seeds.values())) == len(seeds)  # no seed reused across rounds, chains or steps
+    assert chain_seed(1, 2, 0, 0) == seeds[(2, 0, 0)] and chain_seed(2, 2, 0, 0) != seeds[(2, 0, 0)]
+
+
+def test_knowledge_set_is_the_chains_texts_at_use_step_without_empties():
+    from oel_ray.types import KnowledgeSnapshot
+
+    texts = [["", "a1", "a2"], ["", "", " \n"], ["", "c1", "c2"], ["", "d1", ""]]
+    chains = [[KnowledgeSnapshot(c, step, text, 0, []) for step, text in enumerate(chain)]
+              for c, chain in enumerate(texts)]
+    assert knowledge_set(chains, 2) == (["a2", "c2"], 2)
+    assert knowledge_set(chains, 1) == (["a1", "c1", "d1"], 1)
+    assert knowledge_set(chains, 0) == ([], 4)
+
+
+def test_newest_item_longer_than_the_limit_is_cut_not_dropped(extractor):
+    long_item = "- EXPERIENCE ITEM: " + " ".join(f"push the box {i} steps" for i in range(30))
+    kept = truncate_items(["- EXPERIENCE ITEM: short", long_item], 40, extractor.tokenizer)
+    assert len(kept) == 1 and kept[0].startswith("- EXPERIENCE ITEM: push the box 0")
+    assert extractor.count_tokens(kept[0]) <= 40 and len(kept[0]) < len(long_item)
+    knowledge = extractor.accumulate("- EXPERIENCE ITEM: old", long_item)
+    assert knowledge == kept[0] and keep_items(knowledge) == [knowledge]  # still an item
+
+
+def test_truncated_text_stays_within_the_limit_after_decoding_and_encoding_again(extractor):
+    import random
+
+    tok = extractor.tokenizer
+    rng = random.Random(0)
+    alphabet = list("abcdefgh #[]()-_.,:\n\t") + ["é", "ü", "→", "日本", "  ", "\u00a0", "😀"]
+    naive_over = 0
+    for trial in range(200):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(20, 120)))
+        limit = rng.randint(1, 30)
+        ids = token_ids(tok, text)
+        naive = tok.decode(ids[-limit:]).lstrip()
+        naive_over += len(token_ids(tok, naive)) > limit
+        for keep in ("newest", "oldest"):
+            cut = truncate_tokens(text, limit, tok, keep=keep)
+            assert len(token_ids(tok, cut)) <= limit, (text, limit, keep)
+            if len(ids) <= limit:
+                assert cut == text
+    assert naive_over > 0  # the round trip does lengthen some cuts: the re-count is needed
+    assert truncate_tokens("anything at all", 0, tok) == ""
 
 
 def test_prompt_shows_previous_knowledge_and_the_trajectory():
     text = extraction_prompt(STRUCTURED, "- EXPERIENCE ITEM: old", fake_trajectory(7, passed=True))
     assert "- EXPERIENCE ITEM: old" in text and "board 7" in text and "SUCCESS" in text
+
+
+def long_game(seed: int, turns: int) -> Trajectory:
+    """A lost game whose turns run ~1.2k tokens each (a 300-token board history, a 900-token reply)."""
+    filler = "the box is near the wall "  # 8 tokens
+    steps = [Turn(prompt=f"OBSERVATION-{n} {filler * 37}", response=f"<think>{filler * 112}</think> REPLY-{n} [up]",
+                  response_tokens=900, action="up", feedback="moved") for n in range(1, turns + 1)]
+    return Trajectory("FrozenLake-v0-raw", seed, "train", 1, 0, steps, "loss", 0.0, "fell into a hole")
+
+
+def test_extraction_prompt_fits_the_context_with_room_for_a_full_reply(tiny_model):
+    # A paper config in miniature: L = 8192 and five turns of ~1.2k tokens against 12800 tokens of
+    # context with a 1024-token reply (frozenlake_4b/8b) - the uncut prompt would not fit.
+    cfg = ExtractorConfig(format="structured", max_knowledge_tokens=8192, max_response_tokens=1024,
+                          prompt=STRUCTURED)
+    ex = Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=12800)
+    knowledge = truncate_items([f"- EXPERIENCE ITEM: lesson {i} about holes and walls" for i in range(2000)],
+                               8192, ex.tokenizer)
+    knowledge = "\n".join(knowledge)
+    game = long_game(3, turns=5)
+
+    def length(text):
+        return len(chat_ids(ex.chat_tokenizer, text, thinking=True))
+
+    uncut = extraction_prompt(STRUCTURED, knowledge, game)
+    assert length(uncut) > 12800 - 1024 and ex.count_tokens(knowledge) > 8000
+    text = ex.prompt(knowledge, game)
+    assert length(text) <= 12800 - 1024
+    assert knowledge in text and "fell into a hole" in text  # knowledge and outcome kept whole
+    assert "REPLY-5" in text and "OBSERVATION-1 " not in text  # the newest turn stays, the oldest goes
+    assert "left out for length" in text
+
+    # Fits already: untouched. Far too small: the trajectory shrinks to its summary, then the
+    # oldest knowledge goes; it still fits and does not raise.
+    assert Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=40000).prompt(knowledge, game) == uncut
+    tight = Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=1024 + 300)
+    text = tight.prompt(knowledge, game)
+    assert length(text) <= 300 and "fell into a hole" in text and "lesson 1999 about" in text
+    assert "OBSERVATION" not in text
+
+    # Only the newest turn would fit in part: its beginning is kept.
+    mid = Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=1024 + 900)
+    text = mid.prompt("", game)
+    assert length(text) <= 900 and "OBSERVATION-5" in text and "OBSERVATION-4" not in text
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +203,8 @@ def test_extraction_through_vllm_is_reproducible(trajectories_and_workers, tiny_
     assert [[s.text for s in c] for c in first] == [[s.text for s in c] for c in again]
     assert all(len(chain) == cfg.k + 1 and chain[0].text == "" for chain in first)
     assert all(chain[-1].text and chain[-1].num_tokens <= 64 for chain in first)
-    assert [s.trajectory_seeds for s in first[0]][1:] == [[t.seed for t in chain_orders(trajs, 3, 2, 5)[0][:i]]
-                                                        for i in (1, 2, 3)]
+    order = chain_orders(trajs, 3, 2, 5, round=1)[0]  # the trajectories' round
+    assert [s.trajectory_seeds for s in first[0]][1:] == [[t.seed for t in order[:i]] for i in (1, 2, 3)]
 
 
 def _free_port() -> int:

@@ -43,8 +43,8 @@ def bfs(start, successors, is_goal, max_depth):
     return None
 
 
-def solve_sokoban(seed, max_depth=5):
-    env = raw_env(*SOKOBAN, seed)
+def solve_sokoban(seed, max_depth=5, game=SOKOBAN):
+    env = raw_env(*game, seed)
     fixed, room = env.room_fixed, env.room_state
     rows, cols = fixed.shape
     goals = {(r, c) for r in range(rows) for c in range(cols) if fixed[r, c] == 2}
@@ -70,8 +70,8 @@ def solve_sokoban(seed, max_depth=5):
     return bfs((player, boxes), successors, lambda s: s[1] <= goals, max_depth)
 
 
-def solve_frozenlake(seed):
-    env = raw_env(*FROZENLAKE, seed)
+def solve_frozenlake(seed, game=FROZENLAKE, max_depth=5):
+    env = raw_env(*game, seed)
     grid, size = env.state.game_state["grid"], env.size
 
     def successors(pos):
@@ -80,7 +80,7 @@ def solve_frozenlake(seed):
             if 0 <= r < size and 0 <= c < size and grid[r][c] != "H":
                 yield action, (r, c)
 
-    return bfs((0, 0), successors, lambda p: grid[p[0]][p[1]] == "G", 5), grid
+    return bfs((0, 0), successors, lambda p: grid[p[0]][p[1]] == "G", max_depth), grid
 
 
 def spec(game, seed):
@@ -153,6 +153,36 @@ def test_frozenlake_known_solution_wins_and_hole_loses():
     # A fixed wrong sequence (off the top edge) wins nothing.
     traj = play(spec(FROZENLAKE, 0), ["[up]"] * 5).trajectory(0, 0)
     assert traj.outcome == "invalid" and len(traj.turns) == 2
+
+
+@pytest.mark.parametrize("game", [
+    ("Sokoban-v0-train", SOKOBAN[1]),  # wrapped
+    ("Sokoban-v0-raw", SOKOBAN[1]),
+    ("FrozenLake-v0", FROZENLAKE[1]),  # wrapped
+    ("FrozenLake-v0-train", FROZENLAKE[1]),
+    ("FrozenLake-v0-hardcore-raw", {}),  # the variant's own size (5x5, 6 holes)
+], ids=lambda g: g[0])
+def test_variant_ids_play_a_known_solution_and_lose_a_wrong_one(game):
+    sokoban = game[0].startswith("Sokoban")
+    turns = 5 if game[1] else 10  # 5x5: the goal is 8 moves away
+    for seed in range(200):
+        path = solve_sokoban(seed, game=game) if sokoban else solve_frozenlake(seed, game, max_depth=turns)[0]
+        if path:
+            break
+    else:
+        pytest.fail(f"no {game[0]} map solvable in {turns} moves among 200 seeds")
+    won = play(spec(game, seed), [f"so [{a}]" for a in path], max_turns=turns)
+    traj = won.trajectory(0, 0)
+    assert (traj.outcome, traj.reward, traj.env_id) == ("win", 1.0, game[0]), traj.reason
+    assert traj.turns[0].prompt.startswith(games.INTROS[game[0].split("-")[0]])  # our prompt, not the wrapper's
+    assert board_signature(game[0], game[1], seed) in traj.turns[0].prompt
+    wrong = "up"  # FrozenLake starts top-left: off the board
+    if sokoban:
+        env = raw_env(*game, seed)
+        pr, pc = env.player_position
+        wrong = next(a for a, (dr, dc) in MOVES.items() if env.room_state[pr + dr, pc + dc] == 0)  # a wall
+    lost = play(spec(game, seed), [f"[{wrong}]"] * turns, max_turns=turns).trajectory(0, 0)
+    assert (lost.outcome, len(lost.turns)) == ("invalid", 2) and lost.reward < 1.0
 
 
 @pytest.mark.parametrize("game", [SOKOBAN, FROZENLAKE], ids=["sokoban", "frozenlake"])

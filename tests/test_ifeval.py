@@ -248,8 +248,8 @@ def fake_lm_eval(root, dataset_path: str, record) -> None:
     (pkg / "models").mkdir()
     (pkg / "__init__.py").write_text(textwrap.dedent(f"""
         import json
-        def simple_evaluate(**kwargs):
-            open({str(record)!r}, "w").write(json.dumps(kwargs))
+        def simple_evaluate(**kwargs):  # one line per call
+            open({str(record)!r}, "a").write(json.dumps(kwargs) + "\\n")
             return {{"results": {{"ifeval": {{"alias": "ifeval", "prompt_level_strict_acc,none": 0.25,
                      "prompt_level_strict_acc_stderr,none": 0.1, "inst_level_strict_acc,none": 0.5}}}}}}
     """))
@@ -271,14 +271,21 @@ def fake_lm_eval(root, dataset_path: str, record) -> None:
     """))
 
 
-def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkeypatch, tmp_path):
-    from oel_ray import ifeval_lmeval
-
+def fake_lm_eval_with_data(tmp_path):
+    """The fake lm_eval package under tmp_path/site, its IF-Eval data present; returns where it
+    records its calls."""
     data = tmp_path / "ifeval_data"
     data.mkdir()
     (data / "train.jsonl").write_text(json.dumps(GOOD_ROW) + "\n")
     record = tmp_path / "called.json"
     fake_lm_eval(tmp_path / "site", str(data), record)
+    return record
+
+
+def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkeypatch, tmp_path):
+    from oel_ray import ifeval_lmeval
+
+    record = fake_lm_eval_with_data(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
     monkeypatch.delitem(sys.modules, "lm_eval", raising=False)
@@ -302,6 +309,34 @@ def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkey
         "dataset_path: nobody-here/no-such-ifeval\n")
     problem = ifeval_lmeval.lm_eval_problem()
     assert "'nobody-here/no-such-ifeval' is not available offline" in problem and "\n" not in problem
+
+
+@pytest.mark.e2e
+def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(tmp_path, tiny_model, smallest_tiny):
+    """ood.ifeval=lm_eval through the entry point, with the stand-in lm_eval (the real one needs
+    its data from the hub): round 0 on the initial model, round r on round_r/model."""
+    import os
+    import subprocess
+
+    record = fake_lm_eval_with_data(tmp_path)
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, f"model.path={tiny_model}",
+                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert [c["model_args"]["pretrained"] for c in calls] == [tiny_model, str(out / "round_1" / "model")]
+    assert all(c["tasks"] == ["ifeval"] and c["gen_kwargs"].endswith(",max_gen_toks=16") for c in calls)
+    stages = json.loads((out / "manifest.json").read_text())["stages"]
+    assert {"round_0/ifeval", "round_1/ifeval"} <= set(stages)
+    assert not (out / "round_1" / "ifeval.json").exists()  # the team's checker did not run as well
+    for r in (0, 1):
+        measured = json.loads((out / f"round_{r}" / "ifeval_lm_eval.json").read_text())
+        assert measured["strict_prompt_accuracy"] == 0.25 and measured["lm_eval"]["inst_level_strict_acc"] == 0.5
+    table = (out / "rounds.md").read_text().splitlines()
+    assert "IF-Eval strict" in table[0] and all("| 0.250 |" in row for row in table[2:4])
+    assert json.loads((out / "summary.json").read_text())["ifeval_strict_prompt_accuracy"] == 0.25
+    assert "IF-Eval prompt-level strict accuracy (OOD) 0.250" in proc.stdout
 
 
 # ----------------------------------------------------------------------------- real engine

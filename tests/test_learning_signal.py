@@ -16,37 +16,17 @@ import time
 
 import numpy as np
 import torch
+from distill_setup import KNOWLEDGE, distill_config
 
 # 32 prefixes per step: with 8 (the tiny replies are ~5 tokens) the steps are so noisy that the
 # result hangs on the learning rate (62% at lr 2e-4, worse at 3e-4, KL up 5x at 1e-3); with 32,
 # lr 1e-4..4e-4 all gave 69-79% lower held-out KL.
 STEPS, BATCH, LR = 30, 32, 2e-4
 TRAIN_GAMES, HELD_OUT_MAPS, SAMPLES_PER_PREFIX = 30, 16, 4
-# Experience items as the extractor writes them. In the tiny model's context this text shifts the
-# teacher's replies: ~0.03 nats per token of reverse KL against the prefix alone on the held-out
-# prefixes (a single short generic item gave ~0.0003, too little to measure a reduction against).
-KNOWLEDGE = (
-    "-- EXPERIENCE ITEM: Walls block moves; pushing a box into a corner loses the game.\n"
-    "-- EXPERIENCE ITEM: Move [up] when the box is above you, then keep pushing [up].\n"
-    "-- EXPERIENCE ITEM: Think about the goal O before every move and answer with one action.\n"
-) * 4
 
 
 def make_config(tiny_model: str, out: str):
-    from omegaconf import OmegaConf
-
-    from oel_ray.config import OELConfig, validate
-
-    raw = OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.create({
-        "output_dir": out, "seed": 0,
-        "model": {"path": tiny_model, "build": None},
-        "rollout": {"temperature": 0.7, "max_response_tokens": 48},
-        "teacher": {"knowledge_position": "user"},
-        "learner": {"steps": STEPS, "batch_size": BATCH, "lr": LR, "zero_stage": 2, "support_k": 256,
-                    "weight_sync": "object_store"},
-        "env": {"eval_maps": HELD_OUT_MAPS},
-    }))
-    return validate(OmegaConf.to_object(raw))
+    return distill_config(tiny_model, out, steps=STEPS, batch=BATCH, lr=LR, env={"eval_maps": HELD_OUT_MAPS})
 
 
 def turn_prompts(trajectories) -> list[str]:

@@ -33,8 +33,10 @@ def student_support(logits, k=K):
     return logits.topk(k, dim=-1).indices
 
 
-def reference(logits, support, lt, mask, renormalize=False):
-    """Direct formula, written independently: loops over positions, token mean."""
+def reference(logits, support, lt, mask, renormalize=False, forward=False):
+    """Direct formula, written independently: loops over positions, token mean. Reverse KL
+    sum_v p_s(v) (log p_s(v) - log p_t(v)) on the support, or with `forward` the off-policy loss
+    sum_v p_t(v) (log p_t(v) - log p_s(v))."""
     total, n = 0.0, 0
     for b in range(logits.shape[0]):
         for t in range(logits.shape[1]):
@@ -44,7 +46,7 @@ def reference(logits, support, lt, mask, renormalize=False):
             lq = lt[b, t]
             if renormalize:
                 ls, lq = ls - torch.logsumexp(ls, 0), lq - torch.logsumexp(lq, 0)
-            total = total + (torch.exp(ls) * (ls - lq)).sum()
+            total = total + ((torch.exp(lq) * (lq - ls)) if forward else (torch.exp(ls) * (ls - lq))).sum()
             n += 1
     return total / n
 
@@ -59,6 +61,13 @@ def test_full_support_equals_full_kl_and_gradient_matches_reference():
     assert abs(out.loss.item() - full.item()) < 1e-5
     assert abs(out.kl.item() - full.item()) < 1e-5
     assert abs(out.student_mass.item() - 1) < 1e-5 and abs(out.teacher_mass.item() - 1) < 1e-5
+    # ...and its gradient at k = V is the exact KL's and the direct formula's (written above)
+    out.loss.backward()
+    f, r = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    full_reverse_kl(f, teacher, mask, TEMP).backward()
+    reference(r, support, lt, mask).backward()
+    torch.testing.assert_close(a.grad, f.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-7)
 
     # gradient through both exp(ls) and ls, compared with autograd of the direct formula (top-k)
     logits64, teacher64, _ = make()
@@ -201,23 +210,6 @@ def test_sampled_estimator_gradient_is_unbiased():
 
 # ----------------------------------------------------------------------------- forward KL (off-policy)
 
-def forward_reference(logits, support, lt, mask, renormalize=False):
-    """Direct formula of the off-policy loss, written independently: per position
-    sum_v p_t(v) (log p_t(v) - log p_s(v)) on the support, token mean."""
-    total, n = 0.0, 0
-    for b in range(logits.shape[0]):
-        for t in range(logits.shape[1]):
-            if not mask[b, t]:
-                continue
-            ls = torch.log_softmax(logits[b, t] / TEMP, -1)[support[b, t]]
-            lq = lt[b, t]
-            if renormalize:
-                ls, lq = ls - torch.logsumexp(ls, 0), lq - torch.logsumexp(lq, 0)
-            total = total + (torch.exp(lq) * (lq - ls)).sum()
-            n += 1
-    return total / n
-
-
 @pytest.mark.parametrize("renormalize", [False, True])
 def test_forward_kl_value_and_gradient_match_a_direct_reference(renormalize):
     logits, teacher, mask = make(dtype=torch.float32)
@@ -226,14 +218,14 @@ def test_forward_kl_value_and_gradient_match_a_direct_reference(renormalize):
     a, r = logits.clone().requires_grad_(), logits.clone().requires_grad_()
     out = topk_forward_kl(a, support, lt, mask, TEMP, renormalize)
     out.loss.backward()
-    ref = forward_reference(r, support, lt.detach(), mask, renormalize)
+    ref = reference(r, support, lt.detach(), mask, renormalize, forward=True)
     ref.backward()
     assert abs(out.loss.item() - ref.item()) < 1e-5
     torch.testing.assert_close(a.grad, r.grad, rtol=1e-4, atol=1e-7)
     assert a.grad[~mask].abs().max() == 0
     assert lt.grad is None  # the teacher's probabilities are data, not parameters
     # the reported KL is always the un-renormalised forward KL; the masses are the usual ones
-    raw = forward_reference(logits, support, lt.detach(), mask)
+    raw = reference(logits, support, lt.detach(), mask, forward=True)
     assert abs(out.kl.item() - raw.item()) < 1e-5
     assert abs(out.teacher_mass.item() - lt.detach()[mask].exp().sum(-1).mean().item()) < 1e-5
     # full support: the exact forward KL(teacher || student) over the vocabulary

@@ -11,31 +11,14 @@ import time
 
 import numpy as np
 import torch
+from distill_setup import KNOWLEDGE, distill_config
 
 STEPS, BATCH, LR, SUPPORT_K = 6, 8, 3e-4, 256
-# Experience items as the extractor writes them; in the tiny model's context they shift its replies.
-KNOWLEDGE = (
-    "-- EXPERIENCE ITEM: Walls block moves; pushing a box into a corner loses the game.\n"
-    "-- EXPERIENCE ITEM: Move [up] when the box is above you, then keep pushing [up].\n"
-    "-- EXPERIENCE ITEM: Think about the goal O before every move and answer with one action.\n"
-) * 4
 
 
 def make_config(tiny_model: str, out: str):
-    from omegaconf import OmegaConf
-
-    from oel_ray.config import OELConfig, validate
-
-    raw = OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.create({
-        "output_dir": out, "seed": 0,
-        "model": {"path": tiny_model, "build": None},
-        "rollout": {"temperature": 0.7, "max_response_tokens": 48},
-        "teacher": {"knowledge_position": "user"},
-        "consolidation": {"mode": "off_policy"},
-        "learner": {"steps": STEPS, "batch_size": BATCH, "lr": LR, "zero_stage": 2, "support_k": SUPPORT_K,
-                    "weight_sync": "object_store"},
-    }))
-    return validate(OmegaConf.to_object(raw))
+    return distill_config(tiny_model, out, steps=STEPS, batch=BATCH, lr=LR, support_k=SUPPORT_K,
+                          consolidation={"mode": "off_policy"})
 
 
 def first_turn_prompts(cfg, count: int) -> list[str]:

@@ -95,6 +95,25 @@ def test_game_seeds_repeat_maps_get_their_own_stream():
     assert game_seeds(maps, 8) != once and game_seeds(maps, 7) == once
 
 
+def test_vllm_start_up_is_quiet_unless_a_level_is_chosen(monkeypatch):
+    import logging
+    import os
+
+    from oel_ray.rollout import quiet_vllm_start
+
+    vllm_log, level = logging.getLogger("vllm"), logging.getLogger("vllm").level
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", "unset")  # so that the test's changes are undone
+    monkeypatch.delenv("VLLM_LOGGING_LEVEL")
+    try:
+        quiet_vllm_start()
+        assert os.environ["VLLM_LOGGING_LEVEL"] == "ERROR" and vllm_log.level == logging.ERROR
+        monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
+        quiet_vllm_start()
+        assert os.environ["VLLM_LOGGING_LEVEL"] == "debug" and vllm_log.level == logging.DEBUG
+    finally:
+        vllm_log.setLevel(level)
+
+
 def test_chat_history_token_ids(tiny_model, tmp_path):
     from transformers import AutoTokenizer
 
@@ -198,6 +217,54 @@ def test_eval_samples_of_one_map_differ_and_reproduce(group, tiny_model):
     replies = lambda ts: [[turn.response for turn in t.turns] for t in ts]  # noqa: E731
     assert replies(first) != replies(second)  # two samples of the same maps are not copies
     assert replies(evaluate(group, cfg, round=0)[1]) == replies(trajectories)  # seeded: same again
+
+
+def test_one_batched_engine_call_per_turn_on_every_worker(group):
+    specs = train_specs(SOKOBAN, 0, GAMES)
+    before = ray_get([w.generate_calls.remote() for w in group.workers])
+    trajectories = group.play(specs, SAMPLING, 3, round=1)
+    calls = [after - b for after, b in zip(ray_get([w.generate_calls.remote() for w in group.workers]), before)]
+    # Shards are contiguous (4 + 3 games): a worker makes one call per turn of its longest game.
+    longest = [max(len(t.turns) for t in part) for part in (trajectories[:4], trajectories[4:])]
+    assert calls == longest and max(calls) <= 3
+
+
+def test_a_long_prompt_does_not_shorten_the_other_replies(group, tiny_model):
+    from transformers import AutoTokenizer
+
+    worker = group.workers[0]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    short = tok("the box is near the wall and the goal", add_special_tokens=False)["input_ids"]
+    long = (short * 400)[:2048 - 8]  # leaves 8 tokens of room in the 2048-token context
+    sampling = Sampling(max_tokens=32, temperature=1.0)
+    alone, = ray_get(worker.generate.remote([short], sampling, [11]))
+    together = ray_get(worker.generate.remote([short, long], sampling, [11, 12]))
+    assert len(alone.token_ids) > 8  # a shared budget would have cut it to the long prompt's room
+    assert together[0].token_ids == alone.token_ids and together[0].text == alone.text
+    assert len(together[1].token_ids) <= 8
+
+
+def test_response_tokens_leave_out_the_stop_token(group, tiny_model):
+    from transformers import AutoTokenizer
+
+    from oel_ray.rollout import mix_seeds
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    specs = train_specs(SOKOBAN, 0, 4)
+    sampling = Sampling(max_tokens=32, temperature=0.7, seed=9)
+    worker = group.workers[0]
+    played = ray_get(worker.play.remote(specs, sampling, 1, 0))
+    prompts = [turn_prompt_ids(tok, Game(s, 1), history="flattened", thinking=False, keep_reasoning=False)
+               for s in specs]
+    turn_seeds = [mix_seeds(seed, 0) for seed in game_seeds(specs, 9)]
+    replies = ray_get(worker.generate.remote(prompts, sampling, turn_seeds))  # the same samples again
+    stopped = 0
+    for traj, gen in zip(played, replies):
+        turn = traj.turns[0]
+        assert turn.response == gen.text
+        stopped += gen.finished
+        assert turn.response_tokens == len(gen.token_ids) - gen.finished  # the stop token is not counted
+    assert stopped  # the tiny model ends its replies itself
 
 
 def ray_get(refs):

@@ -1,15 +1,16 @@
 """A whole OEL round through the user's entry point, with every real part: Ray, vLLM (CPU build),
-DeepSpeed, TextArena, Hydra. Small sizes, same code path as `make run`."""
+DeepSpeed, TextArena, Hydra. Small sizes, same code path as `make run`. And what it shows: per-step
+metrics in CSV and TensorBoard, the per-round plot."""
 
+import csv
 import json
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.e2e
-
 STEPS, GAMES, EVAL_MAPS = 3, 4, 4
+e2e = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +26,7 @@ def run_dir(tmp_path_factory, tiny_model):
     return out, proc.stdout
 
 
+@e2e
 def test_round_ends_with_a_summary(run_dir):
     out, stdout = run_dir
     assert "=== OEL summary ===" in stdout and "pass rate" in stdout and "reverse KL first step" in stdout
@@ -33,6 +35,7 @@ def test_round_ends_with_a_summary(run_dir):
     assert summary["reverse_kl_first_step"] >= 0.0 and summary["response_tokens_per_turn"] > 0
 
 
+@e2e
 def test_round_writes_every_artifact(run_dir):
     from oel_ray.artifacts import read_trajectories
 
@@ -51,6 +54,7 @@ def test_round_writes_every_artifact(run_dir):
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
 
 
+@e2e
 def test_final_model_loads_in_transformers(run_dir, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
@@ -60,3 +64,43 @@ def test_final_model_loads_in_transformers(run_dir, tiny_model):
     initial = AutoModelForCausalLM.from_pretrained(tiny_model)
     moved = [not torch.equal(a, b) for a, b in zip(trained.parameters(), initial.parameters())]
     assert any(moved), "consolidation did not change the weights"
+
+
+@e2e
+def test_step_metrics_reach_the_csv_and_tensorboard(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out, _ = run_dir
+    with open(out / "round_1" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {"loss", "reverse_kl", "grad_norm", "lr", "tokens_per_second"} <= set(rows[0])
+    assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
+    assert all(float(r["tokens_per_second"]) > 0 and float(r["lr"]) > 0 for r in rows)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    for name in ("loss", "reverse_kl", "grad_norm", "lr", "tokens_per_second"):
+        scalars = events.Scalars(f"consolidate/{name}")
+        assert [e.step for e in scalars] == list(range(1, STEPS + 1)), name
+        assert [e.value for e in scalars] == pytest.approx([float(r[name]) for r in rows], rel=1e-5), name
+
+
+def report(r: int, ifeval: bool) -> dict:
+    """A round's eval.json as the evaluate stage writes it (the fields the plot reads)."""
+    rep = {"round": r, "pass_rate": 0.2 * r, "ci_low": 0.0, "ci_high": 0.5, "response_tokens_per_turn": 10.0 + r,
+           "invalid_rate": 0.0}
+    if ifeval:
+        rep["ifeval"] = {"strict_prompt_accuracy": 0.1 * r}
+    return rep
+
+
+@pytest.mark.parametrize("ifeval,panels", [(True, 3), (False, 2)])
+def test_round_plot_draws_the_ifeval_panel_when_measured(tmp_path, ifeval, panels):
+    import matplotlib.image
+
+    from oel_ray import tracking
+
+    path = tracking.plot_rounds([report(r, ifeval) for r in range(3)], tmp_path / "rounds.png")
+    height, width = matplotlib.image.imread(path).shape[:2]
+    assert width == round(450 * panels) and height == 350  # 4.5 x 3.5 inches per panel at 100 dpi
+    table = tracking.rounds_table([report(r, ifeval) for r in range(3)], {})
+    assert ("| 0.200 |" in table.splitlines()[-1]) is ifeval  # round 2's IF-Eval beside its pass rate

@@ -100,3 +100,24 @@ def test_actor_returns_the_same_scores(ray_cluster, tiny_model, samples):
     assert len(remote) == len(local)
     for a, b in zip(remote, local):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_new_round_weights_replace_the_teacher_exactly(tiny_model, reference_model, samples):
+    """Round r's teacher is round r-1's final model: after load_weights the scores are those of the
+    new weights (tied head included), and a state dict that lacks a weight is refused."""
+    from transformers import AutoModelForCausalLM
+
+    moved = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in moved.parameters():  # embeddings too: the tied output head must follow them
+            p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
+    weights = {k: v for k, v in moved.state_dict().items() if k != "lm_head.weight"}
+    teacher = server(tiny_model)
+    before = teacher.score(samples[:1]).logprobs[0]
+    teacher.load_weights(weights)
+    got = teacher.score(samples[:1]).logprobs[0]
+    np.testing.assert_allclose(got, expected(moved, samples[0], TEMP), atol=1e-5, rtol=0)
+    assert np.abs(got - before).max() > 1e-3
+    with pytest.raises(ValueError, match="missing"):
+        teacher.load_weights({k: v for k, v in weights.items() if "layers.0.mlp" not in k})

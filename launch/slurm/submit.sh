@@ -8,9 +8,10 @@
 # Partition, account, time limit...: Slurm's own SBATCH_* variables. OEL_RAY_DRY_RUN=1 prints the
 # sbatch command instead of submitting it. Prints the job id.
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
+here=$(cd "$(dirname "$0")" && pwd -P)  # physical paths: a symlinked checkout is the same repository
+repo=$(cd "$here/../.." && pwd -P)
 if [[ -n "${OEL_RAY_PYTHON:-}" ]]; then PYTHON=$OEL_RAY_PYTHON
-elif [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python
+elif [[ -x $repo/.venv/bin/python ]]; then PYTHON=$repo/.venv/bin/python
 else PYTHON=python3; fi
 
 # The composed (and validated) cluster section: the experiment, its groups and the overrides.
@@ -19,7 +20,7 @@ value() { awk -v key="$1:" '$1 == key {print $2}' <<< "$cluster"; }
 nodes=$(value nodes)
 gpus=$(value gpus_per_node)
 
-cmd=(sbatch --parsable --chdir="$(cd "$here/../.." && pwd)" --nodes="$nodes")  # run from the repository
+cmd=(sbatch --parsable --chdir="$repo" --nodes="$nodes")  # the job runs in the repository, wherever this ran
 (( gpus > 0 )) && cmd+=(--gpus-per-node="$gpus")
 cmd+=("$here/oel_ray.sbatch" "$@")
 if [[ -n "${OEL_RAY_DRY_RUN:-}" ]]; then printf '%q ' "${cmd[@]}"; echo; else "${cmd[@]}"; fi

@@ -1,0 +1,150 @@
+"""Consolidation speed-ups that must not change what is learned: the learner's length buckets (same
+loss and gradient as one padded block) and the asynchronous mode (consolidation.async_steps=1) on
+the real roles: one vLLM rollout worker, the teacher server and the DeepSpeed learner on Ray."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+import torch
+from distill_setup import KNOWLEDGE, distill_config
+
+from oel_ray.learner import _collate, _Distill, length_buckets
+from oel_ray.types import DistillSample
+
+TEMP, K = 0.7, 16
+
+
+def padded_cost(lengths, buckets, overhead):
+    return sum(len(b) * max(lengths[i] for i in b) + overhead for b in buckets)
+
+
+def test_length_buckets_partition_the_samples_at_the_least_padded_cost():
+    rng = random.Random(0)
+    for overhead in (0, 40, 10**6):
+        lengths = [rng.randrange(5, 300) for _ in range(9)]
+        buckets = length_buckets(lengths, overhead)
+        assert sorted(i for b in buckets for i in b) == list(range(9))
+        # Every split of the sorted order into runs, tried one by one: none pads less.
+        order = sorted(range(9), key=lambda i: -lengths[i])
+        best = min(padded_cost(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, 9))], overhead)
+                   for n in range(9) for cuts in itertools.combinations(range(1, 9), n))
+        assert padded_cost(lengths, buckets, overhead) == best
+    assert len(length_buckets([7, 300, 8, 290], 10**6)) == 1  # padding never worth a second pass
+    assert length_buckets([7, 300, 8, 290], 0) == [[1], [3], [2], [0]]
+
+
+@pytest.mark.parametrize("loss", ["topk_reverse_kl", "sampled_reverse_kl"])
+def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_model, loss):
+    """The learner's forward on its samples grouped into buckets equals one block over all of
+    them padded to the longest: same token-mean loss, same gradient for every weight (in fp64, so
+    that float rounding, which the new order of the sums changes, stays far below the tolerance)."""
+    from transformers import AutoModelForCausalLM
+
+    from oel_ray.config import LearnerConfig
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    samples, targets = [], []
+    for _ in range(12):  # prompts of 3..200 tokens: far apart, so the buckets differ from one block
+        prompt, reply = rng.integers(3, 500, rng.integers(3, 200)).tolist(), rng.integers(3, 500, rng.integers(1, 20))
+        k = 1 if loss == "sampled_reverse_kl" else K
+        support = reply[:, None] if k == 1 else np.stack([rng.permutation(512)[:K] for _ in reply])
+        samples.append(DistillSample(prompt, prompt, reply.tolist(), support.astype(np.int32)))
+        targets.append((support.astype(np.int64), np.log(rng.dirichlet(np.ones(k), len(reply))).astype(np.float32)))
+    cfg = LearnerConfig(temperature=TEMP, dtype="float64")
+    tokens = sum(len(s.response_ids) for s in samples)
+
+    def loss_and_grads(buckets):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+        order = [i for b in buckets for i in b]
+        batch = _collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0)
+        value, *_ = _Distill(model, cfg)(**batch, num_units=tokens, loss=loss)
+        value.backward()
+        return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
+    buckets = length_buckets(lengths)
+    assert len(buckets) > 2
+    one_value, one_grads = loss_and_grads([list(range(len(samples)))])
+    value, grads = loss_and_grads(buckets)
+    assert abs(value - one_value) <= 1e-12 * abs(one_value)
+    assert grads.keys() == one_grads.keys() and len(grads) > 10
+    for name in grads:
+        torch.testing.assert_close(grads[name], one_grads[name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_async_steps_must_be_0_or_1(tiny_model, tmp_path):
+    from oel_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^consolidation.async_steps: 2 is not one of 0, 1"):
+        distill_config(tiny_model, str(tmp_path), steps=2, batch=8, lr=1e-3, consolidation={"async_steps": 2})
+
+
+class Recorded:
+    """The real RolloutGroup, noting the weights version each generate call ran at and each sync."""
+
+    def __init__(self, group):
+        self.group, self.version, self.log = group, 0, []
+
+    def generate(self, *args, **kwargs):
+        self.log.append(("generate", self.version))
+        return self.group.generate(*args, **kwargs)
+
+    def load_weights(self, weights_ref, version: int) -> float:
+        self.log.append(("sync", version))
+        self.version = version
+        return self.group.load_weights(weights_ref, version=version)
+
+    def __getattr__(self, name):
+        return getattr(self.group, name)
+
+
+def test_async_consolidation_samples_one_step_behind_and_syncs_every_step(ray_cluster, tiny_model, tmp_path):
+    from transformers import AutoTokenizer
+
+    from oel_ray.consolidate import Roles, consolidate
+    from oel_ray.games import Game, train_specs
+    from oel_ray.learner import LearnerGroup
+    from oel_ray.rollout import RolloutGroup
+    from oel_ray.teacher import start_teacher
+
+    steps, batch = 4, 8
+    cfg = distill_config(tiny_model, str(tmp_path), steps=steps, batch=batch, lr=3e-3,
+                         consolidation={"async_steps": 1})
+    group = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=cfg.learner.support_k, kv_cache_gib=1,
+                         gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=cfg.learner.temperature,
+                            chunk_tokens=1024, batch_tokens=8192)
+    learner = LearnerGroup(cfg.learner, tiny_model, num_cpus=0.5)
+    workers = Recorded(group)
+    roles = Roles(workers=workers, teacher=teacher, learner=learner)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prefixes = [Game(spec, cfg.env.max_turns).prompt() for spec in train_specs(cfg.env, 1, batch, 1)]
+    probe = tokenizer(prefixes[0])["input_ids"][:64]
+    metrics, gaps = [], []
+
+    def on_step(m):  # nothing is in flight here: the next batch is sampled, the learner is idle
+        metrics.append(m)
+        engine = ray_cluster.get(group.workers[0].prompt_logprobs.remote(probe))
+        gaps.append(float(np.abs(engine - learner.sequence_logprobs(probe)).max()))
+
+    try:
+        start = learner.sequence_logprobs(probe)
+        consolidate(roles, cfg, [prefixes] * steps, [KNOWLEDGE], tokenizer, first_step=10, on_step=on_step)
+        moved = float(np.abs(learner.sequence_logprobs(probe) - start).max())
+    finally:
+        learner.shutdown()
+        for actor in [teacher, *group.workers]:
+            ray_cluster.kill(actor)
+    assert [m.step for m in metrics] == [11, 12, 13, 14]
+    # Batch 11 comes from the weights the learner starts from; batch t + 1 is sampled while the
+    # learner takes step t, from the weights synced after step t - 1: one step old.
+    assert [m.policy_lag for m in metrics] == [0, 1, 1, 1]
+    assert workers.log == [("generate", 0), ("generate", 0), ("sync", 11), ("generate", 11), ("sync", 12),
+                           ("generate", 12), ("sync", 13), ("sync", 14)]
+    # Every step's weights reached the engine before the next step: it matches the learner then.
+    assert moved > 1e-2, "the learner should move, or the comparison below proves nothing"
+    assert max(gaps) < 1e-4, gaps
+    assert all({"generate", "teacher", "learner", "sync", "learner_compute"} <= m.seconds.keys() for m in metrics[:-1])
