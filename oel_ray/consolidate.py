@@ -81,7 +81,9 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
                 *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
     loss, on_policy = learner_loss(cfg), cfg.consolidation.mode == "on_policy"
     steps = list(enumerate(batches, start=first_step + 1))
-    roles.learner.set_threads(learner_threads(cfg))
+    threads = stage_threads(cfg)
+    roles.learner.set_threads(cfg.learner.threads or threads)
+    ray.get(roles.teacher.set_threads.remote(threads))
 
     def sample(step: int, prefixes: list[str], seconds: dict[str, float]):
         return sample_and_score(roles, cfg, step, prefixes, knowledge_set, tokenizer, seconds)
@@ -151,11 +153,10 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
             batch, lag, seconds = upcoming, int(on_policy), {}
 
 
-def learner_threads(cfg: OELConfig) -> Optional[int]:
-    """learner.threads, else (auto) None: every core the learner's node has, as nothing else
-    computes while it does; or its CPU share rounded up when sampling runs beside it."""
-    if cfg.learner.threads:
-        return cfg.learner.threads
+def stage_threads(cfg: OELConfig) -> Optional[int]:
+    """Torch threads for the teacher and the learner ranks (learner.threads overrides the latter):
+    None, every core they may run on, when the stages run one after another (nothing else computes
+    meanwhile); their CPU share rounded up when sampling and scoring overlap the learner."""
     return max(1, math.ceil(cfg.cluster.cpus_per_actor)) if cfg.consolidation.async_steps else None
 
 

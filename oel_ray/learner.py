@@ -3,14 +3,13 @@
 Each rank trains on its shard `samples[rank::world_size]`; the loss of every micro-batch is a sum
 divided by the *global* token (or sequence) count, so the ranks and micro-batches add up to the
 paper's token mean over the whole batch. Inside a micro-batch the samples go through the model in
-length buckets, one forward pass each (`length_buckets`), so little compute goes to padding; the
+length buckets, one forward pass each (`batching.length_buckets`), so little compute goes to padding; the
 loss is the same sum over the same response tokens. Collectives (step, state_dict, save,
 sequence_logprobs) must be called on all ranks: `LearnerGroup` does that.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import socket
@@ -25,7 +24,7 @@ import numpy as np
 import ray
 import torch
 
-from oel_ray import losses
+from oel_ray import batching, losses
 from oel_ray.config import LearnerConfig
 from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
@@ -105,88 +104,6 @@ def _response_hidden(base, input_ids, gather_idx):
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-# What one more forward pass costs, in padded tokens, when `length_buckets` weighs it against padding.
-BUCKET_OVERHEAD_TOKENS = 128
-
-
-def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
-    """Indices of `lengths` grouped into buckets of similar length, longest first, so that one
-    forward pass per bucket computes on as little padding as is worth a pass: the split minimises
-    the padded tokens (bucket size x its longest) plus `overhead_tokens` per bucket, exactly, by
-    dynamic programming over the sorted lengths. The loss is a sum over response tokens, so the
-    buckets change which padding is computed, never the result (up to float rounding)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    cost, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # over the first j sorted
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # the last bucket is order[i:j]; its longest is order[i]
-            c = cost[i] + (j - i) * lengths[order[i]] + overhead_tokens
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-    buckets, j = [], len(order)
-    while j:
-        buckets.append(order[cut[j]:j])
-        j = cut[j]
-    return buckets[::-1]
-
-
-def _targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
-    """(ids [R, k] int64, teacher log-probs [R, k] float32) for one sample of R response tokens.
-
-    topk_reverse_kl: the student's support ids and the teacher's log-probs on them (topk_forward_kl:
-    the teacher's own top-k ids on its own reply, and its log-probs on them). sampled_reverse_kl:
-    the sampled tokens and the teacher's log-prob of each ([R] or [R, 1], as the teacher server
-    returns with sampled_only=True).
-    """
-    r, lp = len(sample.response_ids), np.asarray(logprobs, dtype=np.float32)
-    if sampled:
-        ids, lp = np.asarray(sample.response_ids, dtype=np.int64)[:, None], lp.reshape(-1, 1)
-    elif sample.support_ids is None:
-        raise ValueError("the top-k losses need DistillSample.support_ids (the sampling model's top-k ids)")
-    else:
-        ids = np.asarray(sample.support_ids, dtype=np.int64)
-    if ids.shape != lp.shape or ids.shape[0] != r:
-        raise ValueError(f"ids {ids.shape} and teacher logprobs {lp.shape} must both be "
-                         f"[len(response_ids)={r}, k]")
-    return ids, lp
-
-
-def _pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, width: Optional[int] = None):
-    """Right-padded prompt + response ids [B, L], and per response position j the index of the
-    hidden state that predicts response token j (len(prompt) - 1 + j) [B, R]; R = `width` or the
-    longest response."""
-    if any(len(p) == 0 for p in prompts):
-        raise ValueError("every sample needs a non-empty prompt")
-    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    L, R = max(map(len, seqs)), width or max(1, max(map(len, responses)))
-    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
-    for b, (p, seq) in enumerate(zip(prompts, seqs)):
-        input_ids[b, :len(seq)] = torch.tensor(seq)
-        gather_idx[b] = (len(p) - 1 + torch.arange(R)).clamp(max=L - 1)
-    return input_ids, gather_idx
-
-
-def _collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int):
-    """The engine's inputs for one micro-batch: the student's sequences (one block per length
-    bucket: the samples come grouped, `bucket_sizes` long each), the response mask and, for the
-    support losses, the support ids and teacher log-probs (`targets`)."""
-    responses = [s.response_ids for s in samples]
-    width = max(1, max(map(len, responses)))
-    starts = np.cumsum([0, *bucket_sizes])
-    blocks = [_pack([s.student_prompt_ids for s in samples[a:b]], responses[a:b], pad_id, width)
-              for a, b in zip(starts[:-1], starts[1:])]
-    mask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
-    batch = dict(input_ids=tuple(ids for ids, _ in blocks), gather_idx=tuple(idx for _, idx in blocks), mask=mask)
-    if targets is not None:
-        k = targets[0][0].shape[1]
-        batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
-        batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
-        for b, (sup, lt) in enumerate(targets):
-            batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
-                                                                                  torch.from_numpy(lt))
-    return batch
-
-
 class Learner:
     def __init__(self, cfg: LearnerConfig, model_path: str, rank: int, world_size: int,
                  master_addr: str, master_port: int, ds_overrides: Optional[dict] = None):
@@ -252,7 +169,7 @@ class Learner:
     def _teacher_inputs(self, samples: list[DistillSample]) -> dict:
         """full_reverse_kl: the frozen teacher copy's hidden states at the response positions of
         (teacher prompt + response), and its output head."""
-        input_ids, gather_idx = _pack([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples],
+        input_ids, gather_idx = batching.pack([s.teacher_prompt_ids for s in samples], [s.response_ids for s in samples],
                                       self.pad_id)
         return dict(teacher_hidden=self.teacher.hidden(input_ids.to(self.device), gather_idx.to(self.device)),
                     teacher_head=self.teacher.head)
@@ -282,19 +199,19 @@ class Learner:
             if scores is None or len(scores.logprobs) != len(samples):
                 raise ValueError(f"{len(samples)} samples but {0 if scores is None else len(scores.logprobs)} "
                                  f"teacher scores: {kind} needs one per sample")
-            targets = [_targets(s, lp, kind == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
+            targets = [batching.targets(s, lp, kind == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
         tokens = sum(len(s.response_ids) for s in samples)
         units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
         for part in np.array_split(np.arange(self.rank, len(samples), self.world), cfg.grad_accum):
-            buckets = length_buckets([len(samples[i].student_prompt_ids) + len(samples[i].response_ids) for i in part])
+            buckets = batching.length_buckets([len(samples[i].student_prompt_ids) + len(samples[i].response_ids) for i in part])
             part = [part[i] for bucket in buckets for i in bucket]
             micro = [samples[i] for i in part]
-            batch = _collate(micro, None if targets is None else [targets[i] for i in part],
+            batch = batching.collate(micro, None if targets is None else [targets[i] for i in part],
                              list(map(len, buckets)), self.pad_id)
-            batch = {k: _to(v, self.device) for k, v in batch.items()}
+            batch = {k: batching.to_device(v, self.device) for k, v in batch.items()}
             if kind == "full_reverse_kl":
                 batch.update(self._teacher_inputs(micro))
             value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
@@ -399,10 +316,6 @@ class Learner:
         if loaded is None:
             raise FileNotFoundError(f"{path}: no learner state saved there (expected {path}/{STATE_TAG})")
         return int(self.engine.global_steps)
-
-
-def _to(x, device):
-    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
 
 
 def _unique_tensors(model) -> dict[str, torch.Tensor]:

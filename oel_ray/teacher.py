@@ -12,6 +12,9 @@ ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary 
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 import numpy as np
 import ray
 import torch
@@ -37,6 +40,12 @@ class TeacherServer:
 
     def ready(self) -> bool:
         return True
+
+    def set_threads(self, threads: Optional[int]) -> int:
+        """Torch threads from now on; None: every core this process may run on."""
+        threads = threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        return threads
 
     def load_weights(self, weights: dict) -> None:
         """Become a new frozen teacher (the previous round's final checkpoint). Every weight must

@@ -10,7 +10,8 @@ import pytest
 import torch
 from distill_setup import KNOWLEDGE, distill_config
 
-from oel_ray.learner import _collate, _Distill, length_buckets
+from oel_ray.batching import collate, length_buckets
+from oel_ray.learner import _Distill
 from oel_ray.types import DistillSample
 
 TEMP, K = 0.7, 16
@@ -59,7 +60,7 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_mode
     def loss_and_grads(buckets):
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
         order = [i for b in buckets for i in b]
-        batch = _collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0)
+        batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0)
         value, *_ = _Distill(model, cfg)(**batch, num_units=tokens, loss=loss)
         value.backward()
         return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -17,7 +17,7 @@ from oel_ray.engine import Sampling
 from oel_ray.extractor import (Extractor, chain_orders, chain_seed, keep_items, knowledge_set, strip_reasoning,
                                token_ids, truncate_items, truncate_tokens)
 from oel_ray.prompts import chat_ids, extraction_prompt
-from oel_ray.types import GameSpec, Trajectory, Turn
+from oel_ray.types import Trajectory, Turn
 
 STRUCTURED = "Known:\n{knowledge}\n\nGame:\n{trajectory}"
 

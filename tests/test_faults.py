@@ -6,7 +6,6 @@ import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from oel_ray.config import EnvConfig, ModelConfig
 from oel_ray.engine import Sampling

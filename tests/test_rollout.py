@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import pytest
 
-from oel_ray import games
 from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig, validate
 from oel_ray.engine import Sampling
 from oel_ray.evaluate import evaluate, summarize

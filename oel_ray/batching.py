@@ -1,0 +1,102 @@
+"""The learner's batches: a micro-batch of distillation samples as tensors, in length buckets.
+
+Right-padded prompt + reply blocks, the index of the hidden state that predicts each reply token,
+the reply mask, and for the support losses the support ids and the teacher's log-probs on them.
+Samples go through the model in buckets of similar length (`length_buckets`), one forward pass
+each, so little compute goes to padding; the loss is the same sum over the same reply tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import numpy as np
+import torch
+
+from oel_ray.types import DistillSample
+
+# What one more forward pass costs, in padded tokens, when `length_buckets` weighs it against padding.
+BUCKET_OVERHEAD_TOKENS = 128
+
+
+def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+    """Indices of `lengths` grouped into buckets of similar length, longest first, so that one
+    forward pass per bucket computes on as little padding as is worth a pass: the split minimises
+    the padded tokens (bucket size x its longest) plus `overhead_tokens` per bucket, exactly, by
+    dynamic programming over the sorted lengths. The loss is a sum over response tokens, so the
+    buckets change which padding is computed, never the result (up to float rounding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    cost, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # over the first j sorted
+    for j in range(1, len(order) + 1):
+        for i in range(j):  # the last bucket is order[i:j]; its longest is order[i]
+            c = cost[i] + (j - i) * lengths[order[i]] + overhead_tokens
+            if c < cost[j]:
+                cost[j], cut[j] = c, i
+    buckets, j = [], len(order)
+    while j:
+        buckets.append(order[cut[j]:j])
+        j = cut[j]
+    return buckets[::-1]
+
+
+def targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
+    """(ids [R, k] int64, teacher log-probs [R, k] float32) for one sample of R response tokens.
+
+    topk_reverse_kl: the student's support ids and the teacher's log-probs on them (topk_forward_kl:
+    the teacher's own top-k ids on its own reply, and its log-probs on them). sampled_reverse_kl:
+    the sampled tokens and the teacher's log-prob of each ([R] or [R, 1], as the teacher server
+    returns with sampled_only=True).
+    """
+    r, lp = len(sample.response_ids), np.asarray(logprobs, dtype=np.float32)
+    if sampled:
+        ids, lp = np.asarray(sample.response_ids, dtype=np.int64)[:, None], lp.reshape(-1, 1)
+    elif sample.support_ids is None:
+        raise ValueError("the top-k losses need DistillSample.support_ids (the sampling model's top-k ids)")
+    else:
+        ids = np.asarray(sample.support_ids, dtype=np.int64)
+    if ids.shape != lp.shape or ids.shape[0] != r:
+        raise ValueError(f"ids {ids.shape} and teacher logprobs {lp.shape} must both be "
+                         f"[len(response_ids)={r}, k]")
+    return ids, lp
+
+
+def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, width: Optional[int] = None):
+    """Right-padded prompt + response ids [B, L], and per response position j the index of the
+    hidden state that predicts response token j (len(prompt) - 1 + j) [B, R]; R = `width` or the
+    longest response."""
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every sample needs a non-empty prompt")
+    seqs = [list(p) + list(r) for p, r in zip(prompts, responses)]
+    L, R = max(map(len, seqs)), width or max(1, max(map(len, responses)))
+    input_ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    gather_idx = torch.zeros(len(seqs), R, dtype=torch.long)
+    for b, (p, seq) in enumerate(zip(prompts, seqs)):
+        input_ids[b, :len(seq)] = torch.tensor(seq)
+        gather_idx[b] = (len(p) - 1 + torch.arange(R)).clamp(max=L - 1)
+    return input_ids, gather_idx
+
+
+def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int):
+    """The engine's inputs for one micro-batch: the student's sequences (one block per length
+    bucket: the samples come grouped, `bucket_sizes` long each), the response mask and, for the
+    support losses, the support ids and teacher log-probs (`targets`)."""
+    responses = [s.response_ids for s in samples]
+    width = max(1, max(map(len, responses)))
+    starts = np.cumsum([0, *bucket_sizes])
+    blocks = [pack([s.student_prompt_ids for s in samples[a:b]], responses[a:b], pad_id, width)
+              for a, b in zip(starts[:-1], starts[1:])]
+    mask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
+    batch = dict(input_ids=tuple(ids for ids, _ in blocks), gather_idx=tuple(idx for _, idx in blocks), mask=mask)
+    if targets is not None:
+        k = targets[0][0].shape[1]
+        batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
+        batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
+        for b, (sup, lt) in enumerate(targets):
+            batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
+                                                                                  torch.from_numpy(lt))
+    return batch
+
+
+def to_device(x, device):
+    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
