@@ -55,11 +55,18 @@ class JsonlWriter:
             self.file.write(json.dumps(row) + "\n")
         self.file.flush()
 
-    def close(self) -> None:
+    def close(self, ordered: Optional[Iterable[dict]] = None) -> None:
+        """Put the file in place: the streamed rows as they came, or `ordered`, the same rows in
+        their final order (rows stream in the order games end, which varies from run to run)."""
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        os.replace(self.partial, self.path)
+        if ordered is None:
+            os.replace(self.partial, self.path)
+            return
+        with atomic_open(self.path) as f:
+            f.writelines(json.dumps(row) + "\n" for row in ordered)
+        self.partial.unlink()
 
 
 def write_trajectories(path: Path, trajectories: list[Trajectory]) -> None:

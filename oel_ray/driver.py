@@ -91,15 +91,16 @@ def run(cfg: OELConfig) -> dict:
 # ----------------------------------------------------------------------------- stages
 
 def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
-    """Play `specs`, streaming each worker's finished shard to disk (renamed into place at the end)."""
+    """Play `specs`, streaming the games to disk as they end; the finished file lists them in the
+    order of `specs`, whichever worker played them when."""
     writer = artifacts.JsonlWriter(path)
     with tracking.progress(len(specs), path.stem, cfg.tracking) as bar:
-        def on_shard(part):
+        def on_games(part):
             writer.write(t.to_json() for t in part)
             bar.update(len(part))
 
-        trajectories = roles.workers.play(specs, sampling_for_play(cfg), cfg.env.max_turns, r, on_shard=on_shard)
-    writer.close()
+        trajectories = roles.workers.play(specs, sampling_for_play(cfg), cfg.env.max_turns, r, on_games=on_games)
+    writer.close(ordered=(t.to_json() for t in trajectories))
     errors = [t for t in trajectories if t.outcome == "error"]
     log.info("  %d games, %d passed, %d invalid, %d ended by an environment error", len(trajectories),
              sum(t.passed for t in trajectories), sum(t.outcome == "invalid" for t in trajectories), len(errors))
@@ -166,8 +167,8 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
 def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
     """Held-out games (pass rate) and, out of distribution, IF-Eval; both without knowledge."""
     writer = artifacts.JsonlWriter(rdir / "eval_trajectories.jsonl")
-    report, _ = evaluate(roles.workers, cfg, r, on_shard=lambda part: writer.write(t.to_json() for t in part))
-    writer.close()
+    report, trajectories = evaluate(roles.workers, cfg, r, on_games=lambda part: writer.write(t.to_json() for t in part))
+    writer.close(ordered=(t.to_json() for t in trajectories))  # sample-major, as the report counts them
     result = report.to_json()
     markdown = report.markdown()
     log.info("  pass rate %.3f [%.3f, %.3f] over %d games", report.pass_rate, report.ci_low, report.ci_high,

@@ -105,13 +105,13 @@ def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> E
     )
 
 
-def evaluate(workers, cfg: OELConfig, round: int, on_shard=None) -> tuple[EvalReport, list[Trajectory]]:
+def evaluate(workers, cfg: OELConfig, round: int, on_games=None) -> tuple[EvalReport, list[Trajectory]]:
     """One rollout per held-out map and sampling seed, no knowledge in context; trajectories come
-    back sample-major (see `summarize`). `on_shard` as in `RolloutGroup.play` (streaming)."""
+    back sample-major (see `summarize`). `on_games` as in `RolloutGroup.play` (streaming)."""
     r = cfg.rollout
     maps = eval_specs(cfg.env)
     sampling = Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.eval_top_p,
                         top_k=r.eval_top_k, seed=cfg.seed)
     specs = maps * cfg.env.eval_samples
-    trajectories = workers.play(specs, sampling, cfg.env.max_turns, round, on_shard=on_shard)
+    trajectories = workers.play(specs, sampling, cfg.env.max_turns, round, on_games=on_games)
     return summarize(trajectories, round, cfg.env.eval_samples), trajectories

@@ -1,8 +1,9 @@
 """Rollout workers: vLLM engines that play games and answer prompts with the current weights.
 
-`RolloutGroup` splits a list of games into one contiguous shard per worker and hands results back
-as each shard finishes (`play_iter`, for streaming to disk) or all at once in the order of the specs
-(`play`). With a sampling seed, every game gets its own seed derived from (seed, map seed, how many
+`RolloutGroup` splits a list of games into one contiguous shard per worker. Each worker streams its
+games back as they end (a Ray streaming generator: after every turn, the games that just ended), so
+they reach disk and the progress bar while the others play on (`play_iter`); `play` also returns
+them all in the order of the specs. With a sampling seed, every game gets its own seed derived from (seed, map seed, how many
 times that map came earlier in the call), so a game's replies do not depend on which worker played
 it or what else was in the batch, and repeats of one map (several eval samples, FrozenLake boards
 that recur) are independent samples.
@@ -194,10 +195,11 @@ class RolloutWorker:
         return {"cores": sorted(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
 
     def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int,
-             seeds: Optional[list[int]] = None) -> list[Trajectory]:
+             seeds: Optional[list[int]] = None) -> Iterator[list[tuple[int, Trajectory]]]:
         """Play all games to the end; every active game's next turn goes out in one batched call.
-        `seeds`: one per game (default: derived from `sampling.seed`, if any); turn t of a game
-        samples with a seed mixed from the game's seed and t."""
+        After each turn, yields the games that just ended as (index in `specs`, trajectory): called
+        through Ray, a streaming generator. `seeds`: one per game (default: derived from
+        `sampling.seed`, if any); turn t of a game samples with a seed mixed from the game's seed and t."""
         games = [Game(spec, max_turns) for spec in specs]
         if seeds is None and sampling.seed is not None:
             seeds = game_seeds(specs, sampling.seed)
@@ -207,7 +209,8 @@ class RolloutWorker:
             turn_seeds = None if seeds is None else [mix_seeds(seeds[i], len(games[i].turns)) for i in active]
             for i, gen in zip(active, self._generate(prompts, sampling, turn_seeds)):
                 games[i].step(gen.text, self.engine.reply_tokens(gen))
-        return [g.trajectory(round, self.version) for g in games]
+            if ended := [(i, games[i].trajectory(round, self.version)) for i in active if games[i].done]:
+                yield ended
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[Generation]:
@@ -286,27 +289,53 @@ class RolloutGroup:
         return [(bounds[i], items[bounds[i]:bounds[i + 1]]) for i in range(len(self.workers))]
 
     def play_iter(self, specs: list[GameSpec], sampling: Sampling, max_turns: int,
-                  round: int) -> Iterator[tuple[int, list[Trajectory]]]:
-        """Yield (offset, trajectories) as shards finish: they are the games of
-        specs[offset:offset + len(trajectories)], in that order. Shards come in finishing order."""
+                  round: int) -> Iterator[list[tuple[int, Trajectory]]]:
+        """Yield the games as they end, every worker's at once, as lists of (index in `specs`,
+        trajectory). The games a dying worker had not yet handed back are split over the live ones
+        and played again from the start (same per-game seeds): every game comes exactly once."""
         seeds = None if sampling.seed is None else game_seeds(specs, sampling.seed)
-        for offset, part in self._sharded("play", specs, lambda lo, hi: (
-                sampling, max_turns, round, None if seeds is None else seeds[lo:hi])):
-            if [t.seed for t in part] != [s.seed for s in specs[offset:offset + len(part)]]:
-                raise RuntimeError(f"a worker returned games {[t.seed for t in part]} for maps "
-                                   f"{[s.seed for s in specs[offset:offset + len(part)]]}")
-            yield offset, part
+        streams: dict = {}  # streaming generator -> (worker, the spec indices it plays, those it returned)
+
+        def submit(indices: list[int]) -> None:
+            for worker, (_, part) in zip(self.workers, self._split(indices)):
+                if part:
+                    stream = worker.play.remote([specs[i] for i in part], sampling, max_turns, round,
+                                                None if seeds is None else [seeds[i] for i in part])
+                    streams[stream] = (worker, part, set())
+
+        submit(list(range(len(specs))))
+        while streams:
+            (stream,), _ = ray.wait(list(streams), num_returns=1)
+            worker, part, returned = streams[stream]
+            try:
+                ended = ray.get(next(stream))
+            except StopIteration:
+                del streams[stream]
+                if len(returned) != len(part):
+                    raise RuntimeError(f"a worker returned {len(returned)} of its {len(part)} games") from None
+                continue
+            except ray.exceptions.RayActorError as err:
+                del streams[stream]
+                self._drop(worker, err)
+                submit([i for j, i in enumerate(part) if j not in returned])
+                continue
+            for j, traj in ended:
+                if j in returned or traj.seed != specs[part[j]].seed:
+                    raise RuntimeError(f"a worker returned game {traj.seed} for map {specs[part[j]].seed}")
+                returned.add(j)
+            yield [(part[j], traj) for j, traj in ended]
 
     def play(self, specs: list[GameSpec], sampling: Sampling, max_turns: int, round: int,
-             on_shard: Optional[Callable[[list[Trajectory]], None]] = None) -> list[Trajectory]:
-        """All games, in the order of `specs`; `on_shard` sees each shard as soon as it is done
-        (e.g. to stream it into a JsonlWriter)."""
+             on_games: Optional[Callable[[list[Trajectory]], None]] = None) -> list[Trajectory]:
+        """All games, in the order of `specs`; `on_games` sees the games as they end (e.g. to
+        stream them into a JsonlWriter and move a progress bar)."""
         out: list[Optional[Trajectory]] = [None] * len(specs)
-        for offset, part in self.play_iter(specs, sampling, max_turns, round):
-            out[offset:offset + len(part)] = part
-            if on_shard is not None:
-                on_shard(part)
-        return out  # type: ignore[return-value]  # every slot filled: play_iter checks each shard
+        for ended in self.play_iter(specs, sampling, max_turns, round):
+            for i, traj in ended:
+                out[i] = traj
+            if on_games is not None:
+                on_games([traj for _, traj in ended])
+        return out  # type: ignore[return-value]  # every slot filled: play_iter checks each game
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[Generation]:

@@ -193,16 +193,18 @@ def test_two_workers_compute_on_distinct_cores(group):
 def test_collection_is_exact_and_in_spec_order(group):
     specs = train_specs(SOKOBAN, 0, GAMES)
     assert len(set(boards(specs))) == GAMES
-    shards = []
-    trajectories = group.play(specs, SAMPLING, 2, round=1, on_shard=shards.append)
+    streamed = []
+    trajectories = group.play(specs, SAMPLING, 2, round=1, on_games=streamed.append)
     assert len(trajectories) == GAMES
     assert [t.seed for t in trajectories] == [s.seed for s in specs]  # none lost, none repeated, in order
     for spec, board, traj in zip(specs, boards(specs), trajectories):
         assert board in traj.turns[0].prompt and traj.split == "train" and traj.round == 1
         assert 1 <= len(traj.turns) <= 2
-    assert sorted(len(s) for s in shards) == [3, 4]  # streamed per worker shard
-    offsets = sorted((o, [t.seed for t in part]) for o, part in group.play_iter(specs, SAMPLING, 1, 1))
-    assert offsets == [(0, [s.seed for s in specs[:4]]), (4, [s.seed for s in specs[4:]])]
+    # streamed as the games end, each once, in several deliveries (two workers, up to two turns)
+    assert sorted(t.seed for part in streamed for t in part) == sorted(s.seed for s in specs)
+    assert len(streamed) >= 2
+    indexed = sorted((i, t.seed) for ended in group.play_iter(specs, SAMPLING, 1, 1) for i, t in ended)
+    assert indexed == [(i, s.seed) for i, s in enumerate(specs)]
 
 
 def test_eval_samples_of_one_map_differ_and_reproduce(group, tiny_model):
@@ -252,7 +254,8 @@ def test_response_tokens_leave_out_the_stop_token(group, tiny_model):
     specs = train_specs(SOKOBAN, 0, 4)
     sampling = Sampling(max_tokens=32, temperature=0.7, seed=9)
     worker = group.workers[0]
-    played = ray_get(worker.play.remote(specs, sampling, 1, 0))
+    ended = [pair for ref in worker.play.remote(specs, sampling, 1, 0) for pair in ray_get(ref)]  # streamed
+    played = [traj for _, traj in sorted(ended, key=lambda pair: pair[0])]
     prompts = [turn_prompt_ids(tok, Game(s, 1), history="flattened", thinking=False, keep_reasoning=False)
                for s in specs]
     turn_seeds = [mix_seeds(seed, 0) for seed in game_seeds(specs, 9)]
