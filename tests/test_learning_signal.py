@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 import torch
-from distill_setup import KNOWLEDGE, distill_config
+from distill_setup import KNOWLEDGE, distill_config, distill_roles
 
 # 32 prefixes per step: with 8 (the tiny replies are ~5 tokens) the steps are so noisy that the
 # result hangs on the learning rate (62% at lr 2e-4, worse at 3e-4, KL up 5x at 1e-3); with 32,
@@ -55,27 +55,14 @@ def held_out_kl(workers, student, teacher, tokenizer, cfg, prefixes: list[str]) 
 
 
 def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from oel_ray.consolidate import Roles, consolidate, step_prefixes
+    from oel_ray.consolidate import consolidate, step_prefixes
     from oel_ray.engine import Sampling
     from oel_ray.games import eval_specs, train_specs
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import start_teacher
 
     started = time.perf_counter()
     cfg = make_config(tiny_model, str(tmp_path))
-    workers = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=cfg.learner.support_k, kv_cache_gib=1,
-                           gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=cfg.learner.temperature,
-                            chunk_tokens=1024, batch_tokens=8192)
-    learner = LearnerGroup(cfg.learner, tiny_model, num_cpus=0.5)
-    roles = Roles(workers=workers, teacher=teacher, learner=learner)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    frozen = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    try:
+    with distill_roles(cfg, ray_cluster) as (roles, tokenizer, frozen, student):
+        workers, learner = roles.workers, roles.learner
         # Prefixes as the driver makes them: the turn prompts of games the student played. Training
         # boards and held-out boards are disjoint (games.train_specs excludes every held-out board).
         play = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature, seed=0)
@@ -91,10 +78,6 @@ def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_
         seconds = time.perf_counter() - t0
         student.load_state_dict(learner.state_dict(), strict=False)
         after = held_out_kl(workers, student, frozen, tokenizer, cfg, held_out)
-    finally:
-        learner.shutdown()
-        for actor in [teacher, *workers.workers]:
-            ray_cluster.kill(actor)
     sync = [m.seconds["sync"] for m in metrics]
     print("\ntraining KL per step:", " ".join(f"{m.reverse_kl:.3f}" for m in metrics))
     print(f"\nheld-out reverse KL {before:.4f} -> {after:.4f} ({100 * (1 - after / before):.0f}% lower) on "

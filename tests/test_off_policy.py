@@ -11,7 +11,7 @@ import time
 
 import numpy as np
 import torch
-from distill_setup import KNOWLEDGE, distill_config
+from distill_setup import KNOWLEDGE, distill_config, distill_roles
 
 STEPS, BATCH, LR, SUPPORT_K = 6, 8, 3e-4, 256
 
@@ -56,7 +56,7 @@ def forward_kl(student, teacher, samples, temperature: float) -> tuple[float, fl
         r, sp, tp = s.response_ids, s.student_prompt_ids, s.teacher_prompt_ids
         ls = torch.log_softmax(student(torch.tensor([sp + r])).logits[0, len(sp) - 1:-1] / temperature, -1)
         lt = torch.log_softmax(teacher(torch.tensor([tp + r])).logits[0, len(tp) - 1:-1] / temperature, -1)
-        support = torch.from_numpy(s.support_ids).long()
+        support = torch.tensor(s.support_ids, dtype=torch.long)
         top1 += int((support[:, 0] == lt.argmax(-1)).sum())
         ls, lt = ls.gather(-1, support), lt.gather(-1, support)
         total += float((lt.exp() * (lt - ls)).sum())
@@ -66,27 +66,14 @@ def forward_kl(student, teacher, samples, temperature: float) -> tuple[float, fl
 
 def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_start(ray_cluster, tiny_model,
                                                                                      tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from oel_ray.consolidate import Roles, consolidate
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import start_teacher
+    from oel_ray.consolidate import consolidate
 
     started = time.perf_counter()
     cfg = make_config(tiny_model, str(tmp_path))
     temp = cfg.learner.temperature
-    workers = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=SUPPORT_K, kv_cache_gib=1,
-                           gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=temp,
-                            chunk_tokens=1024, batch_tokens=8192)
-    learner = LearnerGroup(cfg.learner, tiny_model, num_cpus=0.5)
-    roles = Roles(workers=workers, teacher=teacher, learner=learner)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    frozen = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    student = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
-    engine = workers.workers[0]
-    try:
+    with distill_roles(cfg, ray_cluster) as (roles, tokenizer, frozen, student):
+        workers, learner = roles.workers, roles.learner
+        engine = workers.workers[0]
         prefixes = first_turn_prompts(cfg, BATCH)
         samples = teacher_samples(workers, cfg, prefixes, tokenizer, step=1)
         probe = samples[0].student_prompt_ids + samples[0].response_ids  # a fixed sequence
@@ -107,10 +94,6 @@ def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_st
         student.load_state_dict(learner.state_dict(), strict=False)
         after, _ = forward_kl(student, frozen, samples, temp)
         learner_end = learner.sequence_logprobs(probe)
-    finally:
-        learner.shutdown()
-        for actor in [teacher, *workers.workers]:
-            ray_cluster.kill(actor)
     print(f"\nforward KL on the teacher's step-1 samples {before:.4f} -> {after:.4f}; per step "
           f"{[round(m.reverse_kl, 4) for m in metrics]}; {STEPS} steps in {seconds:.1f}s; "
           f"test {time.perf_counter() - started:.0f}s")
