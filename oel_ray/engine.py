@@ -10,11 +10,14 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 
 from oel_ray.types import Generation
+
+if TYPE_CHECKING:  # annotations only: the engine module imports without torch at start-up
+    import torch
 
 
 @dataclass(frozen=True)
