@@ -16,7 +16,7 @@ import numpy as np
 
 from oel_ray.types import Generation
 
-if TYPE_CHECKING:  # annotations only: the engine module imports without torch at start-up
+if TYPE_CHECKING:  # named in annotations only
     import torch
 
 
