@@ -51,16 +51,16 @@ def prepare(dep, cfg):
     """Real prompts: deploy-game turn prefixes and a knowledge set, as round 1 of `make run` makes them."""
     import ray
 
+    from oel_ray.extractor import knowledge_set
     from oel_ray.games import train_specs
     from oel_ray.roles import sampling_for_play
 
     play = lambda count, stream: dep.workers.play(  # noqa: E731
         train_specs(cfg.env, 1, count, stream), sampling_for_play(cfg), cfg.env.max_turns, 1)
     chains = ray.get(dep.extractor.run.remote(play(cfg.rollout.games_per_round, 0)))
-    use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
-    knowledge_set = [chain[use_step].text for chain in chains]
+    texts, _ = knowledge_set(chains, cfg.extractor.knowledge_step)  # as the driver picks them
     deploy = play((WARMUP_STEPS + TIMED_STEPS + COOLDOWN_STEPS) * DEPLOY_GAMES_PER_STEP, 1)
-    return deploy, knowledge_set
+    return deploy, texts
 
 
 def run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step: int) -> tuple[Run, list[dict]]:

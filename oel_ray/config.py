@@ -106,6 +106,11 @@ class ExtractorConfig:
     # conf/extractor/<format>.yaml holds the team's templates.
     prompt: str = "{knowledge}\n\n{trajectory}"
 
+    @property
+    def knowledge_step(self) -> int:
+        """The accumulation step whose knowledge the teacher reads: use_step, or the paper's K/2."""
+        return self.use_step or max(1, self.k // 2)
+
 
 @dataclass
 class TeacherConfig:
@@ -179,6 +184,12 @@ class ConsolidationConfig:
     # weights one step old (StepMetrics.policy_lag = 1): faster, one step off-policy. On CPU pair it
     # with rollout.bind_cores=false: bound, the workers' engines take every core from the learner.
     async_steps: int = 0
+
+    @property
+    def on_policy(self) -> bool:
+        """The student samples with the current weights, which reach the rollout workers after every
+        step; off-policy, the workers keep the round-start (teacher) weights until the round ends."""
+        return self.mode == "on_policy"
 
 
 @dataclass
@@ -358,7 +369,7 @@ def validate(cfg: OELConfig) -> OELConfig:
              "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, lm_eval, none, or the path of an IF-Eval JSONL")
     _require(0 < cfg.ood.lm_eval_gpu_memory_utilization <= 1, "ood.lm_eval_gpu_memory_utilization",
              f"{cfg.ood.lm_eval_gpu_memory_utilization} must be in (0, 1]")
-    _require(cfg.consolidation.mode == "on_policy" or cfg.learner.loss == "topk_reverse_kl",
+    _require(cfg.consolidation.on_policy or cfg.learner.loss == "topk_reverse_kl",
              "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
              "keep learner.loss=topk_reverse_kl (the default)")
     _positive("teacher.num_actors", cfg.teacher.num_actors)

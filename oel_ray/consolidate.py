@@ -74,12 +74,12 @@ def make_samples(prefixes: list[str], knowledge_set: list[str], tokenizer, cfg: 
 
 def learner_loss(cfg: OELConfig) -> str:
     """What the learner minimises: learner.loss on-policy; the forward KL off-policy."""
-    return "topk_forward_kl" if cfg.consolidation.mode == "off_policy" else cfg.learner.loss
+    return cfg.learner.loss if cfg.consolidation.on_policy else "topk_forward_kl"
 
 
 def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledge_set: list[str], tokenizer,
                 *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
-    loss, on_policy = learner_loss(cfg), cfg.consolidation.mode == "on_policy"
+    loss, on_policy = learner_loss(cfg), cfg.consolidation.on_policy
     steps = list(enumerate(batches, start=first_step + 1))
     threads = stage_threads(cfg)
     roles.learner.set_threads(cfg.learner.threads or threads)
@@ -105,7 +105,7 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
                      tokenizer, seconds: dict[str, float]) -> tuple[list[DistillSample], Optional[TeacherScores]]:
     """Step `step`'s samples (the workers' replies) and the teacher's scores of them (None for
     full_reverse_kl: the learner's own teacher copy scores the whole vocabulary)."""
-    on_policy, loss = cfg.consolidation.mode == "on_policy", learner_loss(cfg)
+    on_policy, loss = cfg.consolidation.on_policy, learner_loss(cfg)
     support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
@@ -129,7 +129,7 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
     next batch (the first step also its own), then `learner`, the wait the overlap did not hide."""
     if not steps:
         return
-    loss, on_policy = learner_loss(cfg), cfg.consolidation.mode == "on_policy"
+    loss, on_policy = learner_loss(cfg), cfg.consolidation.on_policy
     seconds: dict[str, float] = {}
     batch, lag = sample(*steps[0], seconds), 0  # the first batch comes from the current weights
     for i, (step, _) in enumerate(steps):

@@ -19,13 +19,13 @@ from pathlib import Path
 import ray
 
 from oel_ray import artifacts, preflight, tracking
-from oel_ray.ifeval import reference_sampling, run_ifeval
-from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import evaluate
 from oel_ray.extractor import knowledge_set
 from oel_ray.games import train_specs
+from oel_ray.ifeval import reference_sampling, run_ifeval
+from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
 
@@ -115,7 +115,7 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
                          f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
     raw = cfg.teacher.context == "trajectories"  # ablation: the trajectories themselves, no extraction
     chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
-    use_step = cfg.extractor.use_step or max(1, cfg.extractor.k // 2)
+    use_step = cfg.extractor.knowledge_step
     texts, empty = knowledge_set(chains, use_step)
     if not texts:
         raise InputError(f"{rdir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
@@ -158,7 +158,7 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
         except Exception:  # a dead role, a weight-sync timeout, a bug: keep the steps done, then stop
             cluster.try_save_training_state(r, last[0])
             raise
-    if cfg.consolidation.mode == "off_policy":  # the workers kept the teacher's weights until now
+    if not cfg.consolidation.on_policy:  # the workers kept the teacher's weights until now
         cluster.sync_workers(version=r * lcfg.steps)
     rows = steps.close()
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))

@@ -19,13 +19,13 @@ import ray
 
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import Roles
-from oel_ray.weight_sync import for_roles
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.extractor import Extractor
 from oel_ray.learner import LearnerGroup
 from oel_ray.rollout import RolloutGroup
 from oel_ray.teacher import start_teacher
+from oel_ray.weight_sync import for_roles
 
 log = logging.getLogger("oel_ray")
 STATE_DIR = re.compile(r"^step_(\d+)$")
@@ -79,7 +79,7 @@ class Deployment:
         steps, path = saved[-1]
         log.info("  resuming consolidation after step %d of round %d", steps, r)
         self.roles.learner.load_state(str(path))
-        if self.cfg.consolidation.mode == "on_policy":  # off-policy: the workers keep the teacher's weights
+        if self.cfg.consolidation.on_policy:  # off-policy: the workers keep the teacher's weights
             self.sync_workers(version=(r - 1) * self.cfg.learner.steps + steps)
         self.holds = ("trained", r, steps)
         return steps
