@@ -80,8 +80,7 @@ class _Distill(torch.nn.Module):
                 teacher_hidden=None, teacher_head=None):
         """input_ids / gather_idx: one tensor per length bucket (see `length_buckets`); the rows of
         the other inputs are the buckets' rows one after another."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = torch.cat([_response_hidden(base, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
+        hidden = torch.cat([batching.response_hidden(self.model, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
         weight = self.model.get_output_embeddings().weight
         kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
                   chunk_tokens=self.chunk_tokens, num_units=num_units)
@@ -94,14 +93,6 @@ class _Distill(torch.nn.Module):
             out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
                                        renormalize=self.cfg.renormalize, **kw)
         return out.loss, out.kl, out.student_mass, out.teacher_mass
-
-
-def _response_hidden(base, input_ids, gather_idx):
-    """Last hidden states [B, R, H] at the positions that predict the response tokens."""
-    # Right padding with a causal model: real positions never see padding, so no attention mask.
-    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
-    # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
-    return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 class Learner:

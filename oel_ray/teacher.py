@@ -19,7 +19,7 @@ import numpy as np
 import ray
 import torch
 
-from oel_ray import losses
+from oel_ray import batching, losses
 from oel_ray.types import DistillSample, TeacherScores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -85,18 +85,11 @@ class TeacherServer:
         return len(s.teacher_prompt_ids) + len(s.response_ids)
 
     def _score_batch(self, batch: list[DistillSample], sampled_only: bool) -> list[np.ndarray]:
-        seqs = [s.teacher_prompt_ids + s.response_ids for s in batch]
-        width = max(map(len, seqs))
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        mask = torch.zeros(len(seqs), width, dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).last_hidden_state
+        ids, gather_idx = batching.pack([s.teacher_prompt_ids for s in batch], [s.response_ids for s in batch], pad_id=0)
+        hidden = batching.response_hidden(self.model, ids.to(self.device), gather_idx.to(self.device))
         rows, supports = [], []
         for row, s in enumerate(batch):
-            start = len(s.teacher_prompt_ids) - 1  # the hidden state at p predicts token p + 1
-            rows.append(hidden[row, start : start + len(s.response_ids)])
+            rows.append(hidden[row, : len(s.response_ids)])
             support = np.asarray(s.response_ids).reshape(-1, 1) if sampled_only else np.asarray(s.support_ids)
             supports.append(torch.tensor(support, dtype=torch.long, device=hidden.device))  # copies: Ray hands read-only arrays
         # One pass over every response position of the batch: a few large matmuls, not one per sample.
@@ -130,11 +123,8 @@ class ColocatedTeacher:
 
     @torch.no_grad()
     def hidden(self, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
-        """Last hidden states [B, R, H] at `gather_idx` [B, R] of right-padded `input_ids` [B, L]
-        (causal: real positions never see the padding, so no attention mask)."""
-        base = getattr(self.model, self.model.base_model_prefix)
-        hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
-        return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+        """Last hidden states [B, R, H] at the response positions (`batching.response_hidden`)."""
+        return batching.response_hidden(self.model, input_ids, gather_idx)
 
 
 def start_teacher(model_path: str, *, num_cpus: float, num_gpus: float, **kwargs) -> ray.actor.ActorHandle:
