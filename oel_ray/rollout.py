@@ -282,11 +282,11 @@ class RolloutGroup:
         self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
         self.lost = 0  # workers that died; their work went to the others
 
-    def _split(self, items: list) -> list[tuple[int, list]]:
-        """(offset, shard) per worker; shard sizes differ by at most one."""
+    def _split(self, items: list) -> list[list]:
+        """One contiguous shard per worker; shard sizes differ by at most one."""
         size, extra = divmod(len(items), len(self.workers))
         bounds = [i * size + min(i, extra) for i in range(len(self.workers) + 1)]
-        return [(bounds[i], items[bounds[i]:bounds[i + 1]]) for i in range(len(self.workers))]
+        return [items[bounds[i]:bounds[i + 1]] for i in range(len(self.workers))]
 
     def play_iter(self, specs: list[GameSpec], sampling: Sampling, max_turns: int,
                   round: int) -> Iterator[list[tuple[int, Trajectory]]]:
@@ -297,7 +297,7 @@ class RolloutGroup:
         streams: dict = {}  # streaming generator -> (worker, the spec indices it plays, those it returned)
 
         def submit(indices: list[int]) -> None:
-            for worker, (_, part) in zip(self.workers, self._split(indices)):
+            for worker, part in zip(self.workers, self._split(indices)):
                 if part:
                     stream = worker.play.remote([specs[i] for i in part], sampling, max_turns, round,
                                                 None if seeds is None else [seeds[i] for i in part])
@@ -339,37 +339,34 @@ class RolloutGroup:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[Generation]:
+        """One reply per prompt, in prompt order, from one contiguous shard per live worker. The
+        shard of a worker that dies is split over the live ones and run again: every prompt is
+        answered exactly once (per-prompt seeds travel with it)."""
         out: list[Optional[Generation]] = [None] * len(prompts)
-        for offset, part in self._sharded("generate", prompts, lambda lo, hi: (
-                sampling, None if seeds is None else seeds[lo:hi])):
-            out[offset:offset + len(part)] = part
-        return out  # type: ignore[return-value]
+        pending: dict = {}  # result -> (worker, the prompt indices it answers)
 
-    def _sharded(self, method: str, items: list, args: Callable[[int, int], tuple]) -> Iterator[tuple[int, list]]:
-        """Call `method(shard, *args(lo, hi))` on one contiguous shard of `items` per live worker and
-        yield (lo, results) as shards finish. The shard of a worker that dies is split over the live
-        ones and run again: every item is answered exactly once (per-item seeds travel with it)."""
-        pending: dict = {}
-
-        def submit(offset: int, shard: list) -> None:
-            for worker, (lo, part) in zip(self.workers, self._split(shard)):
+        def submit(indices: list[int]) -> None:
+            for worker, part in zip(self.workers, self._split(indices)):
                 if part:
-                    ref = getattr(worker, method).remote(part, *args(offset + lo, offset + lo + len(part)))
-                    pending[ref] = (worker, offset + lo, part)
+                    ref = worker.generate.remote([prompts[i] for i in part], sampling,
+                                                 None if seeds is None else [seeds[i] for i in part])
+                    pending[ref] = (worker, part)
 
-        submit(0, items)
+        submit(list(range(len(prompts))))
         while pending:
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            worker, offset, shard = pending.pop(ref)
+            worker, part = pending.pop(ref)
             try:
-                part = ray.get(ref)
+                replies = ray.get(ref)
             except ray.exceptions.RayActorError as err:
                 self._drop(worker, err)
-                submit(offset, shard)
+                submit(part)
                 continue
-            if len(part) != len(shard):
-                raise RuntimeError(f"a worker answered {len(part)} of {len(shard)} items")
-            yield offset, part
+            if len(replies) != len(part):
+                raise RuntimeError(f"a worker answered {len(replies)} of {len(part)} prompts")
+            for i, reply in zip(part, replies):
+                out[i] = reply
+        return out  # type: ignore[return-value]  # every slot filled: each shard is checked
 
     def _drop(self, worker, err: Exception) -> None:
         if worker in self.workers:
