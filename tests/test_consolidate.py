@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from distill_setup import KNOWLEDGE, distill_config
+from distill_setup import KNOWLEDGE, distill_config, distill_roles
 
 from oel_ray.batching import collate, length_buckets
 from oel_ray.learner import _Distill
@@ -103,42 +103,27 @@ class Recorded:
 
 
 def test_async_consolidation_samples_one_step_behind_and_syncs_every_step(ray_cluster, tiny_model, tmp_path):
-    from transformers import AutoTokenizer
-
-    from oel_ray.consolidate import Roles, consolidate
+    from oel_ray.consolidate import consolidate
     from oel_ray.games import Game, train_specs
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import start_teacher
 
     steps, batch = 4, 8
     cfg = distill_config(tiny_model, str(tmp_path), steps=steps, batch=batch, lr=3e-3,
                          consolidation={"async_steps": 1})
-    group = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=cfg.learner.support_k, kv_cache_gib=1,
-                         gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=cfg.learner.temperature,
-                            chunk_tokens=1024, batch_tokens=8192)
-    learner = LearnerGroup(cfg.learner, tiny_model, num_cpus=0.5)
-    workers = Recorded(group)
-    roles = Roles(workers=workers, teacher=teacher, learner=learner)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
-    prefixes = [Game(spec, cfg.env.max_turns).prompt() for spec in train_specs(cfg.env, 1, batch, 1)]
-    probe = tokenizer(prefixes[0])["input_ids"][:64]
-    metrics, gaps = [], []
+    with distill_roles(cfg, ray_cluster) as (roles, tokenizer, _, _):
+        group, learner = roles.workers, roles.learner
+        roles.workers = workers = Recorded(group)
+        prefixes = [Game(spec, cfg.env.max_turns).prompt() for spec in train_specs(cfg.env, 1, batch, 1)]
+        probe = tokenizer(prefixes[0])["input_ids"][:64]
+        metrics, gaps = [], []
 
-    def on_step(m):  # nothing is in flight here: the next batch is sampled, the learner is idle
-        metrics.append(m)
-        engine = ray_cluster.get(group.workers[0].prompt_logprobs.remote(probe))
-        gaps.append(float(np.abs(engine - learner.sequence_logprobs(probe)).max()))
+        def on_step(m):  # nothing is in flight here: the next batch is sampled, the learner is idle
+            metrics.append(m)
+            engine = ray_cluster.get(group.workers[0].prompt_logprobs.remote(probe))
+            gaps.append(float(np.abs(engine - learner.sequence_logprobs(probe)).max()))
 
-    try:
         start = learner.sequence_logprobs(probe)
         consolidate(roles, cfg, [prefixes] * steps, [KNOWLEDGE], tokenizer, first_step=10, on_step=on_step)
         moved = float(np.abs(learner.sequence_logprobs(probe) - start).max())
-    finally:
-        learner.shutdown()
-        for actor in [teacher, *group.workers]:
-            ray_cluster.kill(actor)
     assert [m.step for m in metrics] == [11, 12, 13, 14]
     # Batch 11 comes from the weights the learner starts from; batch t + 1 is sampled while the
     # learner takes step t, from the weights synced after step t - 1: one step old.
