@@ -162,6 +162,10 @@ class ClusterConfig:
     dashboard: bool = False
     use_gpu: bool = False
     cpus_per_actor: float = 0.5  # fractional CPUs let all roles share a small machine
+    # CPUs per rollout worker, teacher actor and learner rank (each role's placement-group bundle)
+    rollout_cpus: float = "${cluster.cpus_per_actor}"  # type: ignore[assignment]
+    teacher_cpus: float = "${cluster.cpus_per_actor}"  # type: ignore[assignment]
+    learner_cpus: float = "${cluster.cpus_per_actor}"  # type: ignore[assignment]
     timeout_s: float = 1800.0  # collective / actor-call timeout before failing with a clear message
     # The allocation a job asks for (launch/slurm/submit.sh hands these to sbatch) and the GPUs
     # each actor takes from it: per rollout worker (one vLLM engine), per teacher actor, per
@@ -419,7 +423,8 @@ def check_cluster(cfg: OELConfig) -> None:
     """The roles must fit in the allocation: a misfit fails here, in one line, instead of as Ray
     actors pending forever for GPUs that never appear."""
     c = cfg.cluster
-    _positive("cluster.cpus_per_actor", c.cpus_per_actor)
+    for name in ("cpus_per_actor", "rollout_cpus", "teacher_cpus", "learner_cpus"):
+        _positive(f"cluster.{name}", getattr(c, name))
     _positive("cluster.timeout_s", c.timeout_s)
     _positive("cluster.nodes", c.nodes)
     _positive("cluster.gpus_per_node", c.gpus_per_node, allow_zero=True)

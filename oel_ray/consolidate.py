@@ -26,8 +26,7 @@ import math
 import random
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 import ray
 
@@ -35,15 +34,10 @@ from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores, Trajectory  # noqa: F401
-from oel_ray.weight_sync import WeightSync, for_roles
+from oel_ray.weight_sync import for_roles
 
-
-@dataclass
-class Roles:
-    workers: "object"  # RolloutGroup
-    teacher: "ray.actor.ActorHandle"
-    learner: "object"  # LearnerGroup
-    sync: Optional[WeightSync] = None  # learner -> workers; built from cfg.learner.weight_sync on first use
+if TYPE_CHECKING:
+    from oel_ray.roles import Roles
 
 
 def step_prefixes(trajectories: list[Trajectory], steps: int, batch_size: int, seed: int) -> list[list[str]]:
@@ -83,7 +77,7 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
     steps = list(enumerate(batches, start=first_step + 1))
     threads = stage_threads(cfg)
     roles.learner.set_threads(cfg.learner.threads or threads)
-    ray.get(roles.teacher.set_threads.remote(threads))
+    roles.teacher.set_threads(threads)
 
     def sample(step: int, prefixes: list[str], seconds: dict[str, float]):
         return sample_and_score(roles, cfg, step, prefixes, knowledge_set, tokenizer, seconds)
@@ -120,7 +114,7 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     if loss == "full_reverse_kl":
         return samples, None
     with timed(seconds, "teacher"):
-        return samples, ray.get(roles.teacher.score.remote(samples, loss == "sampled_reverse_kl"))
+        return samples, roles.teacher.score(samples, loss == "sampled_reverse_kl")
 
 
 def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int, list[str]]], sample,

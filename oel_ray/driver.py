@@ -28,6 +28,7 @@ from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
+from oel_ray.tracking import timed
 
 log = logging.getLogger("oel_ray")
 
@@ -264,21 +265,3 @@ def config_snapshot(cfg: OELConfig) -> dict:
     from dataclasses import asdict
 
     return json.loads(json.dumps(asdict(cfg), default=str))
-
-
-def timed(name: str, fn):
-    log.info("[%s] ...", name)
-    start = time.perf_counter()
-    result = fn()
-    log.info("[%s] done in %.1fs", name, time.perf_counter() - start)
-    return result
-
-
-def init_ray(cfg: OELConfig) -> None:
-    c = cfg.cluster
-    if c.address:
-        ray.init(address=c.address, log_to_driver=True)
-        return
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, not reachable off-host
-    ray.init(num_cpus=c.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=c.dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)

@@ -26,6 +26,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.config import LearnerConfig
+from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
 from oel_ray.weight_sync import Channel, TensorMeta, send
@@ -360,18 +361,23 @@ def _free_port() -> int:
 
 
 class LearnerGroup:
-    """`cfg.num_ranks` Learner actors on this node; each call runs on all ranks, returns rank 0's."""
+    """`cfg.num_ranks` Learner actors in one placement group (packed on as few nodes as they fit);
+    rank 0 hosts the rendezvous on its own node. Each call runs on all ranks, returns rank 0's."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
                  ds_overrides: Optional[dict] = None):
-        addr, port = ray.util.get_node_ip_address(), _free_port()
+        self.placement = RolePlacement("learner", cfg.num_ranks, num_cpus, num_gpus).reserve()
+        addr, port = self.placement.address(0)
         # torch would start one thread per core in every rank; ranks sharing cores then thrash.
         env = {"OMP_NUM_THREADS": str(max(1, int(num_cpus)))}
-        actor = ray.remote(Learner).options(num_cpus=num_cpus, num_gpus=num_gpus,
-                                            runtime_env={"env_vars": env})
-        self.ranks = [actor.remote(cfg, model_path, r, cfg.num_ranks, addr, port, ds_overrides)
+        self.ranks = [ray.remote(Learner).options(**self.placement.options(r), runtime_env={"env_vars": env})
+                      .remote(cfg, model_path, r, cfg.num_ranks, addr, port, ds_overrides)
                       for r in range(cfg.num_ranks)]
-        self._all("ready")
+        try:
+            self._all("ready")
+        except BaseException:
+            self.shutdown()
+            raise
 
     def _all(self, method: str, *args):
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
@@ -423,3 +429,4 @@ class LearnerGroup:
     def shutdown(self) -> None:
         for r in self.ranks:
             ray.kill(r)
+        self.placement.release()

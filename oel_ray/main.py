@@ -57,11 +57,11 @@ def hydra_main(raw: DictConfig) -> dict:
     except config.ConfigError as err:
         fail(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
-    from oel_ray import driver
+    from oel_ray import driver, tracking
     from oel_ray.tiny_model import build_tiny_model
 
     if cfg.model.build == config.TINY_MODEL:
-        driver.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
+        tracking.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
     try:
         preflight.check(cfg)  # prompt room, env kwargs: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run

@@ -1,34 +1,94 @@
 """The running roles of a run and which weights they hold.
 
-`Deployment` starts the rollout workers, teacher, learner and extractor on first use (a resumed run
-whose stages all finished starts nothing) and brings them to the weights a stage needs: the model
-that starts round r, or round r's consolidated model. It also saves and restores the learner's full
-training state, so consolidation resumes mid-round.
+`build_roles` starts the rollout workers, the teacher actors and the learner ranks, each role in its
+own placement group sized from `cluster.*` (see placement.py): the one factory the driver, the tests
+and the benchmarks use. `Deployment` starts them on first use (a resumed run whose stages all
+finished starts nothing) and brings them to the weights a stage needs: the model that starts round
+r, or round r's consolidated model. It also saves and restores the learner's full training state,
+so consolidation resumes mid-round.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
 import ray
 
 from oel_ray.config import InputError, OELConfig
-from oel_ray.consolidate import Roles
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.extractor import Extractor
 from oel_ray.learner import LearnerGroup
 from oel_ray.rollout import RolloutGroup
-from oel_ray.teacher import start_teacher
-from oel_ray.weight_sync import for_roles
+from oel_ray.teacher import TeacherGroup
+from oel_ray.tracking import timed
+from oel_ray.weight_sync import WeightSync, for_roles
 
 log = logging.getLogger("oel_ray")
 STATE_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class Roles:
+    workers: RolloutGroup
+    teacher: TeacherGroup
+    learner: LearnerGroup
+    sync: Optional[WeightSync] = None  # learner -> workers; built from cfg.learner.weight_sync on first use
+
+    def shutdown(self) -> None:
+        """Stop every role and give its placement group back (a role already gone is skipped)."""
+        for role in (self.learner, self.teacher, self.workers):
+            role.shutdown()
+
+
+def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
+    """The rollout workers, teacher actors and learner ranks of `cfg`, all at `model_path` (default
+    the configured model). The learner is placed first: its bundles are the largest and it packs
+    its ranks on as few nodes as they fit on; then the teacher and the workers take what is left."""
+    c, r, lcfg = cfg.cluster, cfg.rollout, cfg.learner
+    path = model_path or cfg.model.path
+    started: list = []
+    try:
+        learner = timed(f"start learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage})",
+                        lambda: learner_group(cfg, path))
+        started.append(learner)
+        teacher = timed(f"start teacher ({cfg.teacher.num_actors} actor(s))", lambda: TeacherGroup(
+            path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
+            dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
+            batch_tokens=cfg.teacher.batch_tokens, trust_remote_code=cfg.model.trust_remote_code))
+        started.append(teacher)
+        model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
+        workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: RolloutGroup(
+            model, num_workers=r.num_workers, seed=r.seed, max_logprobs=lcfg.support_k,
+            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
+            num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
+            bind_cores=r.bind_cores))
+    except BaseException:
+        for role in started:
+            role.shutdown()
+        raise
+    return Roles(workers=workers, teacher=teacher, learner=learner)
+
+
+def learner_group(cfg: OELConfig, model_path: str) -> LearnerGroup:
+    c = cfg.cluster
+    return LearnerGroup(cfg.learner, model_path, num_cpus=c.learner_cpus, num_gpus=c.learner_gpus)
+
+
+def init_ray(cfg: OELConfig) -> None:
+    c = cfg.cluster
+    if c.address:
+        ray.init(address=c.address, log_to_driver=True)
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, not reachable off-host
+    ray.init(num_cpus=c.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=c.dashboard,
+             dashboard_host="127.0.0.1", log_to_driver=True)
 
 
 class Deployment:
@@ -36,6 +96,7 @@ class Deployment:
         self.cfg, self.out = cfg, out
         self.roles: Optional[Roles] = None
         self.extractor = None
+        self.own_extractor: Optional[RolloutGroup] = None  # extractor.model names another local model
         self.tokenizer = None
         self.holds: Optional[tuple] = None  # ("start", r) or ("trained", r, steps of round r)
 
@@ -65,7 +126,7 @@ class Deployment:
                 raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
-            ray.get(self.roles.teacher.load_weights.remote(self.roles.learner.state_dict_ref()))
+            self.roles.teacher.load_weights(self.roles.learner.state_dict_ref())
             self.sync_workers(version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
         return self
@@ -122,8 +183,11 @@ class Deployment:
         return self
 
     def shutdown(self) -> None:
+        """Stop every role and give the cluster its resources back."""
         if self.roles is not None:
-            self.roles.learner.shutdown()
+            self.roles.shutdown()
+        if self.own_extractor is not None:
+            self.own_extractor.shutdown()
 
     # ------------------------------------------------------------------------- internals
 
@@ -137,38 +201,21 @@ class Deployment:
         for_roles(self.roles, self.cfg).sync(version=version)
 
     def _learner(self, model_path: str) -> LearnerGroup:
-        c = self.cfg.cluster
-        return LearnerGroup(self.cfg.learner, model_path, num_cpus=c.cpus_per_actor,
-                            num_gpus=1.0 if c.use_gpu else 0.0)
+        return learner_group(self.cfg, model_path)
 
     def _start(self) -> None:
         from transformers import AutoTokenizer
 
-        from oel_ray.driver import init_ray, timed
-
-        cfg, c = self.cfg, self.cfg.cluster
+        cfg = self.cfg
         if not ray.is_initialized():
             init_ray(cfg)
-        gpus = 1.0 if c.use_gpu else 0.0
-        r, lcfg = cfg.rollout, cfg.learner
-        workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: RolloutGroup(
-            cfg.model, num_workers=r.num_workers, seed=r.seed, max_logprobs=lcfg.support_k,
-            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            num_cpus=c.cpus_per_actor, num_gpus=gpus, history=r.history, keep_reasoning=r.keep_reasoning,
-            bind_cores=r.bind_cores))
-        teacher = timed("start teacher", lambda: start_teacher(
-            cfg.model.path, num_cpus=c.cpus_per_actor, num_gpus=gpus, dtype=cfg.model.dtype,
-            temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
-            batch_tokens=cfg.teacher.batch_tokens, trust_remote_code=cfg.model.trust_remote_code))
-        learner = timed(f"start learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage})",
-                        lambda: self._learner(cfg.model.path))
-        self.roles = Roles(workers=workers, teacher=teacher, learner=learner)
+        self.roles = build_roles(cfg)
         self.extractor = ray.remote(num_cpus=0)(Extractor).remote(
-            cfg.extractor, cfg.model.path, self._extractor_engines(workers, gpus),
+            cfg.extractor, cfg.model.path, self._extractor_engines(self.roles.workers),
             thinking=cfg.model.thinking, seed=cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
 
-    def _extractor_engines(self, workers: RolloutGroup, gpus: float) -> list:
+    def _extractor_engines(self, workers: RolloutGroup) -> list:
         """The policy's own workers (default), an endpoint, or workers of another local model."""
         e, c, r = self.cfg.extractor, self.cfg.cluster, self.cfg.rollout
         if e.model == "policy":
@@ -176,12 +223,11 @@ class Deployment:
         if e.model.startswith(("http://", "https://")):
             log.info("  knowledge extracted by %s at %s", e.endpoint_model, e.model)
             return [ChatEndpoint(e.model, e.endpoint_model, api_key_env=e.api_key_env, timeout_s=c.timeout_s)]
-        from oel_ray.driver import timed
-
-        return timed(f"start the extractor's own engine ({e.model})", lambda: RolloutGroup(
+        self.own_extractor = timed(f"start the extractor's own engine ({e.model})", lambda: RolloutGroup(
             replace(self.cfg.model, path=e.model, build=None), num_workers=1, seed=self.cfg.seed, max_logprobs=1,
             kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            num_cpus=c.cpus_per_actor, num_gpus=gpus)).workers
+            num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus))
+        return self.own_extractor.workers
 
 
 def sampling_for_play(cfg: OELConfig) -> Sampling:

@@ -24,6 +24,7 @@ import ray
 from oel_ray.config import ModelConfig
 from oel_ray.engine import Sampling, VLLMEngine
 from oel_ray.games import Game
+from oel_ray.placement import RolePlacement
 from oel_ray.prompts import chat_ids
 from oel_ray.types import GameSpec, Generation, Trajectory
 
@@ -269,18 +270,28 @@ class RolloutGroup:
     def __init__(self, model: ModelConfig, *, num_workers: int, seed: int, max_logprobs: int,
                  kv_cache_gib: float, gpu_memory_utilization: float, num_cpus: float, num_gpus: float,
                  history: str = "flattened", keep_reasoning: bool = False, bind_cores: bool = True):
-        actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(RolloutWorker)
+        self.placement = RolePlacement("rollout workers", num_workers, num_cpus, num_gpus).reserve()
         self.workers = [
-            actor.remote(model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
-                         gpu_memory_utilization=gpu_memory_utilization, history=history,
-                         keep_reasoning=keep_reasoning)
+            ray.remote(RolloutWorker).options(**self.placement.options(i)).remote(
+                model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
+                gpu_memory_utilization=gpu_memory_utilization, history=history, keep_reasoning=keep_reasoning)
             for i in range(num_workers)
         ]
-        cores: list[Optional[list[int]]] = [None] * num_workers
-        if bind_cores and not num_gpus:
-            cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
-        self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
+        try:
+            cores: list[Optional[list[int]]] = [None] * num_workers
+            if bind_cores and not num_gpus:
+                cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
+            self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
+        except BaseException:
+            self.shutdown()
+            raise
         self.lost = 0  # workers that died; their work went to the others
+
+    def shutdown(self) -> None:
+        """Stop every worker and give their resources back to the cluster."""
+        for w in self.workers:
+            ray.kill(w)
+        self.placement.release()
 
     def _split(self, items: list) -> list[list]:
         """One contiguous shard per worker; shard sizes differ by at most one."""

@@ -20,6 +20,7 @@ import ray
 import torch
 
 from oel_ray import batching, losses
+from oel_ray.placement import RolePlacement
 from oel_ray.types import DistillSample, TeacherScores
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -127,7 +128,51 @@ class ColocatedTeacher:
         return batching.response_hidden(self.model, input_ids, gather_idx)
 
 
-def start_teacher(model_path: str, *, num_cpus: float, num_gpus: float, **kwargs) -> ray.actor.ActorHandle:
-    actor = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(TeacherServer).remote(model_path, **kwargs)
-    ray.get(actor.ready.remote())
-    return actor
+class TeacherGroup:
+    """`num_actors` TeacherServers in one placement group. Each step's scoring is split across them
+    balanced by tokens (longest first, each to the least loaded), and the scores come back in the
+    samples' order."""
+
+    def __init__(self, model_path: str, *, num_actors: int = 1, num_cpus: float, num_gpus: float, **kwargs):
+        self.placement = RolePlacement("teacher", num_actors, num_cpus, num_gpus).reserve()
+        self.actors = [ray.remote(TeacherServer).options(**self.placement.options(i)).remote(model_path, **kwargs)
+                       for i in range(num_actors)]
+        try:
+            ray.get([a.ready.remote() for a in self.actors])
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> TeacherScores:
+        shares = balance([TeacherServer._length(s) for s in samples], len(self.actors))
+        refs = [(share, a.score.remote([samples[i] for i in share], sampled_only))
+                for a, share in zip(self.actors, shares) if share]
+        out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
+        for share, ref in refs:
+            for i, scores in zip(share, ray.get(ref).logprobs):
+                out[i] = scores
+        return TeacherScores(logprobs=out)
+
+    def load_weights(self, weights) -> None:
+        """Every actor becomes the new frozen teacher (`weights`: a dict or its object-store ref)."""
+        ray.get([a.load_weights.remote(weights) for a in self.actors])
+
+    def set_threads(self, threads: Optional[int]) -> int:
+        return ray.get([a.set_threads.remote(threads) for a in self.actors])[0]
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.placement.release()
+
+
+def balance(lengths: list[int], parts: int) -> list[list[int]]:
+    """Indices of `lengths` in `parts` shares of near-equal total length (longest first, each to
+    the least loaded share); each share keeps its indices in ascending order."""
+    shares: list[list[int]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        j = load.index(min(load))
+        shares[j].append(i)
+        load[j] += lengths[i]
+    return [sorted(share) for share in shares]

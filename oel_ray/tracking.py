@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,6 +15,14 @@ from oel_ray.config import TrackingConfig
 from oel_ray.types import StepMetrics
 
 log = logging.getLogger("oel_ray")
+
+
+def timed(name: str, fn):
+    log.info("[%s] ...", name)
+    start = time.perf_counter()
+    result = fn()
+    log.info("[%s] done in %.1fs", name, time.perf_counter() - start)
+    return result
 
 
 def flat_metrics(m: StepMetrics) -> dict:

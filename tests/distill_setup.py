@@ -34,30 +34,21 @@ def distill_config(tiny_model: str, out: str, *, steps: int, batch: int, lr: flo
 
 @contextlib.contextmanager
 def distill_roles(cfg, ray):
-    """One vLLM rollout worker, the teacher server and a DeepSpeed learner for `cfg` on half a CPU
-    each, plus the tokenizer and two local float32 copies of the initial model (a frozen teacher, and
-    a student to load the learner's weights into). Yields (roles, tokenizer, frozen, student); the
-    actors are stopped on exit."""
+    """The roles of `cfg` (one vLLM rollout worker, the teacher server and a DeepSpeed learner on half
+    a CPU each, through roles.build_roles), plus the tokenizer and two local float32 copies of the
+    initial model (a frozen teacher, and a student to load the learner's weights into). Yields
+    (roles, tokenizer, frozen, student); the roles are stopped on exit."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oel_ray.consolidate import Roles
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import start_teacher
+    from oel_ray.roles import build_roles
 
-    path = cfg.model.path
-    workers = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=cfg.learner.support_k, kv_cache_gib=1,
-                           gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = start_teacher(path, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=cfg.learner.temperature,
-                            chunk_tokens=1024, batch_tokens=8192)
-    learner = LearnerGroup(cfg.learner, path, num_cpus=0.5)
+    roles = build_roles(cfg)
     try:
+        path = cfg.model.path
         tokenizer = AutoTokenizer.from_pretrained(path)
         frozen = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        yield Roles(workers=workers, teacher=teacher, learner=learner), tokenizer, frozen, student
+        yield roles, tokenizer, frozen, student
     finally:
-        learner.shutdown()
-        for actor in [teacher, *workers.workers]:
-            ray.kill(actor)
+        roles.shutdown()

@@ -23,8 +23,7 @@ def test_support_ids_are_the_models_top_k(ray_cluster, tiny_model):
         # instead of the top-k would show.
         replies = workers.generate(prompts, Sampling(max_tokens=24, temperature=1.3, support_k=K, seed=7))
     finally:
-        for actor in workers.workers:
-            ray_cluster.kill(actor)
+        workers.shutdown()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
     positions = agree = 0
     for prompt, reply in zip(prompts, replies):

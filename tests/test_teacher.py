@@ -85,21 +85,35 @@ def test_the_teacher_uses_its_temperature(tiny_model, reference_model, samples):
         assert np.abs(got - other).max() > 1e-2, "scores must depend on the temperature"
 
 
-def test_actor_returns_the_same_scores(ray_cluster, tiny_model, samples):
-    """Through Ray (what consolidation calls): the same scores as in-process. Not bit-equal: the
-    actor runs torch with one thread, this process with two, and fp32 sums then differ in order."""
-    from oel_ray.teacher import start_teacher
+def test_teacher_actors_return_the_same_scores_in_order(ray_cluster, tiny_model, samples):
+    """Through Ray (what consolidation calls), split over two teacher actors: the same scores as
+    in-process, in the samples' order. Not bit-equal: the actors run torch with one thread, this
+    process with two, and fp32 sums then differ in order."""
+    from oel_ray.teacher import TeacherGroup, balance
 
-    actor = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
-                          chunk_tokens=8, batch_tokens=256)
+    group = TeacherGroup(tiny_model, num_actors=2, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
+                         chunk_tokens=8, batch_tokens=256)
     try:
-        remote = ray_cluster.get(actor.score.remote(samples)).logprobs
+        remote = group.score(samples).logprobs
     finally:
-        ray_cluster.kill(actor)
+        group.shutdown()
     local = server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples).logprobs
+    assert len(samples) > 2 and all(balance([len(s.response_ids) for s in samples], 2))  # both actors scored
     assert len(remote) == len(local)
     for a, b in zip(remote, local):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_scoring_is_balanced_by_tokens():
+    from oel_ray.teacher import balance
+
+    lengths = [100, 90, 10, 10, 10, 10, 10, 10, 10, 10, 40]
+    shares = balance(lengths, 3)
+    assert sorted(i for share in shares for i in share) == list(range(len(lengths)))  # each sample once
+    loads = [sum(lengths[i] for i in share) for share in shares]
+    assert max(loads) - min(loads) <= max(lengths[2:])  # no share heavier than another by more than a short one
+    assert 0 in shares[0] and 1 in shares[1] and 10 in shares[2]  # longest first, each to the least loaded
+    assert balance([5, 5], 4) == [[0], [1], [], []]
 
 
 def test_new_round_weights_replace_the_teacher_exactly(tiny_model, reference_model, samples):

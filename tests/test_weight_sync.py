@@ -20,18 +20,17 @@ BF16_TOL = 2e-2  # bf16 keeps ~3 significant digits; this model runs fp32 and ag
 def roles(ray_cluster, tiny_model):
     from oel_ray.learner import LearnerGroup
     from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import start_teacher
+    from oel_ray.teacher import TeacherGroup
 
     workers = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=1, seed=0, max_logprobs=64,
                            kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = start_teacher(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=1.0,
+    teacher = TeacherGroup(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=1.0,
                             chunk_tokens=64, batch_tokens=4096)
     cfg = LearnerConfig(lr=5e-2, batch_size=4, zero_stage=2, support_k=64, temperature=1.0, dtype="float32")
     learner = LearnerGroup(cfg, tiny_model, num_cpus=0.5)
     yield workers, teacher, learner
-    learner.shutdown()
-    for actor in [teacher, *workers.workers]:  # free the engine's memory for the next test modules
-        ray_cluster.kill(actor)
+    for role in (learner, teacher, workers):  # free the engines' memory for the next test modules
+        role.shutdown()
 
 
 def take_a_step(workers, teacher, learner, step):
@@ -41,7 +40,7 @@ def take_a_step(workers, teacher, learner, step):
     replies = workers.generate(prompts, Sampling(max_tokens=16, temperature=1.0, support_k=64, seed=step))
     # A teacher whose context differs from the student's, so the KL is far from zero.
     samples = [DistillSample(p, p[::-1] + [9, 9], g.token_ids, g.topk_ids) for p, g in zip(prompts, replies)]
-    learner.train_step(samples, _ray.get(teacher.score.remote(samples)), step)
+    learner.train_step(samples, teacher.score(samples), step)
 
 
 # "gloo": the nccl transport's code on CPU tensors; 64 KiB buckets split the tiny model into several

@@ -1,0 +1,76 @@
+"""Where each role's actors run: one Ray placement group per role.
+
+A role (the rollout workers, the teacher actors, the learner ranks) asks for `count` bundles of
+{CPU: cpus, GPU: gpus}, one per actor, and Ray reserves them all before any actor starts: a role
+that cannot fit fails here, in one line, instead of as actors pending forever. PACK puts bundles
+on as few nodes as they fit on (learner ranks share a node's fast links); where a node is full
+the rest spill to the next. Actor i then starts inside bundle i, so `node_of(i)` is its node.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Optional
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger("oel_ray")
+
+# How long a role waits for the cluster to find room for all its actors before the run stops.
+PLACEMENT_TIMEOUT_S = 300.0
+
+
+@dataclass
+class RolePlacement:
+    """`count` bundles of {CPU: cpus, GPU: gpus}, reserved together for one role."""
+
+    role: str
+    count: int
+    cpus: float
+    gpus: float
+    group: Optional[PlacementGroup] = None
+
+    def reserve(self, timeout_s: float = PLACEMENT_TIMEOUT_S) -> "RolePlacement":
+        bundle = {"CPU": float(self.cpus)} | ({"GPU": float(self.gpus)} if self.gpus else {})
+        self.group = placement_group([dict(bundle) for _ in range(self.count)], strategy="PACK",
+                                     name=f"oel_ray {self.role} {uuid.uuid4().hex[:8]}")
+        ready, _ = ray.wait([self.group.ready()], timeout=timeout_s)
+        if not ready:
+            self.release()
+            raise RuntimeError(
+                f"the cluster has no room for the {self.role}: {self.count} x {bundle} within {timeout_s:g}s "
+                f"(free now: {_free_resources()}); lower cluster.*_cpus / *_gpus or add nodes")
+        return self
+
+    def options(self, i: int) -> dict:
+        """`.options(...)` that start an actor inside bundle i with that bundle's resources."""
+        return dict(num_cpus=self.cpus, num_gpus=self.gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i))
+
+    def address(self, i: int = 0) -> tuple[str, int]:
+        """The IP of bundle i's node and a port free there: where rank 0 hosts a rendezvous."""
+        strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
+        return ray.get(_node_address.options(num_cpus=0, scheduling_strategy=strategy).remote())
+
+    def release(self) -> None:
+        if self.group is not None:
+            remove_placement_group(self.group)
+            self.group = None
+
+
+@ray.remote
+def _node_address() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    return ray.util.get_node_ip_address(), port
+
+
+def _free_resources() -> dict:
+    free = ray.available_resources()
+    return {k: round(v, 2) for k, v in free.items() if k in ("CPU", "GPU")}
