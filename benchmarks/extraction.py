@@ -24,12 +24,10 @@ REPEATS = 5  # the tiny model's extractions are short: repeat to see through mac
 
 
 def main() -> None:
-    import ray
 
     from oel_ray.extractor import Extractor
     from oel_ray.games import train_specs
-    from oel_ray.roles import sampling_for_play
-    from oel_ray.rollout import RolloutGroup
+    from oel_ray.roles import rollout_group, sampling_for_play
 
     cfg = load_config()
     path = tiny_model_path(cfg)
@@ -37,10 +35,7 @@ def main() -> None:
     ecfg = replace(cfg.extractor, k=K, num_chains=CHAINS)
     start_ray()
     try:
-        r = cfg.rollout
-        group = RolloutGroup(cfg.model, num_workers=WORKERS, seed=r.seed, max_logprobs=1, kv_cache_gib=r.kv_cache_gib,
-                             gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=cfg.cluster.cpus_per_actor,
-                             num_gpus=0)
+        group = rollout_group(cfg, num_workers=WORKERS, max_logprobs=1)
         trajectories = group.play(train_specs(cfg.env, 1, TRAJECTORIES), sampling_for_play(cfg), cfg.env.max_turns, 1)
         together = Extractor(ecfg, path, group.workers, thinking=False, seed=cfg.seed)
         alone = Extractor(ecfg, path, group.workers[:1], thinking=False, seed=cfg.seed)
@@ -60,8 +55,7 @@ def main() -> None:
             # Chains are independent: running them together must not change what they extract.
             same &= [[s.text for s in ch] for ch in chains_together] == [[s.text for s in ch] for ch in chains_alone]
         knowledge_tokens = [ch[-1].num_tokens for ch in chains_together]
-        for w in group.workers:
-            ray.kill(w)
+        group.shutdown()
     finally:
         stop_ray()
 

@@ -22,12 +22,9 @@ WORKER_COUNTS = (1, 2)
 
 
 def start_group(cfg, num_workers: int):
-    from oel_ray.rollout import RolloutGroup
+    from oel_ray.roles import rollout_group
 
-    r = cfg.rollout
-    return RolloutGroup(cfg.model, num_workers=num_workers, seed=r.seed, max_logprobs=1, kv_cache_gib=r.kv_cache_gib,
-                        gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=cfg.cluster.cpus_per_actor,
-                        num_gpus=0, history=r.history, keep_reasoning=r.keep_reasoning, bind_cores=r.bind_cores)
+    return rollout_group(cfg, num_workers=num_workers, max_logprobs=1)
 
 
 def measure(group, specs, sampling, max_turns: int) -> dict:
@@ -41,7 +38,6 @@ def measure(group, specs, sampling, max_turns: int) -> dict:
 
 
 def main() -> None:
-    import ray
 
     from oel_ray.games import train_specs
     from oel_ray.roles import sampling_for_play
@@ -66,8 +62,7 @@ def main() -> None:
             for n in WORKER_COUNTS:
                 runs[n].append(measure(groups[n], maps, sampling, cfg.env.max_turns))
         for group in groups.values():
-            for w in group.workers:
-                ray.kill(w)
+            group.shutdown()
     finally:
         stop_ray()
 

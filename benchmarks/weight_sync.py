@@ -25,8 +25,7 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
+    from oel_ray.roles import build_roles
     from oel_ray.weight_sync import make_weight_sync
 
     cfg = load_config()
@@ -34,10 +33,8 @@ def main() -> None:
     start_ray()
     try:
         c = cfg.cluster
-        workers = RolloutGroup(cfg.model, num_workers=1, seed=0, max_logprobs=1, kv_cache_gib=cfg.rollout.kv_cache_gib,
-                               gpu_memory_utilization=cfg.rollout.gpu_memory_utilization, num_cpus=c.cpus_per_actor,
-                               num_gpus=0)
-        learner = LearnerGroup(cfg.learner, cfg.model.path, num_cpus=c.cpus_per_actor)
+        roles = build_roles(cfg)  # the run's own roles: one rollout worker, the teacher, the learner
+        workers, learner = roles.workers, roles.learner
         weights = learner.state_dict()
         size = sum(t.numel() * t.element_size() for t in weights.values())
         syncs = {t: make_weight_sync(t, learner, workers, use_gpu=False, bucket_mb=cfg.learner.sync_bucket_mb,
@@ -53,7 +50,7 @@ def main() -> None:
         error = float(np.abs(engine - learner.sequence_logprobs(fixed)).max())
         for sync in syncs.values():
             sync.close()
-        learner.shutdown()
+        roles.shutdown()
     finally:
         stop_ray()
 

@@ -57,6 +57,12 @@ class RolePlacement:
         strategy = PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i)
         return ray.get(_node_address.options(num_cpus=0, scheduling_strategy=strategy).remote())
 
+    def nodes(self) -> list[dict]:
+        """Per bundle (so per actor, in rank order), the Ray node id and IP it was placed on."""
+        bundles = ray.util.placement_group_table(self.group)["bundles_to_node_id"]
+        ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+        return [{"node_id": bundles[i], "ip": ips.get(bundles[i])} for i in range(self.count)]
+
     def release(self) -> None:
         if self.group is not None:
             remove_placement_group(self.group)
@@ -74,3 +80,9 @@ def _node_address() -> tuple[str, int]:
 def _free_resources() -> dict:
     free = ray.available_resources()
     return {k: round(v, 2) for k, v in free.items() if k in ("CPU", "GPU")}
+
+
+def driver_node() -> dict:
+    node = ray.get_runtime_context().get_node_id()
+    ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
+    return {"node_id": node, "ip": ips.get(node)}

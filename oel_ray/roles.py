@@ -20,11 +20,13 @@ from typing import Optional
 
 import ray
 
-from oel_ray.config import InputError, OELConfig
+from oel_ray import artifacts
+from oel_ray.config import InputError, ModelConfig, OELConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.extractor import Extractor
 from oel_ray.learner import LearnerGroup
+from oel_ray.placement import driver_node
 from oel_ray.rollout import RolloutGroup
 from oel_ray.teacher import TeacherGroup
 from oel_ray.tracking import timed
@@ -32,6 +34,7 @@ from oel_ray.weight_sync import WeightSync, for_roles
 
 log = logging.getLogger("oel_ray")
 STATE_DIR = re.compile(r"^step_(\d+)$")
+PLACEMENT_FILE = "placement.json"  # where each role ran, beside manifest.json
 
 
 @dataclass
@@ -41,8 +44,13 @@ class Roles:
     learner: LearnerGroup
     sync: Optional[WeightSync] = None  # learner -> workers; built from cfg.learner.weight_sync on first use
 
+    def placement(self) -> dict:
+        """Which Ray node (id and IP) runs the driver and each actor of each role, in rank order."""
+        return {"driver": driver_node(), "learner": self.learner.placement.nodes(),
+                "teacher": self.teacher.placement.nodes(), "rollout": self.workers.placement.nodes()}
+
     def shutdown(self) -> None:
-        """Stop every role and give its placement group back (a role already gone is skipped)."""
+        """Stop every role and give its placement group back."""
         for role in (self.learner, self.teacher, self.workers):
             role.shutdown()
 
@@ -64,16 +72,24 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
             batch_tokens=cfg.teacher.batch_tokens, trust_remote_code=cfg.model.trust_remote_code))
         started.append(teacher)
         model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
-        workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: RolloutGroup(
-            model, num_workers=r.num_workers, seed=r.seed, max_logprobs=lcfg.support_k,
-            kv_cache_gib=r.kv_cache_gib, gpu_memory_utilization=r.gpu_memory_utilization,
-            num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
-            bind_cores=r.bind_cores))
+        workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: rollout_group(cfg, model))
     except BaseException:
         for role in started:
             role.shutdown()
         raise
     return Roles(workers=workers, teacher=teacher, learner=learner)
+
+
+def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_workers: Optional[int] = None,
+                  max_logprobs: Optional[int] = None) -> RolloutGroup:
+    """The rollout workers of `cfg` (by default rollout.num_workers engines of the configured model
+    that return up to learner.support_k log-probs per token)."""
+    c, r = cfg.cluster, cfg.rollout
+    return RolloutGroup(model or cfg.model, num_workers=num_workers or r.num_workers, seed=r.seed,
+                        max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
+                        gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus,
+                        num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
+                        bind_cores=r.bind_cores)
 
 
 def learner_group(cfg: OELConfig, model_path: str) -> LearnerGroup:
@@ -126,6 +142,7 @@ class Deployment:
                 raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
+            self._record_placement()
             self.roles.teacher.load_weights(self.roles.learner.state_dict_ref())
             self.sync_workers(version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
@@ -200,6 +217,14 @@ class Deployment:
         """The learner's weights to the rollout workers, through the configured transport."""
         for_roles(self.roles, self.cfg).sync(version=version)
 
+    def _record_placement(self) -> None:
+        """placement.json: where each role runs now (the learner moves when it restarts each round)."""
+        where = self.roles.placement()
+        artifacts.write_json(self.out / PLACEMENT_FILE, where)
+        nodes = {n["node_id"]: n["ip"] for role in where.values() for n in (role if isinstance(role, list) else [role])}
+        log.info("  %d Ray node(s): driver on %s, learner ranks on %s, teacher on %s, rollout workers on %s",
+                 len(nodes), where["driver"]["ip"], *([n["ip"] for n in where[k]] for k in ("learner", "teacher", "rollout")))
+
     def _learner(self, model_path: str) -> LearnerGroup:
         return learner_group(self.cfg, model_path)
 
@@ -210,6 +235,7 @@ class Deployment:
         if not ray.is_initialized():
             init_ray(cfg)
         self.roles = build_roles(cfg)
+        self._record_placement()
         self.extractor = ray.remote(num_cpus=0)(Extractor).remote(
             cfg.extractor, cfg.model.path, self._extractor_engines(self.roles.workers),
             thinking=cfg.model.thinking, seed=cfg.seed)
