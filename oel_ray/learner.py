@@ -26,6 +26,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.config import LearnerConfig
+from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
@@ -110,6 +111,7 @@ class Learner:
         if cuda:
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed)
+        use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,

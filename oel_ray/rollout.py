@@ -24,6 +24,7 @@ import ray
 from oel_ray.config import ModelConfig
 from oel_ray.engine import Sampling, VLLMEngine
 from oel_ray.games import Game
+from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.prompts import chat_ids
 from oel_ray.types import GameSpec, Generation, Trajectory
@@ -154,6 +155,7 @@ class RolloutWorker:
         self.max_model_len = model.max_model_len
         self.version = 0  # optimizer steps behind the loaded weights
         self.engine: Optional[VLLMEngine] = None
+        use_node_ip()  # vLLM and gloo on the interface other nodes reach (no route lookup, no hostname)
         self.calls = 0  # batched engine generate calls so far
 
     def placement(self) -> tuple[str, list[int]]:

@@ -29,6 +29,8 @@ from typing import Iterator
 import ray
 import torch
 
+from oel_ray.netif import use_node_ip
+
 TRANSPORTS = ("auto", "object_store", "nccl")
 
 
@@ -81,6 +83,7 @@ class Channel:
 
     def __init__(self, backend: str, address: str, port: int, rank: int, world_size: int, timeout_s: float):
         self.backend, self.rank = backend, rank
+        use_node_ip()  # the group's sockets on the interface other nodes reach, not the hostname's
         if backend == "nccl":
             # vLLM's stateless group + its NCCL wrapper: the pattern vLLM's own RL weight transfer
             # uses (vllm.distributed.weight_transfer.nccl_common), and it works in a process whose
