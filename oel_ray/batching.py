@@ -8,6 +8,7 @@ each, so little compute goes to padding; the loss is the same sum over the same 
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Optional
 
@@ -20,24 +21,65 @@ from oel_ray.types import DistillSample
 BUCKET_OVERHEAD_TOKENS = 128
 
 
-def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[int]]:
+def length_buckets(lengths: list[int], overhead_tokens: int = BUCKET_OVERHEAD_TOKENS,
+                   count: Optional[int] = None) -> list[list[int]]:
     """Indices of `lengths` grouped into buckets of similar length, longest first, so that one
     forward pass per bucket computes on as little padding as is worth a pass: the split minimises
     the padded tokens (bucket size x its longest) plus `overhead_tokens` per bucket, exactly, by
-    dynamic programming over the sorted lengths. The loss is a sum over response tokens, so the
-    buckets change which padding is computed, never the result (up to float rounding)."""
+    dynamic programming over the sorted lengths. `count` (1..len(lengths)): exactly that many
+    buckets, with the least padding. The loss is a sum over response tokens, so the buckets change
+    which padding is computed, never the result (up to float rounding)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    cost, cut = [0.0] + [math.inf] * len(order), [0] * (len(order) + 1)  # over the first j sorted
-    for j in range(1, len(order) + 1):
-        for i in range(j):  # the last bucket is order[i:j]; its longest is order[i]
-            c = cost[i] + (j - i) * lengths[order[i]] + overhead_tokens
-            if c < cost[j]:
-                cost[j], cut[j] = c, i
-    buckets, j = [], len(order)
-    while j:
+    n = len(order)
+    if count is not None and not 1 <= count <= n:
+        raise ValueError(f"count={count}: need 1 <= count <= {n} (the number of lengths)")
+    # cost[j]: the least cost of the first j sorted lengths (with count: in exactly b buckets, layer
+    # by layer); cuts[b][j]: where that split's last bucket starts.
+    cost, cuts = [0.0] + [math.inf] * n, []
+    for _ in range(count or 1):
+        new, cut = [math.inf] * (n + 1), [0] * (n + 1)
+        if count is None:
+            new[0] = 0.0
+        for j in range(1, n + 1):
+            for i in range(j):  # the last bucket is order[i:j]; its longest is order[i]
+                prev = new[i] if count is None else cost[i]
+                c = prev + (j - i) * lengths[order[i]] + overhead_tokens
+                if c < new[j]:
+                    new[j], cut[j] = c, i
+        cost = new
+        cuts.append(cut)
+    buckets, j = [], n
+    for cut in reversed(cuts) if count else itertools.repeat(cuts[0]):
+        if not j:
+            break
         buckets.append(order[cut[j]:j])
         j = cut[j]
     return buckets[::-1]
+
+
+def plan_step(lengths: list[int], world: int, grad_accum: int,
+              overhead_tokens: int = BUCKET_OVERHEAD_TOKENS) -> list[list[list[list[int]]]]:
+    """Every forward pass of one optimizer step, on every rank: plan[rank][m] is the micro-batch m
+    of `rank` as length buckets of sample indices, one forward pass each. Rank r trains on samples
+    r::world, split into `grad_accum` micro-batches.
+
+    Under ZeRO-3 each forward pass all-gathers the layers, so the ranks must run the same number of
+    passes whatever their data (otherwise gloo aborts with a collective mismatch and NCCL hangs).
+    So in micro-batch m every rank gets as many buckets as the rank that wants the most: a rank
+    that wants fewer splits its samples into that many (at the least padding), and one with fewer
+    samples than that gets empty buckets, placeholder passes that add nothing to the loss. Every
+    rank evaluates this on the same lengths and gets the same plan."""
+    shards = [np.array_split(np.arange(r, len(lengths), world), grad_accum) for r in range(world)]
+    plan: list[list[list[list[int]]]] = [[] for _ in range(world)]
+    for m in range(grad_accum):
+        parts = [shards[r][m].tolist() for r in range(world)]
+        wanted = [length_buckets([lengths[i] for i in part], overhead_tokens) for part in parts]
+        count = max(map(len, wanted))
+        for r, (part, own) in enumerate(zip(parts, wanted)):
+            if len(own) < count and part:
+                own = length_buckets([lengths[i] for i in part], overhead_tokens, min(count, len(part)))
+            plan[r].append([[part[i] for i in bucket] for bucket in own] + [[] for _ in range(count - len(own))])
+    return plan
 
 
 def targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):

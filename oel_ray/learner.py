@@ -3,9 +3,12 @@
 Each rank trains on its shard `samples[rank::world_size]`; the loss of every micro-batch is a sum
 divided by the *global* token (or sequence) count, so the ranks and micro-batches add up to the
 paper's token mean over the whole batch. Inside a micro-batch the samples go through the model in
-length buckets, one forward pass each (`batching.length_buckets`), so little compute goes to padding; the
-loss is the same sum over the same response tokens. Collectives (step, state_dict, save,
-sequence_logprobs) must be called on all ranks: `LearnerGroup` does that.
+length buckets, one forward pass each, so little compute goes to padding; the loss is the same sum
+over the same response tokens. The buckets of every rank are planned for the whole step in one
+place (`batching.plan_step`), so every rank runs the same number of forward passes whatever its
+data: under ZeRO-3 each pass all-gathers the layers, and unequal counts would abort (gloo) or hang
+(NCCL). Collectives (step, state_dict, save, sequence_logprobs) must be called on all ranks:
+`LearnerGroup` does that.
 """
 
 from __future__ import annotations
@@ -80,7 +83,7 @@ class _Distill(torch.nn.Module):
 
     def forward(self, input_ids, gather_idx, mask, num_units, loss, support=None, teacher_lp=None,
                 teacher_hidden=None, teacher_head=None):
-        """input_ids / gather_idx: one tensor per length bucket (see `length_buckets`); the rows of
+        """input_ids / gather_idx: one tensor per length bucket (see `batching.plan_step`); the rows of
         the other inputs are the buckets' rows one after another."""
         hidden = torch.cat([batching.response_hidden(self.model, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
         weight = self.model.get_output_embeddings().weight
@@ -199,12 +202,11 @@ class Learner:
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
-        for part in np.array_split(np.arange(self.rank, len(samples), self.world), cfg.grad_accum):
-            buckets = batching.length_buckets([len(samples[i].student_prompt_ids) + len(samples[i].response_ids) for i in part])
-            part = [part[i] for bucket in buckets for i in bucket]
-            micro = [samples[i] for i in part]
-            batch = batching.collate(micro, None if targets is None else [targets[i] for i in part],
-                             list(map(len, buckets)), self.pad_id)
+        lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
+        # The same plan on every rank, so every rank runs the same forward passes (ZeRO-3 gathers in each).
+        for buckets in batching.plan_step(lengths, self.world, cfg.grad_accum)[self.rank]:
+            micro, micro_targets = self._micro_batch(buckets, samples, targets)
+            batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in buckets], self.pad_id)
             batch = {k: batching.to_device(v, self.device) for k, v in batch.items()}
             if kind == "full_reverse_kl":
                 batch.update(self._teacher_inputs(micro))
@@ -227,6 +229,22 @@ class Learner:
                            teacher_mass=tmass / denom,
                            grad_norm=float(norm) if norm is not None else float("nan"), lr=float(lr),
                            response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0})
+
+    def _micro_batch(self, buckets: list[list[int]], samples: list[DistillSample], targets: Optional[list]):
+        """The samples (and targets) of one micro-batch, bucket after bucket; an empty bucket is a
+        placeholder pass (see batching.plan_step): one pad-token prompt with no reply, so its row
+        is masked out and adds nothing to the loss or the gradients."""
+        micro, micro_targets = [], []
+        for bucket in buckets:
+            if bucket:
+                micro += [samples[i] for i in bucket]
+                micro_targets += [targets[i] for i in bucket] if targets is not None else []
+            else:
+                micro.append(DistillSample([self.pad_id], [self.pad_id], []))
+                if targets is not None:
+                    k = targets[0][0].shape[1]
+                    micro_targets.append((np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)))
+        return micro, micro_targets if targets is not None else None
 
     def train_step_packed(self, batch: tuple, step: int, loss: Optional[str] = None) -> StepMetrics:
         """`train_step` on one (samples, scores) object, as the group sends it."""

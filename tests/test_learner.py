@@ -1,11 +1,14 @@
 """The DeepSpeed learner on real Ray actors and the tiny Qwen3 (tied embeddings), no mocks."""
 
+import itertools
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from oel_ray import batching
+from oel_ray.batching import length_buckets
 from oel_ray.config import LearnerConfig
 from oel_ray.types import DistillSample, TeacherScores
 
@@ -30,9 +33,9 @@ def token_logprobs(model, ids):
     return logprobs_at(model, ids)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
 
 
-@pytest.fixture(scope="module")
-def batch(tiny_model):
-    """Samples of unequal lengths; teacher = perturbed copy of the model, scored on the student's top-k."""
+def make_batch(tiny_model, response_lengths):
+    """Samples with these reply lengths (prompts of 4-29 tokens); teacher = perturbed copy of the
+    model, scored on the student's top-k. Returns (samples, scores, teacher)."""
     student, teacher = load(tiny_model), load(tiny_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -40,15 +43,21 @@ def batch(tiny_model):
             p.add_(p.std() * torch.randn(p.shape, generator=g))
     rng = np.random.default_rng(0)
     samples, scores = [], []
-    for i in range(BATCH):
+    for length in response_lengths:
         prompt = rng.integers(10, 500, rng.integers(4, 30)).tolist()
-        response = rng.integers(10, 500, 16 + 8 * i).tolist()
+        response = rng.integers(10, 500, length).tolist()
         ids = prompt + response
         pos = slice(len(prompt) - 1, len(ids) - 1)  # positions predicting the response tokens
         support = logprobs_at(student, ids, TEMP)[pos].topk(K, -1).indices
         scores.append(logprobs_at(teacher, ids, TEMP)[pos].gather(-1, support).numpy())
         samples.append(DistillSample(prompt, prompt, response, support.numpy().astype(np.int32)))
     return samples, TeacherScores(scores), teacher
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model):
+    """Samples of unequal lengths: replies of 16, 24, ..., 72 tokens."""
+    return make_batch(tiny_model, [16 + 8 * i for i in range(BATCH)])
 
 
 def full_kl(model, teacher, samples):
@@ -342,3 +351,120 @@ def test_full_reverse_kl_needs_the_teacher_copy(trained, knowledge_samples):
     group, _ = trained  # built with learner.loss=topk_reverse_kl: no teacher copy was loaded
     with pytest.raises(ValueError, match="teacher copy"):
         group.train_step(knowledge_samples, None, 0, loss="full_reverse_kl")
+
+
+# ----------------------------------------------------------------------------- ranks with unequal work
+
+# Persistence threshold 0: ZeRO-3 partitions every weight, so every forward pass all-gathers every
+# layer, as at real model sizes (the default keeps a tiny model's small weights whole on each rank).
+PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+# One long reply among short ones. With 2 ranks (rank r trains on samples r::2) rank 0 draws only
+# short replies and rank 1 short and long ones; with 4 ranks rank 1 holds the long one next to a
+# short one and rank 3 a single sample. Length buckets planned per rank would give the ranks 1 and 2
+# forward passes: under ZeRO-3 a collective mismatch (gloo aborts, NCCL hangs).
+UNEVEN = [4, 6, 3, 8, 5, 300, 7]
+
+
+def padded_tokens(lengths, buckets):
+    return sum(len(b) * max(lengths[i] for i in b) for b in buckets)
+
+
+def test_length_buckets_with_a_count_pad_least():
+    """Exactly `count` buckets, partitioning the samples, with the least padding of any split of
+    the sorted lengths into `count` runs (checked against all of them)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = rng.choice([1, 2, 5, 40, 41, 300, 1024], rng.integers(1, 8)).tolist()
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        for count in range(1, len(lengths) + 1):
+            buckets = length_buckets(lengths, count=count)
+            assert len(buckets) == count and all(buckets)
+            assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
+            best = min(padded_tokens(lengths, [order[a:b] for a, b in zip((0, *cuts), (*cuts, len(order)))])
+                       for cuts in itertools.combinations(range(1, len(order)), count - 1))
+            assert padded_tokens(lengths, buckets) == best
+    with pytest.raises(ValueError, match="count=3"):
+        length_buckets([5, 6], count=3)
+
+
+@pytest.mark.parametrize("world,grad_accum", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 1), (8, 1), (8, 2)])
+def test_plan_step_gives_every_rank_the_same_passes(world, grad_accum):
+    """Adversarial length mixes: every rank runs, in each micro-batch, as many forward passes as the
+    rank that wants the most, on exactly its own shard (r::world, as grad_accum parts), splitting
+    buckets where it must and padding with empty (placeholder) buckets only when it has fewer
+    samples than passes."""
+    rng = np.random.default_rng(world * 10 + grad_accum)
+    n_min = world * grad_accum
+    mixes = [[1024] + [3] * (n_min * 3 - 1),  # one huge reply
+             [3, 1024] * n_min,  # odd ranks long, even ranks short (world even)
+             [5] * n_min,  # all equal, fewest samples
+             list(range(1, 6 * n_min, 3)),  # ascending
+             # the last rank one sample short; rank 0's last micro-batch short + long, the last
+             # rank's a single sample: it needs a placeholder pass
+             [1024 if i == world * (2 * grad_accum - 1) else 3 for i in range(2 * n_min - 1)]]
+    mixes += [rng.choice([2, 8, 64, 200, 1024], rng.integers(n_min, 64)).tolist() for _ in range(30)]
+    placeholders = 0
+    for lengths in mixes:
+        plan = batching.plan_step(lengths, world, grad_accum)
+        assert len(plan) == world and all(len(micros) == grad_accum for micros in plan)
+        assert plan == batching.plan_step(list(lengths), world, grad_accum)  # the same on every rank
+        for r, micros in enumerate(plan):
+            shard = np.array_split(np.arange(r, len(lengths), world), grad_accum)
+            for m, buckets in enumerate(micros):
+                assert sorted(i for b in buckets for i in b) == shard[m].tolist()
+        for m in range(grad_accum):
+            counts = {len(plan[r][m]) for r in range(world)}
+            assert len(counts) == 1
+            wanted = [len(length_buckets([lengths[i] for b in plan[r][m] for i in b])) for r in range(world)]
+            assert counts == {max(wanted)}  # no rank runs more passes than one of them needs
+            for r in range(world):
+                empty = sum(not b for b in plan[r][m])
+                real = sum(map(len, plan[r][m]))
+                assert empty == max(0, max(wanted) - real)
+                placeholders += empty
+    if world > 1:
+        assert placeholders, "the mixes should include a rank with fewer samples than passes"
+
+
+def assert_same_curve(got, reference, rel=1e-4, abs=1e-6):
+    assert len(got) <= len(reference)
+    for ours, ref in zip(got, reference):
+        for key in CURVE_KEYS:
+            assert getattr(ours, key) == pytest.approx(getattr(ref, key), rel=rel, abs=abs), (ours.step, key)
+
+
+@pytest.fixture(scope="module")
+def uneven(tiny_model):
+    return make_batch(tiny_model, UNEVEN)
+
+
+@pytest.fixture(scope="module")
+def uneven_reference(ray_cluster, tiny_model, uneven):
+    """One rank, ZeRO-2: 3 steps on the uneven batch."""
+    from oel_ray.learner import LearnerGroup
+
+    samples, scores, _ = uneven
+    group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=1), tiny_model, num_cpus=0.5)
+    try:
+        return [group.train_step(samples, scores, s) for s in range(3)]
+    finally:
+        group.shutdown()
+
+
+@pytest.mark.parametrize("ranks,stage", [(2, 2), (2, 3), (4, 2), (4, 3)])
+def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, tiny_model, ranks, stage):
+    from oel_ray.learner import LearnerGroup
+
+    samples, scores, _ = uneven
+    lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
+    # the data is adversarial: planned per rank, the ranks would run different numbers of passes
+    assert len({len(length_buckets(lengths[r::ranks])) for r in range(ranks)}) > 1
+    group = LearnerGroup(config(zero_stage=stage, grad_accum=1, num_ranks=ranks), tiny_model, num_cpus=0.5,
+                         ds_overrides=PARTITION_ALL)
+    try:
+        t0 = time.perf_counter()
+        got = [group.train_step(samples, scores, s) for s in range(3)]
+        print(f"{ranks} ranks, ZeRO-{stage}: 3 steps {time.perf_counter() - t0:.2f}s")
+    finally:
+        group.shutdown()
+    assert_same_curve(got, uneven_reference)
