@@ -19,7 +19,7 @@ import socket
 import tempfile
 import time
 import uuid
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -33,7 +33,7 @@ from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
-from oel_ray.weight_sync import Channel, TensorMeta, send
+from oel_ray.weight_sync import Channel, TensorMeta, buckets, send
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 STATE_TAG = "learner_state"  # the DeepSpeed checkpoint tag inside a save_state directory
@@ -107,8 +107,6 @@ class Learner:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port), LOCAL_RANK="0" if cuda else str(rank))
         deepspeed = import_deepspeed()
-        from transformers import AutoModelForCausalLM
-
         self.cfg, self.rank, self.world, self.model_path = cfg, rank, world_size, model_path
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
@@ -116,19 +114,6 @@ class Learner:
         torch.manual_seed(cfg.seed)
         use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPES[cfg.dtype])
-        # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
-        # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
-        self.teacher = (ColocatedTeacher(model_path, DTYPES[cfg.dtype], self.device)
-                        if cfg.loss == "full_reverse_kl" else None)
-        module = _Distill(self.model, cfg)
-        head = self.model.get_output_embeddings()
-        if getattr(head, "bias", None) is not None:
-            raise ValueError("output heads with a bias are not supported")
-        # What a collective weight sync announces to the workers; read while every weight is whole.
-        self.metas = [TensorMeta.of(name, t) for name, t in _unique_tensors(self.model).items()]
-        if cfg.zero_stage == 3:
-            deepspeed.zero.register_external_parameter(module, head.weight)
         micro = cfg.batch_size // (cfg.grad_accum * world_size)
         config = {
             "train_batch_size": micro * cfg.grad_accum * world_size,
@@ -141,6 +126,21 @@ class Learner:
             "steps_per_print": 1 << 30,
         }
         _merge(config, ds_overrides or {})
+        # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
+        # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
+        # Built before the student, so it is never built under ZeRO-3's partitioning init.
+        self.teacher = (ColocatedTeacher(model_path, DTYPES[cfg.dtype], self.device)
+                        if cfg.loss == "full_reverse_kl" else None)
+        self.model = _load_model(model_path, DTYPES[cfg.dtype], config)
+        module = _Distill(self.model, cfg)
+        head = self.model.get_output_embeddings()
+        if getattr(head, "bias", None) is not None:
+            raise ValueError("output heads with a bias are not supported")
+        # What a collective weight sync announces to the workers (full shapes, also when partitioned).
+        self.metas = [TensorMeta(name, str(t.dtype).removeprefix("torch."), _full_shape(t))
+                      for name, t in _unique_tensors(self.model).items()]
+        if cfg.zero_stage == 3:
+            deepspeed.zero.register_external_parameter(module, head.weight)
         # Client AdamW: a config optimizer would JIT-compile FusedAdam / DeepSpeedCPUAdam.
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
                                       weight_decay=cfg.weight_decay)
@@ -257,22 +257,29 @@ class Learner:
         logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         return torch.log_softmax(logits, -1).gather(-1, ids[0, 1:, None])[:, 0].cpu().numpy()
 
-    @contextmanager
-    def _full_weights(self):
-        """Yields rank 0's full weights on the device with Hugging Face names (None elsewhere),
-        valid inside the block. Like `save_pretrained`, a tied output head is left out (only the
-        embedding is there). Collective under ZeRO-3: every rank must enter it."""
-        gather = (import_deepspeed().zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None)
-                  if self.cfg.zero_stage == 3 else nullcontext())
-        with gather:
-            yield _unique_tensors(self.model) if self.rank == 0 else None
+    def _weight_buckets(self, bucket_bytes: int):
+        """Per bucket of `weight_sync.buckets(self.metas, bucket_bytes)`: (its metas, rank 0's full
+        tensors of it on the device with Hugging Face names, None elsewhere), valid until the next
+        bucket. Like `save_pretrained`, a tied output head is left out (only the embedding is there).
+        Under ZeRO-3 each bucket is gathered on its own, so no rank ever holds more than one bucket
+        of gathered weights: collective, every rank must run through all of them."""
+        params = _unique_tensors(self.model)
+        deepspeed = import_deepspeed() if self.cfg.zero_stage == 3 else None
+        for bucket in buckets(self.metas, bucket_bytes):
+            tensors = [params[m.name] for m in bucket]
+            gather = (deepspeed.zero.GatheredParameters([t for t in tensors if hasattr(t, "ds_id")], modifier_rank=None)
+                      if deepspeed else nullcontext())
+            with gather:
+                yield bucket, ({m.name: t for m, t in zip(bucket, tensors)} if self.rank == 0 else None)
 
     def state_dict(self) -> Optional[dict[str, torch.Tensor]]:
-        """Full weights on rank 0 (None elsewhere), on the CPU in the model dtype; see `_full_weights`."""
-        with self._full_weights() as weights:
-            if weights is None:
-                return None
-            return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()}
+        """Full weights on rank 0 (None elsewhere), on the CPU in the model dtype, gathered bucket by
+        bucket (`learner.sync_bucket_mb`); see `_weight_buckets`."""
+        out = {}
+        for _, weights in self._weight_buckets(max(1, int(self.cfg.sync_bucket_mb * 2**20))):
+            if weights is not None:
+                out.update({name: t.detach().to("cpu", copy=True).contiguous() for name, t in weights.items()})
+        return out if self.rank == 0 else None
 
     # -------------------------------------------------------------- collective weight sync (weight_sync.py)
 
@@ -288,11 +295,17 @@ class Learner:
         self.channel = Channel(backend, address, port, 0, world_size, timeout_s)
 
     def send_weights(self, bucket_bytes: int) -> float:
-        """Broadcast the full weights to the rollout workers (every rank calls it: ZeRO-3 gathers)."""
-        start = time.perf_counter()
-        with self._full_weights() as weights:
-            if weights is not None:
-                send(self.channel, weights, self.metas, bucket_bytes)
+        """Broadcast the full weights to the rollout workers, one bucket of `bucket_bytes` at a time
+        (every rank calls it: under ZeRO-3 each bucket is gathered just before it is sent)."""
+        start, error = time.perf_counter(), None
+        for bucket, weights in self._weight_buckets(bucket_bytes):
+            if weights is not None and error is None:
+                try:
+                    send(self.channel, weights, bucket, bucket_bytes)  # exactly this bucket
+                except Exception as e:  # finish the gathers with the other ranks first: they would wait
+                    error = e
+        if error is not None:
+            raise error
         return time.perf_counter() - start
 
     def close_weight_channel(self) -> None:
@@ -330,14 +343,36 @@ class Learner:
         return int(self.engine.global_steps)
 
 
+def _load_model(path: str, dtype: torch.dtype, ds_config: dict):
+    """The causal LM at `path`. Under ZeRO-3 it is built inside DeepSpeed's `zero.Init`, which
+    transformers does while an `HfDeepSpeedConfig` is alive: each rank allocates only its partition
+    and rank 0 copies each layer in from the checkpoint while that layer is gathered, so no rank
+    ever holds the whole model. The config is dropped after the load (transformers only holds a
+    weak reference), so nothing built later in this process is partitioned."""
+    from transformers import AutoModelForCausalLM
+
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    from transformers.integrations import HfDeepSpeedConfig
+
+    zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while from_pretrained reads it)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+
+def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
+    """A weight's whole shape, also when ZeRO-3 holds only a partition of it here."""
+    return tuple(getattr(t, "ds_shape", t.shape))
+
+
 def _unique_tensors(model) -> dict[str, torch.Tensor]:
-    """The model's state_dict without tensors tied to one already taken (the tied output head)."""
+    """The model's parameters and persistent buffers by state_dict name, without one tied to a
+    tensor already taken (the tied output head). By identity: under ZeRO-3 partitioned weights
+    share no storage to compare."""
     out, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.numel() and tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        out[name] = tensor
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out[name] = tensor
     return out
 
 

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import ray
 import torch
 
 from oel_ray import batching
@@ -160,6 +161,27 @@ def test_save_writes_a_loadable_checkpoint(trained, tmp_path):
     assert AutoTokenizer.from_pretrained(str(path)).chat_template
 
 
+def receive_weights(group, bucket_bytes):
+    """What the collective weight sync sends (gloo, as on CPU clusters), received here as a rollout
+    worker would: every rank runs send_weights, rank 0 broadcasts."""
+    from oel_ray.weight_sync import Channel, receive
+
+    rank0 = group.ranks[0]
+    metas = ray.get(rank0.weight_metas.remote())
+    address, port = ray.get(rank0.weight_channel_address.remote())
+    opened = rank0.open_weight_channel.remote("gloo", address, port, 2, 120)
+    channel = Channel("gloo", address, port, 1, 2, 120)
+    ray.get(opened)
+    try:
+        sending = [r.send_weights.remote(bucket_bytes) for r in group.ranks]
+        got = {name: t.clone() for name, t in receive(channel, metas, bucket_bytes)}
+        ray.get(sending)
+    finally:
+        ray.get(rank0.close_weight_channel.remote())
+        channel.close()
+    return got
+
+
 def test_two_ranks_zero3_match_one_rank(trained, batch, tiny_model):
     from oel_ray.learner import LearnerGroup
 
@@ -173,8 +195,10 @@ def test_two_ranks_zero3_match_one_rank(trained, batch, tiny_model):
         sd = group.state_dict()
         ids = list(range(20, 60))
         theirs = group.sequence_logprobs(ids)
+        sent = receive_weights(group, bucket_bytes=64 * 1024)  # several gathered buckets, the embedding alone
     finally:
         group.shutdown()
+    assert list(sent) == list(sd) and all(torch.equal(sent[k], sd[k]) for k in sd)
     for ours, ref in zip(got, reference):
         for key in CURVE_KEYS:
             assert getattr(ours, key) == pytest.approx(getattr(ref, key), rel=1e-4, abs=1e-6), key
