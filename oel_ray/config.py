@@ -259,16 +259,25 @@ def _positive(name: str, value: float, allow_zero: bool = False) -> None:
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def check_model_path(path: str, build: Optional[str]) -> None:
+def check_model_path(path: str, build: Optional[str], name: str = "model.path") -> None:
+    from oel_ray import checks  # lazy: checks imports this module
+
     if build is not None:
         _choice("model.build", build, (TINY_MODEL,))
+        problem = checks.tiny_target_problem(Path(path).expanduser())
+        _require(problem is None, name, f"{path!r} is not a place to build the tiny model: {problem}; model.build=tiny "
+                 "writes only to a new or empty directory or its own earlier build: point model.path elsewhere, or "
+                 "set model.build=null to load the checkpoint there")
         return
     if os.path.isdir(path):
+        problem = checks.checkpoint_problem(Path(path))
+        _require(problem is None, name, f"{path!r} is not a checkpoint: {problem}; give a checkpoint directory "
+                 "(config.json, *.safetensors, tokenizer) or a hub id such as Qwen/Qwen3-4B-Instruct-2507")
         return
     if HUB_ID.match(path) and not os.path.exists(path):
         return  # a hub id, resolved from the local hub cache by transformers / vLLM
     raise ConfigError(
-        f"model.path: {path!r} does not exist; give a checkpoint directory, a hub id such as "
+        f"{name}: {path!r} does not exist; give a checkpoint directory, a hub id such as "
         "Qwen/Qwen3-4B-Instruct-2507, or model.build=tiny to build the embedded model there"
     )
 
@@ -282,6 +291,9 @@ def check_env_id(env_id: str) -> None:
 
 def validate(cfg: OELConfig) -> OELConfig:
     """Check every value a user can get wrong; raises ConfigError (one line) on the first."""
+    from oel_ray import checks  # lazy: checks imports this module
+
+    checks.finite(cfg)  # first: nan passes no comparison and inf passes every "> 0"
     _positive("rounds", cfg.rounds)
     check_model_path(cfg.model.path, cfg.model.build)
     _choice("model.dtype", cfg.model.dtype, DTYPES)
@@ -355,7 +367,7 @@ def validate(cfg: OELConfig) -> OELConfig:
         _require(bool(e.endpoint_model), "extractor.endpoint_model",
                  "name the model served at extractor.model (an OpenAI-compatible endpoint)")
     elif e.model != "policy":  # the initial checkpoint (${model.path}) is built first when model.build says so
-        check_model_path(e.model, cfg.model.build if e.model == cfg.model.path else None)
+        check_model_path(e.model, cfg.model.build if e.model == cfg.model.path else None, "extractor.model")
     _require(
         e.k <= r.games_per_round,
         "extractor.k",
@@ -367,7 +379,8 @@ def validate(cfg: OELConfig) -> OELConfig:
     _choice("teacher.context", cfg.teacher.context, TEACHER_CONTEXTS)
     _choice("consolidation.mode", cfg.consolidation.mode, CONSOLIDATION_MODES)
     _choice("consolidation.async_steps", cfg.consolidation.async_steps, (0, 1))
-    _positive("ood.max_tokens", cfg.ood.max_tokens)
+    _require(0 < cfg.ood.max_tokens < cfg.model.max_model_len, "ood.max_tokens",
+             f"{cfg.ood.max_tokens} must be in 1..model.max_model_len - 1 ({cfg.model.max_model_len - 1})")
     _choice("ood.unknown_instructions", cfg.ood.unknown_instructions, ("skip", "error"))
     _require(cfg.ood.ifeval in ("fixture", "lm_eval", "none") or os.path.isfile(os.path.expanduser(cfg.ood.ifeval)),
              "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, lm_eval, none, or the path of an IF-Eval JSONL")
@@ -416,6 +429,7 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("learner.sync_bucket_mb", lr.sync_bucket_mb)
 
     check_cluster(cfg)
+    checks.model_limits(cfg)  # the model's own sizes, from its config.json when it is on disk
     return cfg
 
 

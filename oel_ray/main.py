@@ -13,13 +13,14 @@ import sys
 from typing import Optional
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from oel_ray import config, preflight
+from oel_ray import checks, config, preflight
 
 # Hydra flags that take a value (`--cfg job`): the value is not an override.
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                     "--config-dir", "-cd", "--info", "--experimental-rerun"}
+NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "--version", "--shell-completion", "-sc"}
 
 
 def fail(message: str, kind: str = "config") -> None:
@@ -55,7 +56,7 @@ def hydra_main(raw: DictConfig) -> dict:
     try:
         cfg = config.validate(OmegaConf.to_object(raw))
     except config.ConfigError as err:
-        fail(str(err))
+        fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
     from oel_ray.tiny_model import build_tiny_model
@@ -63,10 +64,10 @@ def hydra_main(raw: DictConfig) -> dict:
     if cfg.model.build == config.TINY_MODEL:
         tracking.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
     try:
-        preflight.check(cfg)  # prompt room, env kwargs: needs the tokenizer and a game, not Ray
+        preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
     except config.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
-        fail(str(err), "input" if isinstance(err, config.InputError) else "config")
+        fail(checks.user_named(str(err), raw), "input" if isinstance(err, config.InputError) else "config")
     except Exception as err:
         reason = stop_reason(err)
         if reason is None:
@@ -101,8 +102,9 @@ def print_summary(summary: dict) -> None:
 
 
 def precheck(argv: list[str]) -> None:
-    """Compose and validate what the command asks for before Hydra runs anything, so every mistake,
-    `--cfg job` included, is one line. Sweeps are checked per override value instead."""
+    """Compose and validate what the command asks for before Hydra runs anything (Hydra writes into
+    the run directory first), so every mistake, `--cfg job` included, is one line and a run directory
+    that cannot be used is left untouched. Sweeps are checked per override value instead."""
     from hydra import compose, initialize_config_dir
 
     config.check_override_keys(argv)
@@ -113,18 +115,30 @@ def precheck(argv: list[str]) -> None:
         if skip or arg in FLAGS_WITH_VALUE:
             skip = not skip and arg in FLAGS_WITH_VALUE
             continue
-        if not arg.startswith(("-", "hydra.", "hydra/", "+hydra")):
+        if not arg.startswith(("-", "hydra.", "hydra/", "+hydra")) or arg.startswith("hydra.run.dir="):
             overrides.append(arg)
-    if not any(o.startswith("output_dir=") for o in overrides):
+    output_dir = next((o.split("=", 1)[1] for o in overrides if o.startswith("output_dir=")), None)
+    if output_dir is None:
         overrides.append("output_dir=.")  # Hydra fills the real one at run time
     try:
         with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
-            raw = compose("config", overrides=overrides)
+            raw = compose("config", overrides=overrides, return_hydra_config=True)
+        hydra_dir = raw.hydra.run.dir  # where Hydra writes .hydra/, and the run unless output_dir says otherwise
+        with open_dict(raw):
+            del raw["hydra"]
         cfg = OmegaConf.to_object(raw)
     except Exception as err:  # Hydra's own refusal: its first line names the key
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         raise config.ConfigError(" ".join(lines[:2])) from None  # the key, then Hydra's fix if any
-    config.validate(cfg)
+    try:
+        config.validate(cfg)
+    except config.ConfigError as err:
+        raise config.ConfigError(checks.user_named(str(err), raw)) from None
+    if any(arg.split("=")[0] in NO_RUN_FLAGS for arg in argv):
+        return  # prints, runs nothing: no run directory is written
+    if output_dir is not None:
+        checks.run_dir(output_dir, "output_dir")
+    checks.run_dir(hydra_dir, "hydra.run.dir")
 
 
 def main() -> None:

@@ -18,11 +18,23 @@ from oel_ray.config import ConfigError, InputError
 
 # Fields that may differ between the first run and a resume: where things run, not what is computed.
 RESUMABLE_CHANGES = ("cluster", "tracking", "output_dir")
+FILE = "manifest.json"
+
+
+def is_run(run_dir: Path) -> bool:
+    """Whether run_dir holds an oel_ray run: a manifest (a corrupt one too: Manifest names it)."""
+    try:
+        data = json.loads((Path(run_dir) / FILE).read_text())
+    except ValueError:
+        return True
+    except OSError:
+        return False
+    return isinstance(data, dict) and "stages" in data
 
 
 class Manifest:
     def __init__(self, run_dir: Path, config: dict):
-        self.path = Path(run_dir) / "manifest.json"
+        self.path = Path(run_dir) / FILE
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text())

@@ -3,6 +3,7 @@ before Ray starts: a mistake here would otherwise surface minutes later, inside 
 
 from __future__ import annotations
 
+from oel_ray import checks
 from oel_ray.config import ConfigError, OELConfig
 from oel_ray.types import GameSpec
 
@@ -10,6 +11,8 @@ FILLER = "- EXPERIENCE ITEM: keep the box away from the walls.\n"  # knowledge-l
 
 
 def check(cfg: OELConfig) -> None:
+    checks.model_limits(cfg)  # again: model.build=tiny has only now written the model's config.json
+    checks.run_dir(cfg.output_dir, "output_dir")  # a sweep's job directory was never pre-checked
     game = _longest_game(cfg)
     _check_prompt_room(cfg, game)
     ifeval_rows(cfg)

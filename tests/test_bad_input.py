@@ -35,7 +35,7 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["learner.loss=forward"], "learner.loss: 'forward' is not one of topk_reverse_kl"),
     (["learner.aggregation=median"], "learner.aggregation: 'median' is not one of token_mean"),
     (["extractor.model=http://127.0.0.1:1/v1"], "extractor.endpoint_model: name the model served"),
-    (["extractor.model=/no/such/extractor"], "model.path: '/no/such/extractor' does not exist"),
+    (["extractor.model=/no/such/extractor"], "extractor.model: '/no/such/extractor' does not exist"),
     (["tracking.wandb=true"], "tracking.wandb: true needs the wandb package"),
     (["env.max_turns=0"], "env.max_turns: 0 must be in 1..100"),
     (["cluster.cpus_per_actor=0"], "cluster.cpus_per_actor: 0.0 must be > 0"),
@@ -55,6 +55,16 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     # lm-eval (with its IF-Eval data, offline) is not on this machine: said at start, not after round 0
     (["ood.ifeval=lm_eval"], "ood.ifeval: lm_eval cannot run here: "),
     (["ood.ifeval=/no/such/ifeval.jsonl"], "ood.ifeval: '/no/such/ifeval.jsonl' is not a file; give fixture, lm_eval"),
+    # non-finite numbers parse as floats and pass every "> 0"
+    (["learner.lr=nan"], "learner.lr: nan is not a finite number"),
+    (["rollout.temperature=inf"], "rollout.temperature: inf is not a finite number"),  # not learner.temperature
+    (["cluster.timeout_s=-inf"], "cluster.timeout_s: -inf is not a finite number"),
+    (["rollout.kv_cache_gib=nan"], "rollout.kv_cache_gib: nan is not a finite number"),
+    (["learner.betas=[0.9,nan]"], "learner.betas: [0.9, nan] is not a finite number"),
+    # beyond the model's own limits (its config.json: vocab_size 512, max_position_embeddings 8192)
+    (["learner.support_k=1000"], "learner.support_k: 1000 is above the model's vocabulary (512 tokens"),
+    (["model.max_model_len=10000"], "model.max_model_len: 10000 is beyond the model's context (8192 positions"),
+    (["ood.max_tokens=5000"], "ood.max_tokens: 5000 must be in 1..model.max_model_len - 1 (4095)"),
 ]
 
 
@@ -86,6 +96,8 @@ def earlier_run(tmp_path):
     out = tmp_path / "run"
     (out / "round_0").mkdir(parents=True)
     (out / "round_0" / "eval.json").write_text(json.dumps({"round": 0, "pass_rate": 0.25}))
+    (out / "manifest.json").write_text(json.dumps({"version": 1, "config": {}, "stages": {"round_0/evaluate": {
+        "attempts": 1, "started": 1.0, "finished": 2.0, "outputs": ["round_0/eval.json"]}}}))
     return out
 
 
@@ -135,6 +147,9 @@ def rows(*items) -> str:
 FILES = [  # (stages finished, {file: content}, manifest config changes, kind, message)
     ([], {"manifest.json": "{not json"}, None, "input", "manifest.json: not valid JSON"),
     (["round_0/evaluate"], {}, {"learner__steps": 5}, "config", "learner.steps: is 6 but the run in"),
+    # learner.temperature (compared first) is ${rollout.temperature}: the line names what the user sets
+    (["round_0/evaluate"], {}, {"rollout__temperature": 0.5, "learner__temperature": 0.5}, "config",
+     "rollout.temperature: is 0.7 but the run in"),
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1), "{\"env_id\": 3")},
      {}, "input", "trajectories.jsonl:2: not a trajectory row"),
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1))}, {}, "input",
@@ -161,3 +176,104 @@ def test_bad_files(finished, files, changes, kind, message, tiny_model, earlier_
     proc = run_main(tiny_model, earlier_run, *SMALL)
     assert_refused(proc, earlier_run, before, kind, message, skip)
     assert not list(earlier_run.rglob("*.partial")) and not list(earlier_run.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- what model.path points at
+
+MODEL_DIRS = [  # (what the directory holds: {file: text} or the tiny checkpoint's files by name, model.build,
+    #              the message's part after "model.path: '<dir>' ")
+    ({"notes.txt": "mine"}, "null", "is not a checkpoint: no config.json"),
+    ({"config.json": "{garbage"}, "null", "is not a checkpoint: config.json is not valid JSON"),
+    ({"config.json": "[1, 2]"}, "null", "is not a checkpoint: config.json is not a model config (no model_type)"),
+    (("config.json", "tokenizer.json", "tokenizer_config.json"), "null",
+     "is not a checkpoint: no weights (*.safetensors)"),
+    (("config.json", "model.safetensors"), "null", "is not a checkpoint: no tokenizer"),
+    # model.build=tiny (the default) would have replaced the directory, files and all
+    ({"notes.txt": "mine", "data/a.csv": "1,2"}, "tiny",
+     "is not a place to build the tiny model: it holds files but no config.json"),
+    ({"config.json": json.dumps({"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32})}, "tiny",
+     "is not a place to build the tiny model: it holds a model that is not oel_ray's tiny model"),
+]
+
+
+@pytest.mark.parametrize("content,build,message", MODEL_DIRS, ids=[m[2][:50] for m in MODEL_DIRS])
+def test_model_path_that_is_not_a_checkpoint(content, build, message, tiny_model, earlier_run, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    if isinstance(content, tuple):
+        content = {name: (Path(tiny_model) / name).read_bytes() for name in content}
+    for name, data in content.items():
+        (model / name).parent.mkdir(parents=True, exist_ok=True)
+        (model / name).write_bytes(data if isinstance(data, bytes) else data.encode())
+    before, model_before = snapshot(earlier_run), snapshot(model)
+    proc = run_main(str(model), earlier_run, f"model.build={build}")
+    assert_refused(proc, earlier_run, before, "config", f"model.path: '{model}' {message}")
+    assert snapshot(model) == model_before and not (earlier_run / ".hydra").exists()  # refused before Hydra
+
+
+# ----------------------------------------------------------------------------- the run directory
+
+def foreign(tmp_path: Path) -> tuple[Path, Path]:
+    """Someone's directory that is not an oel_ray run, given as the run directory."""
+    (tmp_path / "mine" / "data").mkdir(parents=True)
+    (tmp_path / "mine" / "notes.txt").write_text("not a run")
+    (tmp_path / "mine" / "data" / "a.csv").write_text("1,2")
+    return tmp_path / "mine", tmp_path / "mine"
+
+
+def a_file(tmp_path: Path, below: str = "") -> tuple[Path, Path]:
+    """A regular file given as the run directory, or in the way of it (`below`)."""
+    (tmp_path / "file").write_text("in the way")
+    return tmp_path / "file", tmp_path / "file" / below if below else tmp_path / "file"
+
+
+RUN_DIRS = [  # (make(tmp_path) -> (what is on disk, the path passed), field, message after the path)
+    (foreign, "hydra.run.dir", "holds files that are not an oel_ray run (data, notes.txt)"),
+    (a_file, "hydra.run.dir", "is a file, not a directory"),
+    (lambda t: a_file(t, "run"), "hydra.run.dir", "cannot be created: {top} is a file, not a directory"),
+    # output_dir names the run directory apart from Hydra's (which stays new and untouched)
+    (foreign, "output_dir", "holds files that are not an oel_ray run (data, notes.txt)"),
+]
+
+
+@pytest.mark.parametrize("make,field,message", RUN_DIRS, ids=[f"{r[1]} {r[2][:30]}" for r in RUN_DIRS])
+def test_run_directory_that_cannot_be_used(make, field, message, tiny_model, tmp_path):
+    top, path = make(tmp_path)
+    hydra_dir = tmp_path / "hydra_run" if field == "output_dir" else path
+    before = snapshot(top) if top.is_dir() else {"": top.read_text()}
+    proc = run_main(tiny_model, hydra_dir, *([f"output_dir={path}"] if field == "output_dir" else []))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"oel_ray: config error: {field}: {path} {message.format(top=top)}; choose " +
+        ("a new or empty directory, or an earlier run's directory to resume it" if "oel_ray run" in message
+         else "another directory"))
+    assert (snapshot(top) if top.is_dir() else {"": top.read_text()}) == before
+    assert not list(tmp_path.rglob(".hydra")) and not list(tmp_path.rglob("oel.log"))  # nothing written anywhere
+
+
+def test_run_directory_that_is_not_writable(tmp_path):
+    """A directory this user cannot write: as root (CI), the command runs as `nobody`, for whom
+    permissions hold."""
+    import os
+    import shutil
+    import tempfile
+
+    parent = Path(tempfile.mkdtemp(prefix="oel_ray_ro."))  # in /tmp: reachable by nobody
+    try:
+        parent.chmod(0o555)
+        out, model = parent / "run", parent / "model"  # model.build=tiny would build later: never reached
+        cmd = [sys.executable, "-m", "oel_ray.main", f"model.path={model}", f"hydra.run.dir={out}"]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("running as root without setpriv: no user for whom the directory is read-only")
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "HOME": str(tmp_path)})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1] == (
+            f"oel_ray: config error: hydra.run.dir: {out} cannot be written ({parent} is not writable by this user); "
+            "choose another directory")
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+        shutil.rmtree(parent)
