@@ -2,11 +2,13 @@
 
 knowledge_i = truncate_L(knowledge_{i-1} + extract(trajectory_i, knowledge_{i-1})). Chains differ in
 trajectory order and sampling seed and are independent, so each accumulation step sends every
-chain's prompt at once, spread over the generation engines.
+chain's prompt at once, spread over the generation engines. The prompts of an engine that dies are
+answered by the live ones, with their own seeds: the knowledge is what an undisturbed run writes.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from typing import Callable, Optional
@@ -17,9 +19,10 @@ from oel_ray.config import ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
-from oel_ray.rollout import mix_seeds
+from oel_ray.rollout import generate_on, mix_seeds
 from oel_ray.types import KnowledgeSnapshot, Trajectory
 
+log = logging.getLogger("oel_ray")
 ITEM_LINE = re.compile(r"^\s*-+\s*EXPERIENCE ITEM:", re.IGNORECASE)
 
 
@@ -130,7 +133,7 @@ class Extractor:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.engines = engines
+        self.engines = list(engines)  # the live ones: a dead engine is dropped
         self.endpoint = engines[0] if engines and isinstance(engines[0], ChatEndpoint) else None
         # Knowledge length L is counted in the policy's tokens: the teacher (the policy) reads it.
         self.tokenizer = AutoTokenizer.from_pretrained(policy_path)
@@ -208,14 +211,21 @@ class Extractor:
         return [snapshots[c] for c in chains]
 
     def _generate(self, texts: list[str], sampling: Sampling, seeds: list[int]) -> list[str]:
-        """Chain c goes to engine c mod E: every engine gets one batched call per step."""
+        """One reply per text, in order: every engine gets one batched call per step, and the texts
+        of an engine that dies go to the live ones (see rollout.generate_on)."""
         if self.endpoint:
             return self.endpoint.complete(texts, sampling, seeds)
         prompts = [chat_ids(self.chat_tokenizer, t, thinking=self.thinking) for t in texts]
-        n = min(len(self.engines), len(prompts))
-        refs = [self.engines[e].generate.remote(prompts[e::n], sampling, seeds[e::n]) for e in range(n)]
-        shards = ray.get(refs)
-        return [shards[c % n][c // n].text for c in range(len(prompts))]
+        return [g.text for g in generate_on(self.engines, prompts, sampling, seeds, self._drop)]
+
+    def _drop(self, engine, err: Exception) -> None:
+        if engine in self.engines:
+            self.engines.remove(engine)
+            log.warning("an extraction engine died (%s); %d left, its chains go to them", type(err).__name__,
+                        len(self.engines))
+        if not self.engines:
+            raise RuntimeError("every extraction engine has died; the run stops here and resumes from its "
+                               "last finished stage when rerun") from err
 
 
 def trajectory_round(trajectories: list[Trajectory]) -> int:

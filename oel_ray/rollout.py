@@ -254,7 +254,20 @@ class RolloutWorker:
     def receive_weights(self, metas: list, bucket_bytes: int, version: int) -> float:
         from oel_ray.weight_sync import receive
 
-        seconds = self.engine.load_weights_stream(receive(self.channel, metas, bucket_bytes))
+        failed: list[Exception] = []
+
+        def stream():
+            # A broadcast that fails (a peer died) ends the stream instead of raising inside vLLM's
+            # reload, which would leave the engine mid-reload and unable to load again; ended, the
+            # reload finishes (a layer half-received holds a mix until the sync is done again).
+            try:
+                yield from receive(self.channel, metas, bucket_bytes)
+            except Exception as err:
+                failed.append(err)
+
+        seconds = self.engine.load_weights_stream(stream())
+        if failed:
+            raise failed[0]
         self.version = version
         return seconds
 
@@ -262,6 +275,48 @@ class RolloutWorker:
         if getattr(self, "channel", None) is not None:
             self.channel.close()
             self.channel = None
+
+
+# ----------------------------------------------------------------------------- sharding
+
+def split(items: list, n: int) -> list[list]:
+    """`n` contiguous shards; shard sizes differ by at most one."""
+    size, extra = divmod(len(items), n)
+    bounds = [i * size + min(i, extra) for i in range(n + 1)]
+    return [items[bounds[i]:bounds[i + 1]] for i in range(n)]
+
+
+def generate_on(workers: list, prompts: list[list[int]], sampling: Sampling, seeds: Optional[list[int]],
+                drop: Callable[[object, Exception], None]) -> list[Generation]:
+    """One reply per prompt, in prompt order, from one contiguous shard per live worker of
+    `workers` (RolloutWorker actors). The shard of a worker that dies is split over the live ones
+    and run again: every prompt is answered exactly once (per-prompt seeds travel with it).
+    `drop(worker, err)` takes a dead worker out of `workers` and raises when none is left."""
+    out: list[Optional[Generation]] = [None] * len(prompts)
+    pending: dict = {}  # result -> (worker, the prompt indices it answers)
+
+    def submit(indices: list[int]) -> None:
+        for worker, part in zip(workers, split(indices, len(workers))):
+            if part:
+                ref = worker.generate.remote([prompts[i] for i in part], sampling,
+                                             None if seeds is None else [seeds[i] for i in part])
+                pending[ref] = (worker, part)
+
+    submit(list(range(len(prompts))))
+    while pending:
+        (ref,), _ = ray.wait(list(pending), num_returns=1)
+        worker, part = pending.pop(ref)
+        try:
+            replies = ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            drop(worker, err)
+            submit(part)
+            continue
+        if len(replies) != len(part):
+            raise RuntimeError(f"a worker answered {len(replies)} of {len(part)} prompts")
+        for i, reply in zip(part, replies):
+            out[i] = reply
+    return out  # type: ignore[return-value]  # every slot filled: each shard is checked
 
 
 # ----------------------------------------------------------------------------- group
@@ -296,10 +351,7 @@ class RolloutGroup:
         self.placement.release()
 
     def _split(self, items: list) -> list[list]:
-        """One contiguous shard per worker; shard sizes differ by at most one."""
-        size, extra = divmod(len(items), len(self.workers))
-        bounds = [i * size + min(i, extra) for i in range(len(self.workers) + 1)]
-        return [items[bounds[i]:bounds[i + 1]] for i in range(len(self.workers))]
+        return split(items, len(self.workers))
 
     def play_iter(self, specs: list[GameSpec], sampling: Sampling, max_turns: int,
                   round: int) -> Iterator[list[tuple[int, Trajectory]]]:
@@ -352,34 +404,9 @@ class RolloutGroup:
 
     def generate(self, prompts: list[list[int]], sampling: Sampling,
                  seeds: Optional[list[int]] = None) -> list[Generation]:
-        """One reply per prompt, in prompt order, from one contiguous shard per live worker. The
-        shard of a worker that dies is split over the live ones and run again: every prompt is
-        answered exactly once (per-prompt seeds travel with it)."""
-        out: list[Optional[Generation]] = [None] * len(prompts)
-        pending: dict = {}  # result -> (worker, the prompt indices it answers)
-
-        def submit(indices: list[int]) -> None:
-            for worker, part in zip(self.workers, self._split(indices)):
-                if part:
-                    ref = worker.generate.remote([prompts[i] for i in part], sampling,
-                                                 None if seeds is None else [seeds[i] for i in part])
-                    pending[ref] = (worker, part)
-
-        submit(list(range(len(prompts))))
-        while pending:
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
-            worker, part = pending.pop(ref)
-            try:
-                replies = ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                self._drop(worker, err)
-                submit(part)
-                continue
-            if len(replies) != len(part):
-                raise RuntimeError(f"a worker answered {len(replies)} of {len(part)} prompts")
-            for i, reply in zip(part, replies):
-                out[i] = reply
-        return out  # type: ignore[return-value]  # every slot filled: each shard is checked
+        """One reply per prompt, in prompt order; a dead worker's shard goes to the live ones
+        (see `generate_on`)."""
+        return generate_on(self.workers, prompts, sampling, seeds, self._drop)
 
     def _drop(self, worker, err: Exception) -> None:
         if worker in self.workers:
@@ -390,6 +417,18 @@ class RolloutGroup:
         if not self.workers:
             raise RuntimeError("every rollout worker has died; the run stops here and resumes from its "
                                "last finished stage when rerun") from err
+
+    def alive(self) -> list:
+        """The workers, after dropping those that have died (one round trip each; an idle worker
+        answers at once). A collective weight sync asks this before every sync: a dead member
+        would otherwise stall its group until cluster.timeout_s."""
+        refs = {w.pid.remote(): w for w in self.workers}
+        for ref, worker in refs.items():
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                self._drop(worker, err)
+        return self.workers
 
     def load_weights(self, weights_ref: ray.ObjectRef, version: int) -> float:
         """Every worker loads the same object-store copy; returns the slowest worker's seconds."""

@@ -12,6 +12,14 @@ and returns the seconds it took. Two transports (`learner.weight_sync`):
   a second full copy of the model. GPUs only: learner rank 0 and each worker on a GPU of its own
   (one GPU per engine, as RolloutGroup places them).
 
+A rollout worker that dies leaves the collective group: each sync first asks the workers whether
+they live (one round trip) and reopens the group over the live ones when one is gone, so the sync
+never waits on a dead member. A worker that dies *during* a sync makes every other member fail at
+once (on gloo a member whose broadcast fails closes its end, which fails its peers in turn); the
+group is then reopened without it and the sync done again. On NCCL a broadcast cannot fail that
+way: a worker dying in the middle of a sync stalls it until `cluster.timeout_s`, and the run stops
+in one line and resumes when rerun.
+
 The collective transport is written once for any process group that can broadcast; on CPU it runs
 over gloo with the same packing and streaming code, which is how the CPU tests exercise it (the
 NCCL calls themselves run only on a GPU cluster).
@@ -116,29 +124,42 @@ class Channel:
             torch.cuda.current_stream().synchronize()
 
     def close(self) -> None:
-        if self.backend == "nccl":
+        """Leave the group (again: a no-op). On gloo the peers' pending and later broadcasts then fail
+        at once with "Connection closed by peer", not at the group's timeout."""
+        if self._comm is not None and self.backend == "nccl":
             self._comm.destroy()
         self._comm = None
 
 
 def send(channel: Channel, weights: dict[str, torch.Tensor], metas: list[TensorMeta], bucket_bytes: int) -> None:
-    """Rank 0: broadcast `weights` in the order and packing of `metas`."""
-    for bucket in buckets(metas, bucket_bytes):
-        tensors = [weights[m.name] for m in bucket]
-        for m, t in zip(bucket, tensors):
-            if TensorMeta.of(m.name, t) != m:  # a mismatch would hang the receivers or load garbage
-                raise ValueError(f"weight {m.name}: {TensorMeta.of(m.name, t)} differs from the announced {m}")
-        flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(channel.device)
-        channel.broadcast(flat)
-    channel.synchronize()
+    """Rank 0: broadcast `weights` in the order and packing of `metas`. On any failure this end
+    closes, so no receiver waits for a bucket that will not come."""
+    try:
+        for bucket in buckets(metas, bucket_bytes):
+            tensors = [weights[m.name] for m in bucket]
+            for m, t in zip(bucket, tensors):
+                if TensorMeta.of(m.name, t) != m:  # a mismatch would hang the receivers or load garbage
+                    raise ValueError(f"weight {m.name}: {TensorMeta.of(m.name, t)} differs from the announced {m}")
+            flat = torch.cat([t.detach().reshape(-1) for t in tensors]).to(channel.device)
+            channel.broadcast(flat)
+        channel.synchronize()
+    except Exception:
+        channel.close()
+        raise
 
 
 def receive(channel: Channel, metas: list[TensorMeta], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Ranks 1..: (name, tensor) in the order of `metas`, one bucket received at a time as the
-    consumer asks for it. Each bucket has its own buffer: tensors already handed out stay valid."""
+    consumer asks for it. Each bucket has its own buffer: tensors already handed out stay valid.
+    A failed broadcast closes this end: the members that receive through this one (gloo broadcasts
+    along a tree) then fail at once too."""
     for bucket in buckets(metas, bucket_bytes):
         flat = torch.empty(sum(m.numel for m in bucket), dtype=bucket[0].torch_dtype, device=channel.device)
-        channel.broadcast(flat)
+        try:
+            channel.broadcast(flat)
+        except Exception:
+            channel.close()
+            raise
         offset = 0
         for m in bucket:
             yield m.name, flat[offset:offset + m.numel].view(m.shape)
@@ -173,39 +194,78 @@ class ObjectStoreSync(WeightSync):
 
 
 class CollectiveSync(WeightSync):
-    """Learner rank 0 broadcasts to every worker over one group opened at construction."""
+    """Learner rank 0 broadcasts to the live workers over one group, opened at construction and
+    reopened without a worker that died (see the module's docstring)."""
 
     def __init__(self, learner, workers, *, backend: str, bucket_mb: float, timeout_s: float):
         self.learner, self.workers, self.timeout_s = learner, workers, timeout_s
         self.transport = backend
         self.bucket_bytes = max(1, int(bucket_mb * 2**20))
-        rank0, actors = learner.ranks[0], workers.workers
-        self.metas: list[TensorMeta] = ray.get(rank0.weight_metas.remote())
-        address, port = ray.get(rank0.weight_channel_address.remote())
-        world = 1 + len(actors)
-        self._wait([rank0.open_weight_channel.remote(backend, address, port, world, timeout_s)]
-                   + [w.open_weight_channel.remote(backend, address, port, 1 + i, world, timeout_s)
-                      for i, w in enumerate(actors)], "open the weight-sync group")
+        self.metas: list[TensorMeta] = ray.get(learner.ranks[0].weight_metas.remote())
+        self.members: list = []  # the workers the open group was built with, rank 1.. in order
+        self._open()
 
     def sync(self, version: int) -> float:
         start = time.perf_counter()
-        # Every learner rank takes part (ZeRO-3 gathers the full weights collectively); the workers
-        # receive concurrently: all of them meet inside the same broadcasts.
-        self._wait([r.send_weights.remote(self.bucket_bytes) for r in self.learner.ranks]
-                   + [w.receive_weights.remote(self.metas, self.bucket_bytes, version) for w in self.workers.workers],
-                   "sync weights")
+        if self.workers.alive() != self.members:  # a worker died since the group was opened
+            self._open()
+        while self._lost_a_worker(version):  # each pass drops one or more; none left raises
+            self._open()
         return time.perf_counter() - start
 
     def close(self) -> None:
-        self._wait([self.learner.ranks[0].close_weight_channel.remote()]
-                   + [w.close_weight_channel.remote() for w in self.workers.workers], "close the weight-sync group")
+        self._call([(self.learner.ranks[0], "close_weight_channel", ())]
+                   + [(w, "close_weight_channel", ()) for w in self.members], "close the weight-sync group")
+        self.members = []
 
-    def _wait(self, refs: list, what: str) -> list:
-        try:
-            return ray.get(refs, timeout=self.timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            raise TimeoutError(f"weight sync ({self.transport}): could not {what} within cluster.timeout_s="
-                               f"{self.timeout_s:g}s; a learner rank or rollout worker is stuck or gone") from None
+    def _open(self) -> None:
+        """A new group of rank 0 and the live workers (every member leaves its old group first)."""
+        self.close()
+        rank0, b, t = self.learner.ranks[0], self.transport, self.timeout_s
+        joined = False
+        while not joined:  # again without a worker that died while joining
+            members = list(self.workers.alive())
+            address, port = ray.get(rank0.weight_channel_address.remote())
+            world = 1 + len(members)
+            joined = not self._call([(rank0, "open_weight_channel", (b, address, port, world, t))]
+                                    + [(w, "open_weight_channel", (b, address, port, 1 + i, world, t))
+                                       for i, w in enumerate(members)], "open the weight-sync group")
+        self.members = members
+
+    def _lost_a_worker(self, version: int) -> bool:
+        """One broadcast of the weights to the members; True if a worker died during it (it is
+        dropped from the group; the others' failures are the consequence, not an error).
+        Every learner rank takes part (ZeRO-3 gathers the full weights collectively); the workers
+        receive concurrently: all of them meet inside the same broadcasts."""
+        return self._call([(r, "send_weights", (self.bucket_bytes,)) for r in self.learner.ranks]
+                          + [(w, "receive_weights", (self.metas, self.bucket_bytes, version)) for w in self.members],
+                          "sync weights")
+
+    def _call(self, calls: list[tuple], what: str) -> bool:
+        """Run (actor, method, args) calls at once and wait for all of them; True if a rollout
+        worker among them died (the rollout group then drops it). Any other failure is raised,
+        unless a worker's death explains it; a learner rank that dies is raised as it is."""
+        refs = {getattr(actor, method).remote(*args): actor for actor, method, args in calls}
+        deadline, pending = time.monotonic() + self.timeout_s, list(refs)
+        died, failed = False, None
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                raise TimeoutError(f"weight sync ({self.transport}): could not {what} within cluster.timeout_s="
+                                   f"{self.timeout_s:g}s; a learner rank or rollout worker is stuck or gone")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError:
+                if refs[ready[0]] in self.learner.ranks:
+                    raise  # the run stops (and resumes from its saved state)
+                died = True
+            except Exception as err:  # e.g. gloo's "Connection closed by peer" after a worker died
+                failed = failed or err
+        if died:
+            self.workers.alive()  # drops the dead
+        elif failed is not None:
+            raise failed
+        return died
 
 
 def resolve(kind: str, use_gpu: bool) -> str:

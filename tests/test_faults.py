@@ -1,4 +1,5 @@
-"""Faults a long run meets: a rollout worker killed mid-collection, a game that throws."""
+"""Faults a long run meets: a rollout worker killed mid-collection, mid-extraction or around a
+collective weight sync, a game that throws."""
 
 import os
 import signal
@@ -6,8 +7,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 
-from oel_ray.config import EnvConfig, ModelConfig
+from oel_ray.config import EnvConfig, LearnerConfig, ModelConfig
 from oel_ray.engine import Sampling
 from oel_ray.games import Game, train_specs
 from oel_ray.types import GameSpec
@@ -30,20 +33,23 @@ def test_a_game_that_raises_ends_as_error_and_the_round_goes_on():
     assert "KeyError" in traj.reason and not traj.passed
 
 
-def kill_when_in(pid: int, method: str, timeout_s: float = 300) -> None:
-    """SIGKILL `pid` the moment it runs `method`. Ray titles an actor's process
-    ray::<class>.<method> while a call runs (ray::<class> between calls), so the call in progress,
-    here a shard of games, is cut off however fast the machine is."""
-    deadline = time.time() + timeout_s
+def kill_when_in(pid: int, method: str, timeout_s: float = 300, nth: int = 1) -> None:
+    """SIGKILL `pid` the moment it runs `method` for the `nth` time seen. Ray titles an actor's
+    process ray::<class>.<method> while a call runs (ray::<class> between calls), so the call in
+    progress, here a shard of games, is cut off however fast the machine is."""
+    deadline, seen, inside = time.time() + timeout_s, 0, False
     while time.time() < deadline:
         try:
             title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
         except OSError:
             return  # gone already
-        if title.endswith(f".{method}"):
+        now_inside = title.endswith(f".{method}")
+        seen += now_inside and not inside
+        inside = now_inside
+        if inside and seen >= nth:
             os.kill(pid, signal.SIGKILL)
             return
-        time.sleep(0.01)
+        time.sleep(0.005)
 
 
 def test_killed_worker_games_are_replayed_elsewhere_exactly_once(ray_cluster, tiny_model):
@@ -65,6 +71,38 @@ def test_killed_worker_games_are_replayed_elsewhere_exactly_once(ray_cluster, ti
     # the replayed games are the same games: per-game seeds travel with them
     again = group.play(specs, sampling, 5, round=1)
     assert [[u.response for u in t.turns] for t in again] == [[u.response for u in t.turns] for t in trajectories]
+    group.shutdown()  # its engines' memory back for the next tests
+
+
+def test_killed_worker_chains_are_extracted_elsewhere_with_the_same_knowledge(ray_cluster, tiny_model):
+    """Six chains on two workers; one worker is killed in its second extraction call (the chains'
+    second accumulation step). Its chains go to the other worker with their seeds: every chain
+    comes out once, with the knowledge of an undisturbed run."""
+    from oel_ray.config import ExtractorConfig
+    from oel_ray.extractor import Extractor, chain_orders
+    from oel_ray.rollout import RolloutGroup
+    from oel_ray.types import Trajectory, Turn
+
+    group = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=2, seed=0, max_logprobs=1,
+                         kv_cache_gib=0.25, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    trajectories = [Trajectory("Sokoban-v0", seed, "train", 1, 0, [Turn(f"board {seed}", "I go [up]", 4, "up", "moved")],
+                               "loss", 0.0, "done") for seed in range(8)]
+    cfg = ExtractorConfig(format="unstructured", k=4, num_chains=6, max_knowledge_tokens=64, max_response_tokens=24,
+                          prompt="{trajectory}\nLessons:")
+    undisturbed = Extractor(cfg, tiny_model, group.workers, thinking=False, seed=5).run(trajectories)
+    extractor = Extractor(cfg, tiny_model, group.workers, thinking=False, seed=5)
+    victim = ray_cluster.get(group.workers[1].pid.remote())
+    killer = threading.Thread(target=kill_when_in, args=(victim, "generate", 300, 2))
+    killer.start()
+    chains = extractor.run(trajectories)
+    killer.join()
+    assert len(extractor.engines) == 1  # the kill landed while the victim extracted
+    assert [[s.text for s in c] for c in chains] == [[s.text for s in c] for c in undisturbed]
+    assert [[s.chain for s in c] for c in chains] == [[c] * (cfg.k + 1) for c in range(cfg.num_chains)]
+    orders = chain_orders(trajectories, cfg.k, cfg.num_chains, 5, round=1)
+    assert [c[-1].trajectory_seeds for c in chains] == [[t.seed for t in order] for order in orders]
+    assert all(c[-1].text for c in chains)
+    group.shutdown()
 
 
 def test_what_stops_a_run_in_one_line_and_what_keeps_its_traceback():
@@ -87,3 +125,76 @@ def test_what_stops_a_run_in_one_line_and_what_keeps_its_traceback():
         "weight sync (nccl): could not send within 60 s"
     assert stop_reason(GetTimeoutError("Get timed out")) == "Get timed out"
     assert stop_reason(ValueError("a bug")) is None and stop_reason(raised(KeyError("k"), ValueError())) is None
+
+
+# ----------------------------------------------------------------------------- collective weight sync
+
+FIXED = list(range(3, 60))  # a token sequence whose log-probs tell the weights apart
+
+
+@pytest.fixture(scope="module")
+def sync_roles(ray_cluster, tiny_model, tmp_path_factory):
+    """Three rollout workers at the tiny model and a learner at a perturbed copy of it, so that a
+    sync visibly moves the workers (a reset puts them back to the tiny model)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from oel_ray.learner import LearnerGroup
+    from oel_ray.rollout import RolloutGroup
+
+    perturbed = tmp_path_factory.mktemp("perturbed") / "model"
+    shutil.copytree(tiny_model, perturbed)
+    original = load_file(f"{tiny_model}/model.safetensors")
+    noise = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.05 * torch.randn(v.shape, generator=noise) for k, v in original.items()},
+              str(perturbed / "model.safetensors"), metadata={"format": "pt"})
+    workers = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=3, seed=0, max_logprobs=1,
+                           kv_cache_gib=0.25, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    learner = LearnerGroup(LearnerConfig(batch_size=4, zero_stage=2, dtype="float32"), str(perturbed), num_cpus=0.5)
+    yield workers, learner, ray_cluster.put(original)
+    for role in (learner, workers):
+        role.shutdown()
+
+
+def engine_logprobs(ray, workers) -> list:
+    return ray.get([w.prompt_logprobs.remote(FIXED) for w in workers.workers])
+
+
+def test_a_dead_worker_leaves_the_collective_sync_group_without_a_timeout(ray_cluster, sync_roles):
+    """gloo runs the nccl transport's code. A worker killed between two syncs, then one killed in
+    the middle of a sync: each next sync finishes in seconds (the group's timeout is 600 s) and the
+    surviving worker holds the learner's weights."""
+    from oel_ray.weight_sync import make_weight_sync
+
+    ray = ray_cluster
+    workers, learner, original = sync_roles
+    target = learner.sequence_logprobs(FIXED)
+    sync = make_weight_sync("gloo", learner, workers, use_gpu=False, bucket_mb=1 / 64, timeout_s=600)
+    sync.sync(version=1)
+    for got in engine_logprobs(ray, workers):
+        np.testing.assert_allclose(got, target, atol=1e-4)
+
+    def reset_and_time_a_sync(version: int, kill) -> float:
+        workers.load_weights(original, version=0)  # the survivors back at the tiny model
+        assert all(np.abs(got - target).max() > 0.05 for got in engine_logprobs(ray, workers))
+        started = time.perf_counter()
+        kill()
+        sync.sync(version=version)
+        return time.perf_counter() - started
+
+    between = ray.get(workers.workers[2].pid.remote())
+    seconds = reset_and_time_a_sync(2, lambda: os.kill(between, signal.SIGKILL))
+    assert workers.lost == 1 and len(sync.members) == 2 and seconds < 60, seconds
+    for got in engine_logprobs(ray, workers):
+        np.testing.assert_allclose(got, target, atol=1e-4)
+
+    during = ray.get(workers.workers[1].pid.remote())
+    killer = threading.Thread(target=kill_when_in, args=(during, "receive_weights", 120))
+    seconds_during = reset_and_time_a_sync(3, killer.start)
+    killer.join()
+    assert workers.lost == 2 and len(sync.members) == 1 and seconds_during < 60, seconds_during
+    np.testing.assert_allclose(engine_logprobs(ray, workers)[0], target, atol=1e-4)
+    print(f"sync after a kill between syncs: {seconds:.2f} s; with a kill during the sync: {seconds_during:.2f} s")
+    sync.close()
