@@ -185,12 +185,23 @@ class Deployment:
                         type(err).__name__, str(err).splitlines()[0] if str(err) else "")
 
     def after_consolidation(self, r: int) -> "Deployment":
-        """Workers and learner at round r's consolidated weights."""
+        """Workers and learner at round r's consolidated weights: its final training state, or,
+        once checkpointed (the state is then removed), the round's model (a stage rerun after the
+        checkpoint, e.g. its eval.json deleted)."""
         final = ("trained", r, self.cfg.learner.steps)
         if self.holds == final:
             return self
-        self.at_round_start(r)
         saved = self._saved_states(r)
+        model = self.out / f"round_{r}" / "model"
+        if (not saved or saved[-1][0] != self.cfg.learner.steps) and (model / "config.json").exists():
+            if self.roles is None:
+                self._start()
+            self.roles.learner.shutdown()  # the teacher keeps its weights: no stage of round r needs it again
+            self.roles.learner = self._learner(str(model))
+            self.sync_workers(version=r * self.cfg.learner.steps)
+            self.holds = final
+            return self
+        self.at_round_start(r)
         if not saved or saved[-1][0] != self.cfg.learner.steps:
             raise InputError(f"{self.out / f'round_{r}'}: the consolidated training state is missing; "
                               "rerun from a new output_dir")

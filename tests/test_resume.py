@@ -119,13 +119,18 @@ def actor_pid(driver: int, class_name: str) -> int:
     raise AssertionError(f"no ray::{class_name} process under the driver {driver}")
 
 
+def one_round(tiny_model, out) -> list[str]:
+    """The smallest one-round run; the learner saves only at the round's end."""
+    return command(tiny_model, out, 1, STEPS, "rollout.max_response_tokens=16", "extractor.max_response_tokens=16",
+                   "env.eval_maps=1", "ood.ifeval=none")
+
+
 @pytest.fixture(scope="module")
 def teacher_killed(tmp_path_factory, tiny_model):
     """One round; the learner saves only at the round's end, so a state found mid-round was saved
     by the driver on its way out. The teacher's process is killed once the first step is logged."""
     out, logs = tmp_path_factory.mktemp("dead_teacher"), tmp_path_factory.mktemp("dead_teacher_logs")
-    cmd = command(tiny_model, out, 1, STEPS, "rollout.max_response_tokens=16", "extractor.max_response_tokens=16",
-                  "env.eval_maps=1", "ood.ifeval=none")
+    cmd = one_round(tiny_model, out)
     with open(logs / "stderr", "w") as err:  # a file, not a pipe: nobody reads it while the run goes on
         first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
     metrics = out / "round_1" / "metrics.jsonl"
@@ -169,3 +174,22 @@ def test_the_rerun_after_a_dead_teacher_resumes_and_finishes_every_step_once(tea
     assert {name: s["attempts"] for name, s in stages_of(out).items() if s["attempts"] != 1} == {
         "round_1/consolidate": 2}
     assert "[round_1/deploy] finished earlier, skipped" in log
+
+
+def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teacher_killed, tiny_model):
+    """Last in this module: it reruns a stage of the finished run. With round 1's eval.json deleted,
+    the rerun evaluates round 1 again although its training state is gone (the checkpoint removed
+    it): from round_1/model, so the games repeat the first evaluation's move for move."""
+    out = teacher_killed[0]
+    rdir = out / "round_1"
+    first = (rdir / "eval_trajectories.jsonl").read_text()
+    attempts = stages_of(out)["round_1/evaluate"]["attempts"]
+    (rdir / "eval.json").unlink()
+    again = subprocess.run(one_round(tiny_model, out), capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    log = again.stdout + again.stderr
+    assert "[round_1/consolidate] finished earlier, skipped" in log
+    assert "[round_1/checkpoint] finished earlier, skipped" in log
+    assert stages_of(out)["round_1/evaluate"]["attempts"] == attempts + 1
+    assert (rdir / "eval.json").exists() and not (rdir / "learner_state").exists()
+    assert (rdir / "eval_trajectories.jsonl").read_text() == first
