@@ -31,6 +31,11 @@ from oel_ray.types import GameSpec, Generation, Trajectory
 
 log = logging.getLogger("oel_ray")
 
+# How a dead worker reaches the driver: its actor's error, or, when its node died after the worker
+# had finished, the loss of the results still held in that node's object store (ray.get of a
+# streamed batch or a reply raises ObjectReconstructionFailedError, an ObjectLostError).
+WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
+
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -308,7 +313,7 @@ def generate_on(workers: list, prompts: list[list[int]], sampling: Sampling, see
         worker, part = pending.pop(ref)
         try:
             replies = ray.get(ref)
-        except ray.exceptions.RayActorError as err:
+        except WORKER_GONE as err:
             drop(worker, err)
             submit(part)
             continue
@@ -379,7 +384,7 @@ class RolloutGroup:
                 if len(returned) != len(part):
                     raise RuntimeError(f"a worker returned {len(returned)} of its {len(part)} games") from None
                 continue
-            except ray.exceptions.RayActorError as err:
+            except WORKER_GONE as err:
                 del streams[stream]
                 self._drop(worker, err)
                 submit([i for j, i in enumerate(part) if j not in returned])

@@ -64,6 +64,7 @@ class Node:
 class NetnsCluster:
     address: str  # "198.18.0.1:<port>": the head's GCS
     nodes: list[Node]
+    ray_env: dict = field(default_factory=dict)  # extra environment of every node's `ray start`
 
     def _argv(self, i: int, argv: list) -> list[str]:
         return ["ip", "netns", "exec", self.nodes[i].namespace, *map(str, argv)]
@@ -86,15 +87,35 @@ class NetnsCluster:
         return json.loads(self._query("print(json.dumps({n['NodeID']: n['NodeManagerAddress'] "
                                       "for n in ray.nodes() if n['Alive']}))"))
 
-    def wait_alive(self, count: int, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
-        """Wait until `count` nodes are alive; returns node_ids()."""
+    def wait_alive(self, timeout: float = START_TIMEOUT_S) -> dict[str, str]:
+        """Wait until exactly one live Ray node per namespace is up (a killed node's old entry no
+        longer counts as alive); returns node_ids()."""
+        want = sorted(n.ip for n in self.nodes)
         return json.loads(self._query(
-            f"deadline = time.time() + {timeout}\n"
-            f"while sum(n['Alive'] for n in ray.nodes()) < {count}:\n"
-            f"    assert time.time() < deadline, f'only {{sum(n[\"Alive\"] for n in ray.nodes())}} of {count} alive'\n"
-            f"    time.sleep(0.5)\n"
-            "print(json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']}))",
+            f"deadline, want = time.time() + {timeout}, {want!r}\n"
+            "alive = lambda: {n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']}\n"
+            "while sorted(alive().values()) != want:\n"
+            "    assert time.time() < deadline, f'live nodes {sorted(alive().values())}, want {want}'\n"
+            "    time.sleep(0.5)\n"
+            "print(json.dumps(alive()))",
             timeout=timeout + 60))
+
+    def restart(self, i: int) -> None:
+        """Stop worker node i's Ray, whatever is left of it (e.g. after kill_raylet), and start it
+        again; returns once the cluster has all its nodes."""
+        if i == 0:
+            raise ValueError("restart: the head holds the cluster's state; start a new cluster instead")
+        node = self.nodes[i]
+        if node.process is not None and node.process.poll() is None:
+            _signal_group(node.process, signal.SIGTERM)
+            try:
+                node.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                _signal_group(node.process, signal.SIGKILL)
+        _kill_processes(node.namespace)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        _start_worker(self, i)
+        self.wait_alive()
 
     def _query(self, code: str, timeout: float = 120) -> str:
         script = f"import json, time, ray\nray.init(address={self.address!r}, log_to_driver=False)\n{code}\n"
@@ -125,8 +146,9 @@ class NetnsCluster:
 
 
 @contextmanager
-def ray_nodes(cpus: list[int], tmp: Path) -> Iterator[NetnsCluster]:
-    """A Ray head (cpus[0] CPUs) and one worker per further entry, each node in its own namespace."""
+def ray_nodes(cpus: list[int], tmp: Path, env: Optional[dict] = None) -> Iterator[NetnsCluster]:
+    """A Ray head (cpus[0] CPUs) and one worker per further entry, each node in its own namespace.
+    `env`: extra environment for every node's `ray start` (e.g. RAY_* system settings)."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces (ip netns add)")
     if not 1 <= len(cpus) <= 250:
@@ -138,7 +160,7 @@ def ray_nodes(cpus: list[int], tmp: Path) -> Iterator[NetnsCluster]:
     tmp.mkdir(parents=True, exist_ok=True)
     nodes = [Node(f"{tag}n{i}", f"{SUBNET}.{i + 1}", c, Path(f"/tmp/{tag}" + (f"_n{i}" if i else "")), tmp / f"ray_n{i}.log")
              for i, c in enumerate(cpus)]
-    cluster = NetnsCluster(f"{nodes[0].ip}:{PORT}", nodes)
+    cluster = NetnsCluster(f"{nodes[0].ip}:{PORT}", nodes, dict(env or {}))
     made: list[str] = []
     try:
         _netns_add(hub, first=True)
@@ -157,7 +179,7 @@ def ray_nodes(cpus: list[int], tmp: Path) -> Iterator[NetnsCluster]:
         _start_head(cluster)
         for i in range(1, len(nodes)):
             _start_worker(cluster, i)
-        cluster.wait_alive(len(nodes))
+        cluster.wait_alive()
         yield cluster
     finally:
         _teardown(nodes, made)
@@ -198,7 +220,7 @@ def _start_head(cluster: NetnsCluster) -> None:
     argv = [*RAY_CLI, "start", "--head", "--block", f"--node-ip-address={head.ip}", *_head_ports(),
             f"--num-cpus={head.cpus}", f"--temp-dir={head.temp_dir}", "--include-dashboard=false",
             "--disable-usage-stats"]
-    _launch(cluster, 0, argv)
+    _launch(cluster, 0, argv, cluster.ray_env)
     deadline = time.time() + START_TIMEOUT_S
     while not (head.temp_dir / "ray_current_cluster").is_file():  # as the sbatch script waits
         if head.process.poll() is not None or time.time() > deadline:
@@ -211,12 +233,12 @@ def _start_worker(cluster: NetnsCluster, i: int) -> None:
     # ray_worker.sh names the temp dir <prefix>_<SLURMD_NODENAME> and removes it when Ray stops.
     argv = ["bash", WORKER_SCRIPT, cluster.nodes[0].temp_dir, *RAY_CLI, "start", "--block",
             f"--address={cluster.address}", f"--num-cpus={node.cpus}", "--disable-usage-stats"]
-    _launch(cluster, i, argv, {"SLURMD_NODENAME": f"n{i}"})
+    _launch(cluster, i, argv, {**cluster.ray_env, "SLURMD_NODENAME": f"n{i}"})
 
 
 def _launch(cluster: NetnsCluster, i: int, argv: list, env: Optional[dict] = None) -> None:
     node = cluster.nodes[i]
-    with open(node.log, "wb") as log:
+    with open(node.log, "ab") as log:  # a restarted node's output follows its earlier run's
         node.process = cluster.popen(i, argv, env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True)
 
@@ -247,16 +269,21 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def _kill_namespace(name: str) -> None:
-    """SIGKILL everything left inside the namespace, then delete it (its veth ends go with it)."""
+def _kill_processes(namespace: str) -> None:
+    """SIGKILL everything inside the namespace, until nothing is left (children may still fork)."""
     deadline = time.time() + 30
-    while (pids := namespace_pids(name)) and time.time() < deadline:
+    while (pids := namespace_pids(namespace)) and time.time() < deadline:
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         time.sleep(0.2)
+
+
+def _kill_namespace(name: str) -> None:
+    """Everything inside the namespace, then the namespace (its veth ends go with it)."""
+    _kill_processes(name)
     subprocess.run(["ip", "netns", "del", name], capture_output=True)
 
 
