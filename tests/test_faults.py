@@ -85,8 +85,9 @@ def test_killed_worker_chains_are_extracted_elsewhere_with_the_same_knowledge(ra
 
     group = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=2, seed=0, max_logprobs=1,
                          kv_cache_gib=0.25, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    trajectories = [Trajectory("Sokoban-v0", seed, "train", 1, 0, [Turn(f"board {seed}", "I go [up]", 4, "up", "moved")],
-                               "loss", 0.0, "done") for seed in range(8)]
+    trajectories = [Trajectory("Sokoban-v0", seed, "train", 1, 0,
+                               [Turn(f"board {seed}", "I go [up]", 4, "up", "moved")], "loss", 0.0, "done")
+                    for seed in range(8)]
     cfg = ExtractorConfig(format="unstructured", k=4, num_chains=6, max_knowledge_tokens=64, max_response_tokens=24,
                           prompt="{trajectory}\nLessons:")
     undisturbed = Extractor(cfg, tiny_model, group.workers, thinking=False, seed=5).run(trajectories)
