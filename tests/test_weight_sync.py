@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import ray as _ray  # noqa: F401  (the fixture hands out the module)
 
-from oel_ray.config import LearnerConfig, ModelConfig
 from oel_ray.engine import Sampling
 from oel_ray.weight_sync import TensorMeta, buckets
 
@@ -17,20 +16,16 @@ BF16_TOL = 2e-2  # bf16 keeps ~3 significant digits; this model runs fp32 and ag
 
 
 @pytest.fixture(scope="module")
-def roles(ray_cluster, tiny_model):
-    from oel_ray.learner import LearnerGroup
-    from oel_ray.rollout import RolloutGroup
-    from oel_ray.teacher import TeacherGroup
+def roles(ray_cluster, tiny_model, tmp_path_factory):
+    from distill_setup import distill_config
 
-    workers = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=1, seed=0, max_logprobs=64,
-                           kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
-    teacher = TeacherGroup(tiny_model, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=1.0,
-                            chunk_tokens=64, batch_tokens=4096)
-    cfg = LearnerConfig(lr=5e-2, batch_size=4, zero_stage=2, support_k=64, temperature=1.0, dtype="float32")
-    learner = LearnerGroup(cfg, tiny_model, num_cpus=0.5)
-    yield workers, teacher, learner
-    for role in (learner, teacher, workers):  # free the engines' memory for the next test modules
-        role.shutdown()
+    from oel_ray.roles import build_roles
+
+    cfg = distill_config(tiny_model, str(tmp_path_factory.mktemp("sync")), steps=1, batch=4, lr=5e-2, support_k=64,
+                         rollout={"temperature": 1.0}, teacher={"chunk_tokens": 64, "batch_tokens": 4096})
+    roles = build_roles(cfg)
+    yield roles.workers, roles.teacher, roles.learner
+    roles.shutdown()  # free the engines' memory for the next test modules
 
 
 def take_a_step(workers, teacher, learner, step):
