@@ -6,7 +6,9 @@
 Layout: a hub namespace holds a Linux bridge; node i is namespace `<tag>n<i>` with `eth0` (the
 peer of a veth whose other end is on the bridge) at 198.18.0.<i+1>/24 and `lo` up. 198.18.0.0/24
 is reserved for benchmarking, and nothing here has a route off the machine: the namespaces only
-reach each other. Nothing changes in the machine's own network namespace. Names carry this
+reach each other. Nothing changes in the machine's own network namespace, unless
+`namespaces(host_link=True)` adds it to the bridge at 198.18.0.254 (the Slurm test's controller
+lives there; the route it adds covers 198.18.0.0/24 only). Names carry this
 process's pid, so parallel runs never meet, and a run killed before its teardown is cleaned up by
 the next one (its namespaces name a pid that is gone).
 
@@ -42,8 +44,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 WORKER_SCRIPT = REPO / "launch" / "slurm" / "ray_worker.sh"
 SUBNET = "198.18.0"
+HOST_IP = f"{SUBNET}.254"  # this machine's own end of the bridge, when namespaces(host_link=True)
 PORT = 20000  # the head's port block (as oel_ray.sbatch's): its namespace is private, so never taken
-PREFIX = "oel"  # namespaces: oel<pid>x<k>{h,n<i>}; temp dirs: /tmp/oel<pid>x<k>[_n<i>]
+PREFIX = "oel"  # namespaces: oel<pid>x<k>{h,n<i>}; Ray temp dirs: /tmp/oel<pid>x<k>n0[_n<i>]
 RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 RAY_CLI = [sys.executable, "-c", 'import sys; from ray.scripts.scripts import main; sys.argv[0] = "ray"; main()']
 START_TIMEOUT_S = 180.0
@@ -67,7 +70,7 @@ class NetnsCluster:
     ray_env: dict = field(default_factory=dict)  # extra environment of every node's `ray start`
 
     def _argv(self, i: int, argv: list) -> list[str]:
-        return ["ip", "netns", "exec", self.nodes[i].namespace, *map(str, argv)]
+        return [*enter(self.nodes[i].namespace), *map(str, argv)]
 
     def _env(self, env: Optional[dict]) -> dict:
         base = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # never the caller's cluster
@@ -122,7 +125,8 @@ class NetnsCluster:
         done = self.run(0, [sys.executable, "-c", script], timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"query on the head failed:\n{done.stderr[-3000:]}\n{self.logs()}")
-        return done.stdout.strip().splitlines()[-1]
+        # the last JSON line: Ray may print notices (say, of a dead node's raylet) after it
+        return next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{"))
 
     def raylet_pid(self, i: int) -> int:
         """Node i's raylet: the one process named raylet whose socket paths lie under its temp dir."""
@@ -149,40 +153,67 @@ class NetnsCluster:
 def ray_nodes(cpus: list[int], tmp: Path, env: Optional[dict] = None) -> Iterator[NetnsCluster]:
     """A Ray head (cpus[0] CPUs) and one worker per further entry, each node in its own namespace.
     `env`: extra environment for every node's `ray start` (e.g. RAY_* system settings)."""
+    tmp = Path(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    with namespaces(len(cpus)) as spaces:
+        head_temp = Path(f"/tmp/{spaces[0][0]}")  # workers: <head_temp>_n<i> (ray_worker.sh's naming)
+        nodes = [Node(name, ip, c, Path(f"{head_temp}_n{i}" if i else head_temp), tmp / f"ray_n{i}.log")
+                 for i, ((name, ip), c) in enumerate(zip(spaces, cpus))]
+        cluster = NetnsCluster(f"{nodes[0].ip}:{PORT}", nodes, dict(env or {}))
+        try:
+            _start_head(cluster)
+            for i in range(1, len(nodes)):
+                _start_worker(cluster, i)
+            cluster.wait_alive()
+            yield cluster
+        finally:
+            _teardown(nodes)
+
+
+@contextmanager
+def namespaces(count: int, host_link: bool = False) -> Iterator[list[tuple[str, str]]]:
+    """`count` namespaces on one bridge, as (name, IP) with IPs 198.18.0.1 up. With `host_link`
+    this machine's own namespace joins the bridge too, at HOST_IP, for daemons that stay outside
+    (a Slurm controller) and for the tools that talk to them. Everything inside the namespaces is
+    killed and the namespaces deleted on the way out."""
     if os.geteuid() != 0:
         pytest.skip("needs root to create network namespaces (ip netns add)")
-    if not 1 <= len(cpus) <= 250:
-        raise ValueError(f"cpus: {len(cpus)} nodes, want 1 to 250")
+    if not 1 <= count <= 250:
+        raise ValueError(f"{count} namespaces, want 1 to 250")
     _clean_leftovers()
     tag = f"{PREFIX}{os.getpid()}x{next(_runs)}"
     hub = f"{tag}h"
-    tmp = Path(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    nodes = [Node(f"{tag}n{i}", f"{SUBNET}.{i + 1}", c, Path(f"/tmp/{tag}" + (f"_n{i}" if i else "")), tmp / f"ray_n{i}.log")
-             for i, c in enumerate(cpus)]
-    cluster = NetnsCluster(f"{nodes[0].ip}:{PORT}", nodes, dict(env or {}))
+    spaces = [(f"{tag}n{i}", f"{SUBNET}.{i + 1}") for i in range(count)]
     made: list[str] = []
     try:
         _netns_add(hub, first=True)
         made.append(hub)
         _ip("-n", hub, "link", "add", "br0", "type", "bridge")
         _ip("-n", hub, "link", "set", "br0", "up")
-        for i, node in enumerate(nodes):
-            _netns_add(node.namespace)
-            made.append(node.namespace)
-            _ip("link", "add", "name", f"p{i}", "netns", hub, "type", "veth", "peer", "name", "eth0",
-                "netns", node.namespace)
+        for i, (name, ip) in enumerate(spaces):
+            _netns_add(name)
+            made.append(name)
+            _ip("link", "add", "name", f"p{i}", "netns", hub, "type", "veth", "peer", "name", "eth0", "netns", name)
             _ip("-n", hub, "link", "set", f"p{i}", "master", "br0", "up")
-            _ip("-n", node.namespace, "addr", "add", f"{node.ip}/24", "dev", "eth0")
-            _ip("-n", node.namespace, "link", "set", "eth0", "up")
-            _ip("-n", node.namespace, "link", "set", "lo", "up")
-        _start_head(cluster)
-        for i in range(1, len(nodes)):
-            _start_worker(cluster, i)
-        cluster.wait_alive()
-        yield cluster
+            _ip("-n", name, "addr", "add", f"{ip}/24", "dev", "eth0")
+            _ip("-n", name, "link", "set", "eth0", "up")
+            _ip("-n", name, "link", "set", "lo", "up")
+        if host_link:  # the host end is deleted with its peer, when the hub namespace goes
+            _ip("link", "add", "name", f"{tag}v", "type", "veth", "peer", "name", "host", "netns", hub)
+            _ip("-n", hub, "link", "set", "host", "master", "br0", "up")
+            _ip("addr", "add", f"{HOST_IP}/24", "dev", f"{tag}v")
+            _ip("link", "set", f"{tag}v", "up")
+        yield spaces
     finally:
-        _teardown(nodes, made)
+        for name in reversed(made):
+            _kill_namespace(name)
+
+
+def enter(namespace: str) -> list[str]:
+    """A command prefix that runs a command in the namespace's network, and nothing else of its own:
+    `ip netns exec` would also mount a fresh /sys without /sys/fs/cgroup, which slurmd refuses to
+    start without and which leaves Ray's memory monitor blind."""
+    return ["nsenter", f"--net=/run/netns/{namespace}"]
 
 
 def namespace_pids(namespace: str) -> list[int]:
@@ -243,10 +274,10 @@ def _launch(cluster: NetnsCluster, i: int, argv: list, env: Optional[dict] = Non
                                      start_new_session=True)
 
 
-def _teardown(nodes: list[Node], namespaces: list[str]) -> None:
+def _teardown(nodes: list[Node]) -> None:
     # A few seconds of SIGTERM for Ray to stop its own processes (workers drain in under one; a
     # head drains for up to 30 s, which a throwaway cluster need not wait for), then SIGKILL to
-    # everything left in the namespaces, as `ray stop --force` would.
+    # everything left in the namespaces (namespaces() does that next), as `ray stop --force` would.
     running = [n.process for n in nodes if n.process is not None and n.process.poll() is None]
     for proc in running:
         _signal_group(proc, signal.SIGTERM)
@@ -256,9 +287,8 @@ def _teardown(nodes: list[Node], namespaces: list[str]) -> None:
             proc.wait(timeout=max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired:
             _signal_group(proc, signal.SIGKILL)
-    for name in namespaces:
-        _kill_namespace(name)
     for node in nodes:
+        _kill_processes(node.namespace)
         shutil.rmtree(node.temp_dir, ignore_errors=True)
 
 
@@ -294,7 +324,7 @@ def _clean_leftovers() -> None:
         left = re.fullmatch(rf"({PREFIX}(\d+)x\d+)(h|n\d+)", name)
         if left and not Path(f"/proc/{left[2]}").exists():
             _kill_namespace(name)
-            for temp in [Path(f"/tmp/{left[1]}"), *Path("/tmp").glob(f"{left[1]}_n*")]:
+            for temp in Path("/tmp").glob(f"{left[1]}n*"):
                 shutil.rmtree(temp, ignore_errors=True)
 
 

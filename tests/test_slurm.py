@@ -1,8 +1,12 @@
 """The Slurm launch scripts on a real Slurm on this machine: the set-up installs slurm-wlm and munge
 when missing, starts private munged, slurmctld and two slurmd (own config, ports, sockets and state
-under a temp dir), and stops them after. The two slurmd are two Slurm nodes on one host, so the
-sbatch script's multi-node path (Ray workers started by srun) runs for real. Skips only where root
-or apt-get are missing, saying which."""
+under a temp dir), and stops them after. The two slurmd are two Slurm nodes on one host, each in
+its own network namespace with its own address (tests/netns.py; slurmctld, munged and the test's
+Slurm commands stay in the machine's namespace, joined to the nodes' bridge at 198.18.0.254), so
+the sbatch script's multi-node path (Ray workers started by srun, the driver on the head's
+address) runs across addresses for real. The hostname resolves to an address neither node holds,
+so the head's address comes from OEL_RAY_HEAD_IP, as the sbatch script documents. Skips only where
+root or apt-get are missing, saying which."""
 
 import json
 import os
@@ -17,6 +21,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from netns import HOST_IP, enter, namespaces
 
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "oel_ray.sbatch"
@@ -48,16 +54,16 @@ def free_port() -> int:
 NODES = ("oel1", "oel2")
 
 
-def slurm_conf(root: Path, host: str) -> str:
+def slurm_conf(root: Path, host: str, addrs: list[str]) -> str:
     # The smallest Slurm the scripts can meet: no cgroups, no accounting (platform notes). One CPU
     # per node: both nodes share this machine's cores. Job ids start at random, so this run's
     # /tmp/oel_ray_<job id> dirs and Ray ports are its own even beside an earlier run's leftovers.
-    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={free_port()} CPUs=1\n"
-                    for name in NODES)
+    nodes = "".join(f"NodeName={name} NodeHostname={host} NodeAddr={addr} Port={free_port()} CPUs=1\n"
+                    for name, addr in zip(NODES, addrs))
     return f"""\
 ClusterName=oeltest
 FirstJobId={random.randint(100_000, 900_000)}
-SlurmctldHost={host}(127.0.0.1)
+SlurmctldHost={host}({HOST_IP})
 SlurmUser=root
 SlurmctldPort={free_port()}
 AuthType=auth/munge
@@ -97,10 +103,15 @@ def stop(pid_file: Path) -> None:
 
 @pytest.fixture(scope="module")
 def slurm():
-    """Environment for sbatch/squeue/scontrol aimed at a private, running single-node Slurm."""
+    """Environment for sbatch/squeue/scontrol aimed at a private, running two-node Slurm."""
     if os.geteuid() != 0:
         pytest.skip("needs root to run slurmctld and slurmd (SlurmUser=root)")
     install_slurm()
+    with namespaces(len(NODES), host_link=True) as spaces:
+        yield from _slurm(spaces)
+
+
+def _slurm(spaces: list[tuple[str, str]]):
     # Under /tmp, not pytest's 0700 tmp: munged runs as user munge and must reach its socket dir.
     root = Path(tempfile.mkdtemp(prefix="oel_slurm_"))
     root.chmod(0o755)
@@ -114,16 +125,18 @@ def slurm():
     (root / "state").mkdir()
     host = socket.gethostname().split(".")[0]
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, host))
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    conf.write_text(slurm_conf(root, host, [ip for _, ip in spaces]))
+    # The sbatch script's Ray head runs on the job's first node, oel1.
+    env = {**os.environ, "SLURM_CONF": str(conf), "OEL_RAY_HEAD_IP": spaces[0][1]}
     try:
         subprocess.run(["runuser", "-u", "munge", "--", "munged", f"--socket={munge}/munge.sock",
                         f"--key-file={key}", f"--pid-file={munge}/munged.pid",
                         f"--log-file={munge}/munged.log", f"--seed-file={munge}/munged.seed"],
                        check=True, timeout=30)
         subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env, timeout=30)
-        for name in NODES:
-            subprocess.run(["slurmd", "-f", str(conf), "-N", name], check=True, env=env, timeout=30)
+        for name, (namespace, _) in zip(NODES, spaces):
+            subprocess.run([*enter(namespace), "slurmd", "-f", str(conf), "-N", name],
+                           check=True, env=env, timeout=30)
         deadline = time.time() + 60
         while subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
                              env=env).stdout.split() != ["idle"] * len(NODES):
@@ -177,6 +190,7 @@ def test_sbatch_runs_the_tiny_experiment_on_a_two_node_ray_cluster_and_tears_it_
     job_id = submitted.stdout.strip().split(";")[0]
     assert job_state(job_id, slurm) == "COMPLETED", output[-4000:]
     assert f"oel_ray: {len(NODES)} Ray nodes up" in output  # the srun'd worker joined the head
+    assert all(f"'node:{ip}'" in output for ip in ("198.18.0.1", "198.18.0.2"))  # each on its own address
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["steps"] == 1
     # Teardown: no Ray process of the job left, head's and worker's temp dirs gone.
