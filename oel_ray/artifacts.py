@@ -90,12 +90,16 @@ def read_trajectories(path: Path) -> list[Trajectory]:
 
 
 def read_knowledge_set(path: Path) -> list[str]:
-    """The round's knowledge texts (knowledge.json's "set"), refused when unreadable or empty."""
+    """The round's knowledge texts (knowledge.json's "set"), refused when unreadable or empty (unless
+    the run is the empty-knowledge control, teacher.context=none: then one empty text)."""
     try:
-        texts = json.loads(Path(path).read_text())["set"]
+        record = json.loads(Path(path).read_text())
+        texts = record["set"]
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise InputError(f"{path}: not a knowledge file ({type(err).__name__}: {err}); delete it and rerun "
                          "to extract again") from None
+    if record.get("teacher_reads") == "none" and texts == [""]:
+        return texts
     if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
         raise InputError(f"{path}: the knowledge set is empty; delete it and rerun to extract again")
     return texts

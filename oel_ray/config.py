@@ -24,7 +24,7 @@ AGGREGATIONS = ("token_mean", "sequence_mean")
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
-TEACHER_CONTEXTS = ("knowledge", "trajectories")
+TEACHER_CONTEXTS = ("knowledge", "trajectories", "none", "shuffled")  # see oel_ray/controls.py
 CONSOLIDATION_MODES = ("on_policy", "off_policy")
 WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
@@ -117,7 +117,11 @@ class TeacherConfig:
     knowledge_position: str = "user"  # the paper puts knowledge inside the user turn
     # What the teacher reads before the prefix: the extracted "knowledge" (OEL), or the raw
     # "trajectories" it would have been extracted from (the paper's ablation), same length cap.
+    # Controls: "none" (an empty knowledge block), "shuffled" (each line's words shuffled).
     context: str = "knowledge"
+    # Another run's directory: the teacher reads its round_<r>/knowledge.json "set" (e.g. another
+    # game's knowledge) instead of this run's; context knowledge or shuffled only.
+    knowledge_from: Optional[str] = None
     num_actors: int = 1
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
@@ -377,6 +381,10 @@ def validate(cfg: OELConfig) -> OELConfig:
 
     _choice("teacher.knowledge_position", cfg.teacher.knowledge_position, KNOWLEDGE_POSITIONS)
     _choice("teacher.context", cfg.teacher.context, TEACHER_CONTEXTS)
+    if cfg.teacher.knowledge_from:  # another run's knowledge files: read now, not rounds later
+        from oel_ray.controls import check_knowledge_from
+
+        check_knowledge_from(cfg.teacher, cfg.rounds)
     _choice("consolidation.mode", cfg.consolidation.mode, CONSOLIDATION_MODES)
     _choice("consolidation.async_steps", cfg.consolidation.async_steps, (0, 1))
     _require(0 < cfg.ood.max_tokens < cfg.model.max_model_len, "ood.max_tokens",

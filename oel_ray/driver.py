@@ -18,7 +18,7 @@ from pathlib import Path
 
 import ray
 
-from oel_ray import artifacts, preflight, tracking
+from oel_ray import artifacts, controls, preflight, tracking
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import evaluate
@@ -82,7 +82,7 @@ def run(cfg: OELConfig) -> dict:
               f"{rel}/model/config.json")
         if cfg.ood.ifeval == "lm_eval":  # ... and on the checkpoint just saved
             stage(f"{rel}/ifeval", lambda: lm_eval_into(rdir, str(rdir / "model"), cfg), f"{rel}/{LM_EVAL_FILE}")
-        report_rounds(out, r)
+        report_rounds(out, r, cfg)
     cluster.shutdown()
     summary = run_summary(out, cfg, time.perf_counter() - started)
     artifacts.write_json(out / "summary.json", summary)
@@ -118,17 +118,22 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
     chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
     use_step = cfg.extractor.knowledge_step
     texts, empty = knowledge_set(chains, use_step)
-    if not texts:
+    source = controls.other_run_file(cfg.teacher, r)  # teacher.knowledge_from: another run's set instead
+    if source:
+        texts, empty = controls.other_run_set(cfg.teacher, r), 0
+    if not texts and cfg.teacher.context != controls.NONE:  # the empty-knowledge control reads none anyway
         raise InputError(f"{rdir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
                          f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
                          "try extractor.format=unstructured or a stronger extractor.model, then rerun")
     artifacts.write_json(rdir / "knowledge.json", {
         "use_step": use_step, "format": "raw_trajectories" if raw else cfg.extractor.format,
-        "set": texts,
+        # "set": what the teacher reads (controls.teacher_set); "chains": what was extracted
+        "teacher_reads": cfg.teacher.context, **({"knowledge_from": str(source)} if source else {}),
+        "set": controls.teacher_set(cfg.teacher, texts, cfg.seed, r),
         "chains": [[vars(s) for s in chain] for chain in chains]})
-    log.info("  %d chains, knowledge at step %d: %s tokens", len(chains), use_step,
-             [chain[use_step].num_tokens for chain in chains])
-    if empty:
+    log.info("  %d chains, knowledge at step %d: %s tokens; the teacher reads %s", len(chains), use_step,
+             [chain[use_step].num_tokens for chain in chains], controls.teacher_reads(cfg.teacher))
+    if empty and cfg.teacher.context != controls.NONE:
         log.warning("  %d of %d chains had no knowledge at step %d; the teacher reads the other %d",
                     empty, len(chains), use_step, len(texts))
 
@@ -224,9 +229,10 @@ def round_report(rdir: Path) -> dict:
     return report
 
 
-def report_rounds(out: Path, upto: int) -> None:
+def report_rounds(out: Path, upto: int, cfg: OELConfig) -> None:
     reports = [round_report(out / f"round_{r}") for r in range(upto + 1)]
-    table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)})
+    table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)},
+                                  controls.teacher_reads(cfg.teacher), f"{cfg.consolidation.mode}, {learner_loss(cfg)}")
     artifacts.atomic_write_text(out / "rounds.md", table)
     tracking.plot_rounds(reports, out / "rounds.png")
     log.info("rounds so far:\n%s", table)
@@ -249,6 +255,7 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
         # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
         "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
+        "teacher_reads": controls.teacher_reads(cfg.teacher),  # the control, if any (teacher.context)
         "final_model": str(out / f"round_{cfg.rounds}" / "model"),
         "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
     }

@@ -86,16 +86,21 @@ def _wandb(run_dir: Path, cfg: TrackingConfig):
 
 # ----------------------------------------------------------------------------- rounds
 
-def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]]) -> str:
-    lines = ["| round | pass rate | 95% CI | tokens/turn | invalid | IF-Eval strict | KL first -> last |",
-             "|---|---|---|---|---|---|---|"]
+def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]], teacher_reads: str = "-",
+                 consolidation: str = "-") -> str:
+    """One row per round. `teacher_reads` and `consolidation` (mode and loss, which names the KL of the
+    last column) say which run, or control, this is: shown on the rounds that consolidated."""
+    lines = ["| round | pass rate | 95% CI | tokens/turn | invalid | IF-Eval strict | teacher reads | consolidation "
+             "| KL first -> last |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for rep in reports:
         first_last = kl.get(rep["round"])
         kl_text = f"{first_last[0]:.4f} -> {first_last[1]:.4f}" if first_last else "-"
         ood = ifeval_accuracy(rep)
+        setup = f"{teacher_reads} | {consolidation}" if rep["round"] else "- | -"
         lines.append(f"| {rep['round']} | {rep['pass_rate']:.3f} | [{rep['ci_low']:.3f}, {rep['ci_high']:.3f}] "
                      f"| {rep['response_tokens_per_turn']:.1f} | {rep['invalid_rate']:.3f} "
-                     f"| {'-' if ood is None else f'{ood:.3f}'} | {kl_text} |")
+                     f"| {'-' if ood is None else f'{ood:.3f}'} | {setup} | {kl_text} |")
     return "\n".join(lines) + "\n"
 
 

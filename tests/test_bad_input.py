@@ -55,6 +55,12 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     # lm-eval (with its IF-Eval data, offline) is not on this machine: said at start, not after round 0
     (["ood.ifeval=lm_eval"], "ood.ifeval: lm_eval cannot run here: "),
     (["ood.ifeval=/no/such/ifeval.jsonl"], "ood.ifeval: '/no/such/ifeval.jsonl' is not a file; give fixture, lm_eval"),
+    # the controls: another run's knowledge is read at start, not when round 1 extracts
+    (["teacher.context=empty"], "teacher.context: 'empty' is not one of knowledge, trajectories, none, shuffled"),
+    (["teacher.knowledge_from=/no/such/run"],
+     "teacher.knowledge_from: /no/such/run/round_1/knowledge.json is not a knowledge file (FileNotFoundError"),
+    (["teacher.context=none", "teacher.knowledge_from=/no/such/run"],
+     "teacher.knowledge_from: only with teacher.context=knowledge or shuffled"),
     # non-finite numbers parse as floats and pass every "> 0"
     (["learner.lr=nan"], "learner.lr: nan is not a finite number"),
     (["rollout.temperature=inf"], "rollout.temperature: inf is not a finite number"),  # not learner.temperature

@@ -1,0 +1,175 @@
+"""The controls of the organism experiment (oel_ray/controls.py): what the teacher reads under
+teacher.context=none (an empty knowledge block) and =shuffled (each line's words shuffled), and
+teacher.knowledge_from (another run's knowledge). Unit tests, then two one-round `tiny` runs through
+the entry point with every real part: the empty-knowledge control, and another run's knowledge
+shuffled, whose first-step KL shows the teacher reads the content it is given."""
+
+import json
+import random
+import subprocess
+import sys
+
+import pytest
+from distill_setup import KNOWLEDGE
+
+from oel_ray import artifacts, controls, tracking
+from oel_ray.config import ConfigError, TeacherConfig
+from oel_ray.prompts import KNOWLEDGE_PREAMBLE, teacher_messages
+
+MARKER = "- EXPERIENCE ITEM:"
+ITEMS = (f"{MARKER} Push the box toward the goal, never into a corner.\n"
+         f"{MARKER} A wall blocks every move into it.\n"
+         "free text without a marker but with several words\n"
+         "\n"
+         f"{MARKER} two words")
+PREFIX = "You are an agent on a grid.\n\nCurrent situation:\nP . O\nAnswer with one action in brackets."
+
+
+def marker_and_words(line: str) -> tuple[bool, list[str]]:
+    has = line.startswith(MARKER)
+    return has, (line[len(MARKER):] if has else line).split()
+
+
+def test_shuffle_keeps_each_lines_words_and_its_marker():
+    shuffled = controls.shuffle_words(ITEMS, seed=7)
+    assert len(shuffled.splitlines()) == len(ITEMS.splitlines())
+    for before, after in zip(ITEMS.splitlines(), shuffled.splitlines()):
+        (had, words), (has, moved) = marker_and_words(before), marker_and_words(after)
+        assert has == had and sorted(moved) == sorted(words), (before, after)
+
+
+def test_shuffle_changes_every_line_of_more_than_three_words_whatever_the_seed():
+    lines = [line for line in ITEMS.splitlines() if len(marker_and_words(line)[1]) > 3]
+    for seed in range(200):  # a plain shuffle draws the identity 1 time in 4! for four words
+        after = controls.shuffle_words("\n".join(lines), seed).splitlines()
+        assert all(marker_and_words(a)[1] != marker_and_words(b)[1] for a, b in zip(after, lines)), seed
+    assert controls.shuffle_line("same same same same", random.Random(0)) == "same same same same"
+
+
+def test_shuffled_set_is_seeded_by_run_seed_round_and_chain():
+    cfg = TeacherConfig(context="shuffled")
+    texts = [ITEMS, ITEMS]
+    first = controls.teacher_set(cfg, texts, seed=3, round=1)
+    assert first == controls.teacher_set(cfg, texts, seed=3, round=1)
+    assert first[0] != first[1]  # each chain its own seed
+    assert controls.teacher_set(cfg, texts, seed=3, round=2) != first
+    assert controls.teacher_set(cfg, texts, seed=4, round=1) != first
+    assert controls.teacher_set(TeacherConfig(), texts, seed=3, round=1) == texts  # knowledge: as extracted
+
+
+def test_empty_knowledge_is_the_teachers_prompt_with_an_empty_block():
+    """Only the content differs from the OEL teacher's prompt: the preamble and the tags stay."""
+    cfg = TeacherConfig(context="none")
+    assert controls.teacher_set(cfg, [ITEMS], seed=0, round=1) == [""]
+    for position in ("user", "system"):
+        system, user = teacher_messages(PREFIX, "", position)
+        full_system, full_user = teacher_messages(PREFIX, ITEMS, position)
+        empty = f"{KNOWLEDGE_PREAMBLE}<experience>\n\n</experience>"
+        assert empty in (system or user)
+        assert ((system or "") + user) == ((full_system or "") + full_user).replace(ITEMS, "")
+
+
+def test_only_the_empty_knowledge_control_may_record_an_empty_set(tmp_path):
+    path = tmp_path / "knowledge.json"
+    path.write_text(json.dumps({"teacher_reads": "none", "set": [""]}))
+    assert artifacts.read_knowledge_set(path) == [""]
+    path.write_text(json.dumps({"teacher_reads": "knowledge", "set": [""]}))
+    with pytest.raises(ConfigError, match="the knowledge set is empty"):
+        artifacts.read_knowledge_set(path)
+
+
+def test_knowledge_from_reads_the_other_runs_set_of_each_round(tmp_path):
+    for r in (1, 2):
+        (tmp_path / f"round_{r}").mkdir()
+        (tmp_path / f"round_{r}" / "knowledge.json").write_text(json.dumps({"set": [f"round {r} items", ""]}))
+    cfg = TeacherConfig(context="shuffled", knowledge_from=str(tmp_path))
+    controls.check_knowledge_from(cfg, rounds=2)
+    assert controls.other_run_set(cfg, 2) == ["round 2 items"]
+    with pytest.raises(ConfigError, match=r"^teacher.knowledge_from: .*round_3/knowledge.json is not a knowledge"):
+        controls.check_knowledge_from(cfg, rounds=3)
+    (tmp_path / "round_2" / "knowledge.json").write_text(json.dumps({"set": [" "]}))
+    with pytest.raises(ConfigError, match="holds no knowledge"):
+        controls.check_knowledge_from(cfg, rounds=2)
+
+
+def test_rounds_table_names_what_the_teacher_read_and_the_loss():
+    reports = [{"round": r, "pass_rate": 0.5, "ci_low": 0.1, "ci_high": 0.9, "response_tokens_per_turn": 3.0,
+                "invalid_rate": 0.0} for r in (0, 1)]
+    table = tracking.rounds_table(reports, {1: (0.2, 0.1)}, "none (empty block)", "off_policy, topk_forward_kl")
+    header, _, zero, one = table.splitlines()
+    assert "| teacher reads | consolidation |" in header
+    assert "| - | - | - |" in zero and "| none (empty block) | off_policy, topk_forward_kl | 0.2000 -> 0.1000 |" in one
+
+
+# ----------------------------------------------------------------------------- end to end
+
+@pytest.fixture(scope="module")
+def finished():
+    return {}
+
+
+@pytest.fixture
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
+    """run(name, *overrides) -> (process, run dir): one round of `tiny` at the smallest sizes, once."""
+    base = [arg for arg in smallest_tiny if not arg.startswith("+experiment=")]  # each names its own
+
+    def get(name: str, *overrides: str):
+        if name not in finished:
+            out = tmp_path_factory.mktemp("controls") / name
+            finished[name] = (subprocess.run(
+                [sys.executable, "-m", "oel_ray.main", *base, *overrides, f"model.path={tiny_model}",
+                 f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
+        return finished[name]
+    return get
+
+
+def first_step_kl(out) -> float:
+    return json.loads((out / "round_1" / "metrics.jsonl").read_text().splitlines()[0])["reverse_kl"]
+
+
+@pytest.mark.e2e
+def test_empty_knowledge_control_runs_and_its_teacher_reads_no_knowledge(run, tiny_model):
+    from transformers import AutoTokenizer
+
+    from oel_ray import config
+    from oel_ray.consolidate import make_samples, step_prefixes
+
+    proc, out = run("empty", "+experiment=tiny_empty_knowledge")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = json.loads((out / "round_1" / "knowledge.json").read_text())
+    assert record["teacher_reads"] == "none" and record["set"] == [""]
+    assert any(step["text"] for chain in record["chains"] for step in chain)  # extraction ran, for the record
+    # The teacher's prompts, built from that file as consolidation builds them: an empty block.
+    cfg = config.OELConfig(teacher=config.TeacherConfig(context="none"))
+    prefixes = step_prefixes(artifacts.read_trajectories(out / "round_1" / "deploy.jsonl"), 1, 2, 1)[0]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    knowledge = artifacts.read_knowledge_set(out / "round_1" / "knowledge.json")
+    for _, teacher_ids in make_samples(prefixes, knowledge, tok, cfg, random.Random(0)):
+        assert "<experience>\n\n</experience>" in tok.decode(teacher_ids)
+    # Student and teacher are the same model and read the same prefix but for the empty block.
+    assert first_step_kl(out) < 1e-3  # measured 0.0002
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_reads"] == "none (empty block)"
+    row = (out / "rounds.md").read_text().splitlines()[3]
+    assert row.startswith("| 1 |") and "| none (empty block) | on_policy, topk_reverse_kl |" in row
+    assert "the teacher reads none (empty block)" in proc.stdout
+
+
+@pytest.mark.e2e
+def test_another_runs_knowledge_shuffled_is_what_the_teacher_reads(run, tmp_path_factory):
+    """teacher.knowledge_from with context=shuffled: the other run's round-1 set, shuffled, is recorded and
+    read; its first-step KL stands well above the empty-knowledge control's (measured 0.0041 vs 0.0002)."""
+    other = tmp_path_factory.mktemp("other_game")
+    (other / "round_1").mkdir()
+    (other / "round_1" / "knowledge.json").write_text(json.dumps({"set": [KNOWLEDGE]}))
+    proc, out = run("shuffled_other", "+experiment=tiny_shuffled_knowledge", f"teacher.knowledge_from={other}")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    record = json.loads((out / "round_1" / "knowledge.json").read_text())
+    assert record["teacher_reads"] == "shuffled" and record["knowledge_from"] == str(other / "round_1" / "knowledge.json")
+    assert record["set"] == controls.teacher_set(TeacherConfig(context="shuffled"), [KNOWLEDGE], 0, 1)
+    assert record["set"] != [KNOWLEDGE] and any(step["text"] for step in record["chains"][0])  # own chains kept
+    assert f"| shuffled knowledge of {other} |" in (out / "rounds.md").read_text()
+    _, empty = run("empty", "+experiment=tiny_empty_knowledge")
+    print(f"\nfirst-step KL: another run's knowledge shuffled {first_step_kl(out):.5f}, "
+          f"empty knowledge {first_step_kl(empty):.5f}")
+    assert first_step_kl(out) > 5 * first_step_kl(empty)
