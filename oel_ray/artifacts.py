@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TextIO
 
 from oel_ray.config import InputError
-from oel_ray.types import Trajectory
+from oel_ray.types import KnowledgeSnapshot, Trajectory
 
 
 @contextlib.contextmanager
@@ -103,6 +103,19 @@ def read_knowledge_set(path: Path) -> list[str]:
     if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
         raise InputError(f"{path}: the knowledge set is empty; delete it and rerun to extract again")
     return texts
+
+
+def read_knowledge_chains(path: Path, steps: int) -> list[list[KnowledgeSnapshot]]:
+    """Every chain's knowledge (knowledge.json's "chains"), each with at least `steps` + 1 snapshots."""
+    try:
+        chains = [[KnowledgeSnapshot(**s) for s in chain] for chain in json.loads(Path(path).read_text())["chains"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: not a knowledge file ({type(err).__name__}: {err}); delete it and rerun "
+                         "to extract again") from None
+    if not chains or any(len(chain) <= steps for chain in chains):
+        raise InputError(f"{path}: its chains do not reach accumulation step {steps}; delete it and rerun "
+                         "to extract again")
+    return chains
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:

@@ -105,11 +105,21 @@ class ExtractorConfig:
     # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
     # conf/extractor/<format>.yaml holds the team's templates.
     prompt: str = "{knowledge}\n\n{trajectory}"
+    # The in-context curve (paper Fig. 4): accumulation steps (0..k) at which the held-out maps are
+    # played with each chain's knowledge of that step in the teacher's prompt; None: 0, K/4, the
+    # knowledge step and K (follows extractor.k in a sweep); []: no curve.
+    eval_steps: Optional[list[int]] = None
 
     @property
     def knowledge_step(self) -> int:
         """The accumulation step whose knowledge the teacher reads: use_step, or the paper's K/2."""
         return self.use_step or max(1, self.k // 2)
+
+    @property
+    def curve_steps(self) -> list[int]:
+        """The steps of the in-context curve, ascending: eval_steps, or its default."""
+        steps = self.eval_steps if self.eval_steps is not None else [0, self.k // 4, self.knowledge_step, self.k]
+        return sorted(set(steps))
 
 
 @dataclass
@@ -352,6 +362,12 @@ def validate(cfg: OELConfig) -> OELConfig:
     _positive("extractor.num_chains", e.num_chains)
     if e.use_step is not None:
         _require(1 <= e.use_step <= e.k, "extractor.use_step", f"{e.use_step} must be in 1..extractor.k ({e.k})")
+    if e.eval_steps is not None:
+        steps = list(e.eval_steps)
+        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= e.k]
+        _require(not bad, "extractor.eval_steps", f"{bad[0] if bad else ''} must be an integer in 0..extractor.k ({e.k})")
+        twice = sorted({s for s in steps if steps.count(s) > 1})
+        _require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
     _choice("extractor.format", e.format, KNOWLEDGE_FORMATS)
     _positive("extractor.max_knowledge_tokens", e.max_knowledge_tokens)
     _positive("extractor.max_response_tokens", e.max_response_tokens)

@@ -21,7 +21,7 @@ import ray
 from oel_ray import artifacts, controls, preflight, tracking
 from oel_ray.config import InputError, OELConfig
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
-from oel_ray.evaluate import evaluate
+from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge
 from oel_ray.extractor import knowledge_set
 from oel_ray.games import train_specs
 from oel_ray.ifeval import reference_sampling, run_ifeval
@@ -34,6 +34,7 @@ log = logging.getLogger("oel_ray")
 
 EXTRACTION_STREAM, DEPLOY_STREAM = 0, 1  # independent map streams within a round
 LM_EVAL_FILE = "ifeval_lm_eval.json"  # ood.ifeval=lm_eval: a round's IF-Eval, beside its eval.json
+KNOWLEDGE_EVAL_FILE = "knowledge_eval.json"  # a round's in-context curve (extractor.eval_steps)
 
 
 def run(cfg: OELConfig) -> dict:
@@ -67,6 +68,10 @@ def run(cfg: OELConfig) -> dict:
             train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)), f"{rel}/trajectories.jsonl")
         # 2. extract: N chains accumulate knowledge over K trajectories each
         stage(f"{rel}/extract", lambda: extract_into(rdir, cluster, cfg, r), f"{rel}/knowledge.json")
+        #    ... and the in-context curve: the held-out maps with each chain's knowledge in context
+        if cfg.extractor.curve_steps:
+            stage(f"{rel}/knowledge_eval", lambda: knowledge_eval_into(rdir, cluster, cfg, r),
+                  f"{rel}/{KNOWLEDGE_EVAL_FILE}")
         # 3. consolidate: the same model plays the deploy maps whose turn prefixes it is then
         #    distilled on, strictly on-policy, step by step
         stage(f"{rel}/deploy", lambda: play_into(
@@ -136,6 +141,21 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
     if empty and cfg.teacher.context != controls.NONE:
         log.warning("  %d of %d chains had no knowledge at step %d; the teacher reads the other %d",
                     empty, len(chains), use_step, len(texts))
+
+
+def knowledge_eval_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+    """The in-context curve (paper Fig. 4): the round-start model on the held-out maps with each
+    chain's knowledge of every step in extractor.eval_steps in the teacher's prompt. Step 0 plays
+    the plain prompt: the round-start model's own evaluation, game for game."""
+    steps, e = cfg.extractor.curve_steps, cfg.extractor
+    chains = artifacts.read_knowledge_chains(rdir / "knowledge.json", max(steps))  # before any actor starts
+    rows = evaluate_knowledge(cluster.at_round_start(r).workers, cfg, r, chains, steps)
+    artifacts.write_json(rdir / KNOWLEDGE_EVAL_FILE, {
+        "round": r, "use_step": e.knowledge_step, "maps": cfg.env.eval_maps, "samples": cfg.env.eval_samples,
+        "chains": len(chains), "knowledge_position": cfg.teacher.knowledge_position, "steps": rows})
+    table = curve_markdown(rows, e.knowledge_step)
+    artifacts.atomic_write_text(rdir / "knowledge_eval.md", table)
+    log.info("  held-out pass rate with each chain's knowledge in context, by accumulation step:\n%s", table)
 
 
 def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
@@ -233,9 +253,17 @@ def report_rounds(out: Path, upto: int, cfg: OELConfig) -> None:
     reports = [round_report(out / f"round_{r}") for r in range(upto + 1)]
     table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)},
                                   controls.teacher_reads(cfg.teacher), f"{cfg.consolidation.mode}, {learner_loss(cfg)}")
+    curves = in_context_curves(out, upto)
+    table += tracking.curves_table(curves)
     artifacts.atomic_write_text(out / "rounds.md", table)
-    tracking.plot_rounds(reports, out / "rounds.png")
+    tracking.plot_rounds(reports, out / "rounds.png", curves)
     log.info("rounds so far:\n%s", table)
+
+
+def in_context_curves(out: Path, upto: int) -> dict[int, dict]:
+    """Each round's knowledge_eval.json, by round, where the run measured one."""
+    paths = {r: out / f"round_{r}" / KNOWLEDGE_EVAL_FILE for r in range(1, upto + 1)}
+    return {r: json.loads(path.read_text()) for r, path in paths.items() if path.exists()}
 
 
 def kl_first_last(rdir: Path) -> tuple[float, float]:
@@ -256,6 +284,11 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
         "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
         "teacher_reads": controls.teacher_reads(cfg.teacher),  # the control, if any (teacher.context)
+        # per round: the held-out pass rate by accumulation step with the knowledge in context
+        "knowledge_step": cfg.extractor.knowledge_step,
+        "in_context_curve": {str(r): [{"step": row["step"], "pass_rate": row["pass_rate"],
+                                       "ci": [row["ci_low"], row["ci_high"]]} for row in curve["steps"]]
+                             for r, curve in in_context_curves(out, cfg.rounds).items()},
         "final_model": str(out / f"round_{cfg.rounds}" / "model"),
         "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
     }

@@ -4,17 +4,21 @@ Every held-out map is played `env.eval_samples` times with temperature sampling 
 context, all in one call. Sampling seeds are per game, derived from `seed` and the sample index
 (`rollout.game_seeds`), so the samples of one map differ from each other but each is the same in
 every round (rounds are compared on common random numbers) and on any number of workers.
+
+The in-context curve (`evaluate_knowledge`, paper Fig. 4) plays the same games with each chain's
+knowledge of an accumulation step in the teacher's prompt, on the same seeds: at step 0 (no
+knowledge yet) it is the round-start model's plain evaluation, game for game.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.games import eval_specs, invalid_turns
-from oel_ray.types import Trajectory
+from oel_ray.types import KnowledgeSnapshot, Trajectory
 
 
 @dataclass
@@ -105,13 +109,56 @@ def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> E
     )
 
 
+def eval_sampling(cfg: OELConfig) -> Sampling:
+    r = cfg.rollout
+    return Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.eval_top_p,
+                    top_k=r.eval_top_k, seed=cfg.seed)
+
+
 def evaluate(workers, cfg: OELConfig, round: int, on_games=None) -> tuple[EvalReport, list[Trajectory]]:
     """One rollout per held-out map and sampling seed, no knowledge in context; trajectories come
     back sample-major (see `summarize`). `on_games` as in `RolloutGroup.play` (streaming)."""
-    r = cfg.rollout
-    maps = eval_specs(cfg.env)
-    sampling = Sampling(max_tokens=r.max_response_tokens, temperature=r.temperature, top_p=r.eval_top_p,
-                        top_k=r.eval_top_k, seed=cfg.seed)
-    specs = maps * cfg.env.eval_samples
-    trajectories = workers.play(specs, sampling, cfg.env.max_turns, round, on_games=on_games)
+    specs = eval_specs(cfg.env) * cfg.env.eval_samples
+    trajectories = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
     return summarize(trajectories, round, cfg.env.eval_samples), trajectories
+
+
+def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[KnowledgeSnapshot]],
+                       steps: list[int], on_games=None) -> list[dict]:
+    """The in-context curve: one row per accumulation step in `steps`, the held-out maps played
+    `env.eval_samples` times with each chain's knowledge of that step in the teacher's prompt.
+
+    Each distinct knowledge text is played once, all in one call, with `evaluate`'s sampling and
+    seeds: step 0 and a chain still empty later play the plain prompt, the games of `evaluate`.
+    The chains count as further samples of each map, so the interval clusters by map (`summarize`)."""
+    maps, samples = eval_specs(cfg.env), cfg.env.eval_samples
+    texts = sorted({chain[s].text.strip() for s in steps for chain in chains})
+    specs = [replace(spec, knowledge=text) for text in texts for spec in maps * samples]
+    played = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
+    per_text = {text: played[i * len(maps) * samples:(i + 1) * len(maps) * samples] for i, text in enumerate(texts)}
+    rows = []
+    for step in steps:
+        games = [per_text[chain[step].text.strip()] for chain in chains]
+        report = summarize([t for chain_games in games for t in chain_games], round, samples * len(chains))
+        rows.append({
+            "step": step, "pass_rate": report.pass_rate, "ci_low": report.ci_low, "ci_high": report.ci_high,
+            "response_tokens_per_turn": report.response_tokens_per_turn, "turns_per_game": report.turns_per_game,
+            "invalid_rate": report.invalid_rate, "games": report.games, "effective_games": report.effective_games,
+            "per_chain_pass_rates": [sum(t.passed for t in g) / len(g) for g in games],
+            "knowledge_tokens": sum(chain[step].num_tokens for chain in chains) / len(chains),
+            "empty_chains": sum(not chain[step].text.strip() for chain in chains),
+        })
+    return rows
+
+
+def curve_markdown(rows: list[dict], use_step: int) -> str:
+    """One round's in-context curve as a table; the step consolidation reads is marked."""
+    lines = ["| step | knowledge tokens | pass rate | 95% CI | per chain | tokens/turn | games | empty chains |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        chains = ", ".join(f"{p:.3f}" for p in row["per_chain_pass_rates"])
+        mark = " (used)" if row["step"] == use_step else ""
+        lines.append(f"| {row['step']}{mark} | {row['knowledge_tokens']:.0f} | {row['pass_rate']:.3f} "
+                     f"| [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {chains} "
+                     f"| {row['response_tokens_per_turn']:.1f} | {row['games']} | {row['empty_chains']} |")
+    return "\n".join(lines) + "\n"

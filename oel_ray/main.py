@@ -85,6 +85,15 @@ def hydra_main(raw: DictConfig) -> dict:
     return summary
 
 
+def curve_lines(summary: dict) -> str:
+    """One line per round: pass rate by accumulation step with the knowledge in context (* used)."""
+    used = summary.get("knowledge_step")
+    return "".join(
+        f"in-context pass rate by accumulation step, round {r}: "
+        + ", ".join(f"{p['step']}{'*' if p['step'] == used else ''} {p['pass_rate']:.3f}" for p in curve) + "\n"
+        for r, curve in summary.get("in_context_curve", {}).items())
+
+
 def print_summary(summary: dict) -> None:
     lo, hi = summary["pass_rate_ci"]
     print(
@@ -94,6 +103,7 @@ def print_summary(summary: dict) -> None:
         f"mean response tokens per turn {summary['response_tokens_per_turn']:.1f}\n"
         + (f"IF-Eval prompt-level strict accuracy (OOD) {summary['ifeval_strict_prompt_accuracy']:.3f}\n"
            if summary.get("ifeval_strict_prompt_accuracy") is not None else "") +
+        curve_lines(summary) +
         f"{'forward' if 'forward' in summary['consolidation_loss'] else 'reverse'} KL first step "
         f"{summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}"
         f" ({summary['consolidation_loss']}; the teacher reads {summary.get('teacher_reads', 'knowledge')})\n"

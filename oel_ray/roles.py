@@ -89,7 +89,7 @@ def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_worke
                         max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
                         gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus,
                         num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
-                        bind_cores=r.bind_cores)
+                        bind_cores=r.bind_cores, knowledge_position=cfg.teacher.knowledge_position)
 
 
 def learner_group(cfg: OELConfig, model_path: str) -> LearnerGroup:

@@ -4,7 +4,7 @@
 games back as they end (a Ray streaming generator: after every turn, the games that just ended), so
 they reach disk and the progress bar while the others play on (`play_iter`); `play` also returns
 them all in the order of the specs. With a sampling seed, every game gets its own seed derived from (seed, map seed, how many
-times that map came earlier in the call), so a game's replies do not depend on which worker played
+times that map, with the same knowledge in context, came earlier in the call), so a game's replies do not depend on which worker played
 it or what else was in the batch, and repeats of one map (several eval samples, FrozenLake boards
 that recur) are independent samples.
 """
@@ -26,7 +26,7 @@ from oel_ray.engine import Sampling, VLLMEngine
 from oel_ray.games import Game
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
-from oel_ray.prompts import chat_ids
+from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.types import GameSpec, Generation, Trajectory
 
 log = logging.getLogger("oel_ray")
@@ -39,19 +39,31 @@ WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
 
 # ----------------------------------------------------------------------------- prompts
 
-def turn_prompt_ids(tokenizer, game: Game, *, history: str, thinking: bool, keep_reasoning: bool) -> list[int]:
+def turn_prompt_ids(tokenizer, game: Game, *, history: str, thinking: bool, keep_reasoning: bool,
+                    knowledge: str = "", position: str = "user") -> list[int]:
     """Token ids of the game's next turn for the policy.
 
     "flattened" (paper): one user message with the whole history, no earlier replies.
     "chat": the observations as user turns and the earlier replies as assistant turns, rendered by
     the model's chat template; with `keep_reasoning` the raw replies go back in verbatim, so a
     template that drops earlier <think> blocks (Qwen3) does not.
+    `knowledge` (not blank): placed as the teacher reads it (`teacher_messages`, `position` user or
+    system): flattened, the teacher's prompt itself; chat, the block goes into the first user
+    message (after its intro line) or the system prompt, once, so the later turns keep it in view.
     """
+    has_knowledge = bool(knowledge.strip())
     if history == "flattened":
-        return chat_ids(tokenizer, game.prompt(), thinking=thinking)
+        if not has_knowledge:
+            return chat_ids(tokenizer, game.prompt(), thinking=thinking)
+        system, user = teacher_messages(game.prompt(), knowledge, position)
+        return chat_ids(tokenizer, user, system=system, thinking=thinking)
     if history != "chat":
         raise ValueError(f"history {history!r} is not one of flattened, chat")
     messages = game.messages()
+    if has_knowledge:
+        system, first = teacher_messages(messages[0]["content"], knowledge, position)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": first}] + messages[1:]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     if keep_reasoning:
         # Placeholders carry no </think>, so the template renders them untouched; the raw replies
@@ -82,7 +94,9 @@ def game_seeds(specs: list[GameSpec], base: int) -> list[int]:
     seen: Counter = Counter()
     seeds = []
     for spec in specs:
-        key = (spec.env_id, spec.seed)  # GameSpec holds a dict: not hashable itself
+        # GameSpec holds a dict: not hashable itself. The knowledge is part of the key, so each
+        # knowledge text's games of a map sample with the same seeds as the plain ones.
+        key = (spec.env_id, spec.seed, spec.knowledge.strip())
         seeds.append(mix_seeds(base, spec.seed, seen[key]))
         seen[key] += 1
     return seeds
@@ -150,12 +164,14 @@ class RolloutWorker:
     `start(cores)` loads the model."""
 
     def __init__(self, model: ModelConfig, *, seed: int, max_logprobs: int, kv_cache_gib: float,
-                 gpu_memory_utilization: float, history: str = "flattened", keep_reasoning: bool = False):
+                 gpu_memory_utilization: float, history: str = "flattened", keep_reasoning: bool = False,
+                 knowledge_position: str = "user"):
         self.model = model
         self.engine_args = dict(seed=seed, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
                                 gpu_memory_utilization=gpu_memory_utilization)
         self.history = history
         self.keep_reasoning = keep_reasoning
+        self.knowledge_position = knowledge_position  # where a spec's knowledge goes (teacher.knowledge_position)
         self.thinking = model.thinking
         self.max_model_len = model.max_model_len
         self.version = 0  # optimizer steps behind the loaded weights
@@ -213,7 +229,8 @@ class RolloutWorker:
             seeds = game_seeds(specs, sampling.seed)
         while active := [i for i, g in enumerate(games) if not g.done]:
             prompts = [turn_prompt_ids(self.tokenizer, games[i], history=self.history, thinking=self.thinking,
-                                       keep_reasoning=self.keep_reasoning) for i in active]
+                                       keep_reasoning=self.keep_reasoning, knowledge=games[i].spec.knowledge,
+                                       position=self.knowledge_position) for i in active]
             turn_seeds = None if seeds is None else [mix_seeds(seeds[i], len(games[i].turns)) for i in active]
             for i, gen in zip(active, self._generate(prompts, sampling, turn_seeds)):
                 games[i].step(gen.text, self.engine.reply_tokens(gen))
@@ -331,12 +348,14 @@ class RolloutGroup:
 
     def __init__(self, model: ModelConfig, *, num_workers: int, seed: int, max_logprobs: int,
                  kv_cache_gib: float, gpu_memory_utilization: float, num_cpus: float, num_gpus: float,
-                 history: str = "flattened", keep_reasoning: bool = False, bind_cores: bool = True):
+                 history: str = "flattened", keep_reasoning: bool = False, bind_cores: bool = True,
+                 knowledge_position: str = "user"):
         self.placement = RolePlacement("rollout workers", num_workers, num_cpus, num_gpus).reserve()
         self.workers = [
             ray.remote(RolloutWorker).options(**self.placement.options(i)).remote(
                 model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
-                gpu_memory_utilization=gpu_memory_utilization, history=history, keep_reasoning=keep_reasoning)
+                gpu_memory_utilization=gpu_memory_utilization, history=history, keep_reasoning=keep_reasoning,
+                knowledge_position=knowledge_position)
             for i in range(num_workers)
         ]
         try:

@@ -104,12 +104,28 @@ def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]], teache
     return "\n".join(lines) + "\n"
 
 
+def curves_table(curves: dict[int, dict]) -> str:
+    """The in-context curves (each round's knowledge_eval.json) as one table; "" when none."""
+    if not curves:
+        return ""
+    lines = ["", "In context: held-out pass rate with each chain's knowledge of an accumulation step in the "
+             "teacher's prompt (step 0: none; * the step consolidation reads)", "",
+             "| round | step | knowledge tokens | pass rate | 95% CI | tokens/turn |", "|---|---|---|---|---|---|"]
+    for r, curve in sorted(curves.items()):
+        for row in curve["steps"]:
+            mark = "*" if row["step"] == curve["use_step"] else ""
+            lines.append(f"| {r} | {row['step']}{mark} | {row['knowledge_tokens']:.0f} | {row['pass_rate']:.3f} "
+                         f"| [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {row['response_tokens_per_turn']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def ifeval_accuracy(report: dict) -> Optional[float]:
     return report["ifeval"]["strict_prompt_accuracy"] if "ifeval" in report else None
 
 
-def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
-    """Pass rate (with its 95% interval) and mean response tokens per turn, per round."""
+def plot_rounds(reports: list[dict], path: Path, curves: Optional[dict[int, dict]] = None) -> Optional[Path]:
+    """Pass rate (with its 95% interval) and mean response tokens per turn, per round; beside the
+    pass rate, when measured, each round's in-context curve (`curves`: knowledge_eval.json by round)."""
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         import matplotlib.pyplot as plt
@@ -120,14 +136,17 @@ def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
     rate = [r["pass_rate"] for r in reports]
     err = [[r["pass_rate"] - r["ci_low"] for r in reports], [r["ci_high"] - r["pass_rate"] for r in reports]]
     ood = [ifeval_accuracy(r) for r in reports]
-    panels = 3 if any(v is not None for v in ood) else 2
+    panels = (3 if any(v is not None for v in ood) else 2) + bool(curves)
     fig, axes = plt.subplots(1, panels, figsize=(4.5 * panels, 3.5))
+    if curves:
+        _plot_curves(axes[1], curves)
+        axes = [axes[0], *axes[2:]]  # the per-round panels
     left, right = axes[0], axes[1]
     left.errorbar(rounds, rate, yerr=err, marker="o", capsize=4)
     left.set(xlabel="round", ylabel="pass rate", ylim=(0, 1), title="held-out pass rate (95% CI)")
     right.plot(rounds, [r["response_tokens_per_turn"] for r in reports], marker="o", color="tab:orange")
     right.set(xlabel="round", ylabel="tokens", title="response tokens per turn")
-    if panels == 3:
+    if len(axes) == 3:
         axes[2].plot(rounds, [float("nan") if v is None else v for v in ood], marker="o", color="tab:green")
         axes[2].set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="IF-Eval prompt-level strict (OOD)")
     for ax in axes:
@@ -139,6 +158,24 @@ def plot_rounds(reports: list[dict], path: Path) -> Optional[Path]:
     plt.close(fig)
     os.replace(tmp, path)
     return path
+
+
+def _plot_curves(ax, curves: dict[int, dict]) -> None:
+    """Pass rate by accumulation step, one line and 95% band per round; hollow: the step used."""
+    for r, curve in sorted(curves.items()):
+        rows = curve["steps"]
+        steps = [row["step"] for row in rows]
+        line, = ax.plot(steps, [row["pass_rate"] for row in rows], marker="o", label=f"round {r}")
+        ax.fill_between(steps, [row["ci_low"] for row in rows], [row["ci_high"] for row in rows],
+                        color=line.get_color(), alpha=0.15)
+        used = [row for row in rows if row["step"] == curve["use_step"]]
+        ax.plot([row["step"] for row in used], [row["pass_rate"] for row in used], marker="o", markersize=11,
+                markerfacecolor="none", color=line.get_color(), linestyle="none")
+    ax.set(xlabel="accumulation step (knowledge in context)", ylabel="pass rate", ylim=(0, 1),
+           title="in context (95% CI)")
+    ax.set_xticks(sorted({row["step"] for curve in curves.values() for row in curve["steps"]}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
 
 
 class progress:

@@ -22,6 +22,9 @@ class GameSpec:
     seed: int
     split: str = "train"  # "train" (collection / extraction) or "eval" (held-out maps)
     env_kwargs: dict = field(default_factory=dict)
+    # Knowledge in the prompt, placed as the teacher reads it (the in-context curve); "" plays the
+    # plain student prompt. Turn.prompt records the prompt without it either way.
+    knowledge: str = ""
 
 
 @dataclass

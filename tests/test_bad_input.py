@@ -160,12 +160,16 @@ FILES = [  # (stages finished, {file: content}, manifest config changes, kind, m
      {}, "input", "trajectories.jsonl:2: not a trajectory row"),
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1))}, {}, "input",
      "trajectories.jsonl: 1 games but extractor.k is 2"),
-    (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/deploy"],
+    (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/knowledge_eval", "round_1/deploy"],
      {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": json.dumps({"set": ["", " "]})},
      {}, "input", "knowledge.json: the knowledge set is empty"),
-    (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/deploy"],
+    (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/deploy"],  # the curve reads it first
      {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": "[1, 2"},
      {}, "input", "knowledge.json: not a knowledge file (JSONDecodeError"),
+    (["round_0/evaluate", "round_1/collect", "round_1/extract"],
+     {"round_1/knowledge.json": json.dumps({"set": ["a"], "chains": [[{"chain": 0, "step": 0, "text": "",
+                                                                        "num_tokens": 0, "trajectory_seeds": []}]]})},
+     {}, "input", "knowledge.json: its chains do not reach accumulation step 2"),
 ]
 
 

@@ -57,6 +57,7 @@ def test_paper_experiment_has_the_papers_numbers(experiment):
     assert (cfg.env.id, cfg.env.max_turns, cfg.env.eval_maps, cfg.rounds) == (env_id, 5, 128, rounds)
     assert (cfg.extractor.format, cfg.extractor.k, cfg.extractor.num_chains) == (fmt, k, 10)
     assert cfg.extractor.use_step is None and k // 2 == use_step  # the driver's default: step K/2
+    assert cfg.extractor.curve_steps == [0, k // 4, use_step, k]  # the in-context curve (paper Fig. 4)
     assert cfg.extractor.max_knowledge_tokens == knowledge
     assert (cfg.learner.lr, cfg.learner.steps, cfg.learner.batch_size) == (lr, steps, 64)
     assert (cfg.rollout.deploy_games_per_step, cfg.rollout.max_response_tokens) == (64, 1024)

@@ -64,7 +64,8 @@ def test_resumed_run_finishes_with_every_step_once(resumed):
 def test_no_finished_stage_ran_twice(resumed):
     out, log = resumed
     stages = stages_of(out)
-    assert all(s.get("finished") for s in stages.values()) and len(stages) == 1 + 6 * ROUNDS
+    assert all(s.get("finished") for s in stages.values()) and len(stages) == 1 + 7 * ROUNDS
+    assert all(f"round_{r}/knowledge_eval" in stages for r in range(1, ROUNDS + 1))
     # only the stage that was cut off ran again; everything before it was skipped
     assert {name: s["attempts"] for name, s in stages.items() if s["attempts"] != 1} == {"round_1/consolidate": 2}
     assert "[round_1/collect] finished earlier, skipped" in log
@@ -156,7 +157,8 @@ def test_a_dead_teacher_stops_the_run_in_one_line_with_its_state_saved(teacher_k
     done = first["steps"]
     assert 1 <= len(done) < STEPS and done == list(range(1, len(done) + 1))
     finished = sorted(name for name, s in first["stages"].items() if s.get("finished"))
-    assert finished == ["round_0/evaluate", "round_1/collect", "round_1/deploy", "round_1/extract"]
+    assert finished == ["round_0/evaluate", "round_1/collect", "round_1/deploy", "round_1/extract",
+                        "round_1/knowledge_eval"]
     assert "round_1/consolidate" in first["stages"]  # started, cut off
     # The steps done were saved on the way out (checkpoint_every = STEPS never saves mid-round).
     assert first["saved"] == [f"step_{len(done):06d}"]

@@ -144,6 +144,45 @@ def test_chat_history_token_ids(tiny_model, tmp_path):
     assert game.turns[1].prompt == flat_prompt
 
 
+def test_a_knowledge_game_sends_the_teachers_prompt(tiny_model):
+    """The in-context curve plays with the knowledge where the teacher reads it: flattened, the very
+    ids consolidation scores the teacher on; chat, the block once, in the first user message."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from oel_ray.config import TeacherConfig
+    from oel_ray.consolidate import make_samples
+    from oel_ray.prompts import knowledge_block
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    knowledge = "- EXPERIENCE ITEM: push a box from the side opposite to where it should go"
+    game = Game(GameSpec(SOKOBAN.id, 1, "eval", SOKOBAN.kwargs, knowledge=knowledge), 5)
+    game.step("I go [up]", 3)
+
+    def ids(history, position, text=knowledge):
+        return turn_prompt_ids(tok, game, history=history, thinking=False, keep_reasoning=False, knowledge=text,
+                               position=position)
+
+    for position in ("user", "system"):
+        cfg = OELConfig(teacher=TeacherConfig(knowledge_position=position))
+        student, teacher = make_samples([game.prompt()], [knowledge], tok, cfg, random.Random(0))[0]
+        assert ids("flattened", position) == teacher != student
+        assert ids("flattened", position, text=" \n") == student  # blank knowledge: the plain prompt
+    intro = game.prompt().split("\n\n", 1)[0]
+    plain = tok.decode(ids("chat", "user", text=""))
+    with_knowledge = tok.decode(ids("chat", "user"))
+    assert with_knowledge == plain.replace(f"{intro}\n\n", f"{intro}\n\n{knowledge_block(knowledge)}\n\n", 1)
+    assert with_knowledge.count(knowledge) == 1 and plain.count(intro) == 1
+    in_system = tok.decode(ids("chat", "system"))
+    assert in_system.startswith(f"<|im_start|>system\n{knowledge_block(knowledge)}<|im_end|>\n")
+    assert in_system.endswith(plain)
+    # Each knowledge text's games of a map sample with the plain games' seeds (common random numbers).
+    plain_spec = GameSpec(SOKOBAN.id, 1, "eval", SOKOBAN.kwargs)
+    seeds = game_seeds([plain_spec, plain_spec, game.spec, plain_spec, game.spec], 7)
+    assert (seeds[2], seeds[4]) == (seeds[0], seeds[1]) and len({seeds[0], seeds[1], seeds[3]}) == 3
+
+
 def test_invalid_turns_and_per_sample_report():
     spec = GameSpec(SOKOBAN.id, 1, "eval", SOKOBAN.kwargs)
 
@@ -218,6 +257,27 @@ def test_eval_samples_of_one_map_differ_and_reproduce(group, tiny_model):
     replies = lambda ts: [[turn.response for turn in t.turns] for t in ts]  # noqa: E731
     assert replies(first) != replies(second)  # two samples of the same maps are not copies
     assert replies(evaluate(group, cfg, round=0)[1]) == replies(trajectories)  # seeded: same again
+
+
+def test_in_context_curve_plays_each_knowledge_once_on_the_eval_seeds(group, tiny_model):
+    from oel_ray.evaluate import evaluate_knowledge
+    from oel_ray.types import KnowledgeSnapshot
+
+    cfg = OELConfig(model=ModelConfig(path=tiny_model, build=None), env=EnvConfig(
+        id=SOKOBAN.id, kwargs=SOKOBAN.kwargs, eval_maps=3, eval_samples=2, max_turns=2),
+        rollout=RolloutConfig(max_response_tokens=16), seed=5)
+    plain_report, plain = evaluate(group, cfg, round=0)
+    lesson = "- EXPERIENCE ITEM: walk around the box, then push it towards the goal"
+    chains = [[KnowledgeSnapshot(c, 0, "", 0, []), KnowledgeSnapshot(c, 1, text, 9 * (c == 0), [1])]
+              for c, text in enumerate([lesson, ""])]  # chain 1 extracted nothing
+    played = []
+    step0, step1 = evaluate_knowledge(group, cfg, 0, chains, [0, 1], on_games=played.extend)
+    assert len(played) == 2 * 6  # the plain games once (step 0, chain 1 at step 1), the lesson's once
+    assert (step0["games"], step0["pass_rate"], step0["empty_chains"]) == (12, plain_report.pass_rate, 2)
+    assert (step1["empty_chains"], step1["knowledge_tokens"]) == (1, 4.5)
+    assert step1["per_chain_pass_rates"][1] == plain_report.pass_rate
+    replies = sorted(turn.response for t in played for turn in t.turns)
+    assert replies != sorted(turn.response for t in plain * 2 for turn in t.turns)  # the lesson was read
 
 
 def test_one_batched_engine_call_per_turn_on_every_worker(group):

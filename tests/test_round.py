@@ -55,6 +55,32 @@ def test_round_writes_every_artifact(run_dir):
 
 
 @e2e
+def test_round_measures_the_in_context_curve(run_dir):
+    """extractor.k=2: the default steps 0, K/4 = 0, K/2 = 1 and K = 2, every chain's knowledge in the
+    teacher's prompt; step 0 plays the plain prompt on the same seeds: the initial model's eval."""
+    import matplotlib.image
+
+    out, stdout = run_dir
+    curve = json.loads((out / "round_1" / "knowledge_eval.json").read_text())
+    assert (curve["use_step"], curve["chains"], curve["maps"]) == (1, 2, EVAL_MAPS)
+    assert [row["step"] for row in curve["steps"]] == [0, 1, 2]
+    for row in curve["steps"]:
+        assert row["games"] == EVAL_MAPS * 2 and len(row["per_chain_pass_rates"]) == 2
+        assert 0 <= row["ci_low"] <= row["pass_rate"] <= row["ci_high"] <= 1 and row["response_tokens_per_turn"] > 0
+    start, step0 = json.loads((out / "round_0" / "eval.json").read_text()), curve["steps"][0]
+    assert step0["knowledge_tokens"] == 0 and step0["empty_chains"] == 2
+    for key in ("pass_rate", "ci_low", "ci_high", "response_tokens_per_turn", "turns_per_game"):
+        assert step0[key] == pytest.approx(start[key], abs=1e-12), key  # game for game the same games
+    assert curve["steps"][1]["knowledge_tokens"] > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [p["step"] for p in summary["in_context_curve"]["1"]] == [0, 1, 2] and summary["knowledge_step"] == 1
+    assert "in-context pass rate by accumulation step, round 1: 0 " in stdout and "1* " in stdout
+    assert "| 1 | 1* |" in (out / "rounds.md").read_text()
+    width = matplotlib.image.imread(out / "rounds.png").shape[1]
+    assert width == 450 * 4  # pass rate, in-context curve, tokens per turn, IF-Eval
+
+
+@e2e
 def test_final_model_loads_in_transformers(run_dir, tiny_model):
     import torch
     from transformers import AutoModelForCausalLM
@@ -93,14 +119,26 @@ def report(r: int, ifeval: bool) -> dict:
     return rep
 
 
-@pytest.mark.parametrize("ifeval,panels", [(True, 3), (False, 2)])
-def test_round_plot_draws_the_ifeval_panel_when_measured(tmp_path, ifeval, panels):
+def curve(r: int) -> dict:
+    """A round's knowledge_eval.json (the fields the plot and the table read)."""
+    return {"use_step": 2, "steps": [{"step": s, "pass_rate": 0.1 * s, "ci_low": 0.0, "ci_high": 0.6,
+                                      "response_tokens_per_turn": 9.0, "knowledge_tokens": 30.0 * s}
+                                     for s in (0, 1, 2, 4)]}
+
+
+@pytest.mark.parametrize("ifeval,curves,panels", [(True, False, 3), (False, False, 2), (True, True, 4),
+                                                  (False, True, 3)])
+def test_round_plot_draws_the_ifeval_panel_when_measured(tmp_path, ifeval, curves, panels):
     import matplotlib.image
 
     from oel_ray import tracking
 
-    path = tracking.plot_rounds([report(r, ifeval) for r in range(3)], tmp_path / "rounds.png")
+    path = tracking.plot_rounds([report(r, ifeval) for r in range(3)], tmp_path / "rounds.png",
+                                {r: curve(r) for r in (1, 2)} if curves else None)
     height, width = matplotlib.image.imread(path).shape[:2]
     assert width == round(450 * panels) and height == 350  # 4.5 x 3.5 inches per panel at 100 dpi
     table = tracking.rounds_table([report(r, ifeval) for r in range(3)], {})
     assert ("| 0.200 |" in table.splitlines()[-1]) is ifeval  # round 2's IF-Eval beside its pass rate
+    rows = tracking.curves_table({r: curve(r) for r in (1, 2)}).splitlines()
+    assert rows[-4:] == [f"| 2 | {s} | {30 * int(s[0])} | {0.1 * int(s[0]):.3f} | [0.000, 0.600] | 9.0 |"
+                         for s in ("0", "1", "2*", "4")] and tracking.curves_table({}) == ""
