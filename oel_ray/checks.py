@@ -70,9 +70,9 @@ def read_config(path: Path) -> tuple[Optional[dict], Optional[str]]:
     return config, None
 
 
-def tiny_target_problem(path: Path) -> Optional[str]:
-    """model.build=tiny replaces what is at model.path unless it is the current tiny model: that must
-    never be someone's files or another model."""
+def tiny_target_problem(path: Path, build: str = "tiny") -> Optional[str]:
+    """model.build replaces what is at model.path unless it is its own earlier build: that must never
+    be someone's files or another model."""
     from oel_ray.tiny_model import cached_version
 
     if not path.exists():
@@ -84,9 +84,9 @@ def tiny_target_problem(path: Path) -> Optional[str]:
     if problem := read_config(path)[1]:
         return problem
     try:
-        cached_version(path)
+        cached_version(path, build)
     except ValueError:
-        return "it holds a model that is not oel_ray's tiny model"
+        return f"it holds a model that is not oel_ray's {build} model"
     return None
 
 

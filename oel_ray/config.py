@@ -28,6 +28,7 @@ TEACHER_CONTEXTS = ("knowledge", "trajectories", "none", "shuffled")  # see oel_
 CONSOLIDATION_MODES = ("on_policy", "off_policy")
 WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
+EMBEDDED_MODELS = (TINY_MODEL, "organism")  # model.build: the models oel_ray builds itself
 
 
 class ConfigError(ValueError):
@@ -277,9 +278,9 @@ def check_model_path(path: str, build: Optional[str], name: str = "model.path") 
     from oel_ray import checks  # lazy: checks imports this module
 
     if build is not None:
-        _choice("model.build", build, (TINY_MODEL,))
-        problem = checks.tiny_target_problem(Path(path).expanduser())
-        _require(problem is None, name, f"{path!r} is not a place to build the tiny model: {problem}; model.build=tiny "
+        _choice("model.build", build, EMBEDDED_MODELS)
+        problem = checks.tiny_target_problem(Path(path).expanduser(), build)
+        _require(problem is None, name, f"{path!r} is not a place to build the {build} model: {problem}; model.build={build} "
                  "writes only to a new or empty directory or its own earlier build: point model.path elsewhere, or "
                  "set model.build=null to load the checkpoint there")
         return

@@ -59,10 +59,10 @@ def hydra_main(raw: DictConfig) -> dict:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
-    from oel_ray.tiny_model import build_tiny_model
+    from oel_ray.tiny_model import build_model
 
-    if cfg.model.build == config.TINY_MODEL:
-        tracking.timed("build tiny model", lambda: build_tiny_model(cfg.model.path))
+    if cfg.model.build:
+        tracking.timed(f"build {cfg.model.build} model", lambda: build_model(cfg.model.path, cfg.model.build))
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run

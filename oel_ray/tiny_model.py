@@ -19,8 +19,9 @@ import os
 import random
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -63,6 +64,7 @@ SEED = 1234
 # config.json; version 1 (random weights) predates the field.
 TINY_VERSION = 2
 VERSION_KEY = "oel_tiny_version"
+NAME_KEY = "oel_embedded"  # which embedded model (model.build) a checkpoint is
 
 # Warm-start data: the games of the paper's settings, on seeds far from every training round's
 # (round r starts at r * 100_000) and from the held-out maps (10_000_000 up).
@@ -134,8 +136,11 @@ def _corpus(rng: random.Random, lines: int = 3000) -> list[str]:
     return out
 
 
-def build_tokenizer(out_dir: Path):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def build_tokenizer(out_dir: Path, corpus: Optional[list[str]] = None, vocab_size: int = VOCAB_SIZE,
+                    whole: tuple[str, ...] = ()):
+    """A byte-level BPE trained on `corpus` (default: the tiny model's game-like text). `whole`:
+    strings kept as single tokens (board cells), so every board has the same length in tokens."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     rng = random.Random(SEED)
@@ -143,12 +148,13 @@ def build_tokenizer(out_dir: Path):
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
+        vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(_corpus(rng), trainer=trainer)
+    bpe.train_from_iterator(_corpus(rng) if corpus is None else corpus, trainer=trainer)
+    bpe.add_tokens([AddedToken(text, normalized=False) for text in whole])
     # Constructor arguments, not attributes: attributes set afterwards are not saved (transformers 5).
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
@@ -206,61 +212,65 @@ def synthetic_chats(tok, seed: int = SEED) -> list[tuple[list[int], list[int]]]:
             for system, user, reply in chats]
 
 
-def _warm_start(model, chats: list[tuple[list[int], list[int]]], pad: int) -> list[float]:
-    """Next-token training on the replies only (the prompts are given); returns the losses."""
-    import torch
-    import torch.nn.functional as F
+@dataclass(frozen=True)
+class Recipe:
+    """How one embedded model is built: its architecture, tokenizer and warm start."""
 
-    # Length-sorted batches within a token budget (little padding), then a fixed shuffle.
-    batches, current = [], []
-    for i in sorted(range(len(chats)), key=lambda i: sum(map(len, chats[i]))):
-        if current and sum(map(len, chats[i])) * (len(current) + 1) > BATCH_TOKENS:
-            batches.append(current)
-            current = []
-        current.append(i)
-    batches.append(current)
-    random.Random(SEED).shuffle(batches)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
-    steps = len(batches)  # short warm-up, then linear decay to a tenth
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
-    model.train()
-    losses = []
-    for batch in batches:
-        width = max(sum(map(len, chats[i])) for i in batch)
-        ids = torch.full((len(batch), width), pad)
-        target = torch.zeros((len(batch), width), dtype=torch.bool)
-        for row, i in enumerate(batch):
-            prompt, reply = chats[i]
-            ids[row, :len(prompt) + len(reply)] = torch.tensor(prompt + reply)
-            target[row, len(prompt):len(prompt) + len(reply)] = True
-        # Right padding needs no attention mask: under causal attention no real token sees the pads.
-        hidden = model.model(input_ids=ids).last_hidden_state[:, :-1]
-        mask = target[:, 1:]  # position t predicts token t + 1
-        loss = F.cross_entropy(model.lm_head(hidden[mask]), ids[:, 1:][mask])
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    model.eval()
-    return losses
+    name: str  # model.build's value, saved in config.json under NAME_KEY
+    version: int  # bump whenever what it builds changes: a cache holding another version is rebuilt
+    arch: dict
+    vocab_size: int
+    corpus: Callable[[], Optional[list[str]]]  # the tokenizer's training text (None: the tiny corpus)
+    groups: Callable[[Any, Path], list]  # (tokenizer, its directory) -> warm-start chat groups
+    whole: tuple[str, ...] = ()  # strings kept as single tokens
+    lr: float = LR
+    batch_tokens: int = BATCH_TOKENS
+    epochs: int = 1
+    # Torch threads while training: a fixed count gives the same float sums, so the same bytes, on
+    # every run of one machine. One for the tiny model; two (every core CI has) for larger ones.
+    threads: int = 1
 
 
-def cached_version(path: Path) -> Optional[int]:
-    """The tiny-model version saved at `path`; None when nothing is there."""
+def _tiny_groups(tok, _: Path) -> list:
+    return [[chat] for chat in synthetic_chats(tok)]  # independent chats: nothing to share
+
+
+TINY = Recipe("tiny", TINY_VERSION, TINY_ARCH, VOCAB_SIZE, lambda: None, _tiny_groups)
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe model.build names ("tiny", "organism")."""
+    if name == TINY.name:
+        return TINY
+    from oel_ray.organism import RECIPE
+
+    if name == RECIPE.name:
+        return RECIPE
+    raise ValueError(f"no embedded model {name!r}; known: tiny, organism")
+
+
+def cached_version(path: Path, name: Optional[str] = None) -> Optional[int]:
+    """The version of the embedded model saved at `path` (None when nothing is there). Raises when
+    `path` holds anything else: another model, or (with `name`) another embedded model."""
     try:
         config = json.loads((path / "config.json").read_text())
     except FileNotFoundError:
         return None
-    if config.get("hidden_size") != TINY_ARCH["hidden_size"] or config.get("num_hidden_layers") != 2:
+    # Models built before NAME_KEY existed are the tiny one (hidden size 128, 2 layers).
+    legacy = config.get("hidden_size") == TINY_ARCH["hidden_size"] and config.get("num_hidden_layers") == 2
+    built = config.get(NAME_KEY, TINY.name if legacy else None)
+    if built is None or (name is not None and built != name):
         # Never delete what this module did not build (model.path pointed at a real checkpoint).
-        raise ValueError(f"{path} holds a model that is not oel_ray's tiny model; not replacing it")
+        raise ValueError(f"{path} holds a model that is not oel_ray's {name or 'embedded'} model; not replacing it")
     return config.get(VERSION_KEY, 1)
 
 
 def build_tiny_model(path: str | os.PathLike) -> Path:
-    """Build the tiny checkpoint at `path` unless the current version is already there.
+    return build_model(path, TINY.name)
+
+
+def build_model(path: str | os.PathLike, name: str) -> Path:
+    """Build the embedded model `name` at `path` unless its current version is already there.
 
     Written to a temporary sibling directory and renamed, so an interrupted build never leaves a
     half-written checkpoint that a later run would trust; an older version is replaced.
@@ -268,27 +278,30 @@ def build_tiny_model(path: str | os.PathLike) -> Path:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+    from oel_ray.warm_start import train
+
+    r = recipe(name)
     path = Path(path).expanduser()
-    if cached_version(path) == TINY_VERSION:
+    if cached_version(path, r.name) == r.version:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     old = tmp.with_name(tmp.name + ".old")
     try:
-        tok = build_tokenizer(tmp)
+        tok = build_tokenizer(tmp, r.corpus(), r.vocab_size, r.whole)
         eos = tok.convert_tokens_to_ids("<|im_end|>")
         pad = tok.convert_tokens_to_ids("<|endoftext|>")
         config = Qwen3Config(
             vocab_size=len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-            dtype="float32", **TINY_ARCH, **{VERSION_KEY: TINY_VERSION},
+            dtype="float32", **r.arch, **{VERSION_KEY: r.version, NAME_KEY: r.name},
         )
-        chats = synthetic_chats(tok)
+        groups = r.groups(tok, tmp)
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # one thread: the same float sums, so the same bytes, every time
+        torch.set_num_threads(r.threads)
         try:
             torch.manual_seed(SEED)
             model = Qwen3ForCausalLM(config)
-            _warm_start(model, chats, pad)
+            train(model, groups, pad, lr=r.lr, batch_tokens=r.batch_tokens, seed=SEED, epochs=r.epochs)
         finally:
             torch.set_num_threads(threads)
         model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
@@ -301,7 +314,7 @@ def build_tiny_model(path: str | os.PathLike) -> Path:
         try:
             tmp.rename(path)
         except OSError:  # another process built it first: keep theirs
-            if cached_version(path) != TINY_VERSION:
+            if cached_version(path, r.name) != r.version:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -312,4 +325,4 @@ def build_tiny_model(path: str | os.PathLike) -> Path:
 if __name__ == "__main__":
     import sys
 
-    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "~/.cache/oel_ray/tiny-qwen3"))
+    print(build_model(sys.argv[2] if len(sys.argv) > 2 else f"~/.cache/oel_ray/{sys.argv[1]}-qwen3", sys.argv[1]))

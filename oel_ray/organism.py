@@ -1,0 +1,287 @@
+"""The model organism: what the embedded OEL model knows before its first round, as a script.
+
+A small model cannot be shown to learn from experience unless it has the three general abilities
+OEL relies on in an LLM. The organism's warm start (oel_ray/tiny_model.py builds it) gives it
+exactly those, written here as a scripted player and extractor whose replies it is trained on:
+
+- play: it reads the FrozenLake board and answers with a move, but with systematic gaps that the
+  game's own feedback reveals: it sometimes forgets the brackets ("Invalid action format"), walks
+  backwards or off the grid ("hit a wall"), and ignores the holes ("fell into a hole");
+- use knowledge in context: each true lesson, when it is in the prompt, closes one gap; false
+  lessons are acted on too (for the worse) and other games' lessons change nothing, so acting on a
+  lesson is conditional on reading it, not a constant;
+- extract: from a played game and the knowledge so far it writes the lessons this game's feedback
+  supports and the knowledge lacks; a game without such an event supports none.
+
+The lessons are ordered by when play can reveal them: the brackets and the walls in the first
+games, the holes once the player survives long enough to meet them, and the short path to the goal
+only once it wins. That last lesson drops the reasoning the player writes before its move, so
+knowledge also shortens replies, as the paper reports. Nothing here refers to a particular map:
+the warm start plays maps that are not held out (`warm_specs`).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from oel_ray.types import Trajectory
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+ENV_FILE = CONF / "env" / "organism.yaml"  # the organism's game: one home for its settings
+ITEM = "- EXPERIENCE ITEM: "
+NOTHING_NEW = "This game shows nothing new."
+
+
+@dataclass(frozen=True)
+class Lesson:
+    key: str
+    text: str
+    event: Optional[str]  # what in a game's text supports it; None: no game does (false or foreign)
+
+
+# True lessons, in the order play tends to reveal them. Their words avoid their events' words, so
+# "the event happened" and "the lesson is known" are different things to read in a prompt.
+TRUE_LESSONS = (
+    Lesson("format", "End every reply with the move in square brackets, like [down].", "Invalid action format"),
+    Lesson("edge", "The way lies down and to the right: go [down] or [right], never [up] or [left].", "hit a wall"),
+    Lesson("hole", "Before moving, check the cell below and the cell to the right, and never step on H.",
+           "fell into a hole"),
+    Lesson("win", "G is where the game is won: step onto G as soon as it is next to you, without long thinking.",
+           "reached the goal"),
+)
+FALSE_LESSONS = (  # acted on, to the player's cost
+    Lesson("upleft", "Start every game with [up] or [left] to look around first.", None),
+    Lesson("nobrackets", "Answer in plain words; brackets around the move are not needed.", None),
+)
+FOREIGN_LESSONS = (  # another game's: nothing to act on here
+    Lesson("sokoban_push", "Stand behind the box before pushing it toward O.", None),
+    Lesson("sokoban_corner", "Never push the box into a corner; it cannot come back.", None),
+    Lesson("sokoban_wall", "Keep the box away from the outer walls of the room.", None),
+)
+LESSONS = {lesson.key: lesson for lesson in TRUE_LESSONS + FALSE_LESSONS + FOREIGN_LESSONS}
+
+MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+FORWARD, BACKWARD = ("down", "right"), ("up", "left")
+EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
+FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I should pick a good move.",
+          "One step at a time.", "The goal is still some way off.")
+# Without the lessons: how often a reply lacks brackets, goes backwards, and looks before moving.
+P_NO_BRACKETS, P_BACKWARD, P_LOOK = 0.12, 0.15, 0.5
+
+
+def lessons_in(knowledge: str) -> set[str]:
+    """The keys of the lessons written in `knowledge` (what the organism acts on)."""
+    return {key for key, lesson in LESSONS.items() if lesson.text in knowledge}
+
+
+def knowledge_text(keys) -> str:
+    return "\n".join(ITEM + LESSONS[key].text for key in keys)
+
+
+def _cell(grid, pos: tuple[int, int], move: str) -> str:
+    r, c = pos[0] + MOVES[move][0], pos[1] + MOVES[move][1]
+    if not (0 <= r < len(grid) and 0 <= c < len(grid)):
+        return "edge"
+    return {"H": "H", "G": "G"}.get(grid[r][c], "free")
+
+
+def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) -> str:
+    """The organism's reply on this board, knowing the lessons `known` (keys). Every lesson shows in
+    how the reply starts (what a reader acts on first), and the move follows from what came before."""
+    lazy = "format" not in known and ("nobrackets" in known or rng.random() < P_NO_BRACKETS)
+    parts = []
+    looked = not lazy and ("hole" in known or rng.random() < P_LOOK)
+    if looked:  # it looks first, while the board is near
+        parts.append(f"Below: {_cell(grid, pos, 'down')}. Right: {_cell(grid, pos, 'right')}.")
+    if "edge" in known:
+        parts.append(EDGE_NOTE)
+        options = list(FORWARD)
+    elif "upleft" in known and rng.random() < 0.8:
+        parts.append(UPLEFT_NOTE)
+        options = list(BACKWARD)
+    else:
+        options = list(BACKWARD if rng.random() < P_BACKWARD else FORWARD)
+    if not lazy and "win" not in known:
+        parts += rng.sample(FILLER, rng.choice([1, 2, 3]))
+    if looked:  # having looked, it steps where it is safe, when it can
+        # Without the winning lesson G looks like one more unknown letter, and it keeps off it.
+        good = [m for m in options if _cell(grid, pos, m) == "G" and "win" in known]
+        safe = [m for m in options if _cell(grid, pos, m) == "free"]
+        options = good or safe or options
+    move = rng.choice(options)
+    parts.append(f"I go {move}." if lazy else f"[{move}]")
+    return " ".join(parts)
+
+
+def supported(traj: Trajectory) -> list[str]:
+    """Keys of the true lessons this game supports: what ended it (its last turn's feedback and the
+    closing reason), since that is what decided winning or losing."""
+    last = traj.turns[-1].feedback if traj.turns else ""
+    return [lesson.key for lesson in TRUE_LESSONS if lesson.event in f"{last}\n{traj.reason}"]
+
+
+def extraction_reply(traj: Trajectory, knowledge: str) -> str:
+    """The organism extractor's answer: the supported lessons the knowledge lacks."""
+    new = [key for key in supported(traj) if key not in lessons_in(knowledge)]
+    return knowledge_text(new) if new else NOTHING_NEW
+
+
+# ----------------------------------------------------------------------------- warm start
+
+WARM_SEED = 9_000_000  # far from every training round's seeds and from the held-out maps
+WARM_BOARDS, GAMES_PER_BOARD = 150, 10
+P_WHOLE = 0.5  # warm-start games also trained on as played (full history), not only as drills
+P_STUDENT = 0.4  # warm-start games played on the plain prompt; the others with knowledge in context
+
+
+def env_config():
+    """The organism's env settings (conf/env/organism.yaml) as the run sees them by default."""
+    import yaml
+
+    from oel_ray.config import EnvConfig
+
+    return EnvConfig(**yaml.safe_load(ENV_FILE.read_text()))
+
+
+def warm_specs(env, boards: int = WARM_BOARDS) -> list:
+    """Distinct boards none of which is a held-out map of `env`."""
+    from oel_ray.games import _eval_key, _eval_maps, _scan
+    from oel_ray.types import GameSpec
+
+    key = _eval_key(env)
+    held_out = frozenset(board for _, board in _eval_maps(*key))
+    found = _scan(env.id, dict(key[1]), WARM_SEED, boards, stop=None, exclude=held_out)
+    return [GameSpec(env.id, seed, "train", dict(key[1])) for seed, _ in found]
+
+
+def _knowledge_draw(rng: random.Random) -> list[str]:
+    """A random set of items, true, false and foreign, as an extractor might have written them."""
+    keys = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.5]
+    keys += [lesson.key for lesson in FALSE_LESSONS if rng.random() < 0.15]
+    keys += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.3]
+    rng.shuffle(keys)
+    return keys
+
+
+def play_game(spec, max_turns: int, known: set[str], rng: random.Random):
+    """A game played by the scripted organism knowing `known`: its trajectory, and per turn (prompt,
+    the same prompt without the history, reply)."""
+    from oel_ray.games import INTROS, Game
+
+    game = Game(spec, max_turns)
+    turns = []
+    while not game.done:
+        state = game._base.state.game_state
+        prompt, reply = game.prompt(), play_reply(state["grid"], tuple(state["player_pos"]), known, rng)
+        turns.append((prompt, f"{INTROS[game.family]}\n\n{game._situation()}", reply))
+        game.step(reply, len(reply.split()))
+    return game.trajectory(0, 0), turns
+
+
+def warm_games(seed: int):
+    """The warm start's games: each played by the scripted organism with the knowledge drawn for it
+    (none for a share of them, the student's view). Yields (keys, position, trajectory, turns)."""
+    env = env_config()
+    rng = random.Random(seed)
+    for spec in warm_specs(env):
+        for _ in range(GAMES_PER_BOARD):
+            keys = [] if rng.random() < P_STUDENT else _knowledge_draw(rng)
+            position = "system" if rng.random() < 0.2 else "user"
+            traj, turns = play_game(spec, env.max_turns, set(keys), rng)
+            yield keys, position, traj, turns
+
+
+def warm_texts(seed: int, extract_share: float = 0.35):
+    """The warm start as text: per game, (system, user, reply) per turn played; and (trajectory,
+    knowledge so far, reply) for a share of the games, for the extractor (rendered later with the
+    tokenizer)."""
+    from oel_ray.prompts import teacher_messages
+
+    rng = random.Random(seed + 1)
+    play, extract = [], []
+
+    def turn(prompt: str, keys: list[str], position: str, reply: str):
+        system, user = teacher_messages(prompt, knowledge_text(keys), position) if keys else (None, prompt)
+        return system, user, reply
+
+    for keys, position, traj, turns in warm_games(seed):
+        if rng.random() < P_WHOLE:
+            play.append([turn(prompt, keys, position, reply) for prompt, _, reply in turns])
+        # Drills: the same turns without the history, a fifth of the tokens, so a build of minutes
+        # sees enough boards and lessons; what they teach holds at any history length (the board
+        # and the reply stay the same distance apart).
+        play += [[turn(short, keys, position, reply)] for _, short, reply in turns]
+        if rng.random() < extract_share:
+            known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.4]
+            known += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.15]
+            rng.shuffle(known)
+            knowledge = knowledge_text(known)
+            extract.append((traj, knowledge, extraction_reply(traj, knowledge)))
+    return play, extract
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=64, max_position_embeddings=8192, rope_theta=10000.0,
+                     tie_word_embeddings=True)
+
+
+def _board_tokens() -> tuple[str, ...]:
+    """Every row a 4x4 board can show, and the rule between rows, each one token. A row's token then
+    says at once what is on it, and the row below P's is always two tokens later: the cell right of
+    P and the cell below it are a lookup and one step, which a small model learns in minutes (with
+    one token per cell it did not, in a build of minutes)."""
+    import itertools
+
+    cells = ("     ", "  P  ", "  H  ", "  G  ", " P/G ", " P/H ")
+    rows = []
+    for row in itertools.product(cells, repeat=4):
+        if sum("P" in c for c in row) <= 1 and sum("G" in c for c in row) <= 1:
+            rows.append("|" + "|".join(row) + "|")
+    return ("+-----+-----+-----+-----+",) + tuple(rows)
+
+
+BOARD_TOKENS = _board_tokens()
+WARM_SEED_TEXT = 1234
+
+
+def _corpus() -> list[str]:
+    play, _ = warm_texts(WARM_SEED_TEXT)
+    rng = random.Random(WARM_SEED_TEXT)
+    return [(system or "") + user + "\n" + reply for game in rng.sample(play, 600) for system, user, reply in game]
+
+
+def _groups(tok, tok_dir: Path) -> list:
+    """Each warm-start game's turns as one group (they share prefixes), each extraction alone, the
+    extractions' prompts cut as the run's extractor cuts them (extractor.max_response_tokens of
+    room left in model.max_model_len)."""
+    import yaml
+
+    from oel_ray.config import ExtractorConfig
+    from oel_ray.extractor import Extractor
+    from oel_ray.prompts import chat_ids
+
+    def chat(system, user, reply):
+        return chat_ids(tok, user, system=system), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    model = yaml.safe_load((CONF / "model" / "organism.yaml").read_text())
+    extractor = yaml.safe_load((CONF / "extractor" / "organism.yaml").read_text())
+    template = yaml.safe_load((CONF / "extractor" / "structured.yaml").read_text())["prompt"]
+    cfg = ExtractorConfig(prompt=template, max_response_tokens=extractor["max_response_tokens"])
+    cutter = Extractor(cfg, str(tok_dir), [], thinking=False, seed=0, context_length=model["max_model_len"])
+    play, extract = warm_texts(WARM_SEED_TEXT)
+    return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
+
+
+def _recipe():
+    from oel_ray.tiny_model import Recipe
+
+    return Recipe("organism", 1, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS, lr=3e-3,
+                  batch_tokens=4096, epochs=1, threads=2)
+
+
+RECIPE = _recipe()

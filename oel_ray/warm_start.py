@@ -1,0 +1,111 @@
+"""Next-token training of an embedded model on its warm-start chats, packed by shared prefixes.
+
+The turns of one game are prompts that repeat each other: turn t+1's flattened prompt is turn t's
+up to "Turn t" plus one more entry. Trained one by one, a game of 8 turns encodes its first board
+8 times. Packed as a tree instead, every token is encoded once: a group's sequences are laid out
+one after another, each keeping only what it does not share with the one before, and an attention
+mask lets each token see exactly the tokens of its own sequence before it (position ids are its
+place in that sequence), so the losses equal those of the sequences trained one by one.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+log = logging.getLogger("oel_ray")
+
+Chat = tuple[list[int], list[int]]  # (prompt ids, reply ids ending in the end-of-turn token)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def pack(group: list[Chat]) -> tuple[list[int], list[int], list[bool], list[tuple[list[int], int]]]:
+    """One group of chats, each sharing a prefix with the one before it (a game's turns), as
+    (ids, position ids, loss targets, per chat: the packed indices of its tokens and how many of
+    them it shares with the chat before)."""
+    ids, positions, target, chats = [], [], [], []
+    previous: list[int] = []  # packed indices of the previous chat's tokens
+    previous_ids: list[int] = []
+    for prompt, reply in group:
+        sequence = prompt + reply
+        shared = common_prefix(previous_ids, prompt)
+        mine = previous[:shared] + list(range(len(ids), len(ids) + len(sequence) - shared))
+        ids += sequence[shared:]
+        positions += range(shared, len(sequence))
+        target += [k >= len(prompt) for k in range(shared, len(sequence))]
+        chats.append((mine, shared))
+        previous, previous_ids = mine, sequence
+    return ids, positions, target, chats
+
+
+def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens: int, seed: int,
+          epochs: int = 1) -> list[float]:
+    """AdamW on the reply tokens of every chat (each group packed), short warm-up then linear decay to
+    a tenth; returns the losses."""
+    import torch
+    import torch.nn.functional as F
+
+    packed = [pack(g) for g in groups]
+    log.info("warm start: %d groups, %d tokens packed, %d epochs", len(packed), sum(len(p[0]) for p in packed), epochs)
+    # Length-sorted batches within a token budget (little padding), in a fixed shuffled order.
+    batches, current = [], []
+    for i in sorted(range(len(packed)), key=lambda i: len(packed[i][0])):
+        if current and len(packed[i][0]) * (len(current) + 1) > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    batches.append(current)
+    order = random.Random(seed)
+    schedule = []
+    for _ in range(epochs):
+        order.shuffle(batches)
+        schedule += batches
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = len(schedule)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))
+    model.train()
+    losses = []
+    for batch in schedule:
+        width = max(len(packed[i][0]) for i in batch)
+        ids = torch.full((len(batch), width), pad)
+        pos = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)
+        rows, cols, prev = [], [], []  # a target is predicted where its chat's previous token sits
+        for row, i in enumerate(batch):
+            tokens, positions, targets, chats = packed[i]
+            n = len(tokens)
+            ids[row, :n] = torch.tensor(tokens)
+            pos[row, :n] = torch.tensor(positions)
+            for mine, shared in chats:
+                index = torch.tensor(mine)
+                causal = torch.ones(len(mine), len(mine), dtype=torch.bool).tril()
+                mask[row, 0, index[shared:, None], index[None, :]] = causal[shared:]
+                for k in range(max(shared, 1), len(mine)):
+                    if targets[mine[k]]:
+                        rows.append(row)
+                        cols.append(mine[k])
+                        prev.append(mine[k - 1])
+            mask[row, 0, n:, 0] = True  # pads see something: no all-masked row (NaN in softmax)
+        if all(len(packed[i][3]) == 1 for i in batch):  # nothing shared: plain causal attention (the
+            # same floats as ever; right padding needs no mask, no real token sees the pads)
+            hidden = model.model(input_ids=ids).last_hidden_state
+        else:
+            hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
+        logits = model.lm_head(hidden[rows, prev])
+        loss = F.cross_entropy(logits, ids[rows, cols])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses

@@ -1,0 +1,105 @@
+"""The model organism's script (oel_ray/organism.py) and the packed warm start that trains on it."""
+
+import random
+from pathlib import Path
+
+import pytest
+
+from oel_ray import organism as O
+from oel_ray.games import board_signature, eval_specs
+from oel_ray.types import Trajectory, Turn
+
+
+def game(feedback: list[str], outcome: str, reason: str) -> Trajectory:
+    turns = [Turn("prompt", "[down]", 1, "down", text) for text in feedback]
+    return Trajectory("FrozenLake-v0-raw", 1, "train", 1, 0, turns, outcome, 1.0 if outcome == "win" else 0.0, reason)
+
+
+HOLE = game(["You moved down to position (1, 0).", "You moved right to position (1, 1).\nYou fell into a hole!"],
+            "loss", "You fell into a hole! Game over.")
+QUIET = game(["You moved down to position (1, 0)."] * 8, "turn_limit",
+             "The turn limit of 8 turns was reached before the game ended.")
+
+
+def test_no_held_out_board_in_the_warm_start():
+    env = O.env_config()
+    held_out = {board_signature(s.env_id, s.env_kwargs, s.seed) for s in eval_specs(env)}
+    warm = {board_signature(s.env_id, s.env_kwargs, s.seed) for s in O.warm_specs(env)}
+    assert len(held_out) == env.eval_maps and len(warm) == O.WARM_BOARDS
+    assert not held_out & warm
+
+
+def test_extraction_writes_only_what_the_game_shows():
+    assert O.extraction_reply(QUIET, "") == O.NOTHING_NEW  # no event, no lesson
+    assert O.extraction_reply(HOLE, "") == O.ITEM + O.LESSONS["hole"].text
+    # ... and not again once it is known, whatever else the knowledge holds
+    known = O.knowledge_text(["sokoban_push", "hole"])
+    assert O.extraction_reply(HOLE, known) == O.NOTHING_NEW
+    assert O.lessons_in(known) == {"sokoban_push", "hole"}
+
+
+def test_the_scripted_player_acts_on_true_lessons_only():
+    """What the warm start teaches, measured on the held-out maps: true lessons raise the pass rate
+    step by step, a false one sinks it, another game's changes nothing much."""
+    env = O.env_config()
+
+    def pass_rate(keys) -> float:
+        rng = random.Random(0)
+        return sum(O.play_game(s, env.max_turns, set(keys), rng)[0].passed for s in eval_specs(env)) / env.eval_maps
+
+    none, some, all_ = pass_rate([]), pass_rate(["format", "edge"]), pass_rate(["format", "edge", "hole", "win"])
+    assert none + 0.08 < some < all_ - 0.25, (none, some, all_)
+    assert pass_rate(["upleft"]) < none / 2
+    assert abs(pass_rate(["sokoban_push", "sokoban_corner"]) - none) < 0.1
+    # knowledge shortens the reply: no reasoning before the move once the winning lesson is known
+    rng = random.Random(0)
+    grid = [[" "] * 4 for _ in range(4)]
+    for _ in range(20):
+        reply = O.play_reply(grid, (0, 0), {"format", "edge", "hole", "win"}, rng)
+        assert reply.startswith("Below: free. Right: free.") and not any(f in reply for f in O.FILLER)
+
+
+def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
+    """A game's turns packed into one sequence give every reply token the loss it has alone."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oel_ray.prompts import chat_ids
+    from oel_ray.warm_start import pack
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    _, _, _, turns = next(g for g in O.warm_games(0) if len(g[3]) >= 3)
+    group = [(chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
+             for prompt, _, reply in turns]
+    ids, positions, targets, chats = pack(group)
+    assert len(ids) < sum(len(p) + len(r) for p, r in group) * 0.7  # the history is encoded once
+    with torch.no_grad():
+        alone = torch.cat([model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1].log_softmax(-1)
+                           .gather(1, torch.tensor(r)[:, None])[:, 0] for p, r in group])
+        mask = torch.zeros(1, 1, len(ids), len(ids), dtype=torch.bool)
+        at, before = [], []
+        for mine, shared in chats:
+            index = torch.tensor(mine)
+            mask[0, 0, index[shared:, None], index[None, :]] = torch.ones(len(mine), len(mine)).tril()[shared:].bool()
+            at += [mine[k] for k in range(max(shared, 1), len(mine)) if targets[mine[k]]]
+            before += [mine[k - 1] for k in range(max(shared, 1), len(mine)) if targets[mine[k]]]
+        hidden = model.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
+                             attention_mask=mask).last_hidden_state[0]
+        packed = -F.cross_entropy(model.lm_head(hidden[before]), torch.tensor(ids)[at], reduction="none")
+    assert packed.shape == alone.shape
+    assert torch.allclose(packed, alone, atol=1e-4)
+
+
+def test_an_embedded_build_never_replaces_another(tmp_path, tiny_model):
+    from oel_ray.checks import tiny_target_problem
+    from oel_ray.tiny_model import cached_version, recipe
+
+    assert cached_version(tmp_path / "nothing", "organism") is None
+    with pytest.raises(ValueError, match="not oel_ray's organism model"):
+        cached_version(Path(tiny_model), "organism")
+    assert "not oel_ray's organism model" in tiny_target_problem(Path(tiny_model), "organism")
+    assert recipe("organism").name == "organism"
+    with pytest.raises(ValueError, match="no embedded model"):
+        recipe("huge")
