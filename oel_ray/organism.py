@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
@@ -232,9 +233,9 @@ ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4
 
 def _board_tokens() -> tuple[str, ...]:
     """Every row a 4x4 board can show, and the rule between rows, each one token. A row's token then
-    says at once what is on it, and the row below P's is always two tokens later: the cell right of
-    P and the cell below it are a lookup and one step, which a small model learns in minutes (with
-    one token per cell it did not, in a build of minutes)."""
+    says at once what is on it, and the row below P's is always two tokens later, so the cell right
+    of P is a lookup and the cell below one step more. Neither this nor one token per cell has yet
+    taught the organism to read the board in a build of minutes (README, "The model organism")."""
     import itertools
 
     cells = ("     ", "  P  ", "  H  ", "  G  ", " P/G ", " P/H ")
@@ -249,8 +250,14 @@ BOARD_TOKENS = _board_tokens()
 WARM_SEED_TEXT = 1234
 
 
+@lru_cache(maxsize=1)
+def _warm_start_texts():
+    """The warm start as text, made once per build: the tokenizer's corpus and the chats share it."""
+    return warm_texts(WARM_SEED_TEXT)
+
+
 def _corpus() -> list[str]:
-    play, _ = warm_texts(WARM_SEED_TEXT)
+    play, _ = _warm_start_texts()
     rng = random.Random(WARM_SEED_TEXT)
     return [(system or "") + user + "\n" + reply for game in rng.sample(play, 600) for system, user, reply in game]
 
@@ -273,7 +280,7 @@ def _groups(tok, tok_dir: Path) -> list:
     template = yaml.safe_load((CONF / "extractor" / "structured.yaml").read_text())["prompt"]
     cfg = ExtractorConfig(prompt=template, max_response_tokens=extractor["max_response_tokens"])
     cutter = Extractor(cfg, str(tok_dir), [], thinking=False, seed=0, context_length=model["max_model_len"])
-    play, extract = warm_texts(WARM_SEED_TEXT)
+    play, extract = _warm_start_texts()
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 

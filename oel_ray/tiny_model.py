@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from oel_ray.config import EMBEDDED_MODELS, TINY_MODEL
+
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -235,18 +237,18 @@ def _tiny_groups(tok, _: Path) -> list:
     return [[chat] for chat in synthetic_chats(tok)]  # independent chats: nothing to share
 
 
-TINY = Recipe("tiny", TINY_VERSION, TINY_ARCH, VOCAB_SIZE, lambda: None, _tiny_groups)
+TINY = Recipe(TINY_MODEL, TINY_VERSION, TINY_ARCH, VOCAB_SIZE, lambda: None, _tiny_groups)
 
 
 def recipe(name: str) -> Recipe:
-    """The recipe model.build names ("tiny", "organism")."""
+    """The recipe model.build names (config.EMBEDDED_MODELS)."""
     if name == TINY.name:
         return TINY
     from oel_ray.organism import RECIPE
 
     if name == RECIPE.name:
         return RECIPE
-    raise ValueError(f"no embedded model {name!r}; known: tiny, organism")
+    raise ValueError(f"no embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
 
 
 def cached_version(path: Path, name: Optional[str] = None) -> Optional[int]:

@@ -18,6 +18,9 @@ log = logging.getLogger("oel_ray")
 Chat = tuple[list[int], list[int]]  # (prompt ids, reply ids ending in the end-of-turn token)
 
 
+Packed = tuple[list[int], list[int], list[bool], list[tuple[list[int], int]]]  # what `pack` returns
+
+
 def common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -27,7 +30,7 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def pack(group: list[Chat]) -> tuple[list[int], list[int], list[bool], list[tuple[list[int], int]]]:
+def pack(group: list[Chat]) -> Packed:
     """One group of chats, each sharing a prefix with the one before it (a game's turns), as
     (ids, position ids, loss targets, per chat: the packed indices of its tokens and how many of
     them it shares with the chat before)."""
@@ -44,6 +47,34 @@ def pack(group: list[Chat]) -> tuple[list[int], list[int], list[bool], list[tupl
         chats.append((mine, shared))
         previous, previous_ids = mine, sequence
     return ids, positions, target, chats
+
+
+def reply_tokens(packed: Packed) -> tuple[list[int], list[int]]:
+    """(packed index of every reply token, packed index of the token before it in its own chat, where
+    it is predicted)."""
+    _, _, targets, chats = packed
+    at, before = [], []
+    for mine, shared in chats:
+        for k in range(max(shared, 1), len(mine)):
+            if targets[mine[k]]:
+                at.append(mine[k])
+                before.append(mine[k - 1])
+    return at, before
+
+
+def attention_mask(packed: Packed, width: int):
+    """[width, width] booleans: each packed token sees the tokens of its own chat up to itself; a
+    padding row sees the first token (no all-masked row: NaN in softmax)."""
+    import torch
+
+    n, chats = len(packed[0]), packed[3]
+    mask = torch.zeros((width, width), dtype=torch.bool)
+    for mine, shared in chats:
+        index = torch.tensor(mine)
+        causal = torch.ones(len(mine), len(mine), dtype=torch.bool).tril()
+        mask[index[shared:, None], index[None, :]] = causal[shared:]
+    mask[n:, 0] = True
+    return mask
 
 
 def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens: int, seed: int,
@@ -77,27 +108,20 @@ def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens:
         width = max(len(packed[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad)
         pos = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), 1, width, width), dtype=torch.bool)
         rows, cols, prev = [], [], []  # a target is predicted where its chat's previous token sits
         for row, i in enumerate(batch):
-            tokens, positions, targets, chats = packed[i]
-            n = len(tokens)
-            ids[row, :n] = torch.tensor(tokens)
-            pos[row, :n] = torch.tensor(positions)
-            for mine, shared in chats:
-                index = torch.tensor(mine)
-                causal = torch.ones(len(mine), len(mine), dtype=torch.bool).tril()
-                mask[row, 0, index[shared:, None], index[None, :]] = causal[shared:]
-                for k in range(max(shared, 1), len(mine)):
-                    if targets[mine[k]]:
-                        rows.append(row)
-                        cols.append(mine[k])
-                        prev.append(mine[k - 1])
-            mask[row, 0, n:, 0] = True  # pads see something: no all-masked row (NaN in softmax)
+            tokens, positions, _, _ = packed[i]
+            ids[row, :len(tokens)] = torch.tensor(tokens)
+            pos[row, :len(tokens)] = torch.tensor(positions)
+            at, before = reply_tokens(packed[i])
+            rows += [row] * len(at)
+            cols += at
+            prev += before
         if all(len(packed[i][3]) == 1 for i in batch):  # nothing shared: plain causal attention (the
             # same floats as ever; right padding needs no mask, no real token sees the pads)
             hidden = model.model(input_ids=ids).last_hidden_state
         else:
+            mask = torch.stack([attention_mask(packed[i], width) for i in batch])[:, None]
             hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden[rows, prev])
         loss = F.cross_entropy(logits, ids[rows, cols])

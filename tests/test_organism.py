@@ -66,27 +66,22 @@ def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oel_ray.prompts import chat_ids
-    from oel_ray.warm_start import pack
+    from oel_ray.warm_start import attention_mask, pack, reply_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     _, _, _, turns = next(g for g in O.warm_games(0) if len(g[3]) >= 3)
     group = [(chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
              for prompt, _, reply in turns]
-    ids, positions, targets, chats = pack(group)
+    packed_group = pack(group)
+    ids, positions = packed_group[0], packed_group[1]
     assert len(ids) < sum(len(p) + len(r) for p, r in group) * 0.7  # the history is encoded once
     with torch.no_grad():
         alone = torch.cat([model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1].log_softmax(-1)
                            .gather(1, torch.tensor(r)[:, None])[:, 0] for p, r in group])
-        mask = torch.zeros(1, 1, len(ids), len(ids), dtype=torch.bool)
-        at, before = [], []
-        for mine, shared in chats:
-            index = torch.tensor(mine)
-            mask[0, 0, index[shared:, None], index[None, :]] = torch.ones(len(mine), len(mine)).tril()[shared:].bool()
-            at += [mine[k] for k in range(max(shared, 1), len(mine)) if targets[mine[k]]]
-            before += [mine[k - 1] for k in range(max(shared, 1), len(mine)) if targets[mine[k]]]
+        at, before = reply_tokens(packed_group)
         hidden = model.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
-                             attention_mask=mask).last_hidden_state[0]
+                             attention_mask=attention_mask(packed_group, len(ids))[None, None]).last_hidden_state[0]
         packed = -F.cross_entropy(model.lm_head(hidden[before]), torch.tensor(ids)[at], reduction="none")
     assert packed.shape == alone.shape
     assert torch.allclose(packed, alone, atol=1e-4)
