@@ -204,9 +204,9 @@ class Learner:
         norm = None
         lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
         # The same plan on every rank, so every rank runs the same forward passes (ZeRO-3 gathers in each).
-        for buckets in batching.plan_step(lengths, self.world, cfg.grad_accum)[self.rank]:
-            micro, micro_targets = self._micro_batch(buckets, samples, targets)
-            batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in buckets], self.pad_id)
+        for micro_buckets in batching.plan_step(lengths, self.world, cfg.grad_accum)[self.rank]:
+            micro, micro_targets = self._micro_batch(micro_buckets, samples, targets)
+            batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in micro_buckets], self.pad_id)
             batch = {k: batching.to_device(v, self.device) for k, v in batch.items()}
             if kind == "full_reverse_kl":
                 batch.update(self._teacher_inputs(micro))
