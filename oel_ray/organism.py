@@ -227,23 +227,25 @@ def warm_texts(seed: int, extract_share: float = 0.35):
 # ----------------------------------------------------------------------------- the recipe
 
 ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=64, max_position_embeddings=8192, rope_theta=10000.0,
+                     num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, rope_theta=10000.0,
                      tie_word_embeddings=True)
 
 
 def _board_tokens() -> tuple[str, ...]:
-    """Every row a 4x4 board can show, and the rule between rows, each one token. A row's token then
-    says at once what is on it, and the row below P's is always two tokens later, so the cell right
-    of P is a lookup and the cell below one step more. Neither this nor one token per cell has yet
-    taught the organism to read the board in a build of minutes (README, "The model organism")."""
-    import itertools
+    """Every cell a board can show, and the rule between rows, each one token: the board reader
+    (oel_ray/board_reader.py) finds cells by their distance in tokens from P."""
+    from oel_ray.board_reader import CELLS, PLAYER
 
-    cells = ("     ", "  P  ", "  H  ", "  G  ", " P/G ", " P/H ")
-    rows = []
-    for row in itertools.product(cells, repeat=4):
-        if sum("P" in c for c in row) <= 1 and sum("G" in c for c in row) <= 1:
-            rows.append("|" + "|".join(row) + "|")
-    return ("+-----+-----+-----+-----+",) + tuple(rows)
+    return PLAYER + tuple(CELLS.values()) + ("+-----+-----+-----+-----+",)
+
+
+def _install_reader(model, tok) -> None:
+    from oel_ray import board_reader
+    from oel_ray.games import board_signature
+
+    env = env_config()
+    board = board_signature(env.id, env.kwargs, WARM_SEED)
+    board_reader.install(model, tok, board_reader.offsets(tok, board))
 
 
 BOARD_TOKENS = _board_tokens()
@@ -287,8 +289,8 @@ def _groups(tok, tok_dir: Path) -> list:
 def _recipe():
     from oel_ray.tiny_model import Recipe
 
-    return Recipe("organism", 1, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS, lr=3e-3,
-                  batch_tokens=4096, epochs=1, threads=2)
+    return Recipe("organism", 2, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS, lr=3e-3,
+                  batch_tokens=4096, epochs=1, threads=2, prepare=_install_reader)
 
 
 RECIPE = _recipe()

@@ -231,6 +231,7 @@ class Recipe:
     # Torch threads while training: a fixed count gives the same float sums, so the same bytes, on
     # every run of one machine. One for the tiny model; two (every core CI has) for larger ones.
     threads: int = 1
+    prepare: Optional[Callable[[Any, Any], Any]] = None  # (model, tokenizer) -> None, before training
 
 
 def _tiny_groups(tok, _: Path) -> list:
@@ -303,6 +304,8 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
         try:
             torch.manual_seed(SEED)
             model = Qwen3ForCausalLM(config)
+            if r.prepare is not None:
+                r.prepare(model, tok)
             train(model, groups, pad, lr=r.lr, batch_tokens=r.batch_tokens, seed=SEED, epochs=r.epochs)
         finally:
             torch.set_num_threads(threads)

@@ -1,0 +1,189 @@
+"""The organism's board reader: two attention layers set by hand and kept frozen while it trains.
+
+Trained from scratch in a build of minutes, the organism never learned to read the cell below or to
+the right of P: it answered the majority cell for 5,800 steps, whatever the schedule, the RoPE base,
+the heads or the tokens (README, "The model organism"). Reading a cell at a fixed distance from
+another token is a two-hop positional lookup, which small models acquire late. So the organism is
+given that lookup and learns everything else (what to do with what it read, using knowledge,
+extracting it). Set by hand, in a few residual dimensions that nothing else writes:
+
+- the embeddings carry a constant, a P flag and the cell's kind (H, G, free);
+- layer 0, head j: attends exactly `offsets[j]` tokens back (its RoPE phases peak there) and writes
+  "P is there" into its own dimension, so the token after P knows it is right of P and the token one
+  board row after P knows it is below P;
+- layer 1, head j: attends to the most recent token flagged by layer 0's head j (flag on the
+  slowest RoPE pair, recency on a slow one, so the current board wins over earlier ones in the
+  history) and copies its cell kind into the output dimensions that the trained layers read.
+A token after P that is not a cell (the row's end, or past the last row) carries no kind: "edge".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+CELLS = {"H": "|  H  ", "G": "|  G  ", "free": "|     "}  # FrozenLake's rendered cells (one token each)
+PLAYER = ("|  P  ", "| P/G ", "| P/H ")
+MARGIN = 14.0  # nats by which layer 0's target position beats every other within WINDOW
+WINDOW = 1024  # the longest prompt the reader is designed for (the organism's model.max_model_len)
+READ_SCALE = 7.0  # layer 1's q/k norm weight: ~8 nats between the current board and the previous one
+FLAG, GAIN = 0.1, 0.05  # embedding value of a flag; what a layer-0 head writes per unit it reads
+# What layer 1 writes per unit it reads: large, so the trained layers see the read over the residual
+# that their own MLPs grow during training (rms ~2 after a build).
+READ_GAIN = 0.5
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which residual dimensions hold what, for `n` heads per layer."""
+
+    n: int
+
+    const: int = 0
+    player: int = 1
+
+    def seen(self, j: int) -> int:  # layer 0, head j: "P sits offsets[j] tokens back"
+        return 2 + j
+
+    def kind(self, k: int) -> int:  # the embedding's cell kind, k indexes CELLS
+        return 2 + self.n + k
+
+    def read(self, j: int, k: int) -> int:  # layer 1, head j: the kind of the cell it found
+        return 2 + self.n + len(CELLS) + len(CELLS) * j + k
+
+    @property
+    def size(self) -> int:
+        return 2 + self.n + len(CELLS) * (1 + self.n)
+
+
+def _angles(config, head_dim: int):
+    import torch
+
+    theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+    return theta ** (-torch.arange(head_dim // 2, dtype=torch.float64) * 2 / head_dim)
+
+
+def _pair(head_dim: int, i: int, angle: float):
+    """A unit vector on RoPE pair i (dims i and i + head_dim/2) at `angle`."""
+    import torch
+
+    v = torch.zeros(head_dim, dtype=torch.float64)
+    v[i], v[i + head_dim // 2] = math.cos(angle), math.sin(angle)
+    return v
+
+
+def _offset_weights(config, head_dim: int, offsets: tuple[int, ...]):
+    """Weights over the fastest RoPE pairs that best separate each offset from every other
+    distance within WINDOW, and the worst margin (as a fraction of the peak score)."""
+    import torch
+
+    th = _angles(config, head_dim)
+    best = None
+    for pairs in range(2, 12):
+        w = torch.zeros(head_dim // 2, dtype=torch.float64)
+        w[:pairs] = 1.0 / pairs
+        gap = 1.0
+        for offset in offsets:
+            delta = torch.arange(WINDOW, dtype=torch.float64) - offset
+            score = (w[None] * torch.cos(delta[:, None] * th[None])).sum(1)
+            gap = min(gap, float(1 - torch.cat([score[:offset], score[offset + 1:]]).max()))
+        if best is None or gap > best[1]:
+            best = (w, gap)
+    return best
+
+
+def install(model, tok, offsets: tuple[int, ...]) -> list:
+    """Set the reader into `model` (untrained) for the tokenizer `tok`: heads 0..len(offsets)-1 of
+    layers 0 and 1; the other heads train. Kept from here by gradient masks: the set weights, the
+    reserved dimensions (nothing trained writes them; trained heads may read them) and layer 0's MLP
+    (zero). Returns the hooks' handles."""
+    import torch
+
+    config, d = model.config, model.config.head_dim
+    n = len(offsets)
+    if config.num_key_value_heads != config.num_attention_heads or config.num_attention_heads < n:
+        raise ValueError(f"the board reader needs at least {n} heads per layer, each with its own key/value head")
+    lay = Layout(n)
+    ids = tok.convert_tokens_to_ids
+    th = _angles(config, d)
+    w, gap = _offset_weights(config, d, offsets)
+    scale0 = math.sqrt(MARGIN / (math.sqrt(d) * gap))  # score = scale^2 * sqrt(d) * sum(w cos)
+    # Layer 1: the flag on the slowest pair (it barely turns), recency on the fastest pair that turns
+    # less than a quarter circle over WINDOW (a score that falls with distance throughout).
+    flag = d // 2 - 1
+    recency = next(i for i in range(d // 2) if th[i] * WINDOW < math.pi / 2)
+    layers = model.model.layers
+    first, second = layers[0].self_attn, layers[1].self_attn
+    emb = model.model.embed_tokens.weight
+    masks = {}  # parameter -> where its gradient is zeroed
+
+    def keep(p, where):
+        masks[p] = masks.get(p, torch.zeros_like(p, dtype=torch.bool)) | where
+
+    fixed = torch.zeros(config.num_attention_heads * d, dtype=torch.bool)
+    fixed[:n * d] = True
+    reserved = torch.zeros(config.hidden_size, dtype=torch.bool)
+    reserved[:lay.size] = True
+    with torch.no_grad():
+        emb[:, reserved] = 0
+        emb[:, lay.const] = FLAG / 2
+        for token in PLAYER:
+            emb[ids(token), lay.player] = FLAG
+        for k, token in enumerate(CELLS.values()):
+            emb[ids(token), lay.kind(k)] = FLAG
+        keep(emb, reserved[None].expand_as(emb))
+        # Layer 0 has no MLP (zero): layer 1 reads the cells' kinds relative to their residual's
+        # size, which a trained MLP there would grow until the kinds vanished in it.
+        for p in (layers[0].mlp.gate_proj.weight, layers[0].mlp.up_proj.weight, layers[0].mlp.down_proj.weight):
+            p.zero_()
+            keep(p, torch.ones_like(p, dtype=torch.bool))
+        for layer in layers:
+            layer.mlp.down_proj.weight[reserved] = 0
+            keep(layer.mlp.down_proj.weight, reserved[:, None].expand_as(layer.mlp.down_proj.weight))
+        for layer in layers:
+            attn = layer.self_attn
+            attn.o_proj.weight[reserved] = 0
+            keep(attn.o_proj.weight, reserved[:, None].expand_as(attn.o_proj.weight))
+        for attn in (first, second):
+            for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
+                p[fixed] = 0
+                keep(p, fixed[:, None].expand_as(p))
+            attn.o_proj.weight[:, fixed] = 0
+            keep(attn.o_proj.weight, fixed[None].expand_as(attn.o_proj.weight))
+        amp = w.sqrt()
+        for j, offset in enumerate(offsets):
+            rows = slice(j * d, (j + 1) * d)
+            k = torch.cat([amp, torch.zeros_like(amp)])
+            q = torch.cat([amp * torch.cos(-offset * th), amp * torch.sin(-offset * th)])  # `offset` back
+            first.q_proj.weight[rows, lay.const] = q.float()
+            first.k_proj.weight[rows, lay.const] = k.float()
+            first.v_proj.weight[j * d, lay.player] = 1.0
+            first.o_proj.weight[lay.seen(j), j * d] = GAIN
+            second.q_proj.weight[rows, lay.const] = ((_pair(d, flag, 0) + _pair(d, recency, math.pi / 2)) / math.sqrt(2)).float()
+            second.k_proj.weight[rows, lay.seen(j)] = _pair(d, flag, 0).float()
+            second.k_proj.weight[rows, lay.const] = _pair(d, recency, 0).float()
+            for c in range(len(CELLS)):
+                second.v_proj.weight[j * d + c, lay.kind(c)] = 1.0
+                second.o_proj.weight[lay.read(j, c), j * d + c] = READ_GAIN
+        # q/k norms are shared by a layer's heads: scaled on the pairs the set heads use, 1 elsewhere.
+        for attn, pairs, scale in ((first, [i for i in range(d // 2) if w[i] > 0], scale0),
+                                   (second, [flag, recency], READ_SCALE)):
+            for norm in (attn.q_norm.weight, attn.k_norm.weight):
+                norm.fill_(1.0)
+                norm[pairs] = scale
+                norm[[i + d // 2 for i in pairs]] = scale
+    for p in [layer.input_layernorm.weight for layer in layers[:2]] + [
+            a.q_norm.weight for a in (first, second)] + [a.k_norm.weight for a in (first, second)]:
+        p.requires_grad_(False)
+    return [p.register_hook(lambda g, m=m: g.masked_fill(m, 0.0)) for p, m in masks.items()]
+
+
+def offsets(tok, board: str) -> tuple[int, int]:
+    """(right, below): how many tokens after P's cell the cell to its right and the one below it
+    come, measured on a rendered board with P top-left."""
+    tokens = tok.convert_ids_to_tokens(tok(board, add_special_tokens=False)["input_ids"])
+    cells = [i for i, t in enumerate(tokens) if t in PLAYER or t in CELLS.values()]
+    size = math.isqrt(len(cells))
+    if tokens[cells[0]] not in PLAYER or size * size != len(cells):
+        raise ValueError("the board does not tokenize one token per cell with P first")
+    return cells[1] - cells[0], cells[size] - cells[0]
