@@ -134,7 +134,7 @@ def extraction_reply(traj: Trajectory, knowledge: str) -> str:
 
 WARM_SEED = 9_000_000  # far from every training round's seeds and from the held-out maps
 WARM_BOARDS, GAMES_PER_BOARD = 150, 10
-P_WHOLE = 0.5  # warm-start games also trained on as played (full history), not only as drills
+P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.4  # warm-start games played on the plain prompt; the others with knowledge in context
 
 
@@ -226,29 +226,33 @@ def warm_texts(seed: int, extract_share: float = 0.35):
 
 # ----------------------------------------------------------------------------- the recipe
 
-ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=2,
-                     num_key_value_heads=2, head_dim=64, max_position_embeddings=8192, rope_theta=10000.0,
+ORGANISM_ARCH = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=5, num_attention_heads=3,
+                     num_key_value_heads=3, head_dim=64, max_position_embeddings=8192, rope_theta=10000.0,
                      tie_word_embeddings=True)
 
 
 def _board_tokens() -> tuple[str, ...]:
     """Every cell a board can show, and the rule between rows, each one token: the board reader
-    (oel_ray/board_reader.py) finds cells by their distance in tokens from P."""
-    from oel_ray.board_reader import CELLS, PLAYER
+    (oel_ray/reader_heads.py) finds cells by their distance in tokens from P."""
+    from oel_ray.reader_heads import CELLS, PLAYER
 
     return PLAYER + tuple(CELLS.values()) + ("+-----+-----+-----+-----+",)
 
 
+BOARD_TOKENS = _board_tokens()
+# Each lesson one token, which the lesson head finds (a lesson's words shuffled or paraphrased are
+# not that token, and change nothing).
+LESSON_TOKENS = tuple(lesson.text for lesson in LESSONS.values())
+
+
 def _install_reader(model, tok) -> None:
-    from oel_ray import board_reader
+    from oel_ray import reader_heads
     from oel_ray.games import board_signature
 
     env = env_config()
     board = board_signature(env.id, env.kwargs, WARM_SEED)
-    board_reader.install(model, tok, board_reader.offsets(tok, board))
-
-
-BOARD_TOKENS = _board_tokens()
+    reader_heads.single_tokens(tok, LESSON_TOKENS)
+    reader_heads.install(model, tok, reader_heads.offsets(tok, board), LESSON_TOKENS)
 WARM_SEED_TEXT = 1234
 
 
@@ -289,8 +293,8 @@ def _groups(tok, tok_dir: Path) -> list:
 def _recipe():
     from oel_ray.tiny_model import Recipe
 
-    return Recipe("organism", 2, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS, lr=3e-3,
-                  batch_tokens=4096, epochs=1, threads=2, prepare=_install_reader)
+    return Recipe("organism", 3, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
+                  batch_tokens=1024, epochs=2, threads=2, prepare=_install_reader)
 
 
 RECIPE = _recipe()

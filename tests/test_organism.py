@@ -100,29 +100,33 @@ def test_an_embedded_build_never_replaces_another(tmp_path, tiny_model):
         recipe("huge")
 
 
-def test_the_board_reader_finds_the_cells_right_of_and_below_p(tmp_path):
-    """The hand-set reader (oel_ray/board_reader.py) in an untrained organism: after layer 1, at the
-    prompt's last token, its output dimensions name the cell right of P and the cell below it (or no
-    cell: the edge), on every turn of held-out games, earlier boards in the history included."""
+def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_prompt(tmp_path):
+    """The hand-set heads (oel_ray/reader_heads.py) in an untrained organism: after layer 1, at the
+    prompt's last token, their output dimensions name the cell right of P and the cell below it (or
+    no cell: the edge), on every turn of held-out games, earlier boards in the history included, and
+    exactly the lessons the prompt holds."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from oel_ray import board_reader
+    from oel_ray import reader_heads
     from oel_ray.games import Game
-    from oel_ray.prompts import chat_ids
+    from oel_ray.prompts import chat_ids, teacher_messages
     from oel_ray.tiny_model import build_tokenizer
 
     env = O.env_config()
     corpus = [Game(spec, env.max_turns).prompt() for spec in O.warm_specs(env, 20)]
-    tok = build_tokenizer(tmp_path, corpus, 400, O.BOARD_TOKENS)
+    tok = build_tokenizer(tmp_path, corpus, 400, O.BOARD_TOKENS + O.LESSON_TOKENS)
     torch.manual_seed(0)
     model = Qwen3ForCausalLM(Qwen3Config(vocab_size=len(tok), **O.ORGANISM_ARCH)).eval()
     O._install_reader(model, tok)
-    layout, kinds = board_reader.Layout(2), list(board_reader.CELLS)
+    layout, kinds = reader_heads.Layout(2, len(O.LESSON_TOKENS)), list(reader_heads.CELLS)
 
     def read(hidden, j: int) -> str:
         values = torch.stack([hidden[layout.read(j, k)] for k in range(len(kinds))])
         return kinds[int(values.argmax())] if float(values.max()) > 0.1 else "edge"
+
+    def known(hidden) -> set[str]:
+        return {key for i, key in enumerate(O.LESSONS) if float(hidden[layout.known(i)]) > 0.05}
 
     rng, checked = random.Random(0), 0
     for spec in eval_specs(env)[:12]:
@@ -130,10 +134,13 @@ def test_the_board_reader_finds_the_cells_right_of_and_below_p(tmp_path):
         while not game.done:
             state = game._base.state.game_state
             grid, pos = state["grid"], tuple(state["player_pos"])
+            keys = O._knowledge_draw(rng)
+            system, user = teacher_messages(game.prompt(), O.knowledge_text(keys), "user") if keys else (None, game.prompt())
             with torch.no_grad():
-                out = model.model(input_ids=torch.tensor([chat_ids(tok, game.prompt())]), output_hidden_states=True)
+                out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
             hidden = out.hidden_states[2][0, -1]
             assert (read(hidden, 0), read(hidden, 1)) == (O._cell(grid, pos, "right"), O._cell(grid, pos, "down"))
+            assert known(hidden) == set(keys)
             checked += 1
             game.step(f"[{rng.choice(['down', 'right', 'down', 'up'])}]", 1)
     assert checked > 30

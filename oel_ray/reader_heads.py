@@ -1,20 +1,24 @@
-"""The organism's board reader: two attention layers set by hand and kept frozen while it trains.
+"""The organism's reading heads: attention set by hand and kept frozen while the rest trains.
 
 Trained from scratch in a build of minutes, the organism never learned to read the cell below or to
-the right of P: it answered the majority cell for 5,800 steps, whatever the schedule, the RoPE base,
-the heads or the tokens (README, "The model organism"). Reading a cell at a fixed distance from
-another token is a two-hop positional lookup, which small models acquire late. So the organism is
-given that lookup and learns everything else (what to do with what it read, using knowledge,
-extracting it). Set by hand, in a few residual dimensions that nothing else writes:
+the right of P (it answered the majority cell for 5,800 steps, whatever the schedule, the RoPE base,
+the heads or the tokens), nor which lessons its prompt holds (the same replies with and without
+each one after 300 steps, with all its layers free). Both are lookups that small models acquire late
+and abruptly: a cell at a fixed distance from another token, a rare token anywhere in the prompt. So
+the organism is given the two lookups and learns what to do with what they read (play, act on
+lessons, extract them). Set by hand, in a few residual dimensions that nothing else writes:
 
-- the embeddings carry a constant, a P flag and the cell's kind (H, G, free);
-- layer 0, head j: attends exactly `offsets[j]` tokens back (its RoPE phases peak there) and writes
-  "P is there" into its own dimension, so the token after P knows it is right of P and the token one
-  board row after P knows it is below P;
-- layer 1, head j: attends to the most recent token flagged by layer 0's head j (flag on the
-  slowest RoPE pair, recency on a slow one, so the current board wins over earlier ones in the
-  history) and copies its cell kind into the output dimensions that the trained layers read.
-A token after P that is not a cell (the row's end, or past the last row) carries no kind: "edge".
+- the embeddings carry a constant, a P flag, the cell's kind (H, G, free), and for each lesson (one
+  token each) a lesson flag and its identity;
+- layer 0, head j < n: attends exactly `offsets[j]` tokens back (its RoPE phases peak there) and
+  writes "P is there" into its own dimension, so the token after P knows it is right of P and the
+  token one board row after P knows it is below P;
+- layer 1, head j < n: attends to the most recent token flagged by layer 0's head j (flag on the
+  slowest RoPE pair, recency on a slow one, so the current board wins over the history's) and copies
+  its cell kind; a token after P that is not a cell (a row's end, past the last row) has none: edge;
+- layer 1, head n: attends to every lesson token alike and copies their identities: which lessons
+  the prompt holds (nothing when it holds none).
+Every other weight, and the other heads of later layers, train.
 """
 
 from __future__ import annotations
@@ -35,9 +39,10 @@ READ_GAIN = 0.5
 
 @dataclass(frozen=True)
 class Layout:
-    """Which residual dimensions hold what, for `n` heads per layer."""
+    """Which residual dimensions hold what, for `n` board offsets and `m` lessons."""
 
     n: int
+    m: int
 
     const: int = 0
     player: int = 1
@@ -52,8 +57,18 @@ class Layout:
         return 2 + self.n + len(CELLS) + len(CELLS) * j + k
 
     @property
-    def size(self) -> int:
+    def lesson(self) -> int:  # the embedding's "a lesson"
         return 2 + self.n + len(CELLS) * (1 + self.n)
+
+    def which(self, i: int) -> int:  # the embedding's "lesson i"
+        return self.lesson + 1 + i
+
+    def known(self, i: int) -> int:  # layer 1, head n: "lesson i is in the prompt"
+        return self.lesson + 1 + self.m + i
+
+    @property
+    def size(self) -> int:
+        return self.lesson + 1 + 2 * self.m
 
 
 def _angles(config, head_dim: int):
@@ -92,18 +107,18 @@ def _offset_weights(config, head_dim: int, offsets: tuple[int, ...]):
     return best
 
 
-def install(model, tok, offsets: tuple[int, ...]) -> list:
-    """Set the reader into `model` (untrained) for the tokenizer `tok`: heads 0..len(offsets)-1 of
-    layers 0 and 1; the other heads train. Kept from here by gradient masks: the set weights, the
+def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> list:
+    """Set the reading heads into `model` (untrained) for the tokenizer `tok` (each lesson one token):
+    heads 0..len(offsets) of layers 0 and 1 (layer 0's last one zero); the other heads train. Kept from here by gradient masks: the set weights, the
     reserved dimensions (nothing trained writes them; trained heads may read them) and layer 0's MLP
     (zero). Returns the hooks' handles."""
     import torch
 
     config, d = model.config, model.config.head_dim
     n = len(offsets)
-    if config.num_key_value_heads != config.num_attention_heads or config.num_attention_heads < n:
-        raise ValueError(f"the board reader needs at least {n} heads per layer, each with its own key/value head")
-    lay = Layout(n)
+    if config.num_key_value_heads != config.num_attention_heads or config.num_attention_heads < n + 1:
+        raise ValueError(f"the reading heads need at least {n + 1} heads per layer, each with its own key/value head")
+    lay = Layout(n, len(lessons))
     ids = tok.convert_tokens_to_ids
     th = _angles(config, d)
     w, gap = _offset_weights(config, d, offsets)
@@ -121,7 +136,7 @@ def install(model, tok, offsets: tuple[int, ...]) -> list:
         masks[p] = masks.get(p, torch.zeros_like(p, dtype=torch.bool)) | where
 
     fixed = torch.zeros(config.num_attention_heads * d, dtype=torch.bool)
-    fixed[:n * d] = True
+    fixed[:(n + 1) * d] = True
     reserved = torch.zeros(config.hidden_size, dtype=torch.bool)
     reserved[:lay.size] = True
     with torch.no_grad():
@@ -131,12 +146,15 @@ def install(model, tok, offsets: tuple[int, ...]) -> list:
             emb[ids(token), lay.player] = FLAG
         for k, token in enumerate(CELLS.values()):
             emb[ids(token), lay.kind(k)] = FLAG
+        for i, token in enumerate(lessons):
+            emb[ids(token), lay.lesson] = emb[ids(token), lay.which(i)] = FLAG
         keep(emb, reserved[None].expand_as(emb))
-        # Layer 0 has no MLP (zero): layer 1 reads the cells' kinds relative to their residual's
-        # size, which a trained MLP there would grow until the kinds vanished in it.
-        for p in (layers[0].mlp.gate_proj.weight, layers[0].mlp.up_proj.weight, layers[0].mlp.down_proj.weight):
-            p.zero_()
-            keep(p, torch.ones_like(p, dtype=torch.bool))
+        # Layers 0 and 1 have no MLP (zero): what a head reads is a fraction of the residual it
+        # reads from, which trained MLPs there grew to 20 times the reads (rms 14 after a build).
+        for layer in layers[:2]:
+            for p in (layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight):
+                p.zero_()
+                keep(p, torch.ones_like(p, dtype=torch.bool))
         for layer in layers:
             layer.mlp.down_proj.weight[reserved] = 0
             keep(layer.mlp.down_proj.weight, reserved[:, None].expand_as(layer.mlp.down_proj.weight))
@@ -165,6 +183,12 @@ def install(model, tok, offsets: tuple[int, ...]) -> list:
             for c in range(len(CELLS)):
                 second.v_proj.weight[j * d + c, lay.kind(c)] = 1.0
                 second.o_proj.weight[lay.read(j, c), j * d + c] = READ_GAIN
+        rows = slice(n * d, (n + 1) * d)  # layer 1's lesson head: the flag alone, on the slowest pair
+        second.q_proj.weight[rows, lay.const] = _pair(d, flag, 0).float()
+        second.k_proj.weight[rows, lay.lesson] = _pair(d, flag, 0).float()
+        for i in range(len(lessons)):
+            second.v_proj.weight[n * d + i, lay.which(i)] = 1.0
+            second.o_proj.weight[lay.known(i), n * d + i] = READ_GAIN
         # q/k norms are shared by a layer's heads: scaled on the pairs the set heads use, 1 elsewhere.
         for attn, pairs, scale in ((first, [i for i in range(d // 2) if w[i] > 0], scale0),
                                    (second, [flag, recency], READ_SCALE)):
@@ -176,6 +200,13 @@ def install(model, tok, offsets: tuple[int, ...]) -> list:
             a.q_norm.weight for a in (first, second)] + [a.k_norm.weight for a in (first, second)]:
         p.requires_grad_(False)
     return [p.register_hook(lambda g, m=m: g.masked_fill(m, 0.0)) for p, m in masks.items()]
+
+
+def single_tokens(tok, texts: tuple[str, ...]) -> None:
+    """Raise unless each text is one token of `tok` (what the lesson head looks for)."""
+    for text in texts:
+        if len(tok(text, add_special_tokens=False)["input_ids"]) != 1:
+            raise ValueError(f"not one token: {text!r}")
 
 
 def offsets(tok, board: str) -> tuple[int, int]:
