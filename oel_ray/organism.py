@@ -253,6 +253,8 @@ def _install_reader(model, tok) -> None:
     board = board_signature(env.id, env.kwargs, WARM_SEED)
     reader_heads.single_tokens(tok, LESSON_TOKENS)
     reader_heads.install(model, tok, reader_heads.offsets(tok, board), LESSON_TOKENS)
+
+
 WARM_SEED_TEXT = 1234
 
 

@@ -33,7 +33,7 @@ WINDOW = 1024  # the longest prompt the reader is designed for (the organism's m
 READ_SCALE = 7.0  # layer 1's q/k norm weight: ~8 nats between the current board and the previous one
 FLAG, GAIN = 0.1, 0.05  # embedding value of a flag; what a layer-0 head writes per unit it reads
 # What layer 1 writes per unit it reads: large, so the trained layers see the read over the residual
-# that their own MLPs grow during training (rms ~2 after a build).
+# that their own MLPs grow during training (rms ~12 after layer 2 in a build).
 READ_GAIN = 0.5
 
 
@@ -109,9 +109,10 @@ def _offset_weights(config, head_dim: int, offsets: tuple[int, ...]):
 
 def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> list:
     """Set the reading heads into `model` (untrained) for the tokenizer `tok` (each lesson one token):
-    heads 0..len(offsets) of layers 0 and 1 (layer 0's last one zero); the other heads train. Kept from here by gradient masks: the set weights, the
-    reserved dimensions (nothing trained writes them; trained heads may read them) and layer 0's MLP
-    (zero). Returns the hooks' handles."""
+    heads 0..len(offsets) of layers 0 and 1 (layer 0's last one zero); the other heads train. Kept
+    from here by gradient masks: the set weights, the reserved dimensions (nothing trained writes
+    them; trained heads may read them) and the MLPs of layers 0 and 1 (zero). Returns the hooks'
+    handles."""
     import torch
 
     config, d = model.config, model.config.head_dim
@@ -155,13 +156,10 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             for p in (layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight):
                 p.zero_()
                 keep(p, torch.ones_like(p, dtype=torch.bool))
-        for layer in layers:
-            layer.mlp.down_proj.weight[reserved] = 0
-            keep(layer.mlp.down_proj.weight, reserved[:, None].expand_as(layer.mlp.down_proj.weight))
-        for layer in layers:
-            attn = layer.self_attn
-            attn.o_proj.weight[reserved] = 0
-            keep(attn.o_proj.weight, reserved[:, None].expand_as(attn.o_proj.weight))
+        for layer in layers:  # nothing trained writes the reserved dimensions
+            for p in (layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight):
+                p[reserved] = 0
+                keep(p, reserved[:, None].expand_as(p))
         for attn in (first, second):
             for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
                 p[fixed] = 0
@@ -169,6 +167,7 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             attn.o_proj.weight[:, fixed] = 0
             keep(attn.o_proj.weight, fixed[None].expand_as(attn.o_proj.weight))
         amp = w.sqrt()
+        find = ((_pair(d, flag, 0) + _pair(d, recency, math.pi / 2)) / math.sqrt(2)).float()  # flagged, recent
         for j, offset in enumerate(offsets):
             rows = slice(j * d, (j + 1) * d)
             k = torch.cat([amp, torch.zeros_like(amp)])
@@ -177,7 +176,7 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             first.k_proj.weight[rows, lay.const] = k.float()
             first.v_proj.weight[j * d, lay.player] = 1.0
             first.o_proj.weight[lay.seen(j), j * d] = GAIN
-            second.q_proj.weight[rows, lay.const] = ((_pair(d, flag, 0) + _pair(d, recency, math.pi / 2)) / math.sqrt(2)).float()
+            second.q_proj.weight[rows, lay.const] = find
             second.k_proj.weight[rows, lay.seen(j)] = _pair(d, flag, 0).float()
             second.k_proj.weight[rows, lay.const] = _pair(d, recency, 0).float()
             for c in range(len(CELLS)):
