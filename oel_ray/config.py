@@ -54,7 +54,9 @@ class ModelConfig:
 @dataclass
 class EnvConfig:
     id: str = "Sokoban-v0"
-    kwargs: dict[str, Any] = field(default_factory=lambda: {"dim_room": [6, 6], "num_boxes": 1})
+    # Empty here: Hydra merges a dict field with the env file's, so a default here would leak into
+    # every other game (FrozenLake refused Sokoban's dim_room). conf/env/*.yaml give them.
+    kwargs: dict[str, Any] = field(default_factory=dict)
     max_turns: int = 5
     train_seed_offset: int = 0
     eval_seed_offset: int = 10_000_000  # held-out maps live far from every training seed

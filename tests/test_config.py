@@ -1,6 +1,11 @@
 """Experiments compose and validate (bad input: tests/test_bad_input.py)."""
 
+import pathlib
+
 import pytest
+
+
+EXPERIMENTS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "sokoban_4b"])
@@ -53,3 +58,23 @@ def test_eval_steps_default_and_errors():
         with pytest.raises(config.ConfigError) as err:
             config.validate(cfg("extractor.k=4", f"extractor.eval_steps={steps}"))
         assert str(err.value) == message
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_each_experiment_plays_its_env_file_s_game(experiment):
+    """The game's kwargs are exactly those of the experiment's env file: none leak in from another
+    game (a schema default once merged Sokoban's dim_room into every FrozenLake run)."""
+    import yaml
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from oel_ray import config
+
+    config.register()
+    conf_dir = pathlib.Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        raw = compose("config", overrides=[f"+experiment={experiment}", "output_dir=/tmp/x"])
+    env = OmegaConf.to_container(raw, resolve=False)["env"]
+    files = [yaml.safe_load(p.read_text()) for p in (conf_dir / "env").glob("*.yaml")]
+    assert any(f.get("id") == env["id"] and f.get("kwargs") == env["kwargs"] for f in files), (
+        f"{experiment}: env.kwargs {env['kwargs']} match no conf/env file for {env['id']}")
