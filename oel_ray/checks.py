@@ -6,6 +6,7 @@ through an interpolation (`${rollout.temperature}`) back into the field the user
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import json
 import math
 import os
@@ -111,6 +112,32 @@ def model_limits(cfg) -> None:
     if cfg.model.max_model_len > limit:
         raise ConfigError(f"model.max_model_len: {cfg.model.max_model_len} is beyond the model's context "
                           f"({limit} positions, from {found}); lower it (prompt and reply share it)")
+
+
+def frozen(names, patterns: list[str]) -> set[str]:
+    """The parameter names `learner.freeze` keeps fixed: those matching any of its patterns."""
+    return {n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)}
+
+
+def freeze_patterns(cfg) -> None:
+    """Every learner.freeze pattern names a parameter of the model, and some parameter stays
+    trainable (names read from a local checkpoint's safetensors headers; skipped otherwise)."""
+    patterns = cfg.learner.freeze
+    files = sorted(Path(cfg.model.path).expanduser().glob("*.safetensors")) if patterns else []
+    if not files:
+        return
+    from safetensors import safe_open
+
+    names = set()
+    for f in files:
+        with safe_open(str(f), "pt") as weights:
+            names.update(weights.keys())
+    for pattern in patterns:
+        if not frozen(names, [pattern]):
+            raise ConfigError(f"learner.freeze: {pattern!r} matches no parameter of {cfg.model.path} "
+                              f"(names look like {min(names)!r}); fix or drop the pattern")
+    if frozen(names, patterns) == names:
+        raise ConfigError(f"learner.freeze: {patterns} matches every parameter; nothing would train")
 
 
 def _model_config_file(path: str) -> Optional[Path]:

@@ -150,6 +150,9 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # Parameter names (fnmatch patterns, e.g. "model.layers.0.*") kept fixed during consolidation;
+    # the organism keeps its hand-set reading heads (oel_ray/reader_heads.py) this way.
+    freeze: list[str] = field(default_factory=list)
     zero_stage: int = 2
     num_ranks: int = 1
     loss: str = "topk_reverse_kl"

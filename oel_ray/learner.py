@@ -28,6 +28,7 @@ import ray
 import torch
 
 from oel_ray import batching, losses
+from oel_ray.checks import frozen
 from oel_ray.config import LearnerConfig
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
@@ -141,9 +142,12 @@ class Learner:
                       for name, t in _unique_tensors(self.model).items()]
         if cfg.zero_stage == 3:
             deepspeed.zero.register_external_parameter(module, head.weight)
+        fixed = frozen((name for name, _ in self.model.named_parameters()), cfg.freeze)
+        for name, param in self.model.named_parameters():
+            param.requires_grad_(name not in fixed)
         # Client AdamW: a config optimizer would JIT-compile FusedAdam / DeepSpeedCPUAdam.
-        optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas),
-                                      weight_decay=cfg.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
 
         def schedule(opt):  # constant LR after an optional linear warm-up over `warm` steps

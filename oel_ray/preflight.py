@@ -12,6 +12,7 @@ FILLER = "- EXPERIENCE ITEM: keep the box away from the walls.\n"  # knowledge-l
 
 def check(cfg: OELConfig) -> None:
     checks.model_limits(cfg)  # again: model.build=tiny has only now written the model's config.json
+    checks.freeze_patterns(cfg)
     checks.run_dir(cfg.output_dir, "output_dir")  # a sweep's job directory was never pre-checked
     game = _longest_game(cfg)
     _check_prompt_room(cfg, game)

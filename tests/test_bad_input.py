@@ -71,6 +71,8 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["learner.support_k=1000"], "learner.support_k: 1000 is above the model's vocabulary (512 tokens"),
     (["model.max_model_len=10000"], "model.max_model_len: 10000 is beyond the model's context (8192 positions"),
     (["ood.max_tokens=5000"], "ood.max_tokens: 5000 must be in 1..model.max_model_len - 1 (4095)"),
+    (["learner.freeze=[model.layer.0.*]"], "learner.freeze: 'model.layer.0.*' matches no parameter of"),
+    (["learner.freeze=[*]"], "learner.freeze: ['*'] matches every parameter; nothing would train"),
 ]
 
 

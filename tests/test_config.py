@@ -5,7 +5,8 @@ import pathlib
 import pytest
 
 
-EXPERIMENTS = sorted(p.stem for p in (pathlib.Path(__file__).resolve().parents[1] / "conf" / "experiment").glob("*.yaml"))
+CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("experiment", ["tiny", "sokoban_4b"])
@@ -71,10 +72,9 @@ def test_each_experiment_plays_its_env_file_s_game(experiment):
     from oel_ray import config
 
     config.register()
-    conf_dir = pathlib.Path(__file__).resolve().parents[1] / "conf"
-    with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         raw = compose("config", overrides=[f"+experiment={experiment}", "output_dir=/tmp/x"])
     env = OmegaConf.to_container(raw, resolve=False)["env"]
-    files = [yaml.safe_load(p.read_text()) for p in (conf_dir / "env").glob("*.yaml")]
+    files = [yaml.safe_load(p.read_text()) for p in (CONF / "env").glob("*.yaml")]
     assert any(f.get("id") == env["id"] and f.get("kwargs") == env["kwargs"] for f in files), (
         f"{experiment}: env.kwargs {env['kwargs']} match no conf/env file for {env['id']}")
