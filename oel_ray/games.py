@@ -230,12 +230,15 @@ class Game:
 # ----------------------------------------------------------------------------- map selection
 
 def _scan(env_id: str, kwargs: dict, start: int, count: int, stop: Optional[int],
-          exclude: frozenset = frozenset()) -> list[tuple[int, str]]:
-    """(seed, board) of the first `count` distinct boards from seed `start` upward, minus `exclude`."""
+          exclude: frozenset = frozenset(), partial: bool = False) -> list[tuple[int, str]]:
+    """(seed, board) of the first `count` distinct boards from seed `start` upward, minus `exclude`
+    (`partial`: fewer when the map space runs out, instead of an error)."""
     found: list[tuple[int, str]] = []
     seen = set(exclude)
     seed = last_new = start
     while len(found) < count:
+        if partial and ((stop is not None and seed >= stop) or seed - last_new >= EXHAUSTED_AFTER):
+            return found
         if stop is not None and seed >= stop:
             raise ValueError(f"{env_id} {kwargs}: only {len(found)} of {count} new boards in seeds "
                              f"{start}..{stop - 1}; ask for fewer maps")
@@ -274,7 +277,9 @@ def eval_specs(env: EnvConfig) -> list[GameSpec]:
 
 def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list[GameSpec]:
     """`count` training maps for (round, stream): distinct boards none of which is held out, or with
-    `distinct_boards=false` consecutive seeds (the config keeps them below the held-out seeds)."""
+    `distinct_boards=false` consecutive seeds (the config keeps them below the held-out seeds).
+    A map space with fewer boards than `count` beside the held-out ones (FrozenLake 4x4 with 3
+    holes: 206) gives each of them in turn again; every replay samples on its own seed."""
     if not 0 <= stream < ROUND_SEED_STRIDE // STREAM_SEED_STRIDE or round < 0:
         raise ValueError(f"round {round} must be >= 0 and stream {stream} in "
                          f"0..{ROUND_SEED_STRIDE // STREAM_SEED_STRIDE - 1}")
@@ -285,5 +290,8 @@ def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list
             raise ValueError(f"{count} maps do not fit in one stream's {STREAM_SEED_STRIDE} seeds; ask for fewer")
         return [GameSpec(env.id, seed, "train", dict(key[1])) for seed in range(start, start + count)]
     held_out = frozenset(board for _, board in _eval_maps(*key))
-    found = _scan(env.id, dict(key[1]), start, count, stop=start + STREAM_SEED_STRIDE, exclude=held_out)
-    return [GameSpec(env.id, seed, "train", dict(key[1])) for seed, _ in found]
+    found = _scan(env.id, dict(key[1]), start, count, stop=start + STREAM_SEED_STRIDE, exclude=held_out,
+                  partial=True)
+    if not found:
+        raise ValueError(f"{env.id} {dict(key[1])}: every board is held out ({len(held_out)}); ask for fewer held-out maps")
+    return [GameSpec(env.id, found[i % len(found)][0], "train", dict(key[1])) for i in range(count)]

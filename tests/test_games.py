@@ -288,3 +288,7 @@ def test_small_map_space_is_split_and_exhaustion_is_reported():
     assert len(held) == len(train) == 8 and not held & train
     with pytest.raises(ValueError, match="too small"):
         eval_specs(EnvConfig(id=FROZENLAKE[0], kwargs=FROZENLAKE[1], eval_maps=128))
+    # More training maps than boards left (19 in all, 8 held out): each of the 11 comes round again
+    many = [board_signature(s.env_id, s.env_kwargs, s.seed) for s in train_specs(lake, 0, 30)]
+    assert len(many) == 30 and len(set(many)) == 11 and not held & set(many)
+    assert many[:11] == many[11:22]
