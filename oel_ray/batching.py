@@ -145,8 +145,8 @@ def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket
         batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
         batch["teacher_lp"] = torch.zeros(*mask.shape, k, dtype=torch.float32)
         for b, (sup, lt) in enumerate(targets):
-            batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = (torch.from_numpy(sup),
-                                                                                  torch.from_numpy(lt))
+            # Copied, not shared: arrays from Ray's object store are read-only, which torch.from_numpy warns about.
+            batch["support"][b, :len(sup)], batch["teacher_lp"][b, :len(lt)] = torch.tensor(sup), torch.tensor(lt)
     return batch
 
 

@@ -159,6 +159,11 @@ def quiet_vllm_start() -> None:
 
 # ----------------------------------------------------------------------------- worker
 
+# vLLM's CPU runner binds its memory to the NUMA node and torch's C++ logger reports it as a warning
+# on every start-up, which a user can do nothing about; torch reads the level once, when it loads.
+# A level the user set (to look into a problem) is passed on instead.
+WORKER_ENV = {"env_vars": {"TORCH_CPP_LOG_LEVEL": os.environ.get("TORCH_CPP_LOG_LEVEL", "ERROR")}}
+
 class RolloutWorker:
     """One engine. Two steps so that the group can place threads first: construct (cheap), then
     `start(cores)` loads the model."""
@@ -352,7 +357,7 @@ class RolloutGroup:
                  knowledge_position: str = "user"):
         self.placement = RolePlacement("rollout workers", num_workers, num_cpus, num_gpus).reserve()
         self.workers = [
-            ray.remote(RolloutWorker).options(**self.placement.options(i)).remote(
+            ray.remote(RolloutWorker).options(**self.placement.options(i), runtime_env=WORKER_ENV).remote(
                 model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
                 gpu_memory_utilization=gpu_memory_utilization, history=history, keep_reasoning=keep_reasoning,
                 knowledge_position=knowledge_position)
