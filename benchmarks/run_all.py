@@ -3,8 +3,9 @@
     python -m benchmarks.run_all [name ...]
 
 Each benchmark runs in its own process (a fresh Ray, fresh engines, no memory carried over). The
-whole run must end within `BUDGET_S` (`make bench`: 15 minutes on 2 cores), so each script has a
-planned share (`PLAN_S`) and may use it plus whatever the scripts before it left unused, never more:
+whole run must end within `BUDGET_S` (`make bench`: 15 minutes on 2 cores for the speed figures, plus
+the organism's learning runs), so each script has a planned share (`PLAN_S`) and may use it plus
+whatever the scripts before it left unused, never more:
 a slow or stuck script is stopped at its deadline and the rest still run. The known ones run first,
 in `ORDER`; any other script in benchmarks/ with a `main()` runs after them. summary.md holds only
 what the scripts saved: their own tables where they give them (`common.save(..., tables=...)`),
@@ -27,12 +28,17 @@ from oel_ray.artifacts import atomic_write_text
 from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("rollout", "extraction", "consolidation", "round", "weight_sync", "kl_memory")
+ORDER = ("rollout", "extraction", "consolidation", "round", "weight_sync", "kl_memory", "organism")
 NOT_BENCHMARKS = {"__init__", "common", "run_all"}
-BUDGET_S = 14 * 60  # `make bench` <= 15 minutes: a minute left for installing, start-up and the summary
+# `make bench` <= 15 minutes for the speed figures (a minute left for installing, start-up and the
+# summary), plus the organism's learning runs: 15 runs of 3 rounds (3 seeds, the main experiment
+# and 4 controls), 4-8 minutes each on 2 cores.
+ORGANISM_S = 100 * 60
+BUDGET_S = 14 * 60 + ORGANISM_S
 # Seconds planned per script, adding up to the budget: 1.5-2.5x what each took on a quiet 2-core
 # machine (rollout 49, extraction 34, consolidation ~200, round ~65, weight_sync 32, kl_memory 26).
-PLAN_S = {"rollout": 120, "extraction": 90, "consolidation": 330, "round": 120, "weight_sync": 90, "kl_memory": 90}
+PLAN_S = {"rollout": 120, "extraction": 90, "consolidation": 330, "round": 120, "weight_sync": 90, "kl_memory": 90,
+          "organism": ORGANISM_S}
 UNPLANNED_S = 60  # a script not in PLAN_S
 README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
