@@ -25,13 +25,16 @@ from benchmarks.common import RESULTS, ROOT, markdown_table, save, stopwatch
 
 RUNS = {"main": "organism", "empty": "organism_empty_knowledge", "shuffled": "organism_shuffled_knowledge",
         "raw": "organism_raw_trajectories", "off_policy": "organism_off_policy"}
-CONTROL_OVERRIDES = ("extractor.eval_steps=[]",)  # no in-context curve: the controls are judged on rounds
+# The in-context curve at step 0 and the knowledge step only (each further step plays every map once
+# per chain: 8 x 256 games); the controls are judged on their rounds and skip it.
+MAIN_OVERRIDES = ("extractor.eval_steps=[0,8]",)
+CONTROL_OVERRIDES = ("extractor.eval_steps=[]",)
 CONSOLIDATION_SLACK = 0.05  # the student after round 1 within 5 points of the in-context rate
 
 
 def run_once(run: str, seed: int, samples: int, out: Path) -> dict:
     """One run; its rounds (eval.json of each) and, for the main run, round 1's in-context curve."""
-    extra = () if run == "main" else CONTROL_OVERRIDES
+    extra = MAIN_OVERRIDES if run == "main" else CONTROL_OVERRIDES
     cmd = [sys.executable, "-m", "oel_ray.main", f"+experiment={RUNS[run]}", f"seed={seed}",
            f"env.eval_samples={samples}", f"hydra.run.dir={out}", "tracking.progress_bars=false", *extra]
     with stopwatch() as t:
