@@ -142,6 +142,7 @@ def figure(results: list[dict], path: Path) -> None:
         high = [max(r["rounds"][i]["pass_rate"] for r in rs) for i in range(n)]
         line, = ax.plot(range(n), mean, marker="o", label=RUNS[run])
         ax.fill_between(range(n), low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xticks(range(max(len(r["rounds"]) for r in results)))
     ax.set(xlabel="round", ylabel="held-out pass rate (mean over seeds, band: min-max)",
            title="The model organism: OEL and its controls")
     ax.legend(fontsize=8)
