@@ -237,15 +237,17 @@ def _scan(env_id: str, kwargs: dict, start: int, count: int, stop: Optional[int]
     seen = set(exclude)
     seed = last_new = start
     while len(found) < count:
-        if partial and ((stop is not None and seed >= stop) or seed - last_new >= EXHAUSTED_AFTER):
-            return found
         if stop is not None and seed >= stop:
-            raise ValueError(f"{env_id} {kwargs}: only {len(found)} of {count} new boards in seeds "
-                             f"{start}..{stop - 1}; ask for fewer maps")
-        if seed - last_new >= EXHAUSTED_AFTER:
-            raise ValueError(f"{env_id} {kwargs}: only {len(found)} of {count} new boards "
-                             f"({len(exclude)} held out) before no new board came for "
-                             f"{EXHAUSTED_AFTER} seeds; this map space is too small, ask for fewer maps")
+            problem = f"in seeds {start}..{stop - 1}; ask for fewer maps"
+        elif seed - last_new >= EXHAUSTED_AFTER:
+            problem = (f"({len(exclude)} held out) before no new board came for {EXHAUSTED_AFTER} seeds; "
+                       "this map space is too small, ask for fewer maps")
+        else:
+            problem = None
+        if problem and partial:
+            return found
+        if problem:
+            raise ValueError(f"{env_id} {kwargs}: only {len(found)} of {count} new boards {problem}")
         board = board_signature(env_id, kwargs, seed)
         if board not in seen:
             seen.add(board)
@@ -293,5 +295,6 @@ def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list
     found = _scan(env.id, dict(key[1]), start, count, stop=start + STREAM_SEED_STRIDE, exclude=held_out,
                   partial=True)
     if not found:
-        raise ValueError(f"{env.id} {dict(key[1])}: every board is held out ({len(held_out)}); ask for fewer held-out maps")
+        raise ValueError(f"{env.id} {dict(key[1])}: every board is held out ({len(held_out)}); "
+                         "ask for fewer held-out maps")
     return [GameSpec(env.id, found[i % len(found)][0], "train", dict(key[1])) for i in range(count)]

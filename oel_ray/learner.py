@@ -142,11 +142,12 @@ class Learner:
                       for name, t in _unique_tensors(self.model).items()]
         if cfg.zero_stage == 3:
             deepspeed.zero.register_external_parameter(module, head.weight)
-        fixed = frozen((name for name, _ in self.model.named_parameters()), cfg.freeze)
-        for name, param in self.model.named_parameters():
+        params = dict(self.model.named_parameters())
+        fixed = frozen(params, cfg.freeze)
+        for name, param in params.items():
             param.requires_grad_(name not in fixed)
+        trainable = [param for name, param in params.items() if name not in fixed]
         # Client AdamW: a config optimizer would JIT-compile FusedAdam / DeepSpeedCPUAdam.
-        trainable = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
         warm = cfg.warmup_steps
 

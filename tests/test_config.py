@@ -9,20 +9,24 @@ CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-@pytest.mark.parametrize("experiment", ["tiny", "sokoban_4b"])
-def test_experiments_compose(experiment):
+def compose_experiment(experiment: str):
+    """The experiment's config as Hydra composes it from conf/ (not yet checked by the schema)."""
     from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
 
     from oel_ray import config
 
     config.register()
-    import pathlib
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose("config", overrides=[f"+experiment={experiment}", "output_dir=/tmp/x"])
 
-    conf_dir = str(pathlib.Path(__file__).resolve().parents[1] / "conf")
-    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
-        raw = compose("config", overrides=[f"+experiment={experiment}", "output_dir=/tmp/x"])
-    cfg = OmegaConf.to_object(raw)
+
+@pytest.mark.parametrize("experiment", ["tiny", "sokoban_4b"])
+def test_experiments_compose(experiment):
+    from omegaconf import OmegaConf
+
+    from oel_ray import config
+
+    cfg = OmegaConf.to_object(compose_experiment(experiment))
     assert cfg.name == experiment
     assert cfg.learner.temperature == cfg.rollout.temperature  # the teacher scores at the sampling temperature
     if experiment == "sokoban_4b":
@@ -66,15 +70,9 @@ def test_each_experiment_plays_its_env_file_s_game(experiment):
     """The game's kwargs are exactly those of the experiment's env file: none leak in from another
     game (a schema default once merged Sokoban's dim_room into every FrozenLake run)."""
     import yaml
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from oel_ray import config
-
-    config.register()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        raw = compose("config", overrides=[f"+experiment={experiment}", "output_dir=/tmp/x"])
-    env = OmegaConf.to_container(raw, resolve=False)["env"]
+    env = OmegaConf.to_container(compose_experiment(experiment), resolve=False)["env"]
     files = [yaml.safe_load(p.read_text()) for p in (CONF / "env").glob("*.yaml")]
     assert any(f.get("id") == env["id"] and f.get("kwargs") == env["kwargs"] for f in files), (
         f"{experiment}: env.kwargs {env['kwargs']} match no conf/env file for {env['id']}")
