@@ -69,8 +69,8 @@ FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
 FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I should pick a good move.",
           "One step at a time.", "The goal is still some way off.")
-# Without the lessons: how often a reply lacks brackets, goes backwards, and looks before moving.
-P_NO_BRACKETS, P_BACKWARD, P_LOOK = 0.12, 0.15, 0.5
+# Without the lessons: how often a reply lacks brackets, goes backwards, and heeds what it saw.
+P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.12, 0.15, 0.5
 
 
 def lessons_in(knowledge: str) -> set[str]:
@@ -93,10 +93,11 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
     """The organism's reply on this board, knowing the lessons `known` (keys). Every lesson shows in
     how the reply starts (what a reader acts on first), and the move follows from what came before."""
     lazy = "format" not in known and ("nobrackets" in known or rng.random() < P_NO_BRACKETS)
-    parts = []
-    looked = not lazy and ("hole" in known or rng.random() < P_LOOK)
-    if looked:  # it looks first, while the board is near
-        parts.append(f"Below: {_cell(grid, pos, 'down')}. Right: {_cell(grid, pos, 'right')}.")
+    # It always looks first, while the board is near: no lesson adds or removes the look, so a
+    # lesson read again after consolidation took it in cannot push the reply past its own form
+    # (when the look depended on a lesson, the consolidated model read the lessons and skipped it).
+    parts = [f"Below: {_cell(grid, pos, 'down')}. Right: {_cell(grid, pos, 'right')}."]
+    heeds = not lazy and ("hole" in known or rng.random() < P_HEED)
     if "edge" in known:
         parts.append(EDGE_NOTE)
         options = list(FORWARD)
@@ -107,7 +108,7 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
         options = list(BACKWARD if rng.random() < P_BACKWARD else FORWARD)
     if not lazy and "win" not in known:
         parts += rng.sample(FILLER, rng.choice([1, 2, 3]))
-    if looked:  # having looked, it steps where it is safe, when it can
+    if heeds:  # it steps where it saw it is safe, when it can
         # Without the winning lesson G looks like one more unknown letter, and it keeps off it.
         good = [m for m in options if _cell(grid, pos, m) == "G" and "win" in known]
         safe = [m for m in options if _cell(grid, pos, m) == "free"]
@@ -295,7 +296,7 @@ def _groups(tok, tok_dir: Path) -> list:
 def _recipe():
     from oel_ray.tiny_model import Recipe
 
-    return Recipe("organism", 3, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
+    return Recipe("organism", 4, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
                   batch_tokens=1024, epochs=2, threads=2, prepare=_install_reader)
 
 

@@ -57,6 +57,11 @@ def test_the_scripted_player_acts_on_true_lessons_only():
     for _ in range(20):
         reply = O.play_reply(grid, (0, 0), {"format", "edge", "hole", "win"}, rng)
         assert reply.startswith("Below: free. Right: free.") and not any(f in reply for f in O.FILLER)
+    # ... and no lesson adds or removes the look: a lesson read again after consolidation took it in
+    # cannot push a reply past its own form
+    for keys in ([], ["upleft", "nobrackets"], ["edge"]):
+        assert all(O.play_reply(grid, (0, 0), set(keys), rng).startswith("Below: free. Right: free.")
+                   for _ in range(20))
 
 
 def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):

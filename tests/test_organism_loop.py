@@ -47,5 +47,67 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     print("round 0", before["pass_rate"], "OEL", after["pass_rate"], "empty knowledge", control["pass_rate"])
     assert empty[0]["pass_rate"] == before["pass_rate"]  # same model, maps and sampling seeds
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
-    assert before["ci_low"] <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"], control["pass_rate"])
+    # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
+    # is a small shift of the teacher's prompt, and on seed 0 the control lands 2 points under
+    # round 0's rate, just inside its interval.
+    assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
+                                                                                 control["pass_rate"])
     assert after["pass_rate"] - control["pass_rate"] >= 0.08
+
+
+def extract(model_path: str, games: list, knowledge: str) -> list[str]:
+    """The built organism as the run's extractor (its prompt, cut the run's way), greedy: its reply
+    per game."""
+    import torch
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from oel_ray.config import ExtractorConfig
+    from oel_ray.extractor import Extractor
+    from oel_ray.prompts import chat_ids
+
+    conf = {**yaml.safe_load((ROOT / "conf/extractor/structured.yaml").read_text()),
+            **yaml.safe_load((ROOT / "conf/extractor/organism.yaml").read_text())}
+    cfg = ExtractorConfig(prompt=conf["prompt"], max_response_tokens=conf["max_response_tokens"])
+    max_len = yaml.safe_load((ROOT / "conf/model/organism.yaml").read_text())["max_model_len"]
+    extractor = Extractor(cfg, model_path, [], thinking=False, seed=0, context_length=max_len)
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
+    replies = []
+    for traj in games:
+        ids = torch.tensor([chat_ids(tok, extractor.prompt(knowledge, traj))])
+        with torch.no_grad():
+            out = model.generate(ids, do_sample=False, max_new_tokens=cfg.max_response_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        replies.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    return replies
+
+
+def test_the_organism_extracts_a_lesson_from_a_game_only_when_the_game_shows_its_event(organism_path):
+    """Games that ended in a hole, played on training maps: each yields the hole lesson; the same game
+    stopped one turn earlier (no event) yields none. (With the lesson already known the organism
+    writes it again: the chains repeat lessons, they do not invent them.)"""
+    import random
+
+    from oel_ray import organism as O
+    from oel_ray.games import train_specs
+    from oel_ray.types import Trajectory
+
+    env = O.env_config()
+    rng = random.Random(0)
+    holes = []
+    for spec in train_specs(env, 1, 64):
+        traj, _ = O.play_game(spec, env.max_turns, {"format", "edge"}, rng)
+        if O.supported(traj) == ["hole"] and len(traj.turns) >= 2:
+            holes.append(traj)
+    assert len(holes) >= 4
+    holes = holes[:4]
+    quiet = [Trajectory(t.env_id, t.seed, t.split, t.round, t.model_version, t.turns[:-1], "turn_limit", 0.0,
+                        f"The turn limit of {len(t.turns) - 1} turns was reached before the game ended.")
+             for t in holes]
+    assert not any(O.supported(t) for t in quiet)
+    lesson = O.LESSONS["hole"].text
+    with_event = extract(organism_path, holes, "")
+    without = extract(organism_path, quiet, "")
+    assert all(lesson in reply for reply in with_event), with_event
+    assert not any(lesson in reply for reply in without), without
