@@ -31,17 +31,18 @@ def load_config(*overrides: str):
     from omegaconf import OmegaConf
 
     from oel_ray import config
+    from oel_ray.validate import validate
 
     config.register()
     # output_dir is only resolvable inside a Hydra run; benchmarks write nothing there.
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         raw = compose("config", overrides=["output_dir=/tmp/oel_ray_bench", *overrides])
-    return config.validate(OmegaConf.to_object(raw))
+    return validate(OmegaConf.to_object(raw))
 
 
 def tiny_model_path(cfg=None) -> str:
     """The embedded tiny model at the configured cache path (built offline on first use)."""
-    from oel_ray.tiny_model import build_tiny_model
+    from oel_ray.embedded import build_tiny_model
 
     cfg = cfg or load_config()
     return str(build_tiny_model(cfg.model.path))

@@ -5,7 +5,7 @@
 1. Loss memory at V=151,936, T=1024 response tokens, batch 2, hidden 256, fp32, forward + backward
    (gradients for the hidden states and the output head), side by side in one run:
    - topk: oel_ray's loss as the learner calls it (`losses.topk_reverse_kl_from_hidden`, the chunked
-     `_HeadKL`, `_Distill.chunk_tokens` positions per chunk), student top-k support, k=256;
+     `_HeadKL`, `DistillModule.chunk_tokens` positions per chunk), student top-k support, k=256;
    - naive: the logits materialised as [B, T, V] fp32, log-softmax, exact full-vocabulary reverse
      KL against the teacher's full [B, T, V] fp32 logits (what a learner needs without a support),
      autograd backward.
@@ -61,7 +61,7 @@ def run_variant(name: str) -> dict:
     import torch
 
     from oel_ray import losses
-    from oel_ray.learner import _Distill
+    from oel_ray.deepspeed_setup import DistillModule
 
     torch.manual_seed(0)
     hidden = (torch.randn(BATCH, T, HIDDEN) * 0.5).requires_grad_()
@@ -74,7 +74,7 @@ def run_variant(name: str) -> dict:
         support = torch.randint(0, V, (BATCH, T, K))
         teacher_lp = torch.log_softmax(torch.randn(BATCH, T, K), -1)
         out = losses.topk_reverse_kl_from_hidden(hidden, head, support, teacher_lp, mask, temperature=TEMPERATURE,
-                                                  chunk_tokens=_Distill.chunk_tokens)
+                                                  chunk_tokens=DistillModule.chunk_tokens)
         loss = out.loss
     elif name == "naive":
         teacher_logits = torch.randn(BATCH, T, V)

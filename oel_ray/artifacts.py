@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional, TextIO
@@ -30,6 +31,20 @@ def atomic_open(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_dir(tmp: Path, path: Path) -> None:
+    """Make the finished directory `tmp` be `path`, replacing an older `path`, by renames only: a
+    reader sees the old directory or the new one, never a mix."""
+    old = path.with_name(f".{path.name}.old.{os.getpid()}")
+    try:
+        try:
+            path.rename(old)
+        except FileNotFoundError:
+            pass  # nothing there yet (or another process moved it away first)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -67,12 +82,6 @@ class JsonlWriter:
         with atomic_open(self.path) as f:
             f.writelines(json.dumps(row) + "\n" for row in ordered)
         self.partial.unlink()
-
-
-def write_trajectories(path: Path, trajectories: list[Trajectory]) -> None:
-    writer = JsonlWriter(path)
-    writer.write(t.to_json() for t in trajectories)
-    writer.close()
 
 
 def read_trajectories(path: Path) -> list[Trajectory]:

@@ -20,6 +20,7 @@ WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
 HYDRA_RECORD = ".hydra"  # Hydra's record of the command, written into the run directory before the run
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # org/name, resolved from the local hub cache
 INTERPOLATION = re.compile(r"^\$\{([A-Za-z_]\w*(?:\.\w+)*)\}$")  # a plain `${section.field}`
 
 
@@ -74,7 +75,7 @@ def read_config(path: Path) -> tuple[Optional[dict], Optional[str]]:
 def tiny_target_problem(path: Path, build: str = "tiny") -> Optional[str]:
     """model.build replaces what is at model.path unless it is its own earlier build: that must never
     be someone's files or another model."""
-    from oel_ray.tiny_model import cached_version
+    from oel_ray.embedded import cached_version
 
     if not path.exists():
         return None
@@ -144,8 +145,6 @@ def _model_config_file(path: str) -> Optional[Path]:
     local = Path(path).expanduser() / "config.json"
     if local.is_file():
         return local if read_config(local.parent)[1] is None else None  # a bad one is model.path's error
-    from oel_ray.config import HUB_ID
-
     if not HUB_ID.match(path):
         return None
     from huggingface_hub import try_to_load_from_cache

@@ -1,17 +1,15 @@
-"""Hydra structured config: one dataclass per config group, validated before any expensive work.
+"""Hydra structured config: one dataclass per config group, each with the checks of its own fields.
 
-`conf/config.yaml` composes the groups on top of the `oel_schema` registered here, so a key that
-is not a field below is refused by Hydra, and `validate()` checks values with one-line errors.
+`conf/config.yaml` composes the groups on top of the `oel_schema` registered here, so a key that is
+not a field below is refused by Hydra. The checks run in one pipeline from `oel_ray.main`: the
+command line (oel_ray/overrides.py), then each group's own fields (`check()` below), then what
+spans groups or looks at files (oel_ray/validate.py), then what needs the tokenizer and a game
+(oel_ray/preflight.py). Every check raises ConfigError with one line naming the field and the fix.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
-import re
-import typing
-from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -39,6 +37,20 @@ class InputError(ConfigError):
     """A file the run reads is missing or corrupt: reported as one line naming the file and the fix."""
 
 
+def require(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {message}")
+
+
+def choice(name: str, value: Any, allowed: tuple) -> None:
+    require(value in allowed, name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def positive(name: str, value: float, allow_zero: bool = False) -> None:
+    ok = value >= 0 if allow_zero else value > 0
+    require(ok, name, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
+
+
 @dataclass
 class ModelConfig:
     # A local checkpoint directory or a hub id (org/name, resolved from the local hub cache).
@@ -49,6 +61,10 @@ class ModelConfig:
     thinking: bool = False  # Qwen3 `enable_thinking` in the chat template
     trust_remote_code: bool = False
     max_model_len: int = 4096
+
+    def check(self) -> None:
+        choice("model.dtype", self.dtype, DTYPES)
+        positive("model.max_model_len", self.max_model_len)
 
 
 @dataclass
@@ -66,6 +82,19 @@ class EnvConfig:
     # False: maps are seeds and boards may repeat (paper's FrozenLake 3x3 has only 19 boards);
     # training and held-out maps are then disjoint by seed only.
     distinct_boards: bool = True
+
+    def check(self) -> None:
+        from textarena.envs.registration import ENV_REGISTRY  # cheap: no environment is built
+
+        supported = sorted(e for e in ENV_REGISTRY if e.split("-")[0] in SUPPORTED_GAMES)
+        require(self.id in supported, "env.id", f"{self.id!r} is not one of {', '.join(supported)}")
+        require(1 <= self.max_turns <= 100, "env.max_turns", f"{self.max_turns} must be in 1..100")
+        positive("env.eval_maps", self.eval_maps)
+        positive("env.eval_samples", self.eval_samples)
+        positive("env.train_seed_offset", self.train_seed_offset, allow_zero=True)
+        require(self.eval_seed_offset >= self.train_seed_offset + 1_000_000, "env.eval_seed_offset",
+                f"{self.eval_seed_offset} must be at least env.train_seed_offset + 1000000 "
+                "so held-out maps never share seeds with training maps")
 
 
 @dataclass
@@ -87,6 +116,18 @@ class RolloutConfig:
     history: str = "flattened"
     keep_reasoning: bool = False  # chat only: keep earlier <think> blocks the template would drop
     bind_cores: bool = True  # CPU only: each worker's threads on its own share of the node's cores
+
+    def check(self) -> None:
+        positive("rollout.num_workers", self.num_workers)
+        positive("rollout.games_per_round", self.games_per_round)
+        positive("rollout.temperature", self.temperature)
+        require(0 < self.top_p <= 1, "rollout.top_p", f"{self.top_p} must be in (0, 1]")
+        positive("rollout.max_response_tokens", self.max_response_tokens)
+        positive("rollout.kv_cache_gib", self.kv_cache_gib)
+        positive("rollout.deploy_games_per_step", self.deploy_games_per_step)
+        choice("rollout.history", self.history, HISTORY_FORMATS)
+        require(not self.keep_reasoning or self.history == "chat", "rollout.keep_reasoning",
+                "only applies to rollout.history=chat (the flattened history never shows earlier replies)")
 
 
 @dataclass
@@ -124,6 +165,30 @@ class ExtractorConfig:
         steps = self.eval_steps if self.eval_steps is not None else [0, self.k // 4, self.knowledge_step, self.k]
         return sorted(set(steps))
 
+    def check(self) -> None:
+        positive("extractor.k", self.k)
+        positive("extractor.num_chains", self.num_chains)
+        if self.use_step is not None:
+            require(1 <= self.use_step <= self.k, "extractor.use_step",
+                    f"{self.use_step} must be in 1..extractor.k ({self.k})")
+        if self.eval_steps is not None:
+            steps = list(self.eval_steps)
+            bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= self.k]
+            require(not bad, "extractor.eval_steps",
+                    f"{bad[0] if bad else ''} must be an integer in 0..extractor.k ({self.k})")
+            twice = sorted({s for s in steps if steps.count(s) > 1})
+            require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
+        choice("extractor.format", self.format, KNOWLEDGE_FORMATS)
+        positive("extractor.max_knowledge_tokens", self.max_knowledge_tokens)
+        positive("extractor.max_response_tokens", self.max_response_tokens)
+        positive("extractor.temperature", self.temperature)
+        require("{trajectory}" in self.prompt, "extractor.prompt", "the template must contain {trajectory}")
+        require(self.max_response_tokens <= self.max_knowledge_tokens, "extractor.max_response_tokens",
+                f"{self.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({self.max_knowledge_tokens})")
+        if self.model.startswith(("http://", "https://")):
+            require(bool(self.endpoint_model), "extractor.endpoint_model",
+                    "name the model served at extractor.model (an OpenAI-compatible endpoint)")
+
 
 @dataclass
 class TeacherConfig:
@@ -138,6 +203,13 @@ class TeacherConfig:
     num_actors: int = 1
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
+
+    def check(self) -> None:
+        choice("teacher.knowledge_position", self.knowledge_position, KNOWLEDGE_POSITIONS)
+        choice("teacher.context", self.context, TEACHER_CONTEXTS)
+        positive("teacher.num_actors", self.num_actors)
+        positive("teacher.chunk_tokens", self.chunk_tokens)
+        positive("teacher.batch_tokens", self.batch_tokens)
 
 
 @dataclass
@@ -174,6 +246,31 @@ class LearnerConfig:
     # share rounded up when sampling overlaps the learner (consolidation.async_steps=1).
     threads: int = 0
 
+    def check(self) -> None:
+        positive("learner.steps", self.steps)
+        positive("learner.batch_size", self.batch_size)
+        positive("learner.grad_accum", self.grad_accum)
+        positive("learner.num_ranks", self.num_ranks)
+        positive("learner.checkpoint_every", self.checkpoint_every)
+        positive("learner.threads", self.threads, allow_zero=True)
+        require(self.batch_size % (self.grad_accum * self.num_ranks) == 0, "learner.batch_size",
+                f"{self.batch_size} must be divisible by learner.grad_accum x learner.num_ranks "
+                f"({self.grad_accum} x {self.num_ranks})")
+        positive("learner.lr", self.lr)
+        positive("learner.weight_decay", self.weight_decay, allow_zero=True)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "learner.betas",
+                f"{list(self.betas)} must be two numbers in [0, 1)")
+        positive("learner.grad_clip", self.grad_clip, allow_zero=True)
+        positive("learner.warmup_steps", self.warmup_steps, allow_zero=True)
+        choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
+        choice("learner.loss", self.loss, LOSSES)
+        positive("learner.support_k", self.support_k)
+        choice("learner.aggregation", self.aggregation, AGGREGATIONS)
+        positive("learner.temperature", self.temperature)
+        choice("learner.dtype", self.dtype, DTYPES)
+        choice("learner.weight_sync", self.weight_sync, WEIGHT_SYNCS)
+        positive("learner.sync_bucket_mb", self.sync_bucket_mb)
+
 
 @dataclass
 class ClusterConfig:
@@ -196,6 +293,16 @@ class ClusterConfig:
     teacher_gpus: float = 0.0
     learner_gpus: float = 0.0
 
+    def check(self) -> None:
+        for name in ("cpus_per_actor", "rollout_cpus", "teacher_cpus", "learner_cpus"):
+            positive(f"cluster.{name}", getattr(self, name))
+        positive("cluster.timeout_s", self.timeout_s)
+        positive("cluster.nodes", self.nodes)
+        positive("cluster.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        require(self.nodes == 1 or self.address is not None, "cluster.nodes",
+                f"{self.nodes} nodes need a running Ray cluster: set cluster.address (launch/slurm/oel_ray.sbatch "
+                "starts one and sets it); a private local Ray spans one node")
+
 
 @dataclass
 class ConsolidationConfig:
@@ -215,6 +322,10 @@ class ConsolidationConfig:
         step; off-policy, the workers keep the round-start (teacher) weights until the round ends."""
         return self.mode == "on_policy"
 
+    def check(self) -> None:
+        choice("consolidation.mode", self.mode, CONSOLIDATION_MODES)
+        choice("consolidation.async_steps", self.async_steps, (0, 1))
+
 
 @dataclass
 class OODConfig:
@@ -229,6 +340,13 @@ class OODConfig:
     # lm_eval: its engine starts beside the idle rollout engines, on the driver node's first GPU
     lm_eval_gpu_memory_utilization: float = 0.1
 
+    def check(self) -> None:
+        choice("ood.unknown_instructions", self.unknown_instructions, ("skip", "error"))
+        require(self.ifeval in ("fixture", "lm_eval", "none") or os.path.isfile(os.path.expanduser(self.ifeval)),
+                "ood.ifeval", f"{self.ifeval!r} is not a file; give fixture, lm_eval, none, or the path of an IF-Eval JSONL")
+        require(0 < self.lm_eval_gpu_memory_utilization <= 1, "ood.lm_eval_gpu_memory_utilization",
+                f"{self.lm_eval_gpu_memory_utilization} must be in (0, 1]")
+
 
 @dataclass
 class TrackingConfig:
@@ -236,6 +354,13 @@ class TrackingConfig:
     wandb: bool = False  # needs `pip install wandb`; the key comes from WANDB_API_KEY, never config
     wandb_project: str = "oel_ray"
     progress_bars: bool = True
+
+    def check(self) -> None:
+        if self.wandb:
+            import importlib.util
+
+            require(importlib.util.find_spec("wandb") is not None, "tracking.wandb",
+                    "true needs the wandb package: pip install wandb (or set tracking.wandb=false)")
 
 
 @dataclass
@@ -255,321 +380,13 @@ class OELConfig:
     ood: OODConfig = field(default_factory=OODConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
+    def check(self) -> None:
+        """Each group's own fields, in the order of the groups above."""
+        positive("rounds", self.rounds)
+        for group in (self.model, self.env, self.rollout, self.extractor, self.teacher, self.learner, self.cluster,
+                      self.consolidation, self.ood, self.tracking):
+            group.check()
+
 
 def register() -> None:
     ConfigStore.instance().store(name="oel_schema", node=OELConfig)
-
-
-# ----------------------------------------------------------------------------- validation
-
-def _require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-def _choice(name: str, value: Any, allowed: tuple) -> None:
-    _require(value in allowed, name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def _positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    _require(ok, name, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_model_path(path: str, build: Optional[str], name: str = "model.path") -> None:
-    from oel_ray import checks  # lazy: checks imports this module
-
-    if build is not None:
-        _choice("model.build", build, EMBEDDED_MODELS)
-        problem = checks.tiny_target_problem(Path(path).expanduser(), build)
-        _require(problem is None, name, f"{path!r} is not a place to build the {build} model: {problem}; model.build={build} "
-                 "writes only to a new or empty directory or its own earlier build: point model.path elsewhere, or "
-                 "set model.build=null to load the checkpoint there")
-        return
-    if os.path.isdir(path):
-        problem = checks.checkpoint_problem(Path(path))
-        _require(problem is None, name, f"{path!r} is not a checkpoint: {problem}; give a checkpoint directory "
-                 "(config.json, *.safetensors, tokenizer) or a hub id such as Qwen/Qwen3-4B-Instruct-2507")
-        return
-    if HUB_ID.match(path) and not os.path.exists(path):
-        return  # a hub id, resolved from the local hub cache by transformers / vLLM
-    raise ConfigError(
-        f"{name}: {path!r} does not exist; give a checkpoint directory, a hub id such as "
-        "Qwen/Qwen3-4B-Instruct-2507, or model.build=tiny to build the embedded model there"
-    )
-
-
-def check_env_id(env_id: str) -> None:
-    from textarena.envs.registration import ENV_REGISTRY  # cheap: no environment is built
-
-    supported = sorted(e for e in ENV_REGISTRY if e.split("-")[0] in SUPPORTED_GAMES)
-    _require(env_id in supported, "env.id", f"{env_id!r} is not one of {', '.join(supported)}")
-
-
-def validate(cfg: OELConfig) -> OELConfig:
-    """Check every value a user can get wrong; raises ConfigError (one line) on the first."""
-    from oel_ray import checks  # lazy: checks imports this module
-
-    checks.finite(cfg)  # first: nan passes no comparison and inf passes every "> 0"
-    _positive("rounds", cfg.rounds)
-    check_model_path(cfg.model.path, cfg.model.build)
-    _choice("model.dtype", cfg.model.dtype, DTYPES)
-    _positive("model.max_model_len", cfg.model.max_model_len)
-
-    check_env_id(cfg.env.id)
-    _require(1 <= cfg.env.max_turns <= 100, "env.max_turns", f"{cfg.env.max_turns} must be in 1..100")
-    _positive("env.eval_maps", cfg.env.eval_maps)
-    _positive("env.eval_samples", cfg.env.eval_samples)
-    _positive("env.train_seed_offset", cfg.env.train_seed_offset, allow_zero=True)
-    _require(
-        cfg.env.eval_seed_offset >= cfg.env.train_seed_offset + 1_000_000,
-        "env.eval_seed_offset",
-        f"{cfg.env.eval_seed_offset} must be at least env.train_seed_offset + 1000000 "
-        "so held-out maps never share seeds with training maps",
-    )
-    if not cfg.env.distinct_boards:
-        from oel_ray.games import ROUND_SEED_STRIDE  # lazy: games imports this module
-
-        # Seeds are then the only thing keeping the sets apart: the last round's streams must stay
-        # below the first held-out seed.
-        last = cfg.env.train_seed_offset + (cfg.rounds + 1) * ROUND_SEED_STRIDE
-        _require(last <= cfg.env.eval_seed_offset, "env.eval_seed_offset",
-                 f"{cfg.env.eval_seed_offset} must be at least {last} (env.train_seed_offset + (rounds + 1) "
-                 f"x {ROUND_SEED_STRIDE}) so training seeds never reach held-out seeds")
-
-    r = cfg.rollout
-    _positive("rollout.num_workers", r.num_workers)
-    _positive("rollout.games_per_round", r.games_per_round)
-    _positive("rollout.temperature", r.temperature)
-    _require(0 < r.top_p <= 1, "rollout.top_p", f"{r.top_p} must be in (0, 1]")
-    _positive("rollout.max_response_tokens", r.max_response_tokens)
-    _require(
-        r.max_response_tokens < cfg.model.max_model_len,
-        "rollout.max_response_tokens",
-        f"{r.max_response_tokens} must be below model.max_model_len ({cfg.model.max_model_len})",
-    )
-    _positive("rollout.kv_cache_gib", r.kv_cache_gib)
-    _positive("rollout.deploy_games_per_step", r.deploy_games_per_step)
-    _choice("rollout.history", r.history, HISTORY_FORMATS)
-    _require(not r.keep_reasoning or r.history == "chat", "rollout.keep_reasoning",
-             "only applies to rollout.history=chat (the flattened history never shows earlier replies)")
-    from oel_ray.games import STREAM_SEED_STRIDE  # lazy: games imports this module
-
-    deploy = cfg.learner.steps * r.deploy_games_per_step
-    _require(deploy <= STREAM_SEED_STRIDE, "rollout.deploy_games_per_step",
-             f"learner.steps x rollout.deploy_games_per_step = {deploy} maps per round exceeds the "
-             f"{STREAM_SEED_STRIDE} seeds of a map stream; lower one of them")
-
-    e = cfg.extractor
-    _positive("extractor.k", e.k)
-    _positive("extractor.num_chains", e.num_chains)
-    if e.use_step is not None:
-        _require(1 <= e.use_step <= e.k, "extractor.use_step", f"{e.use_step} must be in 1..extractor.k ({e.k})")
-    if e.eval_steps is not None:
-        steps = list(e.eval_steps)
-        bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= e.k]
-        _require(not bad, "extractor.eval_steps", f"{bad[0] if bad else ''} must be an integer in 0..extractor.k ({e.k})")
-        twice = sorted({s for s in steps if steps.count(s) > 1})
-        _require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
-    _choice("extractor.format", e.format, KNOWLEDGE_FORMATS)
-    _positive("extractor.max_knowledge_tokens", e.max_knowledge_tokens)
-    _positive("extractor.max_response_tokens", e.max_response_tokens)
-    _positive("extractor.temperature", e.temperature)
-    _require("{trajectory}" in e.prompt, "extractor.prompt", "the template must contain {trajectory}")
-    _require(
-        e.max_response_tokens <= e.max_knowledge_tokens,
-        "extractor.max_response_tokens",
-        f"{e.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({e.max_knowledge_tokens})",
-    )
-    _require(  # the extraction prompt is cut to leave a full reply room: some must be left for it
-        e.max_response_tokens < cfg.model.max_model_len,
-        "extractor.max_response_tokens",
-        f"{e.max_response_tokens} must be below model.max_model_len ({cfg.model.max_model_len})",
-    )
-    if e.model.startswith(("http://", "https://")):
-        _require(bool(e.endpoint_model), "extractor.endpoint_model",
-                 "name the model served at extractor.model (an OpenAI-compatible endpoint)")
-    elif e.model != "policy":  # the initial checkpoint (${model.path}) is built first when model.build says so
-        check_model_path(e.model, cfg.model.build if e.model == cfg.model.path else None, "extractor.model")
-    _require(
-        e.k <= r.games_per_round,
-        "extractor.k",
-        f"{e.k} trajectories per chain but rollout.games_per_round is {r.games_per_round}; "
-        "raise rollout.games_per_round or lower extractor.k",
-    )
-
-    _choice("teacher.knowledge_position", cfg.teacher.knowledge_position, KNOWLEDGE_POSITIONS)
-    _choice("teacher.context", cfg.teacher.context, TEACHER_CONTEXTS)
-    if cfg.teacher.knowledge_from:  # another run's knowledge files: read now, not rounds later
-        from oel_ray.controls import check_knowledge_from
-
-        check_knowledge_from(cfg.teacher, cfg.rounds)
-    _choice("consolidation.mode", cfg.consolidation.mode, CONSOLIDATION_MODES)
-    _choice("consolidation.async_steps", cfg.consolidation.async_steps, (0, 1))
-    _require(0 < cfg.ood.max_tokens < cfg.model.max_model_len, "ood.max_tokens",
-             f"{cfg.ood.max_tokens} must be in 1..model.max_model_len - 1 ({cfg.model.max_model_len - 1})")
-    _choice("ood.unknown_instructions", cfg.ood.unknown_instructions, ("skip", "error"))
-    _require(cfg.ood.ifeval in ("fixture", "lm_eval", "none") or os.path.isfile(os.path.expanduser(cfg.ood.ifeval)),
-             "ood.ifeval", f"{cfg.ood.ifeval!r} is not a file; give fixture, lm_eval, none, or the path of an IF-Eval JSONL")
-    _require(0 < cfg.ood.lm_eval_gpu_memory_utilization <= 1, "ood.lm_eval_gpu_memory_utilization",
-             f"{cfg.ood.lm_eval_gpu_memory_utilization} must be in (0, 1]")
-    _require(cfg.consolidation.on_policy or cfg.learner.loss == "topk_reverse_kl",
-             "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
-             "keep learner.loss=topk_reverse_kl (the default)")
-    _positive("teacher.num_actors", cfg.teacher.num_actors)
-    _positive("teacher.chunk_tokens", cfg.teacher.chunk_tokens)
-    _positive("teacher.batch_tokens", cfg.teacher.batch_tokens)
-
-    lr = cfg.learner
-    _positive("learner.steps", lr.steps)
-    _positive("learner.batch_size", lr.batch_size)
-    _positive("learner.grad_accum", lr.grad_accum)
-    _positive("learner.num_ranks", lr.num_ranks)
-    _positive("learner.checkpoint_every", lr.checkpoint_every)
-    _positive("learner.threads", lr.threads, allow_zero=True)
-    if cfg.tracking.wandb:
-        import importlib.util
-
-        _require(importlib.util.find_spec("wandb") is not None, "tracking.wandb",
-                 "true needs the wandb package: pip install wandb (or set tracking.wandb=false)")
-    _require(
-        lr.batch_size % (lr.grad_accum * lr.num_ranks) == 0,
-        "learner.batch_size",
-        f"{lr.batch_size} must be divisible by learner.grad_accum x learner.num_ranks "
-        f"({lr.grad_accum} x {lr.num_ranks})",
-    )
-    _positive("learner.lr", lr.lr)
-    _positive("learner.weight_decay", lr.weight_decay, allow_zero=True)
-    _require(len(lr.betas) == 2 and all(0 <= b < 1 for b in lr.betas), "learner.betas",
-             f"{list(lr.betas)} must be two numbers in [0, 1)")
-    _positive("learner.grad_clip", lr.grad_clip, allow_zero=True)
-    _positive("learner.warmup_steps", lr.warmup_steps, allow_zero=True)
-    _choice("learner.zero_stage", lr.zero_stage, (0, 1, 2, 3))
-    _choice("learner.loss", lr.loss, LOSSES)
-    _positive("learner.support_k", lr.support_k)
-    _choice("learner.aggregation", lr.aggregation, AGGREGATIONS)
-    _positive("learner.temperature", lr.temperature)
-    _choice("learner.dtype", lr.dtype, DTYPES)
-    _choice("learner.weight_sync", lr.weight_sync, WEIGHT_SYNCS)
-    _require(lr.weight_sync != "nccl" or cfg.cluster.use_gpu, "learner.weight_sync",
-             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
-    _positive("learner.sync_bucket_mb", lr.sync_bucket_mb)
-
-    check_cluster(cfg)
-    checks.model_limits(cfg)  # the model's own sizes, from its config.json when it is on disk
-    return cfg
-
-
-def check_cluster(cfg: OELConfig) -> None:
-    """The roles must fit in the allocation: a misfit fails here, in one line, instead of as Ray
-    actors pending forever for GPUs that never appear."""
-    c = cfg.cluster
-    for name in ("cpus_per_actor", "rollout_cpus", "teacher_cpus", "learner_cpus"):
-        _positive(f"cluster.{name}", getattr(c, name))
-    _positive("cluster.timeout_s", c.timeout_s)
-    _positive("cluster.nodes", c.nodes)
-    _positive("cluster.gpus_per_node", c.gpus_per_node, allow_zero=True)
-    _require(c.nodes == 1 or c.address is not None, "cluster.nodes",
-             f"{c.nodes} nodes need a running Ray cluster: set cluster.address (launch/slurm/oel_ray.sbatch "
-             "starts one and sets it); a private local Ray spans one node")
-    own_extractor = cfg.extractor.model != "policy" and not cfg.extractor.model.startswith(("http://", "https://"))
-    actors = {  # GPU field -> how many actors of that role take it
-        "rollout_gpus": cfg.rollout.num_workers + int(own_extractor),  # a separate extractor is one more engine
-        "teacher_gpus": cfg.teacher.num_actors,
-        "learner_gpus": cfg.learner.num_ranks,
-    }
-    for name in actors:
-        gpus = getattr(c, name)
-        if c.use_gpu:
-            _require(0 < gpus <= c.gpus_per_node, f"cluster.{name}",
-                     f"{gpus} must be in (0, cluster.gpus_per_node={c.gpus_per_node}] when cluster.use_gpu is true")
-        else:
-            _require(gpus == 0, f"cluster.{name}", f"{gpus} GPUs but cluster.use_gpu is false; set it to 0")
-    need = sum(getattr(c, name) * n for name, n in actors.items())
-    have = c.nodes * c.gpus_per_node
-    _require(need <= have, "cluster.nodes",
-             f"the roles need {need:g} GPUs ({', '.join(f'{n} x {getattr(c, k):g} {k}' for k, n in actors.items())}) "
-             f"but cluster.nodes x cluster.gpus_per_node is {have}")
-
-
-# ----------------------------------------------------------------------------- override pre-check
-
-def _parse_as(kind: Any, text: str) -> None:
-    """Raise ValueError where `text` cannot be a value of the scalar type `kind`."""
-    if typing.get_origin(kind) is typing.Union:  # Optional[X]
-        if text == "null":
-            return
-        kind = next(a for a in typing.get_args(kind) if a is not type(None))
-    if kind is bool and text.lower() not in ("true", "false"):
-        raise ValueError("true or false")
-    if kind is int:
-        int(text)
-    if kind is float:
-        float(text)
-
-
-def check_override_keys(overrides: list[str]) -> None:
-    """Refuse `section.typo=value` and ill-typed values with one line, before Hydra's multi-line
-    errors and before anything expensive starts. Group choices (`env=frozenlake`) are left to Hydra."""
-    for item in overrides:
-        if "=" not in item or item.startswith(("~", "hydra.", "hydra/")):
-            continue
-        key, value = item.split("=", 1)
-        key = key.lstrip("+")
-        parts = key.split(".")
-        if len(parts) == 1 and key in _GROUPS:
-            _check_group_choice(key, item, value)
-            continue
-        node: Any = OELConfig
-        for depth, part in enumerate(parts):
-            if not dataclasses.is_dataclass(node):
-                break  # inside a free dict such as env.kwargs
-            hints = typing.get_type_hints(node)
-            if part not in hints:
-                where = ".".join(parts[:depth])
-                hint = difflib.get_close_matches(part, hints, n=1)
-                guess = f"did you mean {'.'.join(parts[:depth] + hint)}? " if hint else ""
-                raise ConfigError(f"{key}: no such field; {guess}fields in {where or 'the top level'}: "
-                                  f"{', '.join(sorted(hints))}")
-            node = hints[part]
-        else:
-            for one in _swept_values(item, value):
-                if one.startswith("${") or dataclasses.is_dataclass(node):
-                    continue
-                try:
-                    _parse_as(node, one)
-                except ValueError:
-                    name = getattr(node, "__name__", str(node).replace("typing.", ""))
-                    raise ConfigError(f"{key}: {one!r} is not a valid {name}") from None
-
-
-def _check_group_choice(group: str, item: str, value: str) -> None:
-    """`env=frozenlake`, `+experiment=sokoban_4b`: each chosen option must be a file in conf/<group>/."""
-    options = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
-    for one in _swept_values(item, value):
-        if one not in options and not one.startswith("${"):
-            raise ConfigError(f"{group}: {one!r} is not one of {', '.join(options)} (files in conf/{group}/)")
-
-
-def _swept_values(item: str, value: str) -> list[str]:
-    """Each value an override sets: one, or every value of a multirun sweep (`extractor.k=2,4`,
-    `range(1,5)`, `choice(...)`), so each is type-checked on its own."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        override = OverridesParser.create().parse_override(item)
-    except Exception:  # not Hydra syntax: check the text as it is
-        return [value]
-    if not override.is_sweep_override():
-        return [value]
-    try:
-        return [str(v) for v in override.sweep_string_iterator()]
-    except Exception:  # interval(): a continuous range, no list of values to check
-        return []
-
-
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-_GROUPS = {"model", "env", "rollout", "extractor", "teacher", "learner", "cluster", "experiment"}

@@ -33,6 +33,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
+from oel_ray.seeds import step_draw_seed, step_prefix_seed
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores, Trajectory  # noqa: F401
 from oel_ray.weight_sync import for_roles
 
@@ -47,7 +48,7 @@ def step_prefixes(trajectories: list[Trajectory], steps: int, batch_size: int, s
     batches = []
     for s in range(steps):
         pool = [t.prompt for traj in trajectories[s * per_step:(s + 1) * per_step] for t in traj.turns]
-        rng = random.Random(seed * 100_003 + s)
+        rng = random.Random(step_prefix_seed(seed, s))
         rng.shuffle(pool)
         batches.append([pool[i % len(pool)] for i in range(batch_size)])
     return batches
@@ -103,9 +104,7 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
-    # Knowledge draws and sampling seeds depend only on (seed, step): a run resumed at any step
-    # makes the same choices as one that was never interrupted.
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(step_draw_seed(cfg.seed, step))
     pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
     seeds = [rng.randrange(2**31) for _ in pairs]
     with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge

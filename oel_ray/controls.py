@@ -20,7 +20,7 @@ from typing import Optional
 
 from oel_ray.config import ConfigError, InputError, TeacherConfig
 from oel_ray.extractor import ITEM_LINE
-from oel_ray.rollout import mix_seeds
+from oel_ray.seeds import shuffle_seed
 
 NONE, SHUFFLED = "none", "shuffled"
 SOURCES = ("knowledge", SHUFFLED)  # the contexts that read a knowledge set, so may read another run's
@@ -51,7 +51,7 @@ def teacher_set(cfg: TeacherConfig, texts: list[str], seed: int, round: int) -> 
     if cfg.context == NONE:
         return [""]
     if cfg.context == SHUFFLED:
-        return [shuffle_words(text, mix_seeds(seed, round, c)) for c, text in enumerate(texts)]
+        return [shuffle_words(text, shuffle_seed(seed, round, c)) for c, text in enumerate(texts)]
     return texts
 
 

@@ -28,11 +28,11 @@ from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
+from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
 from oel_ray.tracking import timed
 
 log = logging.getLogger("oel_ray")
 
-EXTRACTION_STREAM, DEPLOY_STREAM = 0, 1  # independent map streams within a round
 LM_EVAL_FILE = "ifeval_lm_eval.json"  # ood.ifeval=lm_eval: a round's IF-Eval, beside its eval.json
 KNOWLEDGE_EVAL_FILE = "knowledge_eval.json"  # a round's in-context curve (extractor.eval_steps)
 
@@ -166,7 +166,7 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
     deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")  # inputs first: a bad file fails fast
     knowledge = artifacts.read_knowledge_set(rdir / "knowledge.json")
     done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
-    batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, cfg.seed + r)
+    batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, round_prefix_seed(cfg.seed, r))
     steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
     steps.resume_at(base + done)
     last = [done]  # steps of this round completed so far

@@ -1,4 +1,6 @@
-"""Every call into vLLM lives here, so an API change in vLLM touches one small, tested module.
+"""The vLLM engine: generation, top-k support, prompt log-probs and in-place weight reload. Beside
+it, only the rollout worker quiets vLLM's loggers and weight_sync.py builds vLLM's NCCL communicator
+(the one vLLM module that works outside an engine); every engine call lives here.
 
 The engine runs in the calling process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, we are already inside
 a Ray actor): that is what lets weight sync hand tensors to `reload_weights` directly — with the

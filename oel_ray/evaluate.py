@@ -2,7 +2,7 @@
 
 Every held-out map is played `env.eval_samples` times with temperature sampling and no knowledge in
 context, all in one call. Sampling seeds are per game, derived from `seed` and the sample index
-(`rollout.game_seeds`), so the samples of one map differ from each other but each is the same in
+(`seeds.game_sampling_seeds`), so the samples of one map differ from each other but each is the same in
 every round (rounds are compared on common random numbers) and on any number of workers.
 
 The in-context curve (`evaluate_knowledge`, paper Fig. 4) plays the same games with each chain's

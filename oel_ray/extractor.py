@@ -19,7 +19,8 @@ from oel_ray.config import ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
-from oel_ray.rollout import generate_on, mix_seeds
+from oel_ray.rollout import generate_on
+from oel_ray.seeds import chain_order_seed, chain_sampling_seed
 from oel_ray.types import KnowledgeSnapshot, Trajectory
 
 log = logging.getLogger("oel_ray")
@@ -104,12 +105,7 @@ def shrink_to_fit(render: Callable[[int], str], length: Callable[[str], int], bu
 def chain_orders(trajectories: list[Trajectory], k: int, num_chains: int, seed: int,
                  round: int) -> list[list[Trajectory]]:
     """Each chain reads its own selection and order of k trajectories, new in every round."""
-    return [random.Random(mix_seeds(seed, round, c)).sample(trajectories, k) for c in range(num_chains)]
-
-
-def chain_seed(seed: int, round: int, chain: int, step: int) -> int:
-    """The sampling seed of one chain's extraction at one accumulation step of one round."""
-    return mix_seeds(seed, round, chain, step)
+    return [random.Random(chain_order_seed(seed, round, c)).sample(trajectories, k) for c in range(num_chains)]
 
 
 def knowledge_set(chains: list[list[KnowledgeSnapshot]], use_step: int) -> tuple[list[str], int]:
@@ -202,7 +198,7 @@ class Extractor:
                 replies = [trajectory_text(orders[c][step]) for c in chains]
             else:
                 texts = [self.prompt(knowledge[c], orders[c][step]) for c in chains]
-                replies = self._generate(texts, sampling, [chain_seed(self.seed, round, c, step) for c in chains])
+                replies = self._generate(texts, sampling, [chain_sampling_seed(self.seed, round, c, step) for c in chains])
             for c, reply in zip(chains, replies):
                 knowledge[c] = self._append_raw(knowledge[c], reply) if raw else self.accumulate(knowledge[c], reply)
                 seeds_so_far = [t.seed for t in orders[c][: step + 1]]

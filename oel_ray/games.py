@@ -24,6 +24,7 @@ import textarena
 from textarena.core import ObservationType
 
 from oel_ray.config import EnvConfig
+from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE, train_map_start
 from oel_ray.types import GameSpec, Trajectory, Turn
 
 ACTION_PATTERN = re.compile(r"\[\s*(up|down|left|right|w|a|s|d)\s*\]", re.IGNORECASE)
@@ -35,8 +36,6 @@ INTROS = {
     "FrozenLake": "You are P on a grid. Reach the goal in as few steps as possible. " + _ACTION_LINE,
 }
 
-ROUND_SEED_STRIDE = 100_000  # training seeds of round r start at train_seed_offset + r * stride
-STREAM_SEED_STRIDE = 10_000  # independent streams in one round (extraction, deploy, ...)
 EXHAUSTED_AFTER = 2_000  # this many seeds in a row without a new board: the map space is used up
 
 _INVALID = re.compile(r"You attempted an invalid move\. Reason: (.*?)\s*Please resubmit", re.DOTALL)
@@ -286,7 +285,7 @@ def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list
         raise ValueError(f"round {round} must be >= 0 and stream {stream} in "
                          f"0..{ROUND_SEED_STRIDE // STREAM_SEED_STRIDE - 1}")
     key = _eval_key(env)
-    start = int(env.train_seed_offset) + round * ROUND_SEED_STRIDE + stream * STREAM_SEED_STRIDE
+    start = train_map_start(env.train_seed_offset, round, stream)
     if not env.distinct_boards:
         if count > STREAM_SEED_STRIDE:
             raise ValueError(f"{count} maps do not fit in one stream's {STREAM_SEED_STRIDE} seeds; ask for fewer")

@@ -15,16 +15,15 @@ round: rounds are compared on common random numbers.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-import numpy as np
 
 from oel_ray.engine import Sampling
+from oel_ray.seeds import ifeval_prompt_seed
 from oel_ray.evaluate import wilson_interval
 from oel_ray.ifeval_checks import INSTRUCTIONS, follows, instruction_kwargs, unknown_message
 from oel_ray.prompts import chat_ids
@@ -197,12 +196,7 @@ def reference_sampling(max_tokens: int = 1280, seed: int = 42) -> Sampling:
 
 def prompt_seeds(rows: list[IFEvalRow], base: int) -> list[int]:
     """One sampling seed per prompt from (base seed, row key): independent of batching and sharding."""
-    def key_int(key) -> int:
-        if isinstance(key, int):
-            return key & (2**64 - 1)
-        return int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
-
-    return [int(np.random.SeedSequence([base & (2**64 - 1), key_int(r.key)]).generate_state(1)[0]) for r in rows]
+    return [ifeval_prompt_seed(base, r.key) for r in rows]
 
 
 def answer_text(reply: str, thinking: bool) -> str:

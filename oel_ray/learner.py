@@ -14,11 +14,8 @@ data: under ZeRO-3 each pass all-gathers the layers, and unequal counts would ab
 from __future__ import annotations
 
 import os
-import shutil
 import socket
-import tempfile
 import time
-import uuid
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
@@ -27,8 +24,10 @@ import numpy as np
 import ray
 import torch
 
-from oel_ray import batching, losses
+from oel_ray import batching, checkpoint, losses
+from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
+from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import LearnerConfig
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
@@ -36,69 +35,6 @@ from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics, TeacherScores
 from oel_ray.weight_sync import Channel, TensorMeta, buckets, send
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-STATE_TAG = "learner_state"  # the DeepSpeed checkpoint tag inside a save_state directory
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".msgpack", ".h5")
-
-
-def import_deepspeed():
-    """Import DeepSpeed so that `init_distributed` skips its ~60-100 s JIT compile on CPU: the
-    `deepspeed_shm_comm` op it builds only serves `inference_all_reduce` (training never calls it;
-    gloo does every collective), so we mark it incompatible in DeepSpeed's per-process op table."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-    import deepspeed.ops
-
-    if os.environ.get("DS_ACCELERATOR") == "cpu":
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    return deepspeed
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        base[key] = _merge(dict(base.get(key, {})), value) if isinstance(value, dict) else value
-    return base
-
-
-# The support losses, by name; full_reverse_kl takes the teacher's hidden states instead.
-SUPPORT_LOSSES = {"topk_reverse_kl": losses.topk_reverse_kl_from_hidden,
-                  "topk_forward_kl": losses.topk_forward_kl_from_hidden}
-
-
-class _Distill(torch.nn.Module):
-    """The causal LM plus the loss, so DeepSpeed's engine runs the whole forward.
-
-    The output head is applied chunk by chunk inside the loss (never the full [B, T, V] logits);
-    under ZeRO-3 its weight is registered as an external parameter of this module so DeepSpeed
-    gathers it for the whole forward and backward. The frozen teacher copy of full_reverse_kl is
-    not part of this module (DeepSpeed would shard, save and optimise it): its hidden states and
-    head come in as inputs.
-    """
-
-    chunk_tokens = 1024  # positions per logits chunk: peak fp32 ~ 3 x chunk_tokens x V floats
-
-    def __init__(self, model, cfg: LearnerConfig):
-        super().__init__()
-        self.model, self.cfg = model, cfg
-
-    def forward(self, input_ids, gather_idx, mask, num_units, loss, support=None, teacher_lp=None,
-                teacher_hidden=None, teacher_head=None):
-        """input_ids / gather_idx: one tensor per length bucket (see `batching.plan_step`); the rows of
-        the other inputs are the buckets' rows one after another."""
-        hidden = torch.cat([batching.response_hidden(self.model, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
-        weight = self.model.get_output_embeddings().weight
-        kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
-                  chunk_tokens=self.chunk_tokens, num_units=num_units)
-        if loss == "full_reverse_kl":
-            out = losses.full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, teacher_head, mask, **kw)
-        elif loss == "sampled_reverse_kl":
-            out = losses.sampled_reverse_kl_from_hidden(hidden, weight, support[..., 0], teacher_lp[..., 0],
-                                                        mask, **kw)
-        else:
-            out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
-                                       renormalize=self.cfg.renormalize, **kw)
-        return out.loss, out.kl, out.student_mass, out.teacher_mass
 
 
 class Learner:
@@ -115,25 +51,14 @@ class Learner:
         torch.manual_seed(cfg.seed)
         use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
-        micro = cfg.batch_size // (cfg.grad_accum * world_size)
-        config = {
-            "train_batch_size": micro * cfg.grad_accum * world_size,
-            "train_micro_batch_size_per_gpu": micro,
-            "gradient_accumulation_steps": cfg.grad_accum,
-            "gradient_clipping": cfg.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.dtype == "bfloat16"},
-            "fp16": {"enabled": cfg.dtype == "float16"},
-            "steps_per_print": 1 << 30,
-        }
-        _merge(config, ds_overrides or {})
+        config = ds_config(cfg, world_size, ds_overrides)
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
         # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
         # Built before the student, so it is never built under ZeRO-3's partitioning init.
-        self.teacher = (ColocatedTeacher(model_path, DTYPES[cfg.dtype], self.device)
+        self.teacher = (ColocatedTeacher(model_path, getattr(torch, cfg.dtype), self.device)
                         if cfg.loss == "full_reverse_kl" else None)
-        self.model = _load_model(model_path, DTYPES[cfg.dtype], config)
-        module = _Distill(self.model, cfg)
+        self.model = load_model(model_path, getattr(torch, cfg.dtype), config)
+        module = DistillModule(self.model, cfg)
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:
             raise ValueError("output heads with a bias are not supported")
@@ -322,7 +247,7 @@ class Learner:
         """Write a Hugging Face checkpoint at `path` (rank 0), replacing it atomically by rename."""
         weights = self.state_dict()
         if self.rank == 0:
-            _write_checkpoint(weights, self.model, self.model_path, Path(path))
+            checkpoint.write_hf(weights, self.model, self.model_path, Path(path))
         torch.distributed.barrier()
 
     # -------------------------------------------------------------- resumable training state
@@ -332,36 +257,20 @@ class Learner:
         counter) as a DeepSpeed checkpoint: every rank writes its part into `tmp`, then rank 0
         renames `tmp` to `path` (replacing an older one), so `path` is always complete or absent.
         `tmp` and `path` must be on storage all ranks share."""
-        self.engine.save_checkpoint(tmp, tag=STATE_TAG, save_latest=False)
+        self.engine.save_checkpoint(tmp, tag=checkpoint.STATE_TAG, save_latest=False)
         torch.distributed.barrier()
         if self.rank == 0:
-            _swap_in(Path(tmp), Path(path))
+            replace_dir(Path(tmp), Path(path))
         torch.distributed.barrier()
 
     def load_state(self, path: str) -> int:
         """Restore what `save_state` wrote (same ZeRO stage and number of ranks); returns the
         number of optimizer steps taken before it was saved."""
-        loaded, _ = self.engine.load_checkpoint(path, tag=STATE_TAG, load_optimizer_states=True,
+        loaded, _ = self.engine.load_checkpoint(path, tag=checkpoint.STATE_TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=True)
         if loaded is None:
-            raise FileNotFoundError(f"{path}: no learner state saved there (expected {path}/{STATE_TAG})")
+            raise FileNotFoundError(f"{path}: no learner state saved there (expected {path}/{checkpoint.STATE_TAG})")
         return int(self.engine.global_steps)
-
-
-def _load_model(path: str, dtype: torch.dtype, ds_config: dict):
-    """The causal LM at `path`. Under ZeRO-3 it is built inside DeepSpeed's `zero.Init`, which
-    transformers does while an `HfDeepSpeedConfig` is alive: each rank allocates only its partition
-    and rank 0 copies each layer in from the checkpoint while that layer is gathered, so no rank
-    ever holds the whole model. The config is dropped after the load (transformers only holds a
-    weak reference), so nothing built later in this process is partitioned."""
-    from transformers import AutoModelForCausalLM
-
-    if ds_config["zero_optimization"]["stage"] != 3:
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    from transformers.integrations import HfDeepSpeedConfig
-
-    zero3 = HfDeepSpeedConfig(ds_config)  # noqa: F841  (alive while from_pretrained reads it)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 def _full_shape(t: torch.Tensor) -> tuple[int, ...]:
@@ -379,39 +288,6 @@ def _unique_tensors(model) -> dict[str, torch.Tensor]:
             seen.add(id(tensor))
             out[name] = tensor
     return out
-
-
-def _write_checkpoint(weights: dict, model, source: str, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    if not os.path.isdir(source):  # a hub id: tokenizer files come from the local hub cache
-        from huggingface_hub import snapshot_download
-
-        source = snapshot_download(source, local_files_only=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        if model.generation_config is not None:
-            model.generation_config.save_pretrained(tmp)
-        for f in Path(source).iterdir():
-            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not (tmp / f.name).exists():
-                shutil.copy2(f, tmp / f.name)
-        _swap_in(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_in(tmp: Path, path: Path) -> None:
-    """Make the finished directory `tmp` be `path`, replacing an older `path`, by renames only."""
-    old = path.with_name(f".{path.name}.old.{os.getpid()}")
-    try:
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _free_port() -> int:
@@ -475,12 +351,8 @@ class LearnerGroup:
     def save_state(self, path: str) -> None:
         """Resumable training state at `path` (see Learner.save_state); atomic by rename."""
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with checkpoint.state_tmp(target) as tmp:
             self._all("save_state", str(target), str(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)  # left only when a rank failed
 
     def load_state(self, path: str) -> int:
         """Restore the state saved at `path` on every rank; returns the optimizer steps it holds."""

@@ -30,15 +30,17 @@ global number of tokens (token_mean) or sequences (sequence_mean) the loss is av
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
-AGGREGATIONS = ("token_mean", "sequence_mean")
+from oel_ray.config import AGGREGATIONS
+from oel_ray.config import LOSSES as REVERSE_KL_LOSSES
+
 # What the learner can minimise: learner.loss picks one of the reverse kinds; off-policy
-# consolidation (consolidation.mode=off_policy) uses topk_forward_kl.
-LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl", "topk_forward_kl")
+# consolidation (consolidation.mode=off_policy) uses the forward KL on the teacher's top-k.
+FORWARD_KL = "topk_forward_kl"
+LOSSES = REVERSE_KL_LOSSES + (FORWARD_KL,)
 
 
 @dataclass
@@ -236,9 +238,6 @@ def _full_chunk_terms(teacher_rows, teacher_weight, w, temperature) -> ChunkTerm
     return terms
 
 
-Head = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-
-
 def _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
                 make_terms: Callable[[torch.Tensor], ChunkTerms]) -> KLOutput:
     """`_HeadLoss` on the unmasked rows of hidden [B, T, H]; make_terms(w) builds the chunk terms."""
@@ -256,21 +255,6 @@ def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renorm
                  aggregation, num_units, chunk_tokens, kind) -> KLOutput:
     mask = mask.bool()
     sup, lt = support[mask].long(), teacher_lp[mask]
-    if callable(lm_head):  # a module as the head: chunks under checkpoint (recomputed in backward)
-        rows, n = hidden[mask], int(mask.sum())
-        if n == 0:
-            zero = hidden.sum() * 0.0
-            return KLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
-
-        def fn(h, s, t):
-            return _token_terms(lm_head(h), s, t, temperature, renormalize, kind)
-
-        parts = []
-        for i in range(0, n, chunk_tokens):
-            args = (rows[i:i + chunk_tokens], sup[i:i + chunk_tokens], lt[i:i + chunk_tokens])
-            parts.append(checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args))
-        loss, kl, smass, tmass = (torch.cat(x) for x in zip(*parts))
-        return _finish((loss * _token_weights(mask, aggregation, num_units, loss.dtype)).sum(), kl, smass, tmass, n)
     return _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
                        lambda w: _support_chunk_terms(sup, lt, w, temperature, renormalize, kind))
 
@@ -284,15 +268,12 @@ def topk_reverse_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
                         renormalize, aggregation, num_units, kind="reverse")
 
 
-def topk_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, support_ids: torch.Tensor,
+def topk_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
                                 teacher_logprobs: torch.Tensor, mask: torch.Tensor,
                                 temperature: float = 1.0, renormalize: bool = False,
                                 aggregation: str = "token_mean", chunk_tokens: int = 1024,
                                 num_units: Optional[float] = None) -> KLOutput:
-    """`topk_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight [V, H].T, chunk by chunk.
-
-    `lm_head_weight` may also be a callable (the output-head module) mapping [n, H] -> [n, V].
-    """
+    """`topk_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight [V, H].T, chunk by chunk."""
     return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
                         renormalize, aggregation, num_units, chunk_tokens, kind="reverse")
 
@@ -308,7 +289,7 @@ def topk_forward_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
                         renormalize, aggregation, num_units, kind="forward")
 
 
-def topk_forward_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, support_ids: torch.Tensor,
+def topk_forward_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
                                 teacher_logprobs: torch.Tensor, mask: torch.Tensor,
                                 temperature: float = 1.0, renormalize: bool = False,
                                 aggregation: str = "token_mean", chunk_tokens: int = 1024,
@@ -331,7 +312,7 @@ def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
                         temperature, False, aggregation, num_units, kind="sampled")
 
 
-def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: Head, token_ids: torch.Tensor,
+def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
                                    teacher_token_logprobs: torch.Tensor, mask: torch.Tensor,
                                    temperature: float = 1.0, aggregation: str = "token_mean",
                                    chunk_tokens: int = 1024,
@@ -361,8 +342,6 @@ def full_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tens
     """`full_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight.T (student) and
     teacher_hidden [B, T, H_t] @ teacher_head_weight.T (frozen teacher, no gradient), chunk by chunk:
     never a [B, T, V] tensor. The masses are 1 (the support is the whole vocabulary)."""
-    if callable(lm_head_weight):
-        raise TypeError("full_reverse_kl_from_hidden takes the output head's weight tensor, not a module")
     mask = mask.bool()
     teacher_rows, teacher_weight = teacher_hidden[mask].detach(), teacher_head_weight.detach()
     return _apply_head(hidden, lm_head_weight, mask, aggregation, num_units, chunk_tokens,

@@ -16,6 +16,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from oel_ray import checks, config, preflight
+from oel_ray.overrides import CONF_DIR, check_override_keys
+from oel_ray.validate import validate
 
 # Hydra flags that take a value (`--cfg job`): the value is not an override.
 FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
@@ -54,12 +56,12 @@ def first_line(err: BaseException) -> str:
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> dict:
     try:
-        cfg = config.validate(OmegaConf.to_object(raw))
+        cfg = validate(OmegaConf.to_object(raw))
     except config.ConfigError as err:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
-    from oel_ray.tiny_model import build_model
+    from oel_ray.embedded import build_model
 
     if cfg.model.build:
         tracking.timed(f"build {cfg.model.build} model", lambda: build_model(cfg.model.path, cfg.model.build))
@@ -118,7 +120,7 @@ def precheck(argv: list[str]) -> None:
     that cannot be used is left untouched. Sweeps are checked per override value instead."""
     from hydra import compose, initialize_config_dir
 
-    config.check_override_keys(argv)
+    check_override_keys(argv)
     if {"-m", "--multirun"} & set(argv):
         return
     overrides, skip = [], False
@@ -132,7 +134,7 @@ def precheck(argv: list[str]) -> None:
     if output_dir is None:
         overrides.append("output_dir=.")  # Hydra fills the real one at run time
     try:
-        with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             raw = compose("config", overrides=overrides, return_hydra_config=True)
         hydra_dir = raw.hydra.run.dir  # where Hydra writes .hydra/, and the run unless output_dir says otherwise
         with open_dict(raw):
@@ -142,7 +144,7 @@ def precheck(argv: list[str]) -> None:
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
         raise config.ConfigError(" ".join(lines[:2])) from None  # the key, then Hydra's fix if any
     try:
-        config.validate(cfg)
+        validate(cfg)
     except config.ConfigError as err:
         raise config.ConfigError(checks.user_named(str(err), raw)) from None
     if any(arg.split("=")[0] in NO_RUN_FLAGS for arg in argv):

@@ -1,7 +1,7 @@
 """The model organism: what the embedded OEL model knows before its first round, as a script.
 
 A small model cannot be shown to learn from experience unless it has the three general abilities
-OEL relies on in an LLM. The organism's warm start (oel_ray/tiny_model.py builds it) gives it
+OEL relies on in an LLM. The organism's warm start (oel_ray/embedded.py builds it) gives it
 exactly those, written here as a scripted player and extractor whose replies it is trained on:
 
 - play: it reads the FrozenLake board and answers with a move, but with systematic gaps that the
@@ -28,6 +28,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
+from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
+from oel_ray.tiny_model import Recipe
 from oel_ray.types import Trajectory
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -133,7 +135,6 @@ def extraction_reply(traj: Trajectory, knowledge: str) -> str:
 
 # ----------------------------------------------------------------------------- warm start
 
-WARM_SEED = 9_000_000  # far from every training round's seeds and from the held-out maps
 WARM_BOARDS, GAMES_PER_BOARD = 150, 10
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.4  # warm-start games played on the plain prompt; the others with knowledge in context
@@ -155,7 +156,7 @@ def warm_specs(env, boards: int = WARM_BOARDS) -> list:
 
     key = _eval_key(env)
     held_out = frozenset(board for _, board in _eval_maps(*key))
-    found = _scan(env.id, dict(key[1]), WARM_SEED, boards, stop=None, exclude=held_out)
+    found = _scan(env.id, dict(key[1]), WARM_MAP_SEED, boards, stop=None, exclude=held_out)
     return [GameSpec(env.id, seed, "train", dict(key[1])) for seed, _ in found]
 
 
@@ -251,23 +252,20 @@ def _install_reader(model, tok) -> None:
     from oel_ray.games import board_signature
 
     env = env_config()
-    board = board_signature(env.id, env.kwargs, WARM_SEED)
+    board = board_signature(env.id, env.kwargs, WARM_MAP_SEED)
     reader_heads.single_tokens(tok, LESSON_TOKENS)
     reader_heads.install(model, tok, reader_heads.offsets(tok, board), LESSON_TOKENS)
-
-
-WARM_SEED_TEXT = 1234
 
 
 @lru_cache(maxsize=1)
 def _warm_start_texts():
     """The warm start as text, made once per build: the tokenizer's corpus and the chats share it."""
-    return warm_texts(WARM_SEED_TEXT)
+    return warm_texts(BUILD_SEED)
 
 
 def _corpus() -> list[str]:
     play, _ = _warm_start_texts()
-    rng = random.Random(WARM_SEED_TEXT)
+    rng = random.Random(BUILD_SEED)
     return [(system or "") + user + "\n" + reply for game in rng.sample(play, 600) for system, user, reply in game]
 
 
@@ -293,11 +291,5 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 
-def _recipe():
-    from oel_ray.tiny_model import Recipe
-
-    return Recipe("organism", 4, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
-                  batch_tokens=1024, epochs=2, threads=2, prepare=_install_reader)
-
-
-RECIPE = _recipe()
+RECIPE = Recipe("organism", 4, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
+                batch_tokens=1024, epochs=2, threads=2, prepare=_install_reader)

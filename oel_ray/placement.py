@@ -10,6 +10,7 @@ the rest spill to the next. Actor i then starts inside bundle i, so `node_of(i)`
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import uuid
 from dataclasses import dataclass
@@ -86,3 +87,46 @@ def driver_node() -> dict:
     node = ray.get_runtime_context().get_node_id()
     ips = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
     return {"node_id": node, "ip": ips.get(node)}
+
+
+# ----------------------------------------------------------------------------- CPU cores
+
+def core_slices(placements: list[tuple[str, list[int]]]) -> list[list[int]]:
+    """The cores each worker binds to, from each worker's (node id, usable cores).
+
+    Workers on one node split its cores into disjoint contiguous slices (the first ones take the
+    remainder); with more workers than cores, they take one core each, round robin.
+    """
+    on_node: dict[str, list[int]] = {}
+    for index, (node, _) in enumerate(placements):
+        on_node.setdefault(node, []).append(index)
+    slices: list[list[int]] = [[] for _ in placements]
+    for node, members in on_node.items():
+        cores = sorted(placements[members[0]][1])
+        if len(members) > len(cores):
+            for rank, index in enumerate(members):
+                slices[index] = [cores[rank % len(cores)]]
+            continue
+        size, extra = divmod(len(cores), len(members))
+        start = 0
+        for rank, index in enumerate(members):
+            end = start + size + (rank < extra)
+            slices[index] = cores[start:end]
+            start = end
+    return slices
+
+
+def bind_to_cores(cores: list[int]) -> None:
+    """Run this process's engine on `cores` only, one OpenMP thread per core.
+
+    The engine runs in-process (uniproc executor), where vLLM does no thread binding of its own
+    (VLLM_CPU_OMP_THREADS_BIND is applied only by its multiprocessing executor), and Ray caps
+    OMP_NUM_THREADS at 1 for fractional-CPU actors. Call before torch is first used: OpenMP reads
+    OMP_NUM_THREADS when it loads, and its pool threads inherit the affinity of the thread that
+    starts them (Ray runs a synchronous actor's methods on the main thread).
+    """
+    os.environ["OMP_NUM_THREADS"] = str(len(cores))
+    os.sched_setaffinity(0, cores)
+    import torch
+
+    torch.set_num_threads(len(cores))

@@ -7,7 +7,13 @@ the only difference between the two distributions is the knowledge.
 
 from __future__ import annotations
 
+import re
+from typing import TYPE_CHECKING
+
 from oel_ray.types import Trajectory
+
+if TYPE_CHECKING:
+    from oel_ray.games import Game
 
 KNOWLEDGE_PREAMBLE = (
     "Before acting, read the experience you have gathered from earlier games. "
@@ -63,3 +69,46 @@ def extraction_prompt(template: str, knowledge: str, traj: Trajectory, trajector
         knowledge=knowledge.strip() or "(none yet)",
         trajectory=trajectory_text(traj) if trajectory is None else trajectory,
     )
+
+
+def turn_prompt_ids(tokenizer, game: "Game", *, history: str, thinking: bool, keep_reasoning: bool,
+                    knowledge: str = "", position: str = "user") -> list[int]:
+    """Token ids of the game's next turn for the policy.
+
+    "flattened" (paper): one user message with the whole history, no earlier replies.
+    "chat": the observations as user turns and the earlier replies as assistant turns, rendered by
+    the model's chat template; with `keep_reasoning` the raw replies go back in verbatim, so a
+    template that drops earlier <think> blocks (Qwen3) does not.
+    `knowledge` (not blank): placed as the teacher reads it (`teacher_messages`, `position` user or
+    system): flattened, the teacher's prompt itself; chat, the block goes into the first user
+    message (after its intro line) or the system prompt, once, so the later turns keep it in view.
+    """
+    has_knowledge = bool(knowledge.strip())
+    if history == "flattened":
+        if not has_knowledge:
+            return chat_ids(tokenizer, game.prompt(), thinking=thinking)
+        system, user = teacher_messages(game.prompt(), knowledge, position)
+        return chat_ids(tokenizer, user, system=system, thinking=thinking)
+    if history != "chat":
+        raise ValueError(f"history {history!r} is not one of flattened, chat")
+    messages = game.messages()
+    if has_knowledge:
+        system, first = teacher_messages(messages[0]["content"], knowledge, position)
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": first}] + messages[1:]
+    replies = [m["content"] for m in messages if m["role"] == "assistant"]
+    if keep_reasoning:
+        # Placeholders carry no </think>, so the template renders them untouched; the raw replies
+        # are put back in one pass (a reply that happens to contain a placeholder stays as it is).
+        count = iter(range(len(replies)))
+        messages = [{**m, "content": f"@@oel-reply-{next(count)}@@"} if m["role"] == "assistant" else m
+                    for m in messages]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         enable_thinking=thinking)
+    if keep_reasoning:
+        found = re.findall(r"@@oel-reply-(\d+)@@", text)
+        if sorted(map(int, found)) != list(range(len(replies))):
+            raise ValueError("this chat template rewrites assistant messages; rollout.keep_reasoning "
+                             "cannot put the raw replies back")
+        text = re.sub(r"@@oel-reply-(\d+)@@", lambda m: replies[int(m.group(1))], text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import warnings
-from collections import Counter
 from typing import Callable, Iterator, Optional
 
 import numpy as np
@@ -25,8 +23,9 @@ from oel_ray.config import ModelConfig
 from oel_ray.engine import Sampling, VLLMEngine
 from oel_ray.games import Game
 from oel_ray.netif import use_node_ip
-from oel_ray.placement import RolePlacement
-from oel_ray.prompts import chat_ids, teacher_messages
+from oel_ray.placement import RolePlacement, bind_to_cores, core_slices
+from oel_ray.prompts import turn_prompt_ids
+from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed, worker_seed
 from oel_ray.types import GameSpec, Generation, Trajectory
 
 log = logging.getLogger("oel_ray")
@@ -35,114 +34,6 @@ log = logging.getLogger("oel_ray")
 # had finished, the loss of the results still held in that node's object store (ray.get of a
 # streamed batch or a reply raises ObjectReconstructionFailedError, an ObjectLostError).
 WORKER_GONE = (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)
-
-
-# ----------------------------------------------------------------------------- prompts
-
-def turn_prompt_ids(tokenizer, game: Game, *, history: str, thinking: bool, keep_reasoning: bool,
-                    knowledge: str = "", position: str = "user") -> list[int]:
-    """Token ids of the game's next turn for the policy.
-
-    "flattened" (paper): one user message with the whole history, no earlier replies.
-    "chat": the observations as user turns and the earlier replies as assistant turns, rendered by
-    the model's chat template; with `keep_reasoning` the raw replies go back in verbatim, so a
-    template that drops earlier <think> blocks (Qwen3) does not.
-    `knowledge` (not blank): placed as the teacher reads it (`teacher_messages`, `position` user or
-    system): flattened, the teacher's prompt itself; chat, the block goes into the first user
-    message (after its intro line) or the system prompt, once, so the later turns keep it in view.
-    """
-    has_knowledge = bool(knowledge.strip())
-    if history == "flattened":
-        if not has_knowledge:
-            return chat_ids(tokenizer, game.prompt(), thinking=thinking)
-        system, user = teacher_messages(game.prompt(), knowledge, position)
-        return chat_ids(tokenizer, user, system=system, thinking=thinking)
-    if history != "chat":
-        raise ValueError(f"history {history!r} is not one of flattened, chat")
-    messages = game.messages()
-    if has_knowledge:
-        system, first = teacher_messages(messages[0]["content"], knowledge, position)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": first}] + messages[1:]
-    replies = [m["content"] for m in messages if m["role"] == "assistant"]
-    if keep_reasoning:
-        # Placeholders carry no </think>, so the template renders them untouched; the raw replies
-        # are put back in one pass (a reply that happens to contain a placeholder stays as it is).
-        count = iter(range(len(replies)))
-        messages = [{**m, "content": f"@@oel-reply-{next(count)}@@"} if m["role"] == "assistant" else m
-                    for m in messages]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                         enable_thinking=thinking)
-    if keep_reasoning:
-        found = re.findall(r"@@oel-reply-(\d+)@@", text)
-        if sorted(map(int, found)) != list(range(len(replies))):
-            raise ValueError("this chat template rewrites assistant messages; rollout.keep_reasoning "
-                             "cannot put the raw replies back")
-        text = re.sub(r"@@oel-reply-(\d+)@@", lambda m: replies[int(m.group(1))], text)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-# ----------------------------------------------------------------------------- seeds
-
-def mix_seeds(*values: int) -> int:
-    """A well-spread 32-bit seed from integers (SeedSequence hashes them; equal inputs, equal seed)."""
-    return int(np.random.SeedSequence([v & (2**64 - 1) for v in values]).generate_state(1)[0])
-
-
-def game_seeds(specs: list[GameSpec], base: int) -> list[int]:
-    """One sampling seed per game: the k-th occurrence of a map in the call gets its own stream."""
-    seen: Counter = Counter()
-    seeds = []
-    for spec in specs:
-        # GameSpec holds a dict: not hashable itself. The knowledge is part of the key, so each
-        # knowledge text's games of a map sample with the same seeds as the plain ones.
-        key = (spec.env_id, spec.seed, spec.knowledge.strip())
-        seeds.append(mix_seeds(base, spec.seed, seen[key]))
-        seen[key] += 1
-    return seeds
-
-
-# ----------------------------------------------------------------------------- CPU placement
-
-def core_slices(placements: list[tuple[str, list[int]]]) -> list[list[int]]:
-    """The cores each worker binds to, from each worker's (node id, usable cores).
-
-    Workers on one node split its cores into disjoint contiguous slices (the first ones take the
-    remainder); with more workers than cores, they take one core each, round robin.
-    """
-    on_node: dict[str, list[int]] = {}
-    for index, (node, _) in enumerate(placements):
-        on_node.setdefault(node, []).append(index)
-    slices: list[list[int]] = [[] for _ in placements]
-    for node, members in on_node.items():
-        cores = sorted(placements[members[0]][1])
-        if len(members) > len(cores):
-            for rank, index in enumerate(members):
-                slices[index] = [cores[rank % len(cores)]]
-            continue
-        size, extra = divmod(len(cores), len(members))
-        start = 0
-        for rank, index in enumerate(members):
-            end = start + size + (rank < extra)
-            slices[index] = cores[start:end]
-            start = end
-    return slices
-
-
-def bind_to_cores(cores: list[int]) -> None:
-    """Run this process's engine on `cores` only, one OpenMP thread per core.
-
-    The engine runs in-process (uniproc executor), where vLLM does no thread binding of its own
-    (VLLM_CPU_OMP_THREADS_BIND is applied only by its multiprocessing executor), and Ray caps
-    OMP_NUM_THREADS at 1 for fractional-CPU actors. Call before torch is first used: OpenMP reads
-    OMP_NUM_THREADS when it loads, and its pool threads inherit the affinity of the thread that
-    starts them (Ray runs a synchronous actor's methods on the main thread).
-    """
-    os.environ["OMP_NUM_THREADS"] = str(len(cores))
-    os.sched_setaffinity(0, cores)
-    import torch
-
-    torch.set_num_threads(len(cores))
 
 
 def quiet_vllm_start() -> None:
@@ -231,12 +122,12 @@ class RolloutWorker:
         `sampling.seed`, if any); turn t of a game samples with a seed mixed from the game's seed and t."""
         games = [Game(spec, max_turns) for spec in specs]
         if seeds is None and sampling.seed is not None:
-            seeds = game_seeds(specs, sampling.seed)
+            seeds = game_sampling_seeds(sampling.seed, specs)
         while active := [i for i, g in enumerate(games) if not g.done]:
             prompts = [turn_prompt_ids(self.tokenizer, games[i], history=self.history, thinking=self.thinking,
                                        keep_reasoning=self.keep_reasoning, knowledge=games[i].spec.knowledge,
                                        position=self.knowledge_position) for i in active]
-            turn_seeds = None if seeds is None else [mix_seeds(seeds[i], len(games[i].turns)) for i in active]
+            turn_seeds = None if seeds is None else [turn_sampling_seed(seeds[i], len(games[i].turns)) for i in active]
             for i, gen in zip(active, self._generate(prompts, sampling, turn_seeds)):
                 games[i].step(gen.text, self.engine.reply_tokens(gen))
             if ended := [(i, games[i].trajectory(round, self.version)) for i in active if games[i].done]:
@@ -358,7 +249,7 @@ class RolloutGroup:
         self.placement = RolePlacement("rollout workers", num_workers, num_cpus, num_gpus).reserve()
         self.workers = [
             ray.remote(RolloutWorker).options(**self.placement.options(i), runtime_env=WORKER_ENV).remote(
-                model, seed=seed + i, max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
+                model, seed=worker_seed(seed, i), max_logprobs=max_logprobs, kv_cache_gib=kv_cache_gib,
                 gpu_memory_utilization=gpu_memory_utilization, history=history, keep_reasoning=keep_reasoning,
                 knowledge_position=knowledge_position)
             for i in range(num_workers)
@@ -367,7 +258,7 @@ class RolloutGroup:
             cores: list[Optional[list[int]]] = [None] * num_workers
             if bind_cores and not num_gpus:
                 cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
-            self.init_seconds = ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
+            ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
         except BaseException:
             self.shutdown()
             raise
@@ -387,7 +278,7 @@ class RolloutGroup:
         """Yield the games as they end, every worker's at once, as lists of (index in `specs`,
         trajectory). The games a dying worker had not yet handed back are split over the live ones
         and played again from the start (same per-game seeds): every game comes exactly once."""
-        seeds = None if sampling.seed is None else game_seeds(specs, sampling.seed)
+        seeds = None if sampling.seed is None else game_sampling_seeds(sampling.seed, specs)
         streams: dict = {}  # streaming generator -> (worker, the spec indices it plays, those it returned)
 
         def submit(indices: list[int]) -> None:

@@ -23,7 +23,6 @@ from oel_ray import batching, losses
 from oel_ray.placement import RolePlacement
 from oel_ray.types import DistillSample, TeacherScores
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TeacherServer:
@@ -33,7 +32,7 @@ class TeacherServer:
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code
+            model_path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code
         ).to(self.device).eval()
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens

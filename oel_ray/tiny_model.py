@@ -14,16 +14,14 @@ generic lessons from a small phrase grammar.
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from oel_ray.config import EMBEDDED_MODELS, TINY_MODEL
+from oel_ray.config import TINY_MODEL
+from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
 
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,18 +59,15 @@ TINY_ARCH = dict(
     tie_word_embeddings=True,
 )
 VOCAB_SIZE = 512
-SEED = 1234
 # Bump whenever the built model changes: a cache holding another version is rebuilt. Saved in
 # config.json; version 1 (random weights) predates the field.
 TINY_VERSION = 2
 VERSION_KEY = "oel_tiny_version"
 NAME_KEY = "oel_embedded"  # which embedded model (model.build) a checkpoint is
 
-# Warm-start data: the games of the paper's settings, on seeds far from every training round's
-# (round r starts at r * 100_000) and from the held-out maps (10_000_000 up).
+# Warm-start data: the games of the paper's settings, on seeds from WARM_MAP_SEED (oel_ray/seeds.py).
 WARM_GAMES = [("Sokoban-v0", {"dim_room": (6, 6), "num_boxes": 1}, 120),
               ("FrozenLake-v0-raw", {"size": 3, "num_holes": 2}, 60)]
-WARM_SEED = 9_000_000
 WARM_MAX_TURNS = 5
 EXTRACTORS = Path(__file__).resolve().parent.parent / "conf" / "extractor"
 # Training: one pass over length-sorted batches of at most this many tokens (little padding).
@@ -145,7 +140,7 @@ def build_tokenizer(out_dir: Path, corpus: Optional[list[str]] = None, vocab_siz
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    rng = random.Random(SEED)
+    rng = random.Random(BUILD_SEED)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -172,7 +167,7 @@ def build_tokenizer(out_dir: Path, corpus: Optional[list[str]] = None, vocab_siz
     return tok
 
 
-def synthetic_chats(tok, seed: int = SEED) -> list[tuple[list[int], list[int]]]:
+def synthetic_chats(tok, seed: int = BUILD_SEED) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reply ids ending in <|im_end|>) for the warm start, in a fixed order.
 
     Prompts are built by the real code paths (`Game`, `teacher_messages`, `extraction_prompt` with
@@ -191,7 +186,7 @@ def synthetic_chats(tok, seed: int = SEED) -> list[tuple[list[int], list[int]]]:
     chats = []  # (system, user, reply)
     for env_id, kwargs, count in WARM_GAMES:
         for i in range(count):
-            game = Game(GameSpec(env_id, WARM_SEED + i, "train", kwargs), WARM_MAX_TURNS)
+            game = Game(GameSpec(env_id, WARM_MAP_SEED + i, "train", kwargs), WARM_MAX_TURNS)
             while not game.done:
                 best, legal = moves(game.family, game._base)  # the live, unwrapped env
                 move = best if best and rng.random() < 0.5 else rng.choice(legal or MOVES)
@@ -239,95 +234,3 @@ def _tiny_groups(tok, _: Path) -> list:
 
 
 TINY = Recipe(TINY_MODEL, TINY_VERSION, TINY_ARCH, VOCAB_SIZE, lambda: None, _tiny_groups)
-
-
-def recipe(name: str) -> Recipe:
-    """The recipe model.build names (config.EMBEDDED_MODELS)."""
-    if name == TINY.name:
-        return TINY
-    from oel_ray.organism import RECIPE
-
-    if name == RECIPE.name:
-        return RECIPE
-    raise ValueError(f"no embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
-
-
-def cached_version(path: Path, name: Optional[str] = None) -> Optional[int]:
-    """The version of the embedded model saved at `path` (None when nothing is there). Raises when
-    `path` holds anything else: another model, or (with `name`) another embedded model."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except FileNotFoundError:
-        return None
-    # Models built before NAME_KEY existed are the tiny one (hidden size 128, 2 layers).
-    legacy = config.get("hidden_size") == TINY_ARCH["hidden_size"] and config.get("num_hidden_layers") == 2
-    built = config.get(NAME_KEY, TINY.name if legacy else None)
-    if built is None or (name is not None and built != name):
-        # Never delete what this module did not build (model.path pointed at a real checkpoint).
-        raise ValueError(f"{path} holds a model that is not oel_ray's {name or 'embedded'} model; not replacing it")
-    return config.get(VERSION_KEY, 1)
-
-
-def build_tiny_model(path: str | os.PathLike) -> Path:
-    return build_model(path, TINY.name)
-
-
-def build_model(path: str | os.PathLike, name: str) -> Path:
-    """Build the embedded model `name` at `path` unless its current version is already there.
-
-    Written to a temporary sibling directory and renamed, so an interrupted build never leaves a
-    half-written checkpoint that a later run would trust; an older version is replaced.
-    """
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from oel_ray.warm_start import train
-
-    r = recipe(name)
-    path = Path(path).expanduser()
-    if cached_version(path, r.name) == r.version:
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
-    old = tmp.with_name(tmp.name + ".old")
-    try:
-        tok = build_tokenizer(tmp, r.corpus(), r.vocab_size, r.whole)
-        eos = tok.convert_tokens_to_ids("<|im_end|>")
-        pad = tok.convert_tokens_to_ids("<|endoftext|>")
-        config = Qwen3Config(
-            vocab_size=len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-            dtype="float32", **r.arch, **{VERSION_KEY: r.version, NAME_KEY: r.name},
-        )
-        groups = r.groups(tok, tmp)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(r.threads)
-        try:
-            torch.manual_seed(SEED)
-            model = Qwen3ForCausalLM(config)
-            if r.prepare is not None:
-                r.prepare(model, tok)
-            train(model, groups, pad, lr=r.lr, batch_tokens=r.batch_tokens, seed=SEED, epochs=r.epochs)
-        finally:
-            torch.set_num_threads(threads)
-        model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
-        model.save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
-            try:
-                path.rename(old)  # an older version (or an empty directory) makes way
-            except FileNotFoundError:
-                pass
-        try:
-            tmp.rename(path)
-        except OSError:  # another process built it first: keep theirs
-            if cached_version(path, r.name) != r.version:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(old, ignore_errors=True)
-    return path
-
-
-if __name__ == "__main__":
-    import sys
-
-    print(build_model(sys.argv[2] if len(sys.argv) > 2 else f"~/.cache/oel_ray/{sys.argv[1]}-qwen3", sys.argv[1]))

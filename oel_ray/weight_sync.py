@@ -37,9 +37,9 @@ from typing import Iterator
 import ray
 import torch
 
+from oel_ray.config import WEIGHT_SYNCS
 from oel_ray.netif import use_node_ip
 
-TRANSPORTS = ("auto", "object_store", "nccl")
 
 
 @dataclass(frozen=True)
@@ -270,8 +270,8 @@ class CollectiveSync(WeightSync):
 
 def resolve(kind: str, use_gpu: bool) -> str:
     """The transport `kind` ("auto" | "object_store" | "nccl") means on this cluster."""
-    if kind not in TRANSPORTS:
-        raise ValueError(f"learner.weight_sync {kind!r} is not one of {', '.join(TRANSPORTS)}")
+    if kind not in WEIGHT_SYNCS:
+        raise ValueError(f"learner.weight_sync {kind!r} is not one of {', '.join(WEIGHT_SYNCS)}")
     if kind == "auto":
         return "nccl" if use_gpu else "object_store"
     return kind

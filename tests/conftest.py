@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    from oel_ray.tiny_model import build_tiny_model
+    from oel_ray.embedded import build_tiny_model
 
     return str(build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen3"))
 

@@ -19,7 +19,8 @@ def distill_config(tiny_model: str, out: str, *, steps: int, batch: int, lr: flo
     ({"env": {...}, "consolidation": {...}}) are merged on top."""
     from omegaconf import OmegaConf
 
-    from oel_ray.config import OELConfig, validate
+    from oel_ray.config import OELConfig
+    from oel_ray.validate import validate
 
     raw = OmegaConf.merge(OmegaConf.structured(OELConfig), OmegaConf.create({
         "output_dir": out, "seed": 0,

@@ -132,12 +132,13 @@ def played(seed: int) -> dict:
 def resumable(out: Path, tiny_model, finished: list[str], **config_changes) -> None:
     """A manifest as the run would have written it, with `finished` stages done."""
     from oel_ray import config
+    from oel_ray.overrides import CONF_DIR
     from oel_ray.driver import config_snapshot
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     config.register()
-    with initialize_config_dir(config_dir=str(config.CONF_DIR), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         raw = compose("config", overrides=[f"model.path={tiny_model}", f"output_dir={out}", *SMALL])
     snap = config_snapshot(OmegaConf.to_object(raw))
     for dotted, value in config_changes.items():

@@ -4,6 +4,7 @@ import pathlib
 
 import pytest
 
+from oel_ray.validate import validate
 
 CONF = pathlib.Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -24,7 +25,6 @@ def compose_experiment(experiment: str):
 def test_experiments_compose(experiment):
     from omegaconf import OmegaConf
 
-    from oel_ray import config
 
     cfg = OmegaConf.to_object(compose_experiment(experiment))
     assert cfg.name == experiment
@@ -33,7 +33,7 @@ def test_experiments_compose(experiment):
         assert (cfg.model.path, cfg.rounds, cfg.learner.lr, cfg.extractor.k, cfg.extractor.use_step) == (
             "Qwen/Qwen3-4B-Instruct-2507", 3, 1e-6, 100, None)  # None: step K/2 = 50, as in the paper
         assert cfg.env.eval_maps == 128 and cfg.learner.steps == 100 and cfg.learner.batch_size == 64
-    config.validate(cfg)  # hub ids pass without loading weights
+    validate(cfg)  # hub ids pass without loading weights
 
 
 def test_eval_steps_default_and_errors():
@@ -53,15 +53,15 @@ def test_eval_steps_default_and_errors():
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
             return OmegaConf.to_object(compose("config", overrides=["output_dir=/tmp/x", *overrides]))
 
-    assert config.validate(cfg("extractor.k=4")).extractor.curve_steps == [0, 1, 2, 4]
+    assert validate(cfg("extractor.k=4")).extractor.curve_steps == [0, 1, 2, 4]
     assert cfg("extractor.k=2", "extractor.use_step=2").extractor.curve_steps == [0, 2]
-    assert config.validate(cfg("extractor.eval_steps=[3,0]")).extractor.curve_steps == [0, 3]
+    assert validate(cfg("extractor.eval_steps=[3,0]")).extractor.curve_steps == [0, 3]
     assert cfg("extractor.eval_steps=[]").extractor.curve_steps == []  # no curve
     for steps, message in [("[0,5]", "extractor.eval_steps: 5 must be an integer in 0..extractor.k (4)"),
                            ("[-1]", "extractor.eval_steps: -1 must be an integer in 0..extractor.k (4)"),
                            ("[0,2,2]", "extractor.eval_steps: [0, 2, 2] lists step 2 more than once")]:
         with pytest.raises(config.ConfigError) as err:
-            config.validate(cfg("extractor.k=4", f"extractor.eval_steps={steps}"))
+            validate(cfg("extractor.k=4", f"extractor.eval_steps={steps}"))
         assert str(err.value) == message
 
 

@@ -11,7 +11,7 @@ import torch
 from distill_setup import KNOWLEDGE, distill_config, distill_roles
 
 from oel_ray.batching import collate, length_buckets
-from oel_ray.learner import _Distill
+from oel_ray.deepspeed_setup import DistillModule
 from oel_ray.types import DistillSample
 
 TEMP, K = 0.7, 16
@@ -61,7 +61,7 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_mode
         model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
         order = [i for b in buckets for i in b]
         batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0)
-        value, *_ = _Distill(model, cfg)(**batch, num_units=tokens, loss=loss)
+        value, *_ = DistillModule(model, cfg)(**batch, num_units=tokens, loss=loss)
         value.backward()
         return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 

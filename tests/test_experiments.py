@@ -10,6 +10,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from oel_ray import config
+from oel_ray.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +42,7 @@ def printed_config(experiment: str) -> config.OELConfig:
 def test_experiment_composes_and_validates(experiment):
     cfg = printed_config(experiment)
     assert cfg.rollout.temperature == cfg.learner.temperature  # the teacher scores at the sampling temperature
-    config.validate(cfg)  # a hub id is accepted as model.path: no weights are looked for
+    validate(cfg)  # a hub id is accepted as model.path: no weights are looked for
 
 
 def test_paper_experiments_are_all_there():
@@ -103,5 +104,5 @@ def test_cluster_resources_that_cannot_fit_are_refused(overrides, message):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=["+experiment=tiny", "output_dir=unused", *overrides])
     with pytest.raises(config.ConfigError) as err:
-        config.validate(OmegaConf.to_object(raw))
+        validate(OmegaConf.to_object(raw))
     assert str(err.value).startswith(message)

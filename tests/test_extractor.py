@@ -14,7 +14,8 @@ import pytest
 from oel_ray.config import ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.engine import Sampling
-from oel_ray.extractor import (Extractor, chain_orders, chain_seed, keep_items, knowledge_set, strip_reasoning,
+from oel_ray.seeds import chain_sampling_seed
+from oel_ray.extractor import (Extractor, chain_orders, keep_items, knowledge_set, strip_reasoning,
                                token_ids, truncate_items, truncate_tokens)
 from oel_ray.prompts import chat_ids, extraction_prompt
 from oel_ray.types import Trajectory, Turn
@@ -85,9 +86,9 @@ def test_chain_orders_and_sampling_seeds_are_new_every_round():
     orders = {r: [[t.seed for t in c] for c in chain_orders(trajs, 6, 3, seed=1, round=r)] for r in (1, 2, 3)}
     for chain in range(3):
         assert len({tuple(orders[r][chain]) for r in orders}) == 3  # each chain: a new order per round
-    seeds = {(r, c, step): chain_seed(1, r, c, step) for r in (1, 2, 3) for c in range(3) for step in range(6)}
+    seeds = {(r, c, step): chain_sampling_seed(1, r, c, step) for r in (1, 2, 3) for c in range(3) for step in range(6)}
     assert len(set(seeds.values())) == len(seeds)  # no seed reused across rounds, chains or steps
-    assert chain_seed(1, 2, 0, 0) == seeds[(2, 0, 0)] and chain_seed(2, 2, 0, 0) != seeds[(2, 0, 0)]
+    assert chain_sampling_seed(1, 2, 0, 0) == seeds[(2, 0, 0)] and chain_sampling_seed(2, 2, 0, 0) != seeds[(2, 0, 0)]
 
 
 def test_knowledge_set_is_the_chains_texts_at_use_step_without_empties():

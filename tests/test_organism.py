@@ -94,7 +94,7 @@ def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
 
 def test_an_embedded_build_never_replaces_another(tmp_path, tiny_model):
     from oel_ray.checks import tiny_target_problem
-    from oel_ray.tiny_model import cached_version, recipe
+    from oel_ray.embedded import cached_version, recipe
 
     assert cached_version(tmp_path / "nothing", "organism") is None
     with pytest.raises(ValueError, match="not oel_ray's organism model"):

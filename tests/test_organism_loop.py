@@ -24,7 +24,7 @@ def organism_path() -> str:
     from hydra import compose, initialize_config_dir
 
     from oel_ray import config
-    from oel_ray.tiny_model import build_model
+    from oel_ray.embedded import build_model
 
     config.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

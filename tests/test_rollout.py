@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig, validate
+from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig
 from oel_ray.engine import Sampling
 from oel_ray.evaluate import evaluate, summarize
 from oel_ray.games import Game, board_signature, eval_specs, invalid_turns, train_specs
-from oel_ray.rollout import core_slices, game_seeds, turn_prompt_ids
+from oel_ray.placement import core_slices
+from oel_ray.prompts import turn_prompt_ids
+from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed
 from oel_ray.types import GameSpec
+from oel_ray.validate import validate
 
 SOKOBAN = EnvConfig(id="Sokoban-v0", kwargs={"dim_room": [6, 6], "num_boxes": 1}, eval_maps=4)
 FROZENLAKE = dict(id="FrozenLake-v0-raw", kwargs={"size": 3, "num_holes": 2})
@@ -88,10 +91,10 @@ def test_core_slices():
 
 def test_game_seeds_repeat_maps_get_their_own_stream():
     maps = eval_specs(SOKOBAN)
-    once, twice = game_seeds(maps, 7), game_seeds(maps * 2, 7)
+    once, twice = game_sampling_seeds(7, maps), game_sampling_seeds(7, maps * 2)
     assert twice[:len(maps)] == once  # sample 0 is the same whatever the number of samples
     assert len(set(twice)) == 2 * len(maps)
-    assert game_seeds(maps, 8) != once and game_seeds(maps, 7) == once
+    assert game_sampling_seeds(8, maps) != once and game_sampling_seeds(7, maps) == once
 
 
 def test_vllm_start_up_is_quiet_unless_a_level_is_chosen(monkeypatch):
@@ -179,7 +182,7 @@ def test_a_knowledge_game_sends_the_teachers_prompt(tiny_model):
     assert in_system.endswith(plain)
     # Each knowledge text's games of a map sample with the plain games' seeds (common random numbers).
     plain_spec = GameSpec(SOKOBAN.id, 1, "eval", SOKOBAN.kwargs)
-    seeds = game_seeds([plain_spec, plain_spec, game.spec, plain_spec, game.spec], 7)
+    seeds = game_sampling_seeds(7, [plain_spec, plain_spec, game.spec, plain_spec, game.spec])
     assert (seeds[2], seeds[4]) == (seeds[0], seeds[1]) and len({seeds[0], seeds[1], seeds[3]}) == 3
 
 
@@ -308,7 +311,6 @@ def test_a_long_prompt_does_not_shorten_the_other_replies(group, tiny_model):
 def test_response_tokens_leave_out_the_stop_token(group, tiny_model):
     from transformers import AutoTokenizer
 
-    from oel_ray.rollout import mix_seeds
 
     tok = AutoTokenizer.from_pretrained(tiny_model)
     specs = train_specs(SOKOBAN, 0, 4)
@@ -318,7 +320,7 @@ def test_response_tokens_leave_out_the_stop_token(group, tiny_model):
     played = [traj for _, traj in sorted(ended, key=lambda pair: pair[0])]
     prompts = [turn_prompt_ids(tok, Game(s, 1), history="flattened", thinking=False, keep_reasoning=False)
                for s in specs]
-    turn_seeds = [mix_seeds(seed, 0) for seed in game_seeds(specs, 9)]
+    turn_seeds = [turn_sampling_seed(seed, 0) for seed in game_sampling_seeds(9, specs)]
     replies = ray_get(worker.generate.remote(prompts, sampling, turn_seeds))  # the same samples again
     stopped = 0
     for traj, gen in zip(played, replies):
