@@ -31,10 +31,9 @@ from typing import TYPE_CHECKING, Callable, Optional
 import ray
 
 from oel_ray.config import OELConfig
-from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.seeds import step_draw_seed, step_prefix_seed
-from oel_ray.types import DistillSample, StepMetrics, TeacherScores, Trajectory  # noqa: F401
+from oel_ray.types import DistillSample, Sampling, StepMetrics, TeacherScores, Trajectory  # noqa: F401
 from oel_ray.weight_sync import for_roles
 
 if TYPE_CHECKING:

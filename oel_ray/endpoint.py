@@ -13,7 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
-from oel_ray.engine import Sampling
+from oel_ray.types import Sampling
 
 
 class ChatEndpoint:

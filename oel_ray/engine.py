@@ -11,25 +11,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 
-from oel_ray.types import Generation
+from oel_ray.types import Generation, Sampling
 
 if TYPE_CHECKING:  # named in annotations only
     import torch
-
-
-@dataclass(frozen=True)
-class Sampling:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    seed: Optional[int] = None
-    support_k: int = 0  # return the student's top-k token ids per generated position when > 0
 
 
 class VLLMEngine:

@@ -16,9 +16,8 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 from oel_ray.config import OELConfig
-from oel_ray.engine import Sampling
 from oel_ray.games import eval_specs, invalid_turns
-from oel_ray.types import KnowledgeSnapshot, Trajectory
+from oel_ray.types import KnowledgeSnapshot, Sampling, Trajectory
 
 
 @dataclass

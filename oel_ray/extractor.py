@@ -17,11 +17,10 @@ import ray
 
 from oel_ray.config import ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
-from oel_ray.engine import Sampling
 from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
 from oel_ray.rollout import generate_on
 from oel_ray.seeds import chain_order_seed, chain_sampling_seed
-from oel_ray.types import KnowledgeSnapshot, Trajectory
+from oel_ray.types import KnowledgeSnapshot, Sampling, Trajectory
 
 log = logging.getLogger("oel_ray")
 ITEM_LINE = re.compile(r"^\s*-+\s*EXPERIENCE ITEM:", re.IGNORECASE)

@@ -21,12 +21,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-
-from oel_ray.engine import Sampling
-from oel_ray.seeds import ifeval_prompt_seed
 from oel_ray.evaluate import wilson_interval
 from oel_ray.ifeval_checks import INSTRUCTIONS, follows, instruction_kwargs, unknown_message
 from oel_ray.prompts import chat_ids
+from oel_ray.seeds import ifeval_prompt_seed
+from oel_ray.types import Sampling
 
 FIXTURE = Path(__file__).resolve().parent / "data" / "ifeval_fixture.jsonl"
 UNKNOWN_MODES = ("error", "skip")

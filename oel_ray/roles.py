@@ -23,13 +23,13 @@ import ray
 from oel_ray import artifacts
 from oel_ray.config import InputError, ModelConfig, OELConfig
 from oel_ray.endpoint import ChatEndpoint
-from oel_ray.engine import Sampling
 from oel_ray.extractor import Extractor
 from oel_ray.learner import LearnerGroup
 from oel_ray.placement import driver_node
 from oel_ray.rollout import RolloutGroup
 from oel_ray.teacher import TeacherGroup
 from oel_ray.tracking import timed
+from oel_ray.types import Sampling
 from oel_ray.weight_sync import WeightSync, for_roles
 
 log = logging.getLogger("oel_ray")

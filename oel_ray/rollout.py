@@ -20,13 +20,13 @@ import numpy as np
 import ray
 
 from oel_ray.config import ModelConfig
-from oel_ray.engine import Sampling, VLLMEngine
+from oel_ray.engine import VLLMEngine
 from oel_ray.games import Game
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement, bind_to_cores, core_slices
 from oel_ray.prompts import turn_prompt_ids
 from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed, worker_seed
-from oel_ray.types import GameSpec, Generation, Trajectory
+from oel_ray.types import GameSpec, Generation, Sampling, Trajectory
 
 log = logging.getLogger("oel_ray")
 

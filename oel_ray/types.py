@@ -122,3 +122,16 @@ class KnowledgeSnapshot:
     text: str
     num_tokens: int
     trajectory_seeds: list[int]  # the maps it was extracted from, in order
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a reply is sampled (vLLM's SamplingParams, the fields oel_ray sets): sent to the rollout
+    workers with every batch."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    seed: Optional[int] = None
+    support_k: int = 0  # return the student's top-k token ids per generated position when > 0

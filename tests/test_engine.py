@@ -12,8 +12,8 @@ def test_support_ids_are_the_models_top_k(ray_cluster, tiny_model):
     from transformers import AutoModelForCausalLM
 
     from oel_ray.config import ModelConfig
-    from oel_ray.engine import Sampling
     from oel_ray.rollout import RolloutGroup
+    from oel_ray.types import Sampling
 
     workers = RolloutGroup(ModelConfig(path=tiny_model, build=None), num_workers=1, seed=0, max_logprobs=K,
                            kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)

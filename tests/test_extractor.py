@@ -13,12 +13,11 @@ import pytest
 
 from oel_ray.config import ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
-from oel_ray.engine import Sampling
 from oel_ray.seeds import chain_sampling_seed
 from oel_ray.extractor import (Extractor, chain_orders, keep_items, knowledge_set, strip_reasoning,
                                token_ids, truncate_items, truncate_tokens)
 from oel_ray.prompts import chat_ids, extraction_prompt
-from oel_ray.types import Trajectory, Turn
+from oel_ray.types import Sampling, Trajectory, Turn
 
 STRUCTURED = "Known:\n{knowledge}\n\nGame:\n{trajectory}"
 

@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 
 from oel_ray.config import EnvConfig, LearnerConfig, ModelConfig
-from oel_ray.engine import Sampling
 from oel_ray.games import Game, train_specs
-from oel_ray.types import GameSpec
+from oel_ray.types import GameSpec, Sampling
 
 SOKOBAN = EnvConfig(id="Sokoban-v0", kwargs={"dim_room": [6, 6], "num_boxes": 1}, eval_maps=4)
 GAMES = 60

@@ -10,10 +10,10 @@ import textwrap
 
 import pytest
 
-from oel_ray.engine import Sampling
 from oel_ray.ifeval import (IFEvalRow, check_response, load_rows, prompt_seeds, reference_sampling,
                             run_ifeval, score, select_rows)
 from oel_ray.ifeval_checks import SUPPORTED, count_sentences, follows
+from oel_ray.types import Sampling
 
 # ----------------------------------------------------------------------------- checkers
 

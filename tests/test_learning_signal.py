@@ -38,7 +38,7 @@ def held_out_kl(workers, student, teacher, tokenizer, cfg, prefixes: list[str]) 
     """Token-mean KL(student(prefix) || teacher(knowledge + prefix)) over the whole vocabulary at the
     rollout temperature, on replies the rollout worker samples (fixed seeds)."""
     from oel_ray.consolidate import make_samples
-    from oel_ray.engine import Sampling
+    from oel_ray.types import Sampling
 
     pairs = make_samples(prefixes, [KNOWLEDGE], tokenizer, cfg, random.Random(0))
     pairs = [p for p in pairs for _ in range(SAMPLES_PER_PREFIX)]
@@ -56,8 +56,8 @@ def held_out_kl(workers, student, teacher, tokenizer, cfg, prefixes: list[str]) 
 
 def test_consolidation_reduces_held_out_reverse_kl(ray_cluster, tiny_model, tmp_path):
     from oel_ray.consolidate import consolidate, step_prefixes
-    from oel_ray.engine import Sampling
     from oel_ray.games import eval_specs, train_specs
+    from oel_ray.types import Sampling
 
     started = time.perf_counter()
     cfg = make_config(tiny_model, str(tmp_path))

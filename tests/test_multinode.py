@@ -14,7 +14,6 @@ import sys
 import textwrap
 
 import pytest
-
 from netns import NetnsCluster, ray_nodes
 
 pytestmark = pytest.mark.e2e
@@ -112,7 +111,7 @@ def test_gloo_groups_span_two_nodes_on_the_node_ips(cluster):
 GAMES = 48
 COLLECT = """
 from oel_ray.config import EnvConfig, ModelConfig
-from oel_ray.engine import Sampling
+from oel_ray.types import Sampling
 from oel_ray.games import train_specs
 from oel_ray.rollout import RolloutGroup
 

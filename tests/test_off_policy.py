@@ -33,8 +33,7 @@ def teacher_samples(workers, cfg, prefixes, tokenizer, step: int):
     (knowledge and seeds from (seed, step)), sampled from the knowledge-conditioned prompt with the
     teacher's top-k as the support."""
     from oel_ray.consolidate import make_samples
-    from oel_ray.engine import Sampling
-    from oel_ray.types import DistillSample
+    from oel_ray.types import DistillSample, Sampling
 
     rng = random.Random(cfg.seed * 1_000_003 + step)
     pairs = make_samples(prefixes, [KNOWLEDGE], tokenizer, cfg, rng)

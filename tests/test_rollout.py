@@ -8,13 +8,12 @@ from __future__ import annotations
 import pytest
 
 from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig
-from oel_ray.engine import Sampling
 from oel_ray.evaluate import evaluate, summarize
 from oel_ray.games import Game, board_signature, eval_specs, invalid_turns, train_specs
 from oel_ray.placement import core_slices
 from oel_ray.prompts import turn_prompt_ids
 from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed
-from oel_ray.types import GameSpec
+from oel_ray.types import GameSpec, Sampling
 from oel_ray.validate import validate
 
 SOKOBAN = EnvConfig(id="Sokoban-v0", kwargs={"dim_room": [6, 6], "num_boxes": 1}, eval_maps=4)
@@ -52,7 +51,8 @@ def test_distinct_boards_mode_keeps_boards_apart():
 def compose(*overrides: str) -> OELConfig:
     from pathlib import Path
 
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from oel_ray import config

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import ray as _ray  # noqa: F401  (the fixture hands out the module)
 
-from oel_ray.engine import Sampling
+from oel_ray.types import Sampling
 from oel_ray.weight_sync import TensorMeta, buckets
 
 BF16_TOL = 2e-2  # bf16 keeps ~3 significant digits; this model runs fp32 and agrees far closer
