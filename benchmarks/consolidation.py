@@ -130,6 +130,7 @@ def run_variant(overrides: list[str], data: dict, out: Path) -> dict:
     """Start the roles with these config overrides and run every batch size's steps; on the first
     variant, also make the prompts (`data`) that every later system replays."""
     from oel_ray.consolidate import step_prefixes
+    from oel_ray.layout import RunLayout
     from oel_ray.roles import Deployment
 
     cfg = load_config(f"learner.batch_size={max(BATCH_SIZES)}", *overrides)
@@ -138,7 +139,7 @@ def run_variant(overrides: list[str], data: dict, out: Path) -> dict:
     start_ray(ray_cpus(cfg))
     try:
         with stopwatch() as t:
-            dep = Deployment(cfg, out).at_round_start(1)  # the roles `make run` starts
+            dep = Deployment(cfg, RunLayout(out)).at_round_start(1)  # the roles `make run` starts
         result["start_roles_s"] = round(t["s"], 1)
         if not data:
             with stopwatch() as t:

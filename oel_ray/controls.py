@@ -20,6 +20,7 @@ from typing import Optional
 
 from oel_ray.config import ConfigError, InputError, TeacherConfig
 from oel_ray.extractor import ITEM_LINE
+from oel_ray.layout import RunLayout
 from oel_ray.seeds import shuffle_seed
 
 NONE, SHUFFLED = "none", "shuffled"
@@ -59,7 +60,7 @@ def other_run_file(cfg: TeacherConfig, round: int) -> Optional[Path]:
     """teacher.knowledge_from's knowledge.json for `round`; None when the teacher reads this run's."""
     if not cfg.knowledge_from:
         return None
-    return Path(cfg.knowledge_from).expanduser() / f"round_{round}" / "knowledge.json"
+    return RunLayout(Path(cfg.knowledge_from).expanduser()).round(round).knowledge
 
 
 def other_run_set(cfg: TeacherConfig, round: int, error=InputError) -> list[str]:

@@ -26,6 +26,7 @@ from oel_ray.extractor import knowledge_set
 from oel_ray.games import train_specs
 from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
+from oel_ray.layout import RoundLayout, RunLayout
 from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
 from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
@@ -33,64 +34,57 @@ from oel_ray.tracking import timed
 
 log = logging.getLogger("oel_ray")
 
-LM_EVAL_FILE = "ifeval_lm_eval.json"  # ood.ifeval=lm_eval: a round's IF-Eval, beside its eval.json
-KNOWLEDGE_EVAL_FILE = "knowledge_eval.json"  # a round's in-context curve (extractor.eval_steps)
-
-
 def run(cfg: OELConfig) -> dict:
-    out = Path(cfg.output_dir)
-    manifest = Manifest(out, config_snapshot(cfg))
-    log_to_file(out / "oel.log")
+    run_dir = RunLayout(Path(cfg.output_dir))
+    manifest = Manifest(run_dir.root, config_snapshot(cfg))
+    log_to_file(run_dir.log)
     if manifest.resumed:
-        log.info("resuming the run in %s: finished stages are skipped", out)
-    cluster = Deployment(cfg, out)  # roles start on first use: a finished run starts nothing
+        log.info("resuming the run in %s: finished stages are skipped", run_dir.root)
+    cluster = Deployment(cfg, run_dir)  # roles start on first use: a finished run starts nothing
     started = time.perf_counter()
 
-    def stage(name: str, fn, *outputs: str) -> None:
-        """Run a stage unless it finished earlier and its `outputs` (relative to out) are there."""
+    def stage(name: str, fn, *outputs: Path) -> None:
+        """Run a stage unless it finished earlier and its `outputs` are still there."""
         if manifest.done(name):
             log.info("[%s] finished earlier, skipped", name)
             return
         manifest.start(name)
         timed(name, fn)
-        manifest.finish(name, outputs=list(outputs))
+        manifest.finish(name, outputs=[p.relative_to(run_dir.root).as_posix() for p in outputs])
 
-    stage("round_0/evaluate", lambda: evaluate_into(out / "round_0", cluster.at_round_start(1), cfg, 0),
-          "round_0/eval.json")
+    r0 = run_dir.round(0)
+    stage(r0.stage("evaluate"), lambda: evaluate_into(r0, cluster.at_round_start(1), cfg, 0), r0.eval)
     if cfg.ood.ifeval == "lm_eval":  # IF-Eval through lm-eval, on the initial checkpoint
-        stage("round_0/ifeval", lambda: lm_eval_into(out / "round_0", local_checkpoint(cfg.model.path), cfg),
-              f"round_0/{LM_EVAL_FILE}")
+        stage(r0.stage("ifeval"), lambda: lm_eval_into(r0, local_checkpoint(cfg.model.path), cfg), r0.lm_eval)
     for r in range(1, cfg.rounds + 1):
-        rdir, rel = out / f"round_{r}", f"round_{r}"
+        rl = run_dir.round(r)
         # 1. collect: the round-start model plays new training maps, no knowledge in context
-        stage(f"{rel}/collect", lambda: play_into(
-            rdir / "trajectories.jsonl", cluster.at_round_start(r), cfg, r,
-            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)), f"{rel}/trajectories.jsonl")
+        stage(rl.stage("collect"), lambda: play_into(
+            rl.trajectories, cluster.at_round_start(r), cfg, r,
+            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)), rl.trajectories)
         # 2. extract: N chains accumulate knowledge over K trajectories each
-        stage(f"{rel}/extract", lambda: extract_into(rdir, cluster, cfg, r), f"{rel}/knowledge.json")
+        stage(rl.stage("extract"), lambda: extract_into(rl, cluster, cfg, r), rl.knowledge)
         #    ... and the in-context curve: the held-out maps with each chain's knowledge in context
         if cfg.extractor.curve_steps:
-            stage(f"{rel}/knowledge_eval", lambda: knowledge_eval_into(rdir, cluster, cfg, r),
-                  f"{rel}/{KNOWLEDGE_EVAL_FILE}")
+            stage(rl.stage("knowledge_eval"), lambda: knowledge_eval_into(rl, cluster, cfg, r), rl.knowledge_eval)
         # 3. consolidate: the same model plays the deploy maps whose turn prefixes it is then
         #    distilled on, strictly on-policy, step by step
-        stage(f"{rel}/deploy", lambda: play_into(
-            rdir / "deploy.jsonl", cluster.at_round_start(r), cfg, r,
+        stage(rl.stage("deploy"), lambda: play_into(
+            rl.deploy, cluster.at_round_start(r), cfg, r,
             train_specs(cfg.env, r, cfg.learner.steps * cfg.rollout.deploy_games_per_step, DEPLOY_STREAM)),
-            f"{rel}/deploy.jsonl")
-        stage(f"{rel}/consolidate", lambda: consolidate_round(rdir, cluster, cfg, r), f"{rel}/metrics.csv")
+            rl.deploy)
+        stage(rl.stage("consolidate"), lambda: consolidate_round(rl, cluster, cfg, r), rl.metrics_csv)
         # 4. evaluate the consolidated model on the held-out maps
-        stage(f"{rel}/evaluate", lambda: evaluate_into(rdir, cluster.after_consolidation(r), cfg, r),
-              f"{rel}/eval.json")
+        stage(rl.stage("evaluate"), lambda: evaluate_into(rl, cluster.after_consolidation(r), cfg, r), rl.eval)
         # 5. checkpoint: Hugging Face weights, the next round's starting point and teacher
-        stage(f"{rel}/checkpoint", lambda: checkpoint_round(rdir, cluster.after_consolidation(r)),
-              f"{rel}/model/config.json")
+        stage(rl.stage("checkpoint"), lambda: checkpoint_round(rl, cluster.after_consolidation(r)),
+              rl.model_config)
         if cfg.ood.ifeval == "lm_eval":  # ... and on the checkpoint just saved
-            stage(f"{rel}/ifeval", lambda: lm_eval_into(rdir, str(rdir / "model"), cfg), f"{rel}/{LM_EVAL_FILE}")
-        report_rounds(out, r, cfg)
+            stage(rl.stage("ifeval"), lambda: lm_eval_into(rl, str(rl.model), cfg), rl.lm_eval)
+        report_rounds(run_dir, r, cfg)
     cluster.shutdown()
-    summary = run_summary(out, cfg, time.perf_counter() - started)
-    artifacts.write_json(out / "summary.json", summary)
+    summary = run_summary(run_dir, cfg, time.perf_counter() - started)
+    artifacts.write_json(run_dir.summary, summary)
     return summary
 
 
@@ -114,10 +108,10 @@ def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
         log.warning("  map %d: %s", t.seed, t.reason)
 
 
-def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
-    trajectories = artifacts.read_trajectories(rdir / "trajectories.jsonl")  # before any actor starts
+def extract_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+    trajectories = artifacts.read_trajectories(rl.trajectories)  # before any actor starts
     if len(trajectories) < cfg.extractor.k:
-        raise InputError(f"{rdir / 'trajectories.jsonl'}: {len(trajectories)} games but extractor.k is "
+        raise InputError(f"{rl.trajectories}: {len(trajectories)} games but extractor.k is "
                          f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
     raw = cfg.teacher.context == "trajectories"  # ablation: the trajectories themselves, no extraction
     chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
@@ -127,10 +121,10 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
     if source:
         texts, empty = controls.other_run_set(cfg.teacher, r), 0
     if not texts and cfg.teacher.context != controls.NONE:  # the empty-knowledge control reads none anyway
-        raise InputError(f"{rdir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
+        raise InputError(f"{rl.dir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
                          f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
                          "try extractor.format=unstructured or a stronger extractor.model, then rerun")
-    artifacts.write_json(rdir / "knowledge.json", {
+    artifacts.write_json(rl.knowledge, {
         "use_step": use_step, "format": "raw_trajectories" if raw else cfg.extractor.format,
         # "set": what the teacher reads (controls.teacher_set); "chains": what was extracted
         "teacher_reads": cfg.teacher.context, **({"knowledge_from": str(source)} if source else {}),
@@ -143,31 +137,31 @@ def extract_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> Non
                     empty, len(chains), use_step, len(texts))
 
 
-def knowledge_eval_into(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
     """The in-context curve (paper Fig. 4): the round-start model on the held-out maps with each
     chain's knowledge of every step in extractor.eval_steps in the teacher's prompt. Step 0 plays
     the plain prompt: the round-start model's own evaluation, game for game."""
     steps, e = cfg.extractor.curve_steps, cfg.extractor
-    chains = artifacts.read_knowledge_chains(rdir / "knowledge.json", max(steps))  # before any actor starts
+    chains = artifacts.read_knowledge_chains(rl.knowledge, max(steps))  # before any actor starts
     rows = evaluate_knowledge(cluster.at_round_start(r).workers, cfg, r, chains, steps)
-    artifacts.write_json(rdir / KNOWLEDGE_EVAL_FILE, {
+    artifacts.write_json(rl.knowledge_eval, {
         "round": r, "use_step": e.knowledge_step, "maps": cfg.env.eval_maps, "samples": cfg.env.eval_samples,
         "chains": len(chains), "knowledge_position": cfg.teacher.knowledge_position, "steps": rows})
     table = curve_markdown(rows, e.knowledge_step)
-    artifacts.atomic_write_text(rdir / "knowledge_eval.md", table)
+    artifacts.atomic_write_text(rl.knowledge_eval_md, table)
     log.info("  held-out pass rate with each chain's knowledge in context, by accumulation step:\n%s", table)
 
 
-def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -> None:
+def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
     """`learner.steps` on-policy distillation steps; the full training state is saved every
     `learner.checkpoint_every` steps, and a cut-off round resumes from the last save."""
     lcfg = cfg.learner
     base = (r - 1) * lcfg.steps  # global step numbers continue across rounds
-    deploy = artifacts.read_trajectories(rdir / "deploy.jsonl")  # inputs first: a bad file fails fast
-    knowledge = artifacts.read_knowledge_set(rdir / "knowledge.json")
+    deploy = artifacts.read_trajectories(rl.deploy)  # inputs first: a bad file fails fast
+    knowledge = artifacts.read_knowledge_set(rl.knowledge)
     done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
     batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, round_prefix_seed(cfg.seed, r))
-    steps = tracking.StepLog(rdir, Path(cfg.output_dir), cfg.tracking, first_step=base + done)
+    steps = tracking.StepLog(rl, cfg.tracking, first_step=base + done)
     steps.resume_at(base + done)
     last = [done]  # steps of this round completed so far
     with tracking.progress(lcfg.steps, f"round {r} consolidate", cfg.tracking, initial=done) as bar:
@@ -190,9 +184,9 @@ def consolidate_round(rdir: Path, cluster: Deployment, cfg: OELConfig, r: int) -
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
 
 
-def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
+def evaluate_into(rl: RoundLayout, roles, cfg: OELConfig, r: int) -> None:
     """Held-out games (pass rate) and, out of distribution, IF-Eval; both without knowledge."""
-    writer = artifacts.JsonlWriter(rdir / "eval_trajectories.jsonl")
+    writer = artifacts.JsonlWriter(rl.eval_trajectories)
     report, trajectories = evaluate(roles.workers, cfg, r, on_games=lambda part: writer.write(t.to_json() for t in part))
     writer.close(ordered=(t.to_json() for t in trajectories))  # sample-major, as the report counts them
     result = report.to_json()
@@ -202,23 +196,23 @@ def evaluate_into(rdir: Path, roles, cfg: OELConfig, r: int) -> None:
     if rows := preflight.ifeval_rows(cfg):
         ood = run_ifeval(roles.workers, roles.tokenizer, rows, reference_sampling(cfg.ood.max_tokens, cfg.ood.seed),
                          unknown=cfg.ood.unknown_instructions)
-        artifacts.write_json(rdir / "ifeval.json", ood.to_json())
+        artifacts.write_json(rl.ifeval, ood.to_json())
         result["ifeval"] = ood.summary()
         markdown += "\n" + ood.markdown()
         log.info("  IF-Eval prompt-level strict accuracy %.3f over %d prompts", ood.strict_prompt_accuracy,
                  ood.prompts)
-    artifacts.write_json(rdir / "eval.json", result)
-    artifacts.atomic_write_text(rdir / "eval.md", markdown)
+    artifacts.write_json(rl.eval, result)
+    artifacts.atomic_write_text(rl.eval_md, markdown)
 
 
-def lm_eval_into(rdir: Path, checkpoint: str, cfg: OELConfig) -> None:
+def lm_eval_into(rl: RoundLayout, checkpoint: str, cfg: OELConfig) -> None:
     """IF-Eval prompt-level strict accuracy from lm-eval's ifeval task on a saved checkpoint, with
     the paper's sampling (`oel_ray.ifeval_lmeval`, in a child process)."""
     o = cfg.ood
     metrics = run_lm_eval_ifeval(checkpoint, seed=o.seed, max_gen_toks=o.max_tokens,
                                  max_model_len=cfg.model.max_model_len, dtype=cfg.model.dtype,
                                  gpu_memory_utilization=o.lm_eval_gpu_memory_utilization)
-    artifacts.write_json(rdir / LM_EVAL_FILE, {
+    artifacts.write_json(rl.lm_eval, {
         "source": "lm_eval", "checkpoint": checkpoint, "strict_prompt_accuracy": metrics["prompt_level_strict_acc"],
         "strict_instruction_accuracy": metrics.get("inst_level_strict_acc"), "lm_eval": metrics})
     log.info("  IF-Eval (lm-eval) prompt-level strict accuracy %.3f", metrics["prompt_level_strict_acc"])
@@ -233,52 +227,53 @@ def local_checkpoint(path: str) -> str:
     return snapshot_download(path, local_files_only=True)
 
 
-def checkpoint_round(rdir: Path, roles) -> None:
-    roles.learner.save(str(rdir / "model"))
+def checkpoint_round(rl: RoundLayout, roles) -> None:
+    roles.learner.save(str(rl.model))
     # The Hugging Face weights are now the round's result; the resumable state has served.
-    shutil.rmtree(rdir / "learner_state", ignore_errors=True)
+    shutil.rmtree(rl.learner_state, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- reporting
 
-def round_report(rdir: Path) -> dict:
+def round_report(rl: RoundLayout) -> dict:
     """The round's eval.json, with lm-eval's IF-Eval beside the pass rate when it measured it."""
-    report = json.loads((rdir / "eval.json").read_text())
-    if (rdir / LM_EVAL_FILE).exists():
-        report["ifeval"] = json.loads((rdir / LM_EVAL_FILE).read_text())
+    report = json.loads(rl.eval.read_text())
+    if rl.lm_eval.exists():
+        report["ifeval"] = json.loads(rl.lm_eval.read_text())
     return report
 
 
-def report_rounds(out: Path, upto: int, cfg: OELConfig) -> None:
-    reports = [round_report(out / f"round_{r}") for r in range(upto + 1)]
-    table = tracking.rounds_table(reports, {r: kl_first_last(out / f"round_{r}") for r in range(1, upto + 1)},
+def report_rounds(run_dir: RunLayout, upto: int, cfg: OELConfig) -> None:
+    reports = [round_report(run_dir.round(r)) for r in range(upto + 1)]
+    table = tracking.rounds_table(reports, {r: kl_first_last(run_dir.round(r)) for r in range(1, upto + 1)},
                                   controls.teacher_reads(cfg.teacher), f"{cfg.consolidation.mode}, {learner_loss(cfg)}")
-    curves = in_context_curves(out, upto)
+    curves = in_context_curves(run_dir, upto)
     table += tracking.curves_table(curves)
-    artifacts.atomic_write_text(out / "rounds.md", table)
-    tracking.plot_rounds(reports, out / "rounds.png", curves)
+    artifacts.atomic_write_text(run_dir.rounds_md, table)
+    tracking.plot_rounds(reports, run_dir.rounds_png, curves)
     log.info("rounds so far:\n%s", table)
 
 
-def in_context_curves(out: Path, upto: int) -> dict[int, dict]:
+def in_context_curves(run_dir: RunLayout, upto: int) -> dict[int, dict]:
     """Each round's knowledge_eval.json, by round, where the run measured one."""
-    paths = {r: out / f"round_{r}" / KNOWLEDGE_EVAL_FILE for r in range(1, upto + 1)}
+    paths = {r: run_dir.round(r).knowledge_eval for r in range(1, upto + 1)}
     return {r: json.loads(path.read_text()) for r, path in paths.items() if path.exists()}
 
 
-def kl_first_last(rdir: Path) -> tuple[float, float]:
-    rows = [json.loads(line) for line in (rdir / "metrics.jsonl").read_text().splitlines()]
+def kl_first_last(rl: RoundLayout) -> tuple[float, float]:
+    rows = [json.loads(line) for line in rl.metrics_jsonl.read_text().splitlines()]
     return rows[0]["reverse_kl"], rows[-1]["reverse_kl"]
 
 
-def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
-    last = round_report(out / f"round_{cfg.rounds}")
-    first_kl, _ = kl_first_last(out / "round_1")
-    _, last_kl = kl_first_last(out / f"round_{cfg.rounds}")
+def run_summary(run_dir: RunLayout, cfg: OELConfig, seconds: float) -> dict:
+    final = run_dir.round(cfg.rounds)
+    last = round_report(final)
+    first_kl, _ = kl_first_last(run_dir.round(1))
+    _, last_kl = kl_first_last(final)
     return {
         "rounds": cfg.rounds, "steps": cfg.rounds * cfg.learner.steps, "wall_seconds": round(seconds, 1),
         "pass_rate": last["pass_rate"], "pass_rate_ci": [last["ci_low"], last["ci_high"]],
-        "pass_rate_round_0": json.loads((out / "round_0" / "eval.json").read_text())["pass_rate"],
+        "pass_rate_round_0": json.loads(run_dir.round(0).eval.read_text())["pass_rate"],
         "response_tokens_per_turn": last["response_tokens_per_turn"],
         "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
         # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
@@ -288,9 +283,9 @@ def run_summary(out: Path, cfg: OELConfig, seconds: float) -> dict:
         "knowledge_step": cfg.extractor.knowledge_step,
         "in_context_curve": {str(r): [{"step": row["step"], "pass_rate": row["pass_rate"],
                                        "ci": [row["ci_low"], row["ci_high"]]} for row in curve["steps"]]
-                             for r, curve in in_context_curves(out, cfg.rounds).items()},
-        "final_model": str(out / f"round_{cfg.rounds}" / "model"),
-        "rounds_table": str(out / "rounds.md"), "plot": str(out / "rounds.png"),
+                             for r, curve in in_context_curves(run_dir, cfg.rounds).items()},
+        "final_model": str(final.model),
+        "rounds_table": str(run_dir.rounds_md), "plot": str(run_dir.rounds_png),
     }
 
 

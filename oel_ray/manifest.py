@@ -15,16 +15,16 @@ from typing import Any, Optional
 
 from oel_ray import artifacts
 from oel_ray.config import ConfigError, InputError
+from oel_ray.layout import RunLayout
 
 # Fields that may differ between the first run and a resume: where things run, not what is computed.
 RESUMABLE_CHANGES = ("cluster", "tracking", "output_dir")
-FILE = "manifest.json"
 
 
 def is_run(run_dir: Path) -> bool:
     """Whether run_dir holds an oel_ray run: a manifest (a corrupt one too: Manifest names it)."""
     try:
-        data = json.loads((Path(run_dir) / FILE).read_text())
+        data = json.loads(RunLayout(Path(run_dir)).manifest.read_text())
     except ValueError:
         return True
     except OSError:
@@ -34,7 +34,7 @@ def is_run(run_dir: Path) -> bool:
 
 class Manifest:
     def __init__(self, run_dir: Path, config: dict):
-        self.path = Path(run_dir) / FILE
+        self.path = RunLayout(Path(run_dir)).manifest
         if self.path.exists():
             try:
                 self.data = json.loads(self.path.read_text())

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ from oel_ray import artifacts
 from oel_ray.config import InputError, ModelConfig, OELConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.extractor import Extractor
+from oel_ray.layout import RunLayout
 from oel_ray.learner import LearnerGroup
 from oel_ray.placement import driver_node
 from oel_ray.rollout import RolloutGroup
@@ -33,8 +33,6 @@ from oel_ray.types import Sampling
 from oel_ray.weight_sync import WeightSync, for_roles
 
 log = logging.getLogger("oel_ray")
-STATE_DIR = re.compile(r"^step_(\d+)$")
-PLACEMENT_FILE = "placement.json"  # where each role ran, beside manifest.json
 
 
 @dataclass
@@ -108,8 +106,8 @@ def init_ray(cfg: OELConfig) -> None:
 
 
 class Deployment:
-    def __init__(self, cfg: OELConfig, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: OELConfig, run: RunLayout):
+        self.cfg, self.run = cfg, run
         self.roles: Optional[Roles] = None
         self.extractor = None
         self.own_extractor: Optional[RolloutGroup] = None  # extractor.model names another local model
@@ -137,8 +135,8 @@ class Deployment:
         if self.roles is None:
             self._start()
         if r > 1:
-            previous = self.out / f"round_{r - 1}" / "model"
-            if not (previous / "config.json").exists():
+            previous = self.run.round(r - 1).model
+            if not self.run.round(r - 1).model_config.exists():
                 raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
@@ -165,8 +163,7 @@ class Deployment:
     def save_training_state(self, r: int, steps: int) -> None:
         """Save the state after `steps` steps of round r, then drop older saves (each save is
         complete before the older one goes)."""
-        root = self.out / f"round_{r}" / "learner_state"
-        self.roles.learner.save_state(str(root / f"step_{steps:06d}"))
+        self.roles.learner.save_state(str(self.run.round(r).state_after(steps)))
         for _, path in self._saved_states(r)[:-1]:
             shutil.rmtree(path, ignore_errors=True)
         self.holds = ("trained", r, steps)
@@ -192,8 +189,8 @@ class Deployment:
         if self.holds == final:
             return self
         saved = self._saved_states(r)
-        model = self.out / f"round_{r}" / "model"
-        if (not saved or saved[-1][0] != self.cfg.learner.steps) and (model / "config.json").exists():
+        model = self.run.round(r).model
+        if (not saved or saved[-1][0] != self.cfg.learner.steps) and self.run.round(r).model_config.exists():
             if self.roles is None:
                 self._start()
             self.roles.learner.shutdown()  # the teacher keeps its weights: no stage of round r needs it again
@@ -203,7 +200,7 @@ class Deployment:
             return self
         self.at_round_start(r)
         if not saved or saved[-1][0] != self.cfg.learner.steps:
-            raise InputError(f"{self.out / f'round_{r}'}: the consolidated training state is missing; "
+            raise InputError(f"{self.run.round(r).dir}: the consolidated training state is missing; "
                               "rerun from a new output_dir")
         self.roles.learner.load_state(str(saved[-1][1]))
         self.sync_workers(version=r * self.cfg.learner.steps)
@@ -220,9 +217,7 @@ class Deployment:
     # ------------------------------------------------------------------------- internals
 
     def _saved_states(self, r: int) -> list[tuple[int, Path]]:
-        root = self.out / f"round_{r}" / "learner_state"
-        found = [(int(m.group(1)), p) for p in root.glob("step_*") if (m := STATE_DIR.match(p.name))]
-        return sorted(found)
+        return self.run.round(r).saved_states()
 
     def sync_workers(self, version: int) -> None:
         """The learner's weights to the rollout workers, through the configured transport."""
@@ -231,7 +226,7 @@ class Deployment:
     def _record_placement(self) -> None:
         """placement.json: where each role runs now (the learner moves when it restarts each round)."""
         where = self.roles.placement()
-        artifacts.write_json(self.out / PLACEMENT_FILE, where)
+        artifacts.write_json(self.run.placement, where)
         nodes = {n["node_id"]: n["ip"] for role in where.values() for n in (role if isinstance(role, list) else [role])}
         log.info("  %d Ray node(s): driver on %s, learner ranks on %s, teacher on %s, rollout workers on %s",
                  len(nodes), where["driver"]["ip"], *([n["ip"] for n in where[k]] for k in ("learner", "teacher", "rollout")))

@@ -12,6 +12,7 @@ from typing import Optional
 
 from oel_ray import artifacts
 from oel_ray.config import TrackingConfig
+from oel_ray.layout import RoundLayout, RunLayout
 from oel_ray.types import StepMetrics
 
 log = logging.getLogger("oel_ray")
@@ -38,11 +39,12 @@ class StepLog:
     drops rows past the step the training state was restored to, so a resumed round has each
     step once; `close()` writes metrics.csv."""
 
-    def __init__(self, round_dir: Path, run_dir: Path, cfg: TrackingConfig, first_step: int):
-        self.jsonl, self.csv = round_dir / "metrics.jsonl", round_dir / "metrics.csv"
+    def __init__(self, round_files: RoundLayout, cfg: TrackingConfig, first_step: int):
+        self.jsonl, self.csv = round_files.metrics_jsonl, round_files.metrics_csv
         self.rows = [json.loads(line) for line in self.jsonl.read_text().splitlines()] if self.jsonl.exists() else []
-        self.writer = _tensorboard(run_dir, first_step) if cfg.tensorboard else None
-        self.wandb = _wandb(run_dir, cfg) if cfg.wandb else None
+        run = RunLayout(round_files.run)
+        self.writer = _tensorboard(run, first_step) if cfg.tensorboard else None
+        self.wandb = _wandb(run.root, cfg) if cfg.wandb else None
 
     def resume_at(self, step: int) -> None:
         self.rows = [row for row in self.rows if row["step"] <= step]
@@ -70,11 +72,11 @@ class StepLog:
         return self.rows
 
 
-def _tensorboard(run_dir: Path, first_step: int):
+def _tensorboard(run: RunLayout, first_step: int):
     from torch.utils.tensorboard import SummaryWriter
 
     # purge_step hides events a cut-off attempt logged past the restored step
-    return SummaryWriter(str(run_dir / "tensorboard"), purge_step=first_step + 1)
+    return SummaryWriter(str(run.tensorboard), purge_step=first_step + 1)
 
 
 def _wandb(run_dir: Path, cfg: TrackingConfig):
