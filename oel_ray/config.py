@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from oel_ray.strategy import STRATEGIES, Strategy
+
 SUPPORTED_GAMES = ("Sokoban", "FrozenLake")
 DTYPES = ("float32", "bfloat16", "float16")
 LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl")
@@ -23,7 +25,7 @@ KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
 TEACHER_CONTEXTS = ("knowledge", "trajectories", "none", "shuffled")  # see oel_ray/controls.py
-CONSOLIDATION_MODES = ("on_policy", "off_policy")
+CONSOLIDATION_MODES = tuple(STRATEGIES)  # oel_ray/strategy.py: what each mode decides
 WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
 EMBEDDED_MODELS = (TINY_MODEL, "organism")  # model.build: the models oel_ray builds itself
@@ -317,10 +319,9 @@ class ConsolidationConfig:
     async_steps: int = 0
 
     @property
-    def on_policy(self) -> bool:
-        """The student samples with the current weights, which reach the rollout workers after every
-        step; off-policy, the workers keep the round-start (teacher) weights until the round ends."""
-        return self.mode == "on_policy"
+    def strategy(self) -> Strategy:
+        """Which loss, which prompt the workers sample, when weights sync, which KL is reported."""
+        return STRATEGIES[self.mode]
 
     def check(self) -> None:
         choice("consolidation.mode", self.mode, CONSOLIDATION_MODES)

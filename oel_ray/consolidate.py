@@ -1,18 +1,11 @@
-"""Consolidation: context distillation of the knowledge into the weights.
+"""Consolidation: context distillation of the knowledge into the weights, one step after another.
 
-on_policy (OEL): per step the student (rollout workers, current weights) replies to
-partial-trajectory prefixes without knowledge; the frozen teacher scores the same replies with the
-knowledge in context on the student's top-k support; the learner takes one reverse-KL step; the
-new weights go back to the workers before the next step, so every step is strictly on-policy.
-With learner.loss=full_reverse_kl the teacher server is not asked: each learner rank holds a
-teacher copy and takes the exact KL over the vocabulary.
-
-off_policy (the context-distillation baseline): the workers keep the round-start weights all
-round, so they *are* the teacher; they reply to each prefix *with* the knowledge in context and
-return the teacher's top-k per position; the teacher server scores those replies on that support;
-the learner minimises the forward KL(teacher || student) with the student reading the prefix
-without knowledge. No weight sync per step (the driver syncs once after the round).
-StepMetrics.reverse_kl then holds that forward KL (see Learner.train_step).
+Per step the rollout workers reply to partial-trajectory prefixes, the frozen teacher scores the
+replies with the knowledge in context, and the learner takes one step; the mode's strategy
+(oel_ray/strategy.py) decides which prompt the workers reply to, which KL the learner minimises and
+whether the weights go back to the workers after the step (on-policy: every step, so each step is
+strictly on-policy). With learner.loss=full_reverse_kl the teacher server is not asked: each learner
+rank holds a teacher copy and takes the exact KL over the vocabulary.
 
 consolidation.async_steps=1 overlaps the stages: the workers sample (and the teacher scores) batch
 t+1 while the learner takes step t, so batch t+1 comes from the weights before step t, one step
@@ -33,6 +26,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.seeds import step_draw_seed, step_prefix_seed
+from oel_ray.strategy import FORWARD_KL
 from oel_ray.types import DistillSample, Sampling, StepMetrics, TeacherScores, Trajectory  # noqa: F401
 from oel_ray.weight_sync import for_roles
 
@@ -67,13 +61,13 @@ def make_samples(prefixes: list[str], knowledge_set: list[str], tokenizer, cfg: 
 
 
 def learner_loss(cfg: OELConfig) -> str:
-    """What the learner minimises: learner.loss on-policy; the forward KL off-policy."""
-    return cfg.learner.loss if cfg.consolidation.on_policy else "topk_forward_kl"
+    """What the learner minimises (oel_ray/strategy.py)."""
+    return cfg.consolidation.strategy.loss(cfg.learner.loss)
 
 
 def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledge_set: list[str], tokenizer,
                 *, first_step: int, on_step: Callable[[StepMetrics], None]) -> None:
-    loss, on_policy = learner_loss(cfg), cfg.consolidation.on_policy
+    loss, strategy = learner_loss(cfg), cfg.consolidation.strategy
     steps = list(enumerate(batches, start=first_step + 1))
     threads = stage_threads(cfg)
     roles.learner.set_threads(cfg.learner.threads or threads)
@@ -89,7 +83,7 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
         samples, scores = sample(step, prefixes, seconds)
         with timed(seconds, "learner"):
             metrics = roles.learner.train_step(samples, scores, step, loss=loss)
-        if on_policy:  # off-policy: the workers keep the teacher's (round-start) weights
+        if strategy.sync_each_step:  # off-policy: the workers keep the teacher's (round-start) weights
             seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
         on_step(metrics)
@@ -99,15 +93,15 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
                      tokenizer, seconds: dict[str, float]) -> tuple[list[DistillSample], Optional[TeacherScores]]:
     """Step `step`'s samples (the workers' replies) and the teacher's scores of them (None for
     full_reverse_kl: the learner's own teacher copy scores the whole vocabulary)."""
-    on_policy, loss = cfg.consolidation.on_policy, learner_loss(cfg)
-    support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", "topk_forward_kl") else 0
+    strategy, loss = cfg.consolidation.strategy, learner_loss(cfg)
+    support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", FORWARD_KL) else 0
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
     rng = random.Random(step_draw_seed(cfg.seed, step))
     pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
     seeds = [rng.randrange(2**31) for _ in pairs]
     with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
-        replies = roles.workers.generate([p if on_policy else t for p, t in pairs], sampling, seeds)
+        replies = roles.workers.generate([strategy.worker_prompt(p, t) for p, t in pairs], sampling, seeds)
     samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
     if loss == "full_reverse_kl":
         return samples, None
@@ -121,7 +115,7 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
     next batch (the first step also its own), then `learner`, the wait the overlap did not hide."""
     if not steps:
         return
-    loss, on_policy = learner_loss(cfg), cfg.consolidation.on_policy
+    loss, strategy = learner_loss(cfg), cfg.consolidation.strategy
     seconds: dict[str, float] = {}
     batch, lag = sample(*steps[0], seconds), 0  # the first batch comes from the current weights
     for i, (step, _) in enumerate(steps):
@@ -136,13 +130,13 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
             raise
         with timed(seconds, "learner"):
             metrics = ray.get(running)[0]
-        if on_policy:
+        if strategy.sync_each_step:
             seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
         metrics.policy_lag = lag
         on_step(metrics)
         if i + 1 < len(steps):
-            batch, lag, seconds = upcoming, int(on_policy), {}
+            batch, lag, seconds = upcoming, int(strategy.sync_each_step), {}
 
 
 def stage_threads(cfg: OELConfig) -> Optional[int]:

@@ -11,6 +11,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.config import LearnerConfig
+from oel_ray.strategy import FORWARD_KL
 
 
 def import_deepspeed():
@@ -35,7 +36,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 # The support losses, by name; full_reverse_kl takes the teacher's hidden states instead.
 SUPPORT_LOSSES = {"topk_reverse_kl": losses.topk_reverse_kl_from_hidden,
-                  "topk_forward_kl": losses.topk_forward_kl_from_hidden}
+                  FORWARD_KL: losses.topk_forward_kl_from_hidden}
 
 
 class DistillModule(torch.nn.Module):

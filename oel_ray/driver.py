@@ -178,7 +178,7 @@ def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: i
         except Exception:  # a dead role, a weight-sync timeout, a bug: keep the steps done, then stop
             cluster.try_save_training_state(r, last[0])
             raise
-    if not cfg.consolidation.on_policy:  # the workers kept the teacher's weights until now
+    if not cfg.consolidation.strategy.sync_each_step:  # the workers kept the teacher's weights until now
         cluster.sync_workers(version=r * lcfg.steps)
     rows = steps.close()
     log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
@@ -278,6 +278,7 @@ def run_summary(run_dir: RunLayout, cfg: OELConfig, seconds: float) -> dict:
         "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
         # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
         "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
+        "kl_direction": cfg.consolidation.strategy.kl_direction,
         "teacher_reads": controls.teacher_reads(cfg.teacher),  # the control, if any (teacher.context)
         # per round: the held-out pass rate by accumulation step with the knowledge in context
         "knowledge_step": cfg.extractor.knowledge_step,

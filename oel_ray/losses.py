@@ -36,10 +36,10 @@ import torch
 
 from oel_ray.config import AGGREGATIONS
 from oel_ray.config import LOSSES as REVERSE_KL_LOSSES
+from oel_ray.strategy import FORWARD_KL
 
 # What the learner can minimise: learner.loss picks one of the reverse kinds; off-policy
-# consolidation (consolidation.mode=off_policy) uses the forward KL on the teacher's top-k.
-FORWARD_KL = "topk_forward_kl"
+# consolidation (oel_ray/strategy.py) uses the forward KL on the teacher's top-k.
 LOSSES = REVERSE_KL_LOSSES + (FORWARD_KL,)
 
 

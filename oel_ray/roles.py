@@ -155,7 +155,7 @@ class Deployment:
         steps, path = saved[-1]
         log.info("  resuming consolidation after step %d of round %d", steps, r)
         self.roles.learner.load_state(str(path))
-        if self.cfg.consolidation.on_policy:  # off-policy: the workers keep the teacher's weights
+        if self.cfg.consolidation.strategy.sync_each_step:  # off-policy: the workers keep the teacher's weights
             self.sync_workers(version=(r - 1) * self.cfg.learner.steps + steps)
         self.holds = ("trained", r, steps)
         return steps

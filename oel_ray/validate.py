@@ -27,7 +27,7 @@ def validate(cfg: OELConfig) -> OELConfig:
         from oel_ray.controls import check_knowledge_from
 
         check_knowledge_from(cfg.teacher, cfg.rounds)
-    require(cfg.consolidation.on_policy or cfg.learner.loss == "topk_reverse_kl",
+    require(cfg.consolidation.strategy.takes_learner_loss or cfg.learner.loss == "topk_reverse_kl",
             "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
             "keep learner.loss=topk_reverse_kl (the default)")
     require(cfg.learner.weight_sync != "nccl" or cfg.cluster.use_gpu, "learner.weight_sync",
