@@ -98,19 +98,26 @@ def read_trajectories(path: Path) -> list[Trajectory]:
     return rows
 
 
-def read_knowledge_set(path: Path) -> list[str]:
-    """The round's knowledge texts (knowledge.json's "set"), refused when unreadable or empty (unless
-    the run is the empty-knowledge control, teacher.context=none: then one empty text)."""
+def knowledge_texts(path: Path) -> tuple[list[str], Optional[str]]:
+    """knowledge.json's "set" (the texts the teacher reads) and, where it cannot be used, why not. The
+    empty-knowledge control (teacher.context=none) reads one empty text."""
     try:
         record = json.loads(Path(path).read_text())
         texts = record["set"]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path}: not a knowledge file ({type(err).__name__}: {err}); delete it and rerun "
-                         "to extract again") from None
+        return [], f"not a knowledge file ({type(err).__name__}: {err})"
     if record.get("teacher_reads") == "none" and texts == [""]:
-        return texts
+        return texts, None
     if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
-        raise InputError(f"{path}: the knowledge set is empty; delete it and rerun to extract again")
+        return [], "the knowledge set is empty"
+    return texts, None
+
+
+def read_knowledge_set(path: Path) -> list[str]:
+    """The round's knowledge texts, refused in one line when unreadable or empty."""
+    texts, problem = knowledge_texts(path)
+    if problem:
+        raise InputError(f"{path}: {problem}; delete it and rerun to extract again")
     return texts
 
 

@@ -13,11 +13,11 @@ Extraction always runs; knowledge.json keeps the chains and records in "set" wha
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Optional
 
+from oel_ray.artifacts import knowledge_texts
 from oel_ray.config import ConfigError, InputError, TeacherConfig
 from oel_ray.extractor import ITEM_LINE
 from oel_ray.layout import RunLayout
@@ -67,14 +67,14 @@ def other_run_set(cfg: TeacherConfig, round: int, error=InputError) -> list[str]
     """The "set" the other run's teacher read in `round`, refused in one line (`error`) when the file is
     missing, unreadable or empty."""
     path = other_run_file(cfg, round)
-    try:
-        texts = json.loads(path.read_text())["set"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise error(f"teacher.knowledge_from: {path} is not a knowledge file ({type(err).__name__}: {err}); "
-                    f"give the directory of a run that finished extraction in rounds 1..{round} or more") from None
-    if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
+    texts, problem = knowledge_texts(path)
+    if problem and problem.startswith("not a knowledge file"):
+        raise error(f"teacher.knowledge_from: {path} is {problem}; "
+                    f"give the directory of a run that finished extraction in rounds 1..{round} or more")
+    texts = [t for t in texts if isinstance(t, str) and t.strip()]
+    if not texts:
         raise error(f"teacher.knowledge_from: {path} holds no knowledge (its set is empty); give another run")
-    return [t for t in texts if isinstance(t, str) and t.strip()]
+    return texts
 
 
 def check_knowledge_from(cfg: TeacherConfig, rounds: int) -> None:

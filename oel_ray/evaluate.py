@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from oel_ray.config import OELConfig
 from oel_ray.games import eval_specs, invalid_turns
+from oel_ray.tracking import curve_cells
 from oel_ray.types import KnowledgeSnapshot, Sampling, Trajectory
 
 
@@ -157,7 +158,6 @@ def curve_markdown(rows: list[dict], use_step: int) -> str:
     for row in rows:
         chains = ", ".join(f"{p:.3f}" for p in row["per_chain_pass_rates"])
         mark = " (used)" if row["step"] == use_step else ""
-        lines.append(f"| {row['step']}{mark} | {row['knowledge_tokens']:.0f} | {row['pass_rate']:.3f} "
-                     f"| [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {chains} "
+        lines.append(f"| {row['step']}{mark} | {curve_cells(row)} | {chains} "
                      f"| {row['response_tokens_per_turn']:.1f} | {row['games']} | {row['empty_chains']} |")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,11 @@ from pathlib import Path
 STATE_STEP = re.compile(r"^step_(\d+)$")  # learner_state/step_<steps>: the state after that many steps
 
 
+def _files(*names: str, base: str = "dir") -> tuple[property, ...]:
+    """A read-only path attribute per file name, under the object's `base` directory."""
+    return tuple(property(lambda self, name=name: getattr(self, base) / name) for name in names)
+
+
 @dataclass(frozen=True)
 class RoundLayout:
     run: Path
@@ -38,24 +43,14 @@ class RoundLayout:
         """The manifest's name of this round's stage `name`."""
         return f"round_{self.round}/{name}"
 
-    def relative(self, path: Path) -> str:
-        return path.relative_to(self.run).as_posix()
-
-    trajectories = property(lambda self: self.dir / "trajectories.jsonl")
-    knowledge = property(lambda self: self.dir / "knowledge.json")
-    knowledge_eval = property(lambda self: self.dir / "knowledge_eval.json")
-    knowledge_eval_md = property(lambda self: self.dir / "knowledge_eval.md")
-    deploy = property(lambda self: self.dir / "deploy.jsonl")
-    metrics_jsonl = property(lambda self: self.dir / "metrics.jsonl")
-    metrics_csv = property(lambda self: self.dir / "metrics.csv")
-    learner_state = property(lambda self: self.dir / "learner_state")
-    eval = property(lambda self: self.dir / "eval.json")
-    eval_md = property(lambda self: self.dir / "eval.md")
-    eval_trajectories = property(lambda self: self.dir / "eval_trajectories.jsonl")
-    ifeval = property(lambda self: self.dir / "ifeval.json")
-    lm_eval = property(lambda self: self.dir / "ifeval_lm_eval.json")  # ood.ifeval=lm_eval
-    model = property(lambda self: self.dir / "model")
-    model_config = property(lambda self: self.dir / "model" / "config.json")
+    trajectories, knowledge, knowledge_eval, knowledge_eval_md = _files(
+        "trajectories.jsonl", "knowledge.json", "knowledge_eval.json", "knowledge_eval.md")
+    deploy, metrics_jsonl, metrics_csv, learner_state = _files(
+        "deploy.jsonl", "metrics.jsonl", "metrics.csv", "learner_state")
+    # lm_eval: ood.ifeval=lm_eval's IF-Eval of the round's checkpoint
+    eval, eval_md, eval_trajectories, ifeval, lm_eval = _files(
+        "eval.json", "eval.md", "eval_trajectories.jsonl", "ifeval.json", "ifeval_lm_eval.json")
+    model, model_config = _files("model", "model/config.json")
 
     def state_after(self, steps: int) -> Path:
         """Where the training state after `steps` steps of this round is saved."""
@@ -74,10 +69,7 @@ class RunLayout:
     def round(self, r: int) -> RoundLayout:
         return RoundLayout(self.root, r)
 
-    manifest = property(lambda self: self.root / "manifest.json")
-    placement = property(lambda self: self.root / "placement.json")  # where each role ran
-    log = property(lambda self: self.root / "oel.log")
-    summary = property(lambda self: self.root / "summary.json")
-    rounds_md = property(lambda self: self.root / "rounds.md")
-    rounds_png = property(lambda self: self.root / "rounds.png")
-    tensorboard = property(lambda self: self.root / "tensorboard")
+    # placement.json: where each role ran
+    manifest, placement, log, summary = _files("manifest.json", "placement.json", "oel.log", "summary.json",
+                                               base="root")
+    rounds_md, rounds_png, tensorboard = _files("rounds.md", "rounds.png", "tensorboard", base="root")

@@ -259,44 +259,33 @@ def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renorm
                        lambda w: _support_chunk_terms(sup, lt, w, temperature, renormalize, kind))
 
 
-def topk_reverse_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
+def _topk_pair(kind: str, doc: str):
+    """The logits and the hidden-state (chunked) form of one top-k KL; `kind` reverse or forward."""
+    def from_logits(student_logits: torch.Tensor, support_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                    mask: torch.Tensor, temperature: float = 1.0, renormalize: bool = False,
+                    aggregation: str = "token_mean", num_units: Optional[float] = None) -> KLOutput:
+        return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
+                            renormalize, aggregation, num_units, kind=kind)
+
+    def from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
                     teacher_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                    renormalize: bool = False, aggregation: str = "token_mean",
+                    renormalize: bool = False, aggregation: str = "token_mean", chunk_tokens: int = 1024,
                     num_units: Optional[float] = None) -> KLOutput:
-    """Top-k reverse KL from logits [B, T, V]; support_ids / teacher_logprobs [B, T, k]."""
-    return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, kind="reverse")
+        return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
+                            renormalize, aggregation, num_units, chunk_tokens, kind=kind)
+
+    from_logits.__doc__ = doc + " From logits [B, T, V]; support_ids / teacher_logprobs [B, T, k]."
+    from_hidden.__doc__ = doc + (" On logits = hidden [B, T, H] @ lm_head_weight [V, H].T, chunk by chunk: "
+                                 "never the [B, T, V] logits.")
+    return from_logits, from_hidden
 
 
-def topk_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
-                                teacher_logprobs: torch.Tensor, mask: torch.Tensor,
-                                temperature: float = 1.0, renormalize: bool = False,
-                                aggregation: str = "token_mean", chunk_tokens: int = 1024,
-                                num_units: Optional[float] = None) -> KLOutput:
-    """`topk_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight [V, H].T, chunk by chunk."""
-    return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, chunk_tokens, kind="reverse")
-
-
-def topk_forward_kl(student_logits: torch.Tensor, support_ids: torch.Tensor,
-                    teacher_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                    renormalize: bool = False, aggregation: str = "token_mean",
-                    num_units: Optional[float] = None) -> KLOutput:
-    """Forward KL(teacher || student) on the support (the teacher's top-k on its own samples):
-    per token sum_v p_t(v) (log p_t(v) - log p_s(v)); logits [B, T, V], support / teacher [B, T, k].
-    With `renormalize`, both distributions are renormalised over the support first."""
-    return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, kind="forward")
-
-
-def topk_forward_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
-                                teacher_logprobs: torch.Tensor, mask: torch.Tensor,
-                                temperature: float = 1.0, renormalize: bool = False,
-                                aggregation: str = "token_mean", chunk_tokens: int = 1024,
-                                num_units: Optional[float] = None) -> KLOutput:
-    """`topk_forward_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
-    return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
-                        renormalize, aggregation, num_units, chunk_tokens, kind="forward")
+topk_reverse_kl, topk_reverse_kl_from_hidden = _topk_pair(
+    "reverse", "Reverse KL(student || teacher) on the student's top-k support.")
+topk_forward_kl, topk_forward_kl_from_hidden = _topk_pair(
+    "forward", "Forward KL(teacher || student) on the support (the teacher's top-k on its own samples): per "
+    "token sum_v p_t(v) (log p_t(v) - log p_s(v)). With `renormalize`, both distributions are renormalised "
+    "over the support first.")
 
 
 def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,

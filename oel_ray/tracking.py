@@ -106,6 +106,11 @@ def rounds_table(reports: list[dict], kl: dict[int, tuple[float, float]], teache
     return "\n".join(lines) + "\n"
 
 
+def curve_cells(row: dict) -> str:
+    """The cells every in-context curve table shows of one step: knowledge tokens, pass rate, 95% CI."""
+    return f"{row['knowledge_tokens']:.0f} | {row['pass_rate']:.3f} | [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+
+
 def curves_table(curves: dict[int, dict]) -> str:
     """The in-context curves (each round's knowledge_eval.json) as one table; "" when none."""
     if not curves:
@@ -116,8 +121,7 @@ def curves_table(curves: dict[int, dict]) -> str:
     for r, curve in sorted(curves.items()):
         for row in curve["steps"]:
             mark = "*" if row["step"] == curve["use_step"] else ""
-            lines.append(f"| {r} | {row['step']}{mark} | {row['knowledge_tokens']:.0f} | {row['pass_rate']:.3f} "
-                         f"| [{row['ci_low']:.3f}, {row['ci_high']:.3f}] | {row['response_tokens_per_turn']:.1f} |")
+            lines.append(f"| {r} | {row['step']}{mark} | {curve_cells(row)} | {row['response_tokens_per_turn']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
