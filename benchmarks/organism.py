@@ -108,8 +108,8 @@ def verdicts(results: list[dict]) -> dict:
         out["off_policy_forgets_more"] = {"holds": holds, "ifeval_drop_on_policy": on, "ifeval_drop_off_policy": off}
         if not holds:
             out["off_policy_forgets_more"]["why_not"] = (
-                "the organism has no out-of-distribution skill yet: it scores near zero on the IF-Eval "
-                "fixture before any round, so there is little to forget")
+                "IF-Eval (the team's 26-prompt fixture) is the organism's only out-of-distribution score, and its "
+                "warm start never trained on it: the drops above are within a prompt or two of each other")
     return out
 
 
@@ -164,13 +164,19 @@ def main(argv=None) -> None:
                 results.append(run_once(run, seed, args.samples, Path(tmp) / f"{run}_{seed}"))
                 print(f"{run} seed {seed}: " + ", ".join(f"{x['pass_rate']:.3f}" for x in results[-1]["rounds"])
                       + f" ({results[-1]['seconds']} s)", flush=True)
+                report(results, args, final=False)  # what finished so far survives a stopped benchmark
+    report(results, args, final=True)
+
+
+def report(results: list[dict], args, final: bool) -> None:
     judged = verdicts(results)
     figure(results, RESULTS / "organism.png")
     title = "The model organism: held-out pass rate per round [95% CI], per run and seed"
     tables = {title: table(results),
               "Verdicts (issue 15's acceptance lines)": markdown_table(
                   ["line", "holds"], [[k, v["holds"]] for k, v in judged.items()])}
-    print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
+    if final:
+        print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
     save("organism", {"seeds": args.seeds, "samples": args.samples, "runs": results, "verdicts": judged,
                       "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
 
