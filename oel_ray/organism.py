@@ -269,24 +269,31 @@ def _corpus() -> list[str]:
     return [(system or "") + user + "\n" + reply for game in rng.sample(play, 600) for system, user, reply in game]
 
 
-def _groups(tok, tok_dir: Path) -> list:
-    """Each warm-start game's turns as one group (they share prefixes), each extraction alone, the
-    extractions' prompts cut as the run's extractor cuts them (extractor.max_response_tokens of
-    room left in model.max_model_len)."""
+def prompt_cutter(tok_dir: str):
+    """An Extractor that only writes prompts: the organism experiment's extraction prompt, cut as
+    the run cuts it (extractor.max_response_tokens of room left in model.max_model_len), for the
+    tokenizer at `tok_dir`."""
     import yaml
 
     from oel_ray.config import ExtractorConfig
     from oel_ray.extractor import Extractor
-    from oel_ray.prompts import chat_ids
-
-    def chat(system, user, reply):
-        return chat_ids(tok, user, system=system), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
 
     model = yaml.safe_load((CONF / "model" / "organism.yaml").read_text())
     extractor = yaml.safe_load((CONF / "extractor" / "organism.yaml").read_text())
     template = yaml.safe_load((CONF / "extractor" / "structured.yaml").read_text())["prompt"]
     cfg = ExtractorConfig(prompt=template, max_response_tokens=extractor["max_response_tokens"])
-    cutter = Extractor(cfg, str(tok_dir), [], thinking=False, seed=0, context_length=model["max_model_len"])
+    return Extractor(cfg, tok_dir, [], thinking=False, seed=0, context_length=model["max_model_len"])
+
+
+def _groups(tok, tok_dir: Path) -> list:
+    """Each warm-start game's turns as one group (they share prefixes), each extraction alone with
+    its prompt cut as the run's extractor cuts it."""
+    from oel_ray.prompts import chat_ids
+
+    def chat(system, user, reply):
+        return chat_ids(tok, user, system=system), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+    cutter = prompt_cutter(str(tok_dir))
     play, extract = _warm_start_texts()
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 

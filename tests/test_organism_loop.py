@@ -59,25 +59,19 @@ def extract(model_path: str, games: list, knowledge: str) -> list[str]:
     """The built organism as the run's extractor (its prompt, cut the run's way), greedy: its reply
     per game."""
     import torch
-    import yaml
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from oel_ray.config import ExtractorConfig
-    from oel_ray.extractor import Extractor
+    from oel_ray.organism import prompt_cutter
     from oel_ray.prompts import chat_ids
 
-    conf = {**yaml.safe_load((ROOT / "conf/extractor/structured.yaml").read_text()),
-            **yaml.safe_load((ROOT / "conf/extractor/organism.yaml").read_text())}
-    cfg = ExtractorConfig(prompt=conf["prompt"], max_response_tokens=conf["max_response_tokens"])
-    max_len = yaml.safe_load((ROOT / "conf/model/organism.yaml").read_text())["max_model_len"]
-    extractor = Extractor(cfg, model_path, [], thinking=False, seed=0, context_length=max_len)
+    extractor = prompt_cutter(model_path)
     tok = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path).eval()
     replies = []
     for traj in games:
         ids = torch.tensor([chat_ids(tok, extractor.prompt(knowledge, traj))])
         with torch.no_grad():
-            out = model.generate(ids, do_sample=False, max_new_tokens=cfg.max_response_tokens,
+            out = model.generate(ids, do_sample=False, max_new_tokens=extractor.cfg.max_response_tokens,
                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
         replies.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
     return replies
