@@ -1,7 +1,7 @@
 """The model organism's loop, measured: does this implementation turn its own experience into better
 play, and do the controls stay flat?
 
-    python -m benchmarks.organism [--seeds 0 1 2] [--samples 2] [--runs main empty ...]
+    python -m benchmarks.organism [--seeds 0 1 2] [--samples 2] [--runs main empty ...] [--out DIR]
 
 Runs `python -m oel_ray.main +experiment=<run>` for the main organism experiment and each control
 (conf/experiment/organism*.yaml), once per seed, into a temporary directory, and reads what the runs
@@ -9,7 +9,9 @@ wrote themselves: round_r/eval.json (held-out pass rate with its Wilson interval
 run, round_1/knowledge_eval.json (the in-context curve). Every map of the held-out set is played
 `--samples` times per evaluation. The controls skip the in-context curve (they are compared on the
 rounds). Prints one table and saves benchmarks/results/organism.json with a true/false verdict per
-acceptance line of issue 15, and benchmarks/results/organism.png.
+acceptance line of issue 15, and benchmarks/results/organism.png. Runs of other seeds or controls
+already in that file are kept when they were measured on the same organism (its recipe's version) with
+the same samples, so seeds can be added one invocation at a time; `--out` keeps the run directories.
 """
 
 from __future__ import annotations
@@ -151,17 +153,34 @@ def figure(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def earlier_runs(args, version: int) -> list[dict]:
+    """The saved runs this invocation does not repeat, when measured on this organism with these
+    samples (anything else is dropped: its figures are not comparable)."""
+    try:
+        saved = json.loads((RESULTS / "organism.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return []
+    if saved.get("organism_version") != version or saved.get("samples") != args.samples:
+        return []
+    redo = {(run, seed) for run in args.runs for seed in args.seeds}
+    return [r for r in saved.get("runs", []) if (r["run"], r["seed"]) not in redo]
+
+
 def main(argv=None) -> None:
+    from oel_ray.organism import RECIPE
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samples", type=int, default=2, help="samples per held-out map per evaluation")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
+    parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
     args = parser.parse_args(argv)
-    results = []
+    args.version = RECIPE.version
+    results = earlier_runs(args, RECIPE.version)
     with tempfile.TemporaryDirectory(prefix="oel_bench_organism.") as tmp:
         for seed in args.seeds:
             for run in args.runs:
-                results.append(run_once(run, seed, args.samples, Path(tmp) / f"{run}_{seed}"))
+                results.append(run_once(run, seed, args.samples, (args.out or Path(tmp)) / f"{run}_{seed}"))
                 print(f"{run} seed {seed}: " + ", ".join(f"{x['pass_rate']:.3f}" for x in results[-1]["rounds"])
                       + f" ({results[-1]['seconds']} s)", flush=True)
                 report(results, args, final=False)  # what finished so far survives a stopped benchmark
@@ -177,7 +196,9 @@ def report(results: list[dict], args, final: bool) -> None:
                   ["line", "holds"], [[k, v["holds"]] for k, v in judged.items()])}
     if final:
         print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
-    save("organism", {"seeds": args.seeds, "samples": args.samples, "runs": results, "verdicts": judged,
+    results = sorted(results, key=lambda r: (r["seed"], list(RUNS).index(r["run"])))
+    save("organism", {"organism_version": args.version, "seeds": sorted({r["seed"] for r in results}),
+                      "samples": args.samples, "runs": results, "verdicts": judged,
                       "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
 
 
