@@ -15,11 +15,10 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from oel_ray.strategy import STRATEGIES, Strategy
+from oel_ray.strategy import LOSSES, STRATEGIES, TOPK_REVERSE_KL, Strategy
 
 SUPPORTED_GAMES = ("Sokoban", "FrozenLake")
 DTYPES = ("float32", "bfloat16", "float16")
-LOSSES = ("topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl")
 AGGREGATIONS = ("token_mean", "sequence_mean")
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
@@ -229,7 +228,7 @@ class LearnerConfig:
     freeze: list[str] = field(default_factory=list)
     zero_stage: int = 2
     num_ranks: int = 1
-    loss: str = "topk_reverse_kl"
+    loss: str = TOPK_REVERSE_KL
     support_k: int = 256
     renormalize: bool = False
     aggregation: str = "token_mean"

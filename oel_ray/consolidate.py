@@ -26,7 +26,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.seeds import step_draw_seed, step_prefix_seed
-from oel_ray.strategy import FORWARD_KL
+from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
 from oel_ray.types import DistillSample, Sampling, StepMetrics, TeacherScores, Trajectory  # noqa: F401
 from oel_ray.weight_sync import for_roles
 
@@ -94,7 +94,7 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     """Step `step`'s samples (the workers' replies) and the teacher's scores of them (None for
     full_reverse_kl: the learner's own teacher copy scores the whole vocabulary)."""
     strategy, loss = cfg.consolidation.strategy, learner_loss(cfg)
-    support_k = cfg.learner.support_k if loss in ("topk_reverse_kl", FORWARD_KL) else 0
+    support_k = cfg.learner.support_k if loss in (TOPK_REVERSE_KL, FORWARD_KL) else 0
     sampling = Sampling(max_tokens=cfg.rollout.max_response_tokens, temperature=cfg.rollout.temperature,
                         top_p=cfg.rollout.top_p, top_k=cfg.rollout.top_k, support_k=support_k)
     rng = random.Random(step_draw_seed(cfg.seed, step))
@@ -103,10 +103,10 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
         replies = roles.workers.generate([strategy.worker_prompt(p, t) for p, t in pairs], sampling, seeds)
     samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
-    if loss == "full_reverse_kl":
+    if loss == FULL_REVERSE_KL:
         return samples, None
     with timed(seconds, "teacher"):
-        return samples, roles.teacher.score(samples, loss == "sampled_reverse_kl")
+        return samples, roles.teacher.score(samples, loss == SAMPLED_REVERSE_KL)
 
 
 def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int, list[str]]], sample,

@@ -11,7 +11,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.config import LearnerConfig
-from oel_ray.strategy import FORWARD_KL
+from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
 
 
 def import_deepspeed():
@@ -35,7 +35,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 
 # The support losses, by name; full_reverse_kl takes the teacher's hidden states instead.
-SUPPORT_LOSSES = {"topk_reverse_kl": losses.topk_reverse_kl_from_hidden,
+SUPPORT_LOSSES = {TOPK_REVERSE_KL: losses.topk_reverse_kl_from_hidden,
                   FORWARD_KL: losses.topk_forward_kl_from_hidden}
 
 
@@ -63,9 +63,9 @@ class DistillModule(torch.nn.Module):
         weight = self.model.get_output_embeddings().weight
         kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
                   chunk_tokens=self.chunk_tokens, num_units=num_units)
-        if loss == "full_reverse_kl":
+        if loss == FULL_REVERSE_KL:
             out = losses.full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, teacher_head, mask, **kw)
-        elif loss == "sampled_reverse_kl":
+        elif loss == SAMPLED_REVERSE_KL:
             out = losses.sampled_reverse_kl_from_hidden(hidden, weight, support[..., 0], teacher_lp[..., 0],
                                                         mask, **kw)
         else:

@@ -31,6 +31,7 @@ from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
 from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
 from oel_ray.tracking import timed
+from oel_ray.types import ERROR, INVALID
 
 log = logging.getLogger("oel_ray")
 
@@ -101,9 +102,9 @@ def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
 
         trajectories = roles.workers.play(specs, sampling_for_play(cfg), cfg.env.max_turns, r, on_games=on_games)
     writer.close(ordered=(t.to_json() for t in trajectories))
-    errors = [t for t in trajectories if t.outcome == "error"]
+    errors = [t for t in trajectories if t.outcome == ERROR]
     log.info("  %d games, %d passed, %d invalid, %d ended by an environment error", len(trajectories),
-             sum(t.passed for t in trajectories), sum(t.outcome == "invalid" for t in trajectories), len(errors))
+             sum(t.passed for t in trajectories), sum(t.outcome == INVALID for t in trajectories), len(errors))
     for t in errors[:3]:
         log.warning("  map %d: %s", t.seed, t.reason)
 

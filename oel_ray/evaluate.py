@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from oel_ray.config import OELConfig
 from oel_ray.games import eval_specs, invalid_turns
 from oel_ray.tracking import curve_cells
-from oel_ray.types import KnowledgeSnapshot, Sampling, Trajectory
+from oel_ray.types import INVALID, KnowledgeSnapshot, Sampling, Trajectory
 
 
 @dataclass
@@ -103,7 +103,7 @@ def summarize(trajectories: list[Trajectory], round: int, samples: int = 1) -> E
         round=round, games=n, passes=passes, pass_rate=passes / n if n else 0.0, ci_low=low, ci_high=high,
         response_tokens_per_turn=sum(t.response_tokens for t in turns) / max(1, len(turns)),
         turns_per_game=len(turns) / max(1, n),
-        invalid_rate=sum(t.outcome == "invalid" for t in trajectories) / max(1, n),
+        invalid_rate=sum(t.outcome == INVALID for t in trajectories) / max(1, n),
         invalid_turn_rate=sum(invalid_turns(t) for t in trajectories) / max(1, len(turns)),
         maps=maps, samples=samples, per_sample_pass_rates=per_sample, effective_games=effective,
     )

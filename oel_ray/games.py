@@ -25,7 +25,7 @@ from textarena.core import ObservationType
 
 from oel_ray.config import EnvConfig
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE, train_map_start
-from oel_ray.types import GameSpec, Trajectory, Turn
+from oel_ray.types import ERROR, EVAL, INVALID, LOSS, TRAIN, TURN_LIMIT, WIN, GameSpec, Trajectory, Turn
 
 ACTION_PATTERN = re.compile(r"\[\s*(up|down|left|right|w|a|s|d)\s*\]", re.IGNORECASE)
 ALIASES = {"w": "up", "a": "left", "s": "down", "d": "right"}
@@ -102,7 +102,7 @@ def invalid_turns(traj: Trajectory) -> int:
     """Turns whose reply had no parsable action or made a move the env refused. The move that ends
     a game as invalid is reported only in the closing reason, so it is counted from the outcome."""
     flagged = [t.action is None or bool(_INVALID.search(t.feedback)) for t in traj.turns]
-    if traj.outcome == "invalid" and flagged:
+    if traj.outcome == INVALID and flagged:
         flagged[-1] = True
     return sum(flagged)
 
@@ -179,10 +179,10 @@ class Game:
             answer = [(text, kind) for _, text, kind in self._base.get_observation()[1]
                       if kind != ObservationType.PLAYER_ACTION]  # the echo of what we sent
         except Exception as err:  # a bug in a game must not crash the round: the game ends as "error"
-            self._result = ("error", 0.0, f"the environment raised {type(err).__name__}: {err}")
+            self._result = (ERROR, 0.0, f"the environment raised {type(err).__name__}: {err}")
             self.turns.append(Turn(prompt, response, response_tokens, action, self._result[2]))
             self._boards.append(board)
-            self._notes.append("error")
+            self._notes.append(ERROR)
             return True
         note = " ".join(_short_note(t) for t, kind in answer if kind != ObservationType.GAME_BOARD)
         if env_done:
@@ -208,13 +208,13 @@ class Game:
             reward = float(rewards[0])
             reason = str(info.get("reason") or "")
         if reward == 1.0:
-            outcome = "win"
+            outcome = WIN
         elif info.get("invalid_move"):
-            outcome = "invalid"
+            outcome = INVALID
         elif turn_limit or "turn limit" in reason.lower():  # the env's own limit, when set lower
-            outcome = "turn_limit"
+            outcome = TURN_LIMIT
         else:
-            outcome = "loss"
+            outcome = LOSS
         self._result = (outcome, reward, reason)
 
     def trajectory(self, round: int, model_version: int) -> Trajectory:
@@ -272,8 +272,8 @@ def eval_specs(env: EnvConfig) -> list[GameSpec]:
     key = _eval_key(env)
     if not env.distinct_boards:
         offset, count = key[2], key[3]
-        return [GameSpec(env.id, seed, "eval", dict(key[1])) for seed in range(offset, offset + count)]
-    return [GameSpec(env.id, seed, "eval", dict(key[1])) for seed, _ in _eval_maps(*key)]
+        return [GameSpec(env.id, seed, EVAL, dict(key[1])) for seed in range(offset, offset + count)]
+    return [GameSpec(env.id, seed, EVAL, dict(key[1])) for seed, _ in _eval_maps(*key)]
 
 
 def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list[GameSpec]:
@@ -289,11 +289,11 @@ def train_specs(env: EnvConfig, round: int, count: int, stream: int = 0) -> list
     if not env.distinct_boards:
         if count > STREAM_SEED_STRIDE:
             raise ValueError(f"{count} maps do not fit in one stream's {STREAM_SEED_STRIDE} seeds; ask for fewer")
-        return [GameSpec(env.id, seed, "train", dict(key[1])) for seed in range(start, start + count)]
+        return [GameSpec(env.id, seed, TRAIN, dict(key[1])) for seed in range(start, start + count)]
     held_out = frozenset(board for _, board in _eval_maps(*key))
     found = _scan(env.id, dict(key[1]), start, count, stop=start + STREAM_SEED_STRIDE, exclude=held_out,
                   partial=True)
     if not found:
         raise ValueError(f"{env.id} {dict(key[1])}: every board is held out ({len(held_out)}); "
                          "ask for fewer held-out maps")
-    return [GameSpec(env.id, found[i % len(found)][0], "train", dict(key[1])) for i in range(count)]
+    return [GameSpec(env.id, found[i % len(found)][0], TRAIN, dict(key[1])) for i in range(count)]

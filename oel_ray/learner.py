@@ -29,6 +29,7 @@ from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import LearnerConfig
+from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
@@ -56,7 +57,7 @@ class Learner:
         # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
         # Built before the student, so it is never built under ZeRO-3's partitioning init.
         self.teacher = (ColocatedTeacher(model_path, getattr(torch, cfg.dtype), self.device)
-                        if cfg.loss == "full_reverse_kl" else None)
+                        if cfg.loss == FULL_REVERSE_KL else None)
         self.model = load_model(model_path, getattr(torch, cfg.dtype), config)
         module = DistillModule(self.model, cfg)
         head = self.model.get_output_embeddings()
@@ -115,18 +116,18 @@ class Learner:
         kind = loss or cfg.loss
         if kind not in losses.LOSSES:
             raise ValueError(f"loss {kind!r} is not one of {', '.join(losses.LOSSES)}")
-        if kind == "full_reverse_kl" and self.teacher is None:
+        if kind == FULL_REVERSE_KL and self.teacher is None:
             raise ValueError("full_reverse_kl needs the teacher copy each rank loads when the learner is built "
                              "with learner.loss=full_reverse_kl")
         if len(samples) < self.world * cfg.grad_accum:
             raise ValueError(f"{len(samples)} samples: need at least num_ranks x grad_accum = "
                              f"{self.world * cfg.grad_accum}")
         targets = None
-        if kind != "full_reverse_kl":
+        if kind != FULL_REVERSE_KL:
             if scores is None or len(scores.logprobs) != len(samples):
                 raise ValueError(f"{len(samples)} samples but {0 if scores is None else len(scores.logprobs)} "
                                  f"teacher scores: {kind} needs one per sample")
-            targets = [batching.targets(s, lp, kind == "sampled_reverse_kl") for s, lp in zip(samples, scores.logprobs)]
+            targets = [batching.targets(s, lp, kind == SAMPLED_REVERSE_KL) for s, lp in zip(samples, scores.logprobs)]
         tokens = sum(len(s.response_ids) for s in samples)
         units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
@@ -138,7 +139,7 @@ class Learner:
             micro, micro_targets = self._micro_batch(micro_buckets, samples, targets)
             batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in micro_buckets], self.pad_id)
             batch = {k: batching.to_device(v, self.device) for k, v in batch.items()}
-            if kind == "full_reverse_kl":
+            if kind == FULL_REVERSE_KL:
                 batch.update(self._teacher_inputs(micro))
             value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
             # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.

@@ -152,12 +152,12 @@ def env_config():
 def warm_specs(env, boards: int = WARM_BOARDS) -> list:
     """Distinct boards none of which is a held-out map of `env`."""
     from oel_ray.games import _eval_key, _eval_maps, _scan
-    from oel_ray.types import GameSpec
+    from oel_ray.types import TRAIN, GameSpec
 
     key = _eval_key(env)
     held_out = frozenset(board for _, board in _eval_maps(*key))
     found = _scan(env.id, dict(key[1]), WARM_MAP_SEED, boards, stop=None, exclude=held_out)
-    return [GameSpec(env.id, seed, "train", dict(key[1])) for seed, _ in found]
+    return [GameSpec(env.id, seed, TRAIN, dict(key[1])) for seed, _ in found]
 
 
 def _knowledge_draw(rng: random.Random) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from oel_ray import checks
 from oel_ray.config import ConfigError, OELConfig
-from oel_ray.types import GameSpec
+from oel_ray.types import TRAIN, GameSpec
 
 FILLER = "- EXPERIENCE ITEM: keep the box away from the walls.\n"  # knowledge-like text to size prompts
 
@@ -50,7 +50,7 @@ def _longest_game(cfg: OELConfig):
     kwargs come out here as one line."""
     from oel_ray.games import Game
 
-    spec = GameSpec(cfg.env.id, cfg.env.train_seed_offset, "train", dict(cfg.env.kwargs))
+    spec = GameSpec(cfg.env.id, cfg.env.train_seed_offset, TRAIN, dict(cfg.env.kwargs))
     try:
         game = Game(spec, cfg.env.max_turns)
     except Exception as err:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
-from oel_ray.types import Trajectory
+from oel_ray.types import TURN_LIMIT, Trajectory
 
 if TYPE_CHECKING:
     from oel_ray.games import Game
@@ -51,7 +51,7 @@ def trajectory_parts(traj: Trajectory) -> list[str]:
     of how the game ended."""
     parts = [f"### Turn {i}\nObservation:\n{turn.prompt}\n\nYour output:\n{turn.response}"
              for i, turn in enumerate(traj.turns, 1)]
-    if traj.outcome == "turn_limit":
+    if traj.outcome == TURN_LIMIT:
         ending = f"The turn limit ({len(traj.turns)} turns) was reached without success."
     else:
         result = "SUCCESS" if traj.passed else "FAILURE"

@@ -13,7 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORWARD_KL = "topk_forward_kl"  # the off-policy loss: not a learner.loss choice
+# The losses learner.loss chooses (oel_ray/losses.py), and the off-policy one, which it does not.
+TOPK_REVERSE_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL = "topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl"
+LOSSES = (TOPK_REVERSE_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL)
+FORWARD_KL = "topk_forward_kl"
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,7 @@ def synthetic_chats(tok, seed: int = BUILD_SEED) -> list[tuple[list[int], list[i
     from oel_ray.games import Game
     from oel_ray.prompts import chat_ids, extraction_prompt, teacher_messages
     from oel_ray.solver import moves
-    from oel_ray.types import GameSpec
+    from oel_ray.types import TRAIN, GameSpec
 
     rng = random.Random(seed)
     templates = [yaml.safe_load((EXTRACTORS / f"{name}.yaml").read_text())["prompt"]
@@ -186,7 +186,7 @@ def synthetic_chats(tok, seed: int = BUILD_SEED) -> list[tuple[list[int], list[i
     chats = []  # (system, user, reply)
     for env_id, kwargs, count in WARM_GAMES:
         for i in range(count):
-            game = Game(GameSpec(env_id, WARM_MAP_SEED + i, "train", kwargs), WARM_MAX_TURNS)
+            game = Game(GameSpec(env_id, WARM_MAP_SEED + i, TRAIN, kwargs), WARM_MAX_TURNS)
             while not game.done:
                 best, legal = moves(game.family, game._base)  # the live, unwrapped env
                 move = best if best and rng.random() < 0.5 else rng.choice(legal or MOVES)

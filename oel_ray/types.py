@@ -12,6 +12,9 @@ from typing import Any, Optional
 import numpy as np
 
 TRAJECTORY_SCHEMA_VERSION = 1
+TRAIN, EVAL = "train", "eval"  # GameSpec.split: collection and extraction, or the held-out maps
+# Trajectory.outcome; ERROR: the environment raised (a bug in a game ends that game, not the round)
+WIN, LOSS, INVALID, TURN_LIMIT, ERROR = "win", "loss", "invalid", "turn_limit", "error"
 
 
 @dataclass(frozen=True)
@@ -20,7 +23,7 @@ class GameSpec:
 
     env_id: str
     seed: int
-    split: str = "train"  # "train" (collection / extraction) or "eval" (held-out maps)
+    split: str = TRAIN  # TRAIN or EVAL
     env_kwargs: dict = field(default_factory=dict)
     # Knowledge in the prompt, placed as the teacher reads it (the in-context curve); "" plays the
     # plain student prompt. Turn.prompt records the prompt without it either way.
@@ -44,7 +47,7 @@ class Trajectory:
     round: int
     model_version: int  # number of optimizer steps behind the weights that played this game
     turns: list[Turn]
-    outcome: str  # "win" | "loss" | "invalid" | "turn_limit" | "error" (the environment raised)
+    outcome: str  # WIN, LOSS, INVALID, TURN_LIMIT or ERROR
     reward: float  # the game's own reward; a pass is reward == 1.0
     reason: str  # the environment's closing reason
     schema_version: int = TRAJECTORY_SCHEMA_VERSION

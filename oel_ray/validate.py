@@ -9,6 +9,7 @@ from typing import Optional
 
 from oel_ray import checks
 from oel_ray.config import EMBEDDED_MODELS, ConfigError, OELConfig, choice, require
+from oel_ray.strategy import TOPK_REVERSE_KL
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
 
 
@@ -27,9 +28,9 @@ def validate(cfg: OELConfig) -> OELConfig:
         from oel_ray.controls import check_knowledge_from
 
         check_knowledge_from(cfg.teacher, cfg.rounds)
-    require(cfg.consolidation.strategy.takes_learner_loss or cfg.learner.loss == "topk_reverse_kl",
+    require(cfg.consolidation.strategy.takes_learner_loss or cfg.learner.loss == TOPK_REVERSE_KL,
             "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
-            "keep learner.loss=topk_reverse_kl (the default)")
+            f"keep learner.loss={TOPK_REVERSE_KL} (the default)")
     require(cfg.learner.weight_sync != "nccl" or cfg.cluster.use_gpu, "learner.weight_sync",
             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
     check_gpus(cfg)
