@@ -168,7 +168,7 @@ def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: i
     with tracking.progress(lcfg.steps, f"round {r} consolidate", cfg.tracking, initial=done) as bar:
         def on_step(m) -> None:
             steps.add(m)
-            bar.update(1, kl=m.reverse_kl)
+            bar.update(1, kl=m.kl)
             last[0] = m.step - base
             if last[0] % lcfg.checkpoint_every == 0 or last[0] == lcfg.steps:
                 cluster.save_training_state(r, last[0])
@@ -182,7 +182,8 @@ def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: i
     if not cfg.consolidation.strategy.sync_each_step:  # the workers kept the teacher's weights until now
         cluster.sync_workers(version=r * lcfg.steps)
     rows = steps.close()
-    log.info("  reverse KL %.4f -> %.4f over %d steps", rows[0]["reverse_kl"], rows[-1]["reverse_kl"], len(rows))
+    log.info("  %s KL %.4f -> %.4f over %d steps", cfg.consolidation.strategy.kl_direction, tracking.row_kl(rows[0]),
+             tracking.row_kl(rows[-1]), len(rows))
 
 
 def evaluate_into(rl: RoundLayout, roles, cfg: OELConfig, r: int) -> None:
@@ -263,7 +264,7 @@ def in_context_curves(run_dir: RunLayout, upto: int) -> dict[int, dict]:
 
 def kl_first_last(rl: RoundLayout) -> tuple[float, float]:
     rows = [json.loads(line) for line in rl.metrics_jsonl.read_text().splitlines()]
-    return rows[0]["reverse_kl"], rows[-1]["reverse_kl"]
+    return tracking.row_kl(rows[0]), tracking.row_kl(rows[-1])
 
 
 def run_summary(run_dir: RunLayout, cfg: OELConfig, seconds: float) -> dict:
@@ -277,8 +278,8 @@ def run_summary(run_dir: RunLayout, cfg: OELConfig, seconds: float) -> dict:
         "pass_rate_round_0": json.loads(run_dir.round(0).eval.read_text())["pass_rate"],
         "response_tokens_per_turn": last["response_tokens_per_turn"],
         "ifeval_strict_prompt_accuracy": tracking.ifeval_accuracy(last),
-        # off_policy: these hold the forward KL it minimises (consolidation_loss names it)
-        "reverse_kl_first_step": first_kl, "reverse_kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
+        # the KL the loss minimises, in kl_direction (consolidation_loss names the loss)
+        "kl_first_step": first_kl, "kl_last_step": last_kl, "consolidation_loss": learner_loss(cfg),
         "kl_direction": cfg.consolidation.strategy.kl_direction,
         "teacher_reads": controls.teacher_reads(cfg.teacher),  # the control, if any (teacher.context)
         # per round: the held-out pass rate by accumulation step with the knowledge in context

@@ -29,7 +29,7 @@ from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import LearnerConfig
-from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL
+from oel_ray.strategy import FORWARD, FORWARD_KL, FULL_REVERSE_KL, REVERSE, SAMPLED_REVERSE_KL
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
@@ -108,7 +108,7 @@ class Learner:
         off-policy consolidation passes topk_forward_kl. `scores` are the teacher server's log-probs
         on each sample's support (None for full_reverse_kl: the teacher copy here scores).
 
-        StepMetrics.reverse_kl reports the KL the loss minimises, token mean, un-renormalised:
+        StepMetrics.kl reports the KL the loss minimises, token mean, un-renormalised:
         KL(student || teacher) on the support (topk_reverse_kl), its single-sample estimate
         (sampled_reverse_kl), over the whole vocabulary (full_reverse_kl), or the forward
         KL(teacher || student) on the teacher's support (topk_forward_kl)."""
@@ -156,10 +156,10 @@ class Learner:
         total, kl, smass, tmass = buf.tolist()
         norm = self.engine.get_global_grad_norm() if norm is None else norm
         denom = max(tokens, 1)
-        return StepMetrics(step=step, loss=total, reverse_kl=kl / denom, student_mass=smass / denom,
-                           teacher_mass=tmass / denom,
+        return StepMetrics(step=step, loss=total, kl=kl / denom, student_mass=smass / denom, teacher_mass=tmass / denom,
                            grad_norm=float(norm) if norm is not None else float("nan"), lr=float(lr),
-                           response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0})
+                           response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0},
+                           kl_direction=FORWARD if kind == FORWARD_KL else REVERSE)
 
     def _micro_batch(self, buckets: list[list[int]], samples: list[DistillSample], targets: Optional[list]):
         """The samples (and targets) of one micro-batch, bucket after bucket; an empty bucket is a

@@ -106,8 +106,8 @@ def print_summary(summary: dict) -> None:
         + (f"IF-Eval prompt-level strict accuracy (OOD) {summary['ifeval_strict_prompt_accuracy']:.3f}\n"
            if summary.get("ifeval_strict_prompt_accuracy") is not None else "") +
         curve_lines(summary) +
-        f"{summary.get('kl_direction', 'reverse')} KL first step "
-        f"{summary['reverse_kl_first_step']:.4f} -> last step {summary['reverse_kl_last_step']:.4f}"
+        f"{summary['kl_direction']} KL first step "
+        f"{summary['kl_first_step']:.4f} -> last step {summary['kl_last_step']:.4f}"
         f" ({summary['consolidation_loss']}; the teacher reads {summary.get('teacher_reads', 'knowledge')})\n"
         f"final model {summary['final_model']}\n"
         f"rounds table {summary['rounds_table']}, plot {summary['plot']}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 TOPK_REVERSE_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL = "topk_reverse_kl", "full_reverse_kl", "sampled_reverse_kl"
 LOSSES = (TOPK_REVERSE_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL)
 FORWARD_KL = "topk_forward_kl"
+REVERSE, FORWARD = "reverse", "forward"  # KL(student || teacher), KL(teacher || student)
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ class Strategy:
     name: str  # consolidation.mode
     workers_read_knowledge: bool  # the workers sample the teacher's prompt, not the student's
     sync_each_step: bool  # the learner's weights reach the workers after every step (else after the round)
-    kl_direction: str  # "reverse" or "forward": the KL the step metrics report and the loss minimises
+    kl_direction: str  # REVERSE or FORWARD: the KL the step metrics report and the loss minimises
     takes_learner_loss: bool  # learner.loss chooses the loss (else the strategy's own)
 
     def loss(self, learner_loss: str) -> str:
@@ -36,8 +37,8 @@ class Strategy:
         return teacher if self.workers_read_knowledge else student
 
 
-ON_POLICY = Strategy("on_policy", workers_read_knowledge=False, sync_each_step=True, kl_direction="reverse",
+ON_POLICY = Strategy("on_policy", workers_read_knowledge=False, sync_each_step=True, kl_direction=REVERSE,
                      takes_learner_loss=True)
-OFF_POLICY = Strategy("off_policy", workers_read_knowledge=True, sync_each_step=False, kl_direction="forward",
+OFF_POLICY = Strategy("off_policy", workers_read_knowledge=True, sync_each_step=False, kl_direction=FORWARD,
                       takes_learner_loss=False)
 STRATEGIES = {s.name: s for s in (ON_POLICY, OFF_POLICY)}

@@ -26,6 +26,11 @@ def timed(name: str, fn):
     return result
 
 
+def row_kl(row: dict) -> float:
+    """A metrics row's KL; rows written before StepMetrics.kl (named reverse_kl then) keep that name."""
+    return row["kl"] if "kl" in row else row["reverse_kl"]
+
+
 def flat_metrics(m: StepMetrics) -> dict:
     row = {k: v for k, v in vars(m).items() if k != "seconds"}
     row.update({f"seconds_{k}": round(v, 4) for k, v in m.seconds.items()})
@@ -55,7 +60,7 @@ class StepLog:
         self.rows.append(row)
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
-        scalars = {"loss": m.loss, "reverse_kl": m.reverse_kl, "grad_norm": m.grad_norm, "lr": m.lr,
+        scalars = {"loss": m.loss, "kl": m.kl, "grad_norm": m.grad_norm, "lr": m.lr,
                    "tokens_per_second": row["tokens_per_second"], "student_mass": m.student_mass}
         if self.writer:
             for name, value in scalars.items():

@@ -104,7 +104,7 @@ class TeacherScores:
 class StepMetrics:
     step: int
     loss: float
-    reverse_kl: float  # token-mean KL(student || teacher) on the support, before renormalisation
+    kl: float  # token-mean KL the loss minimises (kl_direction), on the support, before renormalisation
     student_mass: float  # mean student probability mass inside the support
     teacher_mass: float  # mean teacher probability mass inside the support
     grad_norm: float
@@ -114,6 +114,7 @@ class StepMetrics:
     # Optimizer steps the sampling weights were behind the learner's: 0 on-policy, 1 for batches
     # sampled while the learner took the previous step (consolidation.async_steps=1).
     policy_lag: int = 0
+    kl_direction: str = ""  # strategy.REVERSE or strategy.FORWARD
 
 
 @dataclass

@@ -19,7 +19,7 @@ EXPERIMENTS = {
     "tiny_raw_trajectories": ("on_policy", "trajectories", True),
     "tiny_other_extractor": ("on_policy", "knowledge", False),
 }
-COMPARED = {"pass_rate", "pass_rate_ci", "reverse_kl_first_step", "reverse_kl_last_step", "consolidation_loss",
+COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
 
 

@@ -124,7 +124,7 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
 
 
 def first_step_kl(out) -> float:
-    return json.loads((out / "round_1" / "metrics.jsonl").read_text().splitlines()[0])["reverse_kl"]
+    return json.loads((out / "round_1" / "metrics.jsonl").read_text().splitlines()[0])["kl"]
 
 
 @pytest.mark.e2e

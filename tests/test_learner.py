@@ -15,7 +15,7 @@ from oel_ray.types import DistillSample, TeacherScores
 
 TEMP, K, BATCH, STEPS = 0.7, 32, 8, 5
 WARMUP = 3  # LR warm-up steps: a resumed run must continue the schedule, not restart it
-CURVE_KEYS = ("loss", "reverse_kl", "student_mass", "teacher_mass", "grad_norm", "lr", "response_tokens")
+CURVE_KEYS = ("loss", "kl", "student_mass", "teacher_mass", "grad_norm", "lr", "response_tokens")
 
 
 def load(path):
@@ -102,7 +102,7 @@ def trained(ray_cluster, tiny_model, batch):
     group = LearnerGroup(config(zero_stage=2, grad_accum=2, num_ranks=1), tiny_model, num_cpus=0.5)
     start = time.perf_counter() - t0
     metrics = [group.train_step(samples, scores, s) for s in range(STEPS)]
-    print(f"learner start {start:.1f}s; steps", [(round(m.seconds["learner_compute"], 3), round(m.reverse_kl, 4),
+    print(f"learner start {start:.1f}s; steps", [(round(m.seconds["learner_compute"], 3), round(m.kl, 4),
                                                   round(m.student_mass, 3)) for m in metrics])
     yield group, metrics
     group.shutdown()
@@ -122,7 +122,8 @@ def test_steps_lower_the_reverse_kl(trained, batch, tiny_model):
     # the learner's first metrics (before any update) are the KL at the right positions
     initial = load(tiny_model)
     kl0, mass0 = topk_kl(initial, samples, scores)
-    assert m.reverse_kl == pytest.approx(kl0, rel=1e-4)
+    assert m.kl == pytest.approx(kl0, rel=1e-4)
+    assert m.kl_direction == "reverse"
     assert m.student_mass == pytest.approx(mass0, rel=1e-4)
     # and the student really moved towards the teacher over the whole vocabulary
     before = full_kl(initial, teacher, samples)
@@ -306,7 +307,7 @@ def test_sampled_token_loss(ray_cluster, batch, tiny_model):
         student.load_state_dict(group.state_dict(), strict=False)
     finally:
         group.shutdown()
-    assert got.reverse_kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
+    assert got.kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
     # The step descends the REINFORCE surrogate mean(ls_y * stopgrad(ls_y - lt_y)) it was built on.
     # (Its KL estimate on these fixed, off-policy tokens need not fall: only on-policy samples say so.)
     advantage = ls0 - lt_all
@@ -356,7 +357,7 @@ def full_trained(ray_cluster, tiny_model, knowledge_samples):
         trained.load_state_dict(group.state_dict(), strict=False)
     finally:
         group.shutdown()
-    print(f"full_reverse_kl: {time.perf_counter() - t0:.1f}s;", [round(m.reverse_kl, 5) for m in metrics])
+    print(f"full_reverse_kl: {time.perf_counter() - t0:.1f}s;", [round(m.kl, 5) for m in metrics])
     return metrics, trained
 
 
@@ -366,10 +367,10 @@ def test_full_reverse_kl_is_exact_and_steps_lower_it(full_trained, tiny_model, k
     reference = exact_kl(initial, initial, knowledge_samples)
     assert reference > 1e-2, "the knowledge context should move the teacher"
     first = metrics[0]  # measured before the first update
-    assert abs(first.reverse_kl - reference) < 1e-4 and first.loss == pytest.approx(reference, rel=1e-4)
+    assert abs(first.kl - reference) < 1e-4 and first.loss == pytest.approx(reference, rel=1e-4)
     assert first.student_mass == pytest.approx(1.0) and first.teacher_mass == pytest.approx(1.0)
     assert first.grad_norm > 0
-    kls = [m.reverse_kl for m in metrics]
+    kls = [m.kl for m in metrics]
     assert kls[-1] < 0.8 * kls[0], kls
     # the teacher stayed frozen: measured against the round-start model, the trained student is closer
     assert exact_kl(trained, initial, knowledge_samples) < 0.7 * reference

@@ -32,7 +32,7 @@ def test_round_ends_with_a_summary(run_dir):
     assert "=== OEL summary ===" in stdout and "pass rate" in stdout and "reverse KL first step" in stdout
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and 0.0 <= summary["pass_rate"] <= 1.0
-    assert summary["reverse_kl_first_step"] >= 0.0 and summary["response_tokens_per_turn"] > 0
+    assert summary["kl_first_step"] >= 0.0 and summary["response_tokens_per_turn"] > 0
 
 
 @e2e
@@ -48,7 +48,7 @@ def test_round_writes_every_artifact(run_dir):
     assert len(knowledge["chains"]) == 2 and all(len(chain) == 3 for chain in knowledge["chains"])
     assert any(step["text"] for chain in knowledge["chains"] for step in chain[1:])
     rows = (r1 / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 1 + STEPS and "reverse_kl" in rows[0] and "seconds_sync" in rows[0]
+    assert len(rows) == 1 + STEPS and "kl" in rows[0] and "seconds_sync" in rows[0]
     report = json.loads((r1 / "eval.json").read_text())
     assert report["games"] == EVAL_MAPS
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
@@ -99,12 +99,12 @@ def test_step_metrics_reach_the_csv_and_tensorboard(run_dir):
     out, _ = run_dir
     with open(out / "round_1" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert {"loss", "reverse_kl", "grad_norm", "lr", "tokens_per_second"} <= set(rows[0])
+    assert {"loss", "kl", "kl_direction", "grad_norm", "lr", "tokens_per_second"} <= set(rows[0])
     assert [int(r["step"]) for r in rows] == list(range(1, STEPS + 1))
     assert all(float(r["tokens_per_second"]) > 0 and float(r["lr"]) > 0 for r in rows)
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
-    for name in ("loss", "reverse_kl", "grad_norm", "lr", "tokens_per_second"):
+    for name in ("loss", "kl", "grad_norm", "lr", "tokens_per_second"):
         scalars = events.Scalars(f"consolidate/{name}")
         assert [e.step for e in scalars] == list(range(1, STEPS + 1)), name
         assert [e.value for e in scalars] == pytest.approx([float(r[name]) for r in rows], rel=1e-5), name
