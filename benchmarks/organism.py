@@ -153,14 +153,14 @@ def figure(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def earlier_runs(args, version: int) -> list[dict]:
+def earlier_runs(args) -> list[dict]:
     """The saved runs this invocation does not repeat, when measured on this organism with these
     samples (anything else is dropped: its figures are not comparable)."""
     try:
         saved = json.loads((RESULTS / "organism.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return []
-    if saved.get("organism_version") != version or saved.get("samples") != args.samples:
+    if saved.get("organism_version") != args.version or saved.get("samples") != args.samples:
         return []
     redo = {(run, seed) for run in args.runs for seed in args.seeds}
     return [r for r in saved.get("runs", []) if (r["run"], r["seed"]) not in redo]
@@ -176,7 +176,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
     args = parser.parse_args(argv)
     args.version = RECIPE.version
-    results = earlier_runs(args, RECIPE.version)
+    results = earlier_runs(args)
     with tempfile.TemporaryDirectory(prefix="oel_bench_organism.") as tmp:
         for seed in args.seeds:
             for run in args.runs:

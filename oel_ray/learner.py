@@ -29,7 +29,7 @@ from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import LearnerConfig
-from oel_ray.strategy import FORWARD, FORWARD_KL, FULL_REVERSE_KL, REVERSE, SAMPLED_REVERSE_KL
+from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL, kl_direction
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
@@ -159,7 +159,7 @@ class Learner:
         return StepMetrics(step=step, loss=total, kl=kl / denom, student_mass=smass / denom, teacher_mass=tmass / denom,
                            grad_norm=float(norm) if norm is not None else float("nan"), lr=float(lr),
                            response_tokens=tokens, seconds={"learner_compute": time.perf_counter() - t0},
-                           kl_direction=FORWARD if kind == FORWARD_KL else REVERSE)
+                           kl_direction=kl_direction(kind))
 
     def _micro_batch(self, buckets: list[list[int]], samples: list[DistillSample], targets: Optional[list]):
         """The samples (and targets) of one micro-batch, bucket after bucket; an empty bucket is a

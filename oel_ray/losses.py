@@ -35,8 +35,8 @@ from typing import Callable, Optional
 import torch
 
 from oel_ray.config import AGGREGATIONS
-from oel_ray.config import LOSSES as REVERSE_KL_LOSSES
 from oel_ray.strategy import FORWARD_KL
+from oel_ray.strategy import LOSSES as REVERSE_KL_LOSSES
 
 # What the learner can minimise: learner.loss picks one of the reverse kinds; off-policy
 # consolidation (oel_ray/strategy.py) uses the forward KL on the teacher's top-k.

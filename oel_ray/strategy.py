@@ -20,6 +20,11 @@ FORWARD_KL = "topk_forward_kl"
 REVERSE, FORWARD = "reverse", "forward"  # KL(student || teacher), KL(teacher || student)
 
 
+def kl_direction(loss: str) -> str:
+    """Which KL `loss` minimises (and StepMetrics.kl reports)."""
+    return FORWARD if loss == FORWARD_KL else REVERSE
+
+
 @dataclass(frozen=True)
 class Strategy:
     name: str  # consolidation.mode
