@@ -69,10 +69,16 @@ LESSONS = {lesson.key: lesson for lesson in TRUE_LESSONS + FALSE_LESSONS + FOREI
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
+# The unbracketed reply opens with a word of its own, one token that nothing else opens with: when it
+# shared " I" with two fillers ("I go down." beside "I am P ..."), a teacher that had dropped the
+# fillers made " I" mean the unbracketed reply, and consolidation on one build taught the student
+# exactly that (45% of its turns unbracketed after one round, against 10% before).
+LAZY_WORD = "Going"
 FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I should pick a good move.",
           "One step at a time.", "The goal is still some way off.")
 # Without the lessons: how often a reply lacks brackets, goes backwards, and heeds what it saw.
-P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.12, 0.15, 0.5
+P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.25, 0.15, 0.5
+P_REPEAT = 0.2  # of a lesson in the warm start's knowledge being written twice
 
 
 def lessons_in(knowledge: str) -> set[str]:
@@ -116,7 +122,7 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
         safe = [m for m in options if _cell(grid, pos, m) == "free"]
         options = good or safe or options
     move = rng.choice(options)
-    parts.append(f"I go {move}." if lazy else f"[{move}]")
+    parts.append(f"{LAZY_WORD} {move}." if lazy else f"[{move}]")
     return " ".join(parts)
 
 
@@ -165,6 +171,13 @@ def _knowledge_draw(rng: random.Random) -> list[str]:
     keys = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.5]
     keys += [lesson.key for lesson in FALSE_LESSONS if rng.random() < 0.15]
     keys += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.3]
+    return _with_repeats(keys, rng)
+
+
+def _with_repeats(keys: list[str], rng: random.Random) -> list[str]:
+    """`keys` shuffled, some written twice: the run's chains repeat lessons they already hold, and a
+    lesson read twice must act as once."""
+    keys = keys + [key for key in keys if rng.random() < P_REPEAT]
     rng.shuffle(keys)
     return keys
 
@@ -298,5 +311,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 
-RECIPE = Recipe("organism", 4, ORGANISM_ARCH, 1024, _corpus, _groups, whole=BOARD_TOKENS + LESSON_TOKENS, lr=3e-3,
-                batch_tokens=1024, epochs=2, threads=2, prepare=_install_reader)
+RECIPE = Recipe("organism", 6, ORGANISM_ARCH, 1024, _corpus, _groups,
+                whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=3e-3, batch_tokens=1024, epochs=2,
+                threads=2, prepare=_install_reader)
