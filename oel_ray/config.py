@@ -16,6 +16,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from oel_ray.strategy import LOSSES, STRATEGIES, TOPK_REVERSE_KL, Strategy
+from oel_ray.types import KNOWLEDGE, TEACHER_CONTEXTS
 
 SUPPORTED_GAMES = ("Sokoban", "FrozenLake")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -23,7 +24,6 @@ AGGREGATIONS = ("token_mean", "sequence_mean")
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
-TEACHER_CONTEXTS = ("knowledge", "trajectories", "none", "shuffled")  # see oel_ray/controls.py
 CONSOLIDATION_MODES = tuple(STRATEGIES)  # oel_ray/strategy.py: what each mode decides
 WEIGHT_SYNCS = ("auto", "object_store", "nccl")
 TINY_MODEL = "tiny"
@@ -197,7 +197,7 @@ class TeacherConfig:
     # What the teacher reads before the prefix: the extracted "knowledge" (OEL), or the raw
     # "trajectories" it would have been extracted from (the paper's ablation), same length cap.
     # Controls: "none" (an empty knowledge block), "shuffled" (each line's words shuffled).
-    context: str = "knowledge"
+    context: str = KNOWLEDGE
     # Another run's directory: the teacher reads its round_<r>/knowledge.json "set" (e.g. another
     # game's knowledge) instead of this run's; context knowledge or shuffled only.
     knowledge_from: Optional[str] = None

@@ -33,7 +33,7 @@ from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL, kl_direction
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
-from oel_ray.types import DistillSample, StepMetrics, TeacherScores
+from oel_ray.types import DistillSample, StepMetrics
 from oel_ray.weight_sync import Channel, TensorMeta, buckets, send
 
 
@@ -102,11 +102,10 @@ class Learner:
         return dict(teacher_hidden=self.teacher.hidden(input_ids.to(self.device), gather_idx.to(self.device)),
                     teacher_head=self.teacher.head)
 
-    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
-                   loss: Optional[str] = None) -> StepMetrics:
+    def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
         """One optimizer step on `samples`. `loss` (default learner.loss) is one of losses.LOSSES:
-        off-policy consolidation passes topk_forward_kl. `scores` are the teacher server's log-probs
-        on each sample's support (None for full_reverse_kl: the teacher copy here scores).
+        off-policy consolidation passes topk_forward_kl. Every loss but full_reverse_kl (whose
+        teacher copy lives here) reads each sample's teacher_logprobs.
 
         StepMetrics.kl reports the KL the loss minimises, token mean, un-renormalised:
         KL(student || teacher) on the support (topk_reverse_kl), its single-sample estimate
@@ -124,10 +123,11 @@ class Learner:
                              f"{self.world * cfg.grad_accum}")
         targets = None
         if kind != FULL_REVERSE_KL:
-            if scores is None or len(scores.logprobs) != len(samples):
-                raise ValueError(f"{len(samples)} samples but {0 if scores is None else len(scores.logprobs)} "
-                                 f"teacher scores: {kind} needs one per sample")
-            targets = [batching.targets(s, lp, kind == SAMPLED_REVERSE_KL) for s, lp in zip(samples, scores.logprobs)]
+            unscored = sum(s.teacher_logprobs is None for s in samples)
+            if unscored:
+                raise ValueError(f"{unscored} of {len(samples)} samples have no teacher_logprobs: {kind} needs "
+                                 "the teacher's scores of every sample (TeacherGroup.score)")
+            targets = [batching.targets(s, s.teacher_logprobs, kind == SAMPLED_REVERSE_KL) for s in samples]
         tokens = sum(len(s.response_ids) for s in samples)
         units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
@@ -176,10 +176,6 @@ class Learner:
                     k = targets[0][0].shape[1]
                     micro_targets.append((np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)))
         return micro, micro_targets if targets is not None else None
-
-    def train_step_packed(self, batch: tuple, step: int, loss: Optional[str] = None) -> StepMetrics:
-        """`train_step` on one (samples, scores) object, as the group sends it."""
-        return self.train_step(*batch, step, loss)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
@@ -319,16 +315,15 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
 
-    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
-                   loss: Optional[str] = None) -> StepMetrics:
+    def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
         """See Learner.train_step; `loss` overrides learner.loss for this step (off-policy: topk_forward_kl)."""
-        return ray.get(self.submit_train_step(samples, scores, step, loss))[0]
+        return ray.get(self.submit_train_step(samples, step, loss))[0]
 
-    def submit_train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
+    def submit_train_step(self, samples: list[DistillSample], step: int,
                           loss: Optional[str] = None) -> list[ray.ObjectRef]:
         """`train_step` started on every rank without waiting: ray.get(refs)[0] is its StepMetrics."""
-        batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
-        return [r.train_step_packed.remote(batch, step, loss) for r in self.ranks]
+        batch = ray.put(samples)  # one object, read zero-copy by every rank (a ref argument arrives as its value)
+        return [r.train_step.remote(batch, step, loss) for r in self.ranks]
 
     def set_threads(self, threads: Optional[int] = None) -> int:
         """Torch threads per rank (None: the node's cores split over the ranks); see Learner.set_threads."""
