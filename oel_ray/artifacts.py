@@ -9,21 +9,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, TextIO
+from typing import IO, Any, Iterable, Iterator, Optional
 
 from oel_ray.config import InputError
 from oel_ray.types import KnowledgeRecord, KnowledgeSnapshot, Trajectory
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
-    """A text file that appears at `path` whole, or not at all: written under a temporary name
-    beside it, synced, then renamed over it. Readable like any new file (mkstemp's are 0600)."""
+def atomic_open(path: Path, newline: Optional[str] = None, binary: bool = False) -> Iterator[IO]:
+    """A file that appears at `path` whole, or not at all: written under a temporary name beside
+    it, synced, then renamed over it. Readable like any new file (mkstemp's are 0600). Text unless
+    `binary`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", newline=newline) as f:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": newline})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
