@@ -28,7 +28,7 @@ from oel_ray import batching, checkpoint, losses
 from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
-from oel_ray.config import LearnerConfig
+from oel_ray.config import FLOAT32, GLOO, NCCL, TOKEN_MEAN, LearnerConfig
 from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL, kl_direction
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
@@ -51,7 +51,7 @@ class Learner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed)
         use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=NCCL if cuda else GLOO, verbose=False)
         config = ds_config(cfg, world_size, ds_overrides)
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
         # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
@@ -129,7 +129,7 @@ class Learner:
                                  "the teacher's scores of every sample (TeacherGroup.score)")
             targets = [batching.targets(s, s.teacher_logprobs, kind == SAMPLED_REVERSE_KL) for s in samples]
         tokens = sum(len(s.response_ids) for s in samples)
-        units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
+        units = tokens if cfg.aggregation == TOKEN_MEAN else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
@@ -144,7 +144,7 @@ class Learner:
             value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
             # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.
             self.engine.backward(value * self.world, scale_wrt_gas=False)
-            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == "float32":
+            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == FLOAT32:
                 # DeepSpeed records no norm for plain fp32 without ZeRO: take it before the step.
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)
