@@ -1,10 +1,12 @@
-# Two commands on a fresh machine: `make run` (one OEL round of the embedded tiny experiment) and
-# `make test` (the whole suite). Both create .venv and install on first use; later calls skip the
+# Two commands on a fresh machine: `make run` (three OEL rounds of the model organism, built on first
+# use; EXPERIMENT=tiny for the mechanics in a minute, or any conf/experiment/ name) and `make test`
+# (the whole suite). Both create .venv and install on first use; later calls skip the
 # installation in seconds (the stamp is rebuilt only when pyproject.toml or this file change).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.oel_ray-installed
 ARGS ?=
+EXPERIMENT ?= organism
 PYTEST_ARGS ?=
 
 .PHONY: install run test bench clean
@@ -23,7 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 run: $(STAMP)
-	$(PY) -m oel_ray.main $(ARGS)
+	$(PY) -m oel_ray.main +experiment=$(EXPERIMENT) $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -1,6 +1,6 @@
 """What every benchmark shares: the project's config, the tiny model, a local Ray, tables, results.
 
-Each benchmark composes the same Hydra config `make run` uses (conf/, the `tiny` defaults), so the
+Each benchmark composes the project's Hydra config (conf/, the `tiny` defaults), so the
 sampling, lengths and batch sizes it measures are the project's, not numbers copied into a script.
 """
 

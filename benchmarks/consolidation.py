@@ -3,12 +3,12 @@
     python -m benchmarks.consolidation
 
 Same tiny model, same prompts, same batch, same machine. oel_ray runs its real roles (rollout
-worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate`) as `make run`
-starts them; its prompts are real: turn prefixes of games the model just played, a knowledge set
+worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate`) as a `tiny`
+run starts them; its prompts are real: turn prefixes of games the model just played, a knowledge set
 the extractor just wrote. The baselines then replay exactly those (student prompt, teacher prompt)
 pairs with the same sampling, max new tokens, optimizer settings and step count. Each system runs
 `WARMUP_STEPS` untimed steps first. oel_ray runs in several configurations (`OEL_VARIANTS`): as
-`make run` configures it (strictly on-policy), asynchronous (consolidation.async_steps=1: batch t+1
+the `tiny` run configures it (strictly on-policy), asynchronous (consolidation.async_steps=1: batch t+1
 is sampled and scored while the learner takes step t), and with the learner on one thread (what it
 had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
 that in the asynchronous mode the last timed step also overlaps the sampling of a next batch. Ray
@@ -48,7 +48,7 @@ def step_pairs(cfg, prefixes, knowledge_set, tokenizer, step):
 
 
 def prepare(dep, cfg):
-    """Real prompts: deploy-game turn prefixes and a knowledge set, as round 1 of `make run` makes them."""
+    """Real prompts: deploy-game turn prefixes and a knowledge set, as round 1 of a `tiny` run makes them."""
     import ray
 
     from oel_ray.extractor import knowledge_set
@@ -110,7 +110,7 @@ def summarize_profile(profile: list[dict], pairs_per_step: list[list[tuple]]) ->
     return ({k: round(v, 4) for k, v in mean.items()}, {k: round(v, 4) for k, v in stages.items()})
 
 
-# oel_ray as `make run` starts it (conf/cluster/local.yaml: every role asks for half a CPU; the
+# oel_ray as a `tiny` run starts it (conf/cluster/local.yaml: every role asks for half a CPU; the
 # rollout worker binds its engine to all cores and the learner takes them all while it computes, as
 # a strictly on-policy step runs its stages one after another; the teacher runs one thread);
 # asynchronous, where sampling and the learner run at once, so each gets its own core (a worker
@@ -139,7 +139,7 @@ def run_variant(overrides: list[str], data: dict, out: Path) -> dict:
     start_ray(ray_cpus(cfg))
     try:
         with stopwatch() as t:
-            dep = Deployment(cfg, RunLayout(out)).at_round_start(1)  # the roles `make run` starts
+            dep = Deployment(cfg, RunLayout(out)).at_round_start(1)  # the roles a run starts
         result["start_roles_s"] = round(t["s"], 1)
         if not data:
             with stopwatch() as t:
@@ -259,7 +259,7 @@ def verdict(entry: dict) -> dict:
                     key=lambda kv: -kv[1])
     speedup = round(overlapped["samples_per_s"] / default["samples_per_s"], 2)
     met = lambda r: "met" if r["vs_trl"] >= 2 else "not met"  # noqa: E731
-    text = (f"batch {entry['batch_size']}: oel_ray (make run config, strictly on-policy) is {default['vs_trl']}x "
+    text = (f"batch {entry['batch_size']}: oel_ray (tiny config, strictly on-policy) is {default['vs_trl']}x "
             f"TRL GKDTrainer and {default['vs_plain_loop']}x the plain loop; asynchronous "
             f"(consolidation.async_steps=1, one step off-policy) {overlapped['vs_trl']}x TRL, {speedup}x the strict "
             f"mode on the same work; best oel_ray ({best['system']}) {best['vs_trl']}x TRL. Target >= 2x TRL: "

@@ -14,8 +14,8 @@
    and teacher log-probs, or the teacher's full logits) is allocated inside. The peak is Linux's
    VmHWM, reset first through /proc/self/clear_refs (ru_maxrss when that is not allowed): torch's
    CPU allocations are not seen by tracemalloc, and large ones go straight to mmap, so RSS is exact.
-2. Teacher payload: bytes per response token of what the real TeacherServer returns (TeacherScores:
-   k fp32 log-probs per token) and of the support ids it is given (DistillSample.support_ids: k
+2. Teacher payload: bytes per response token of what the real TeacherServer returns (per sample
+   its k fp32 log-probs per token, DistillSample.teacher_logprobs) and of the support ids it is given (DistillSample.support_ids: k
    int32 per token), pickled with protocol 5 as Ray stores numpy payloads. Limit: 8k + 16.
 
 Prints a table and saves benchmarks/results/kl_memory.json. Needs ~10 GB of free memory (naive).
@@ -121,7 +121,7 @@ def teacher_payload(model_path: str) -> dict:
     scores = teacher.score(samples)
     tokens = sum(len(s.response_ids) for s in samples)
     assert all(lp.shape == (len(s.response_ids), K) and lp.dtype == np.float32
-               for s, lp in zip(samples, scores.logprobs))
+               for s, lp in zip(samples, scores))
     returned = len(pickle.dumps(scores, protocol=5))
     given = len(pickle.dumps([s.support_ids for s in samples], protocol=5))
     return {"k": K, "response_tokens": tokens, "samples": len(samples),
@@ -145,7 +145,7 @@ def main() -> None:
                          [[n, r["peak_bytes"] / gib, r["seconds"]] for n, r in rows.items()]))
     print(f"\ntopk / naive peak memory: {ratio:.3f} (limit {MAX_RATIO:.3f})\n")
     print(markdown_table(["teacher payload per response token", "bytes"], [
-        ["returned: TeacherScores (k fp32 log-probs)", payload["teacher_returns_bytes_per_token"]],
+        ["returned: teacher_logprobs (k fp32 log-probs)", payload["teacher_returns_bytes_per_token"]],
         ["given: DistillSample.support_ids (k int32)", payload["support_ids_bytes_per_token"]],
         ["total", payload["total_bytes_per_token"]],
         ["limit 8k + 16", payload["limit_bytes_per_token"]]]))

@@ -83,17 +83,16 @@ def batch(vocab: int, k: int = 8):
     """4 samples (2 per rank) of 32 prompt and 32 reply tokens, a random top-k support and scores."""
     import numpy as np
 
-    from oel_ray.types import DistillSample, TeacherScores
+    from oel_ray.types import DistillSample
 
     rng = np.random.default_rng(0)
-    samples, scores = [], []
+    samples = []
     for _ in range(4):
         prompt, reply = rng.integers(10, vocab, 32).tolist(), rng.integers(10, vocab, 32).tolist()
         support = np.stack([rng.choice(vocab, k, replace=False) for _ in reply]).astype(np.int32)
-        samples.append(DistillSample(prompt, prompt, reply, support))
         lp = rng.standard_normal((len(reply), k)).astype(np.float32)
-        scores.append(lp - np.log(np.exp(lp).sum(-1, keepdims=True)) - 1.0)
-    return samples, TeacherScores(scores)
+        samples.append(DistillSample(prompt, prompt, reply, support, lp - np.log(np.exp(lp).sum(-1, keepdims=True)) - 1.0))
+    return samples
 
 
 def measure(path: str, stage: int, ranks: int, zero: dict) -> dict:
@@ -110,7 +109,7 @@ def measure(path: str, stage: int, ranks: int, zero: dict) -> dict:
         init_s = time.perf_counter() - t0
         after_init = ray.get([r.__ray_call__.remote(_memory) for r in group.ranks])
         t0 = time.perf_counter()
-        group.train_step(*batch(BASE_ARCH["vocab_size"]), 0)
+        group.train_step(batch(BASE_ARCH["vocab_size"]), 0)
         step_s = time.perf_counter() - t0
         after_step = ray.get([r.__ray_call__.remote(_memory) for r in group.ranks])
     finally:

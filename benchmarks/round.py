@@ -1,8 +1,8 @@
-"""One `tiny` round as `make run` runs it, wall seconds per stage.
+"""One `tiny` round as `make run EXPERIMENT=tiny` runs it, wall seconds per stage.
 
     python -m benchmarks.round
 
-Runs `python -m oel_ray.main` (the default `tiny` experiment, as `make run` does) into a temporary
+Runs `python -m oel_ray.main` (the default `tiny` experiment, as `make run EXPERIMENT=tiny` does) into a temporary
 directory and reads the stage timings the run itself logs in its oel.log (`[stage] done in X s`):
 role start-up (vLLM workers, teacher, learner), each stage of rounds 0 and 1, plus the whole
 process from launch to exit (imports, Ray start and shutdown included) and the consolidation
@@ -52,7 +52,7 @@ def main() -> None:
     step_mean = {k: sum(s.get(f"seconds_{k}", 0.0) for s in steps) / len(steps) for k in STEP_STAGES}
     step_rows = [[len(steps), config["learner"]["batch_size"], *(round(step_mean[k], 3) for k in STEP_STAGES)]]
     tables = {
-        "One `tiny` round (`make run` config), wall seconds per stage, from the run's oel.log":
+        "One `tiny` round (`make run EXPERIMENT=tiny`), wall seconds per stage, from the run's oel.log":
             markdown_table(["stage", "seconds"], rows),
         "Its consolidation steps (mean seconds per step, from round_1/metrics.jsonl)":
             markdown_table(["steps", "batch", *STEP_STAGES], step_rows),

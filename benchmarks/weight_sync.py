@@ -2,7 +2,7 @@
 
     python -m benchmarks.weight_sync
 
-The roles `make run` starts, from the project config (`tiny`): one rollout worker with its vLLM
+The roles a `tiny` run starts, from the project config: one rollout worker with its vLLM
 engine, one DeepSpeed learner rank. Transports: object_store (the CPU default) and the collective
 transport's code over gloo (nccl is the same code on GPUs; it cannot run here). One `WeightSync.sync`
 is what a consolidation step pays: learner gather -> transport -> vLLM in-place reload (post-load

@@ -9,21 +9,22 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, TextIO
+from typing import IO, Any, Iterable, Iterator, Optional
 
 from oel_ray.config import InputError
-from oel_ray.types import KnowledgeSnapshot, Trajectory
+from oel_ray.types import KnowledgeRecord, KnowledgeSnapshot, Trajectory
 
 
 @contextlib.contextmanager
-def atomic_open(path: Path, newline: Optional[str] = None) -> Iterator[TextIO]:
-    """A text file that appears at `path` whole, or not at all: written under a temporary name
-    beside it, synced, then renamed over it. Readable like any new file (mkstemp's are 0600)."""
+def atomic_open(path: Path, newline: Optional[str] = None, binary: bool = False) -> Iterator[IO]:
+    """A file that appears at `path` whole, or not at all: written under a temporary name beside
+    it, synced, then renamed over it. Readable like any new file (mkstemp's are 0600). Text unless
+    `binary`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "w", newline=newline) as f:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": newline})) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -98,19 +99,20 @@ def read_trajectories(path: Path) -> list[Trajectory]:
     return rows
 
 
-def knowledge_texts(path: Path) -> tuple[list[str], Optional[str]]:
-    """knowledge.json's "set" (the texts the teacher reads) and, where it cannot be used, why not. The
-    empty-knowledge control (teacher.context=none) reads one empty text."""
+def knowledge_record(path: Path) -> tuple[Optional[KnowledgeRecord], Optional[str]]:
+    """knowledge.json as written, or why it is not a knowledge file."""
     try:
-        record = json.loads(Path(path).read_text())
-        texts = record["set"]
+        return KnowledgeRecord.from_json(json.loads(Path(path).read_text())), None
     except (OSError, ValueError, KeyError, TypeError) as err:
-        return [], f"not a knowledge file ({type(err).__name__}: {err})"
-    if record.get("teacher_reads") == "none" and texts == [""]:
-        return texts, None
-    if not isinstance(texts, list) or not any(isinstance(t, str) and t.strip() for t in texts):
-        return [], "the knowledge set is empty"
-    return texts, None
+        return None, f"not a knowledge file ({type(err).__name__}: {err})"
+
+
+def knowledge_texts(path: Path) -> tuple[list[str], Optional[str]]:
+    """knowledge.json's set (the texts the teacher reads) and, where it cannot be used, why not. The
+    empty-knowledge control (teacher.context=none) reads one empty text."""
+    record, problem = knowledge_record(path)
+    problem = problem or record.set_problem()
+    return ([], problem) if problem else (record.set, None)
 
 
 def read_knowledge_set(path: Path) -> list[str]:
@@ -123,11 +125,10 @@ def read_knowledge_set(path: Path) -> list[str]:
 
 def read_knowledge_chains(path: Path, steps: int) -> list[list[KnowledgeSnapshot]]:
     """Every chain's knowledge (knowledge.json's "chains"), each with at least `steps` + 1 snapshots."""
-    try:
-        chains = [[KnowledgeSnapshot(**s) for s in chain] for chain in json.loads(Path(path).read_text())["chains"]]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{path}: not a knowledge file ({type(err).__name__}: {err}); delete it and rerun "
-                         "to extract again") from None
+    record, problem = knowledge_record(path)
+    if problem:
+        raise InputError(f"{path}: {problem}; delete it and rerun to extract again")
+    chains = record.chains
     if not chains or any(len(chain) <= steps for chain in chains):
         raise InputError(f"{path}: its chains do not reach accumulation step {steps}; delete it and rerun "
                          "to extract again")

@@ -16,16 +16,20 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from oel_ray.strategy import LOSSES, STRATEGIES, TOPK_REVERSE_KL, Strategy
+from oel_ray.types import KNOWLEDGE, TEACHER_CONTEXTS
 
 SUPPORTED_GAMES = ("Sokoban", "FrozenLake")
-DTYPES = ("float32", "bfloat16", "float16")
-AGGREGATIONS = ("token_mean", "sequence_mean")
+FLOAT32, BFLOAT16, FLOAT16 = "float32", "bfloat16", "float16"
+DTYPES = (FLOAT32, BFLOAT16, FLOAT16)
+TOKEN_MEAN, SEQUENCE_MEAN = "token_mean", "sequence_mean"  # what the loss is averaged over
+AGGREGATIONS = (TOKEN_MEAN, SEQUENCE_MEAN)
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
-TEACHER_CONTEXTS = ("knowledge", "trajectories", "none", "shuffled")  # see oel_ray/controls.py
 CONSOLIDATION_MODES = tuple(STRATEGIES)  # oel_ray/strategy.py: what each mode decides
-WEIGHT_SYNCS = ("auto", "object_store", "nccl")
+# learner.weight_sync; GLOO (tests on CPU) runs NCCL's collective code over gloo, never from config
+AUTO, OBJECT_STORE, NCCL, GLOO = "auto", "object_store", "nccl", "gloo"
+WEIGHT_SYNCS = (AUTO, OBJECT_STORE, NCCL)
 TINY_MODEL = "tiny"
 EMBEDDED_MODELS = (TINY_MODEL, "organism")  # model.build: the models oel_ray builds itself
 
@@ -58,7 +62,7 @@ class ModelConfig:
     path: str = "${oc.env:OEL_RAY_CACHE,${oc.env:HOME}/.cache/oel_ray}/tiny-qwen3"
     # Build the embedded tiny model at `path` when it is missing (CPU default, no hub needed).
     build: Optional[str] = TINY_MODEL
-    dtype: str = "float32"
+    dtype: str = FLOAT32
     thinking: bool = False  # Qwen3 `enable_thinking` in the chat template
     trust_remote_code: bool = False
     max_model_len: int = 4096
@@ -197,7 +201,7 @@ class TeacherConfig:
     # What the teacher reads before the prefix: the extracted "knowledge" (OEL), or the raw
     # "trajectories" it would have been extracted from (the paper's ablation), same length cap.
     # Controls: "none" (an empty knowledge block), "shuffled" (each line's words shuffled).
-    context: str = "knowledge"
+    context: str = KNOWLEDGE
     # Another run's directory: the teacher reads its round_<r>/knowledge.json "set" (e.g. another
     # game's knowledge) instead of this run's; context knowledge or shuffled only.
     knowledge_from: Optional[str] = None
@@ -231,13 +235,13 @@ class LearnerConfig:
     loss: str = TOPK_REVERSE_KL
     support_k: int = 256
     renormalize: bool = False
-    aggregation: str = "token_mean"
+    aggregation: str = TOKEN_MEAN
     temperature: float = "${rollout.temperature}"  # type: ignore[assignment]  # score at the sampling temperature
     dtype: str = "${model.dtype}"
     seed: int = 0
     # Learner -> rollout workers after every step: "object_store" (Ray, any machine), "nccl" (one
     # NCCL group between learner rank 0 and the vLLM workers; GPUs only), "auto" (nccl on GPUs).
-    weight_sync: str = "auto"
+    weight_sync: str = AUTO
     sync_bucket_mb: float = 256.0  # nccl: tensors are packed into broadcasts of about this size
     # Save the full training state (weights, optimizer, schedule) every this many steps, so an
     # interrupted run resumes mid-consolidation (the paper checkpoints every 2 steps).

@@ -27,7 +27,7 @@ from oel_ray.config import OELConfig
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.seeds import step_draw_seed, step_prefix_seed
 from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
-from oel_ray.types import DistillSample, Sampling, StepMetrics, TeacherScores, Trajectory  # noqa: F401
+from oel_ray.types import DistillSample, Sampling, StepMetrics, Trajectory
 from oel_ray.weight_sync import for_roles
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
         return _consolidate_overlapped(roles, cfg, steps, sample, on_step)
     for step, prefixes in steps:
         seconds: dict[str, float] = {}
-        samples, scores = sample(step, prefixes, seconds)
+        samples = sample(step, prefixes, seconds)
         with timed(seconds, "learner"):
-            metrics = roles.learner.train_step(samples, scores, step, loss=loss)
+            metrics = roles.learner.train_step(samples, step, loss=loss)
         if strategy.sync_each_step:  # off-policy: the workers keep the teacher's (round-start) weights
             seconds["sync"] = for_roles(roles, cfg).sync(version=step)
         metrics.seconds.update(seconds)
@@ -90,8 +90,8 @@ def consolidate(roles: Roles, cfg: OELConfig, batches: list[list[str]], knowledg
 
 
 def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str], knowledge_set: list[str],
-                     tokenizer, seconds: dict[str, float]) -> tuple[list[DistillSample], Optional[TeacherScores]]:
-    """Step `step`'s samples (the workers' replies) and the teacher's scores of them (None for
+                     tokenizer, seconds: dict[str, float]) -> list[DistillSample]:
+    """Step `step`'s samples (the workers' replies) with the teacher's scores of them (none for
     full_reverse_kl: the learner's own teacher copy scores the whole vocabulary)."""
     strategy, loss = cfg.consolidation.strategy, learner_loss(cfg)
     support_k = cfg.learner.support_k if loss in (TOPK_REVERSE_KL, FORWARD_KL) else 0
@@ -104,9 +104,9 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
         replies = roles.workers.generate([strategy.worker_prompt(p, t) for p, t in pairs], sampling, seeds)
     samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
     if loss == FULL_REVERSE_KL:
-        return samples, None
+        return samples
     with timed(seconds, "teacher"):
-        return samples, roles.teacher.score(samples, loss == SAMPLED_REVERSE_KL)
+        return roles.teacher.score(samples, loss == SAMPLED_REVERSE_KL)
 
 
 def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int, list[str]]], sample,
@@ -119,7 +119,7 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
     seconds: dict[str, float] = {}
     batch, lag = sample(*steps[0], seconds), 0  # the first batch comes from the current weights
     for i, (step, _) in enumerate(steps):
-        running = roles.learner.submit_train_step(*batch, step, loss=loss)
+        running = roles.learner.submit_train_step(batch, step, loss=loss)
         try:
             if i + 1 < len(steps):  # while the learner takes this step, from the weights before it
                 upcoming = sample(*steps[i + 1], seconds)

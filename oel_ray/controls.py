@@ -22,9 +22,9 @@ from oel_ray.config import ConfigError, InputError, TeacherConfig
 from oel_ray.extractor import ITEM_LINE
 from oel_ray.layout import RunLayout
 from oel_ray.seeds import shuffle_seed
+from oel_ray.types import KNOWLEDGE, NO_KNOWLEDGE, SHUFFLED
 
-NONE, SHUFFLED = "none", "shuffled"
-SOURCES = ("knowledge", SHUFFLED)  # the contexts that read a knowledge set, so may read another run's
+SOURCES = (KNOWLEDGE, SHUFFLED)  # the contexts that read a knowledge set, so may read another run's
 
 
 def shuffle_line(line: str, rng: random.Random) -> str:
@@ -49,7 +49,7 @@ def shuffle_words(text: str, seed: int) -> str:
 def teacher_set(cfg: TeacherConfig, texts: list[str], seed: int, round: int) -> list[str]:
     """The texts the teacher reads this round, from the round's knowledge `texts` (this run's chains,
     or another run's set): one empty text for `none`; chain c's text shuffled with its own seed."""
-    if cfg.context == NONE:
+    if cfg.context == NO_KNOWLEDGE:
         return [""]
     if cfg.context == SHUFFLED:
         return [shuffle_words(text, shuffle_seed(seed, round, c)) for c, text in enumerate(texts)]
@@ -90,5 +90,5 @@ def check_knowledge_from(cfg: TeacherConfig, rounds: int) -> None:
 
 def teacher_reads(cfg: TeacherConfig) -> str:
     """What the teacher reads, in a few words, for summary.json and rounds.md."""
-    text = {NONE: "none (empty block)", SHUFFLED: "shuffled knowledge"}.get(cfg.context, cfg.context)
+    text = {NO_KNOWLEDGE: "none (empty block)", SHUFFLED: "shuffled knowledge"}.get(cfg.context, cfg.context)
     return f"{text} of {cfg.knowledge_from}" if cfg.knowledge_from else text

@@ -10,7 +10,7 @@ from typing import Optional
 import torch
 
 from oel_ray import batching, losses
-from oel_ray.config import LearnerConfig
+from oel_ray.config import BFLOAT16, FLOAT16, LearnerConfig
 from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
 
 
@@ -83,8 +83,8 @@ def ds_config(cfg: LearnerConfig, world_size: int, overrides: Optional[dict] = N
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "fp16": {"enabled": cfg.dtype == "float16"},
+        "bf16": {"enabled": cfg.dtype == BFLOAT16},
+        "fp16": {"enabled": cfg.dtype == FLOAT16},
         "steps_per_print": 1 << 30,
     }
     return merge(config, overrides or {})

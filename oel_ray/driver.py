@@ -31,7 +31,7 @@ from oel_ray.manifest import Manifest
 from oel_ray.roles import Deployment, sampling_for_play
 from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
 from oel_ray.tracking import timed
-from oel_ray.types import ERROR, INVALID
+from oel_ray.types import ERROR, INVALID, NO_KNOWLEDGE, RAW_TRAJECTORIES, TRAJECTORIES, KnowledgeRecord
 
 log = logging.getLogger("oel_ray")
 
@@ -114,26 +114,23 @@ def extract_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -
     if len(trajectories) < cfg.extractor.k:
         raise InputError(f"{rl.trajectories}: {len(trajectories)} games but extractor.k is "
                          f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
-    raw = cfg.teacher.context == "trajectories"  # ablation: the trajectories themselves, no extraction
+    raw = cfg.teacher.context == TRAJECTORIES  # ablation: the trajectories themselves, no extraction
     chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
     use_step = cfg.extractor.knowledge_step
     texts, empty = knowledge_set(chains, use_step)
     source = controls.other_run_file(cfg.teacher, r)  # teacher.knowledge_from: another run's set instead
     if source:
         texts, empty = controls.other_run_set(cfg.teacher, r), 0
-    if not texts and cfg.teacher.context != controls.NONE:  # the empty-knowledge control reads none anyway
+    if not texts and cfg.teacher.context != NO_KNOWLEDGE:  # the empty-knowledge control reads none anyway
         raise InputError(f"{rl.dir}: every chain's knowledge at step {use_step} is empty (the extractor wrote no "
                          f"{'items' if cfg.extractor.format == 'structured' else 'text'}); nothing to consolidate: "
                          "try extractor.format=unstructured or a stronger extractor.model, then rerun")
-    artifacts.write_json(rl.knowledge, {
-        "use_step": use_step, "format": "raw_trajectories" if raw else cfg.extractor.format,
-        # "set": what the teacher reads (controls.teacher_set); "chains": what was extracted
-        "teacher_reads": cfg.teacher.context, **({"knowledge_from": str(source)} if source else {}),
-        "set": controls.teacher_set(cfg.teacher, texts, cfg.seed, r),
-        "chains": [[vars(s) for s in chain] for chain in chains]})
+    artifacts.write_json(rl.knowledge, KnowledgeRecord(
+        use_step, RAW_TRAJECTORIES if raw else cfg.extractor.format, cfg.teacher.context,
+        controls.teacher_set(cfg.teacher, texts, cfg.seed, r), chains, str(source) if source else None).to_json())
     log.info("  %d chains, knowledge at step %d: %s tokens; the teacher reads %s", len(chains), use_step,
              [chain[use_step].num_tokens for chain in chains], controls.teacher_reads(cfg.teacher))
-    if empty and cfg.teacher.context != controls.NONE:
+    if empty and cfg.teacher.context != NO_KNOWLEDGE:
         log.warning("  %d of %d chains had no knowledge at step %d; the teacher reads the other %d",
                     empty, len(chains), use_step, len(texts))
 

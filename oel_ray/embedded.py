@@ -17,7 +17,7 @@ from typing import Optional
 
 from oel_ray import organism
 from oel_ray.artifacts import replace_dir
-from oel_ray.config import EMBEDDED_MODELS
+from oel_ray.config import EMBEDDED_MODELS, FLOAT32
 from oel_ray.seeds import BUILD_SEED
 from oel_ray.tiny_model import NAME_KEY, TINY, TINY_ARCH, VERSION_KEY, Recipe, build_tokenizer
 
@@ -74,7 +74,7 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
         pad = tok.convert_tokens_to_ids("<|endoftext|>")
         config = Qwen3Config(
             vocab_size=len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-            dtype="float32", **r.arch, **{VERSION_KEY: r.version, NAME_KEY: r.name},
+            dtype=FLOAT32, **r.arch, **{VERSION_KEY: r.version, NAME_KEY: r.name},
         )
         groups = r.groups(tok, tmp)
         threads = torch.get_num_threads()

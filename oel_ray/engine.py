@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
 
+from oel_ray.config import FLOAT32
 from oel_ray.types import Generation, Sampling
 
 if TYPE_CHECKING:  # named in annotations only
@@ -26,7 +27,7 @@ class VLLMEngine:
         self,
         model_path: str,
         *,
-        dtype: str = "float32",
+        dtype: str = FLOAT32,
         max_model_len: int = 4096,
         seed: int = 0,
         max_logprobs: int = 0,

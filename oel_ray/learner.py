@@ -28,12 +28,12 @@ from oel_ray import batching, checkpoint, losses
 from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
-from oel_ray.config import LearnerConfig
+from oel_ray.config import FLOAT32, GLOO, NCCL, TOKEN_MEAN, LearnerConfig
 from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL, kl_direction
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
-from oel_ray.types import DistillSample, StepMetrics, TeacherScores
+from oel_ray.types import DistillSample, StepMetrics
 from oel_ray.weight_sync import Channel, TensorMeta, buckets, send
 
 
@@ -51,7 +51,7 @@ class Learner:
             torch.cuda.set_device(self.device)
         torch.manual_seed(cfg.seed)
         use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
-        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", verbose=False)
+        deepspeed.init_distributed(dist_backend=NCCL if cuda else GLOO, verbose=False)
         config = ds_config(cfg, world_size, ds_overrides)
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
         # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
@@ -102,11 +102,10 @@ class Learner:
         return dict(teacher_hidden=self.teacher.hidden(input_ids.to(self.device), gather_idx.to(self.device)),
                     teacher_head=self.teacher.head)
 
-    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
-                   loss: Optional[str] = None) -> StepMetrics:
+    def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
         """One optimizer step on `samples`. `loss` (default learner.loss) is one of losses.LOSSES:
-        off-policy consolidation passes topk_forward_kl. `scores` are the teacher server's log-probs
-        on each sample's support (None for full_reverse_kl: the teacher copy here scores).
+        off-policy consolidation passes topk_forward_kl. Every loss but full_reverse_kl (whose
+        teacher copy lives here) reads each sample's teacher_logprobs.
 
         StepMetrics.kl reports the KL the loss minimises, token mean, un-renormalised:
         KL(student || teacher) on the support (topk_reverse_kl), its single-sample estimate
@@ -124,12 +123,13 @@ class Learner:
                              f"{self.world * cfg.grad_accum}")
         targets = None
         if kind != FULL_REVERSE_KL:
-            if scores is None or len(scores.logprobs) != len(samples):
-                raise ValueError(f"{len(samples)} samples but {0 if scores is None else len(scores.logprobs)} "
-                                 f"teacher scores: {kind} needs one per sample")
-            targets = [batching.targets(s, lp, kind == SAMPLED_REVERSE_KL) for s, lp in zip(samples, scores.logprobs)]
+            unscored = sum(s.teacher_logprobs is None for s in samples)
+            if unscored:
+                raise ValueError(f"{unscored} of {len(samples)} samples have no teacher_logprobs: {kind} needs "
+                                 "the teacher's scores of every sample (TeacherGroup.score)")
+            targets = [batching.targets(s, s.teacher_logprobs, kind == SAMPLED_REVERSE_KL) for s in samples]
         tokens = sum(len(s.response_ids) for s in samples)
-        units = tokens if cfg.aggregation == "token_mean" else sum(len(s.response_ids) > 0 for s in samples)
+        units = tokens if cfg.aggregation == TOKEN_MEAN else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]
         sums = torch.zeros(4, dtype=torch.float64)  # loss, kl x n, student mass x n, teacher mass x n
         norm = None
@@ -144,7 +144,7 @@ class Learner:
             value, kl, smass, tmass = self.engine(**batch, num_units=units, loss=kind)
             # DeepSpeed averages gradients over ranks: scale back up so the ranks' sums add up.
             self.engine.backward(value * self.world, scale_wrt_gas=False)
-            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == "float32":
+            if self.engine.is_gradient_accumulation_boundary() and cfg.zero_stage == 0 and cfg.dtype == FLOAT32:
                 # DeepSpeed records no norm for plain fp32 without ZeRO: take it before the step.
                 grads = [p.grad for p in self.model.parameters() if p.grad is not None]
                 norm = torch.nn.utils.get_total_norm(grads)
@@ -176,10 +176,6 @@ class Learner:
                     k = targets[0][0].shape[1]
                     micro_targets.append((np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)))
         return micro, micro_targets if targets is not None else None
-
-    def train_step_packed(self, batch: tuple, step: int, loss: Optional[str] = None) -> StepMetrics:
-        """`train_step` on one (samples, scores) object, as the group sends it."""
-        return self.train_step(*batch, step, loss)
 
     @torch.no_grad()
     def sequence_logprobs(self, token_ids: list[int]) -> np.ndarray:
@@ -319,16 +315,15 @@ class LearnerGroup:
     def _all(self, method: str, *args):
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]
 
-    def train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
-                   loss: Optional[str] = None) -> StepMetrics:
+    def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
         """See Learner.train_step; `loss` overrides learner.loss for this step (off-policy: topk_forward_kl)."""
-        return ray.get(self.submit_train_step(samples, scores, step, loss))[0]
+        return ray.get(self.submit_train_step(samples, step, loss))[0]
 
-    def submit_train_step(self, samples: list[DistillSample], scores: Optional[TeacherScores], step: int,
+    def submit_train_step(self, samples: list[DistillSample], step: int,
                           loss: Optional[str] = None) -> list[ray.ObjectRef]:
         """`train_step` started on every rank without waiting: ray.get(refs)[0] is its StepMetrics."""
-        batch = ray.put((samples, scores))  # one object, read zero-copy by every rank
-        return [r.train_step_packed.remote(batch, step, loss) for r in self.ranks]
+        batch = ray.put(samples)  # one object, read zero-copy by every rank (a ref argument arrives as its value)
+        return [r.train_step.remote(batch, step, loss) for r in self.ranks]
 
     def set_threads(self, threads: Optional[int] = None) -> int:
         """Torch threads per rank (None: the node's cores split over the ranks); see Learner.set_threads."""

@@ -34,7 +34,7 @@ from typing import Callable, Optional
 
 import torch
 
-from oel_ray.config import AGGREGATIONS
+from oel_ray.config import AGGREGATIONS, SEQUENCE_MEAN, TOKEN_MEAN
 from oel_ray.strategy import FORWARD_KL
 from oel_ray.strategy import LOSSES as REVERSE_KL_LOSSES
 
@@ -92,10 +92,10 @@ def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind):
 def _token_weights(mask, aggregation, num_units, dtype):
     """w [N] over the unmasked positions (row-major) such that the loss is sum(w * per-token loss)."""
     n = int(mask.sum())
-    if aggregation == "token_mean":
+    if aggregation == TOKEN_MEAN:
         denom = n if num_units is None else num_units
         return torch.full((n,), 1.0 / max(float(denom), 1.0), dtype=dtype, device=mask.device)
-    if aggregation == "sequence_mean":
+    if aggregation == SEQUENCE_MEAN:
         lengths = mask.sum(1)
         denom = int((lengths > 0).sum()) if num_units is None else num_units
         return (1.0 / (lengths[mask.nonzero()[:, 0]].to(dtype) * max(float(denom), 1.0)))
@@ -263,13 +263,13 @@ def _topk_pair(kind: str, doc: str):
     """The logits and the hidden-state (chunked) form of one top-k KL; `kind` reverse or forward."""
     def from_logits(student_logits: torch.Tensor, support_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                     mask: torch.Tensor, temperature: float = 1.0, renormalize: bool = False,
-                    aggregation: str = "token_mean", num_units: Optional[float] = None) -> KLOutput:
+                    aggregation: str = TOKEN_MEAN, num_units: Optional[float] = None) -> KLOutput:
         return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
                             renormalize, aggregation, num_units, kind=kind)
 
     def from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
                     teacher_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
-                    renormalize: bool = False, aggregation: str = "token_mean", chunk_tokens: int = 1024,
+                    renormalize: bool = False, aggregation: str = TOKEN_MEAN, chunk_tokens: int = 1024,
                     num_units: Optional[float] = None) -> KLOutput:
         return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
                             renormalize, aggregation, num_units, chunk_tokens, kind=kind)
@@ -290,7 +290,7 @@ topk_forward_kl, topk_forward_kl_from_hidden = _topk_pair(
 
 def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
                        teacher_token_logprobs: torch.Tensor, mask: torch.Tensor,
-                       temperature: float = 1.0, aggregation: str = "token_mean",
+                       temperature: float = 1.0, aggregation: str = TOKEN_MEAN,
                        num_units: Optional[float] = None) -> KLOutput:
     """Sampled-token estimator: loss_t = ls_y * stopgrad(ls_y - lt_y) for the sampled token y.
 
@@ -303,7 +303,7 @@ def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
 
 def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
                                    teacher_token_logprobs: torch.Tensor, mask: torch.Tensor,
-                                   temperature: float = 1.0, aggregation: str = "token_mean",
+                                   temperature: float = 1.0, aggregation: str = TOKEN_MEAN,
                                    chunk_tokens: int = 1024,
                                    num_units: Optional[float] = None) -> KLOutput:
     """`sampled_reverse_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
@@ -312,7 +312,7 @@ def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.T
 
 
 def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,
-                    temperature: float = 1.0, aggregation: str = "token_mean",
+                    temperature: float = 1.0, aggregation: str = TOKEN_MEAN,
                     num_units: Optional[float] = None) -> torch.Tensor:
     """Exact KL(student || teacher) over the whole vocabulary; both logits [B, T, V] are divided by
     `temperature`; the teacher gets no gradient. Materialises [B, T, V]: a reference for tests."""
@@ -326,7 +326,7 @@ def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
 def full_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor,
                                 teacher_hidden: torch.Tensor, teacher_head_weight: torch.Tensor,
                                 mask: torch.Tensor, temperature: float = 1.0,
-                                aggregation: str = "token_mean", chunk_tokens: int = 1024,
+                                aggregation: str = TOKEN_MEAN, chunk_tokens: int = 1024,
                                 num_units: Optional[float] = None) -> KLOutput:
     """`full_reverse_kl` on logits = hidden [B, T, H] @ lm_head_weight.T (student) and
     teacher_hidden [B, T, H_t] @ teacher_head_weight.T (frozen teacher, no gradient), chunk by chunk:

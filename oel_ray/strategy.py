@@ -30,20 +30,25 @@ class Strategy:
     name: str  # consolidation.mode
     workers_read_knowledge: bool  # the workers sample the teacher's prompt, not the student's
     sync_each_step: bool  # the learner's weights reach the workers after every step (else after the round)
-    kl_direction: str  # REVERSE or FORWARD: the KL the step metrics report and the loss minimises
     takes_learner_loss: bool  # learner.loss chooses the loss (else the strategy's own)
 
     def loss(self, learner_loss: str) -> str:
         """What the learner minimises, given learner.loss."""
         return learner_loss if self.takes_learner_loss else FORWARD_KL
 
+    @property
+    def kl_direction(self) -> str:
+        """REVERSE or FORWARD: the KL the loss minimises and the step metrics report (every
+        learner.loss is a reverse KL, so the strategy's own loss decides)."""
+        return kl_direction(self.loss(TOPK_REVERSE_KL))
+
     def worker_prompt(self, student: list[int], teacher: list[int]) -> list[int]:
         """The prompt the workers reply to, of a sample's student and teacher prompts."""
         return teacher if self.workers_read_knowledge else student
 
 
-ON_POLICY = Strategy("on_policy", workers_read_knowledge=False, sync_each_step=True, kl_direction=REVERSE,
+ON_POLICY = Strategy("on_policy", workers_read_knowledge=False, sync_each_step=True,
                      takes_learner_loss=True)
-OFF_POLICY = Strategy("off_policy", workers_read_knowledge=True, sync_each_step=False, kl_direction=FORWARD,
+OFF_POLICY = Strategy("off_policy", workers_read_knowledge=True, sync_each_step=False,
                       takes_learner_loss=False)
 STRATEGIES = {s.name: s for s in (ON_POLICY, OFF_POLICY)}

@@ -13,6 +13,7 @@ ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Optional
 
 import numpy as np
@@ -21,7 +22,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.placement import RolePlacement
-from oel_ray.types import DistillSample, TeacherScores
+from oel_ray.types import DistillSample
 
 
 
@@ -60,14 +61,15 @@ class TeacherServer:
         self.model.tie_weights()
 
     @torch.no_grad()
-    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> TeacherScores:
-        """Teacher log-probs on each sample's support ([T, k]); with sampled_only, of the reply's
-        own tokens ([T, 1]) for the sampled-token estimator."""
+    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[np.ndarray]:
+        """Teacher log-probs on each sample's support ([T, k]), in the samples' order; with
+        sampled_only, of the reply's own tokens ([T, 1]) for the sampled-token estimator. Only the
+        arrays travel back: TeacherGroup puts them on the samples the driver already holds."""
         out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
         for batch in self._batches(samples):
             for i, scores in zip(batch, self._score_batch([samples[i] for i in batch], sampled_only)):
                 out[i] = scores
-        return TeacherScores(logprobs=out)
+        return out
 
     def _batches(self, samples: list[DistillSample]) -> list[list[int]]:
         order = sorted(range(len(samples)), key=lambda i: -self._length(samples[i]))
@@ -142,15 +144,16 @@ class TeacherGroup:
             self.shutdown()
             raise
 
-    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> TeacherScores:
+    def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[DistillSample]:
+        """The samples with their teacher_logprobs (see TeacherServer.score), in their order."""
         shares = balance([TeacherServer._length(s) for s in samples], len(self.actors))
         refs = [(share, a.score.remote([samples[i] for i in share], sampled_only))
                 for a, share in zip(self.actors, shares) if share]
-        out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
+        out = list(samples)
         for share, ref in refs:
-            for i, scores in zip(share, ray.get(ref).logprobs):
-                out[i] = scores
-        return TeacherScores(logprobs=out)
+            for i, logprobs in zip(share, ray.get(ref)):
+                out[i] = replace(samples[i], teacher_logprobs=logprobs)
+        return out
 
     def load_weights(self, weights) -> None:
         """Every actor becomes the new frozen teacher (`weights`: a dict or its object-store ref)."""

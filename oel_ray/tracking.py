@@ -164,10 +164,9 @@ def plot_rounds(reports: list[dict], path: Path, curves: Optional[dict[int, dict
         ax.set_xticks(rounds)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with artifacts.atomic_open(path, binary=True) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

@@ -15,6 +15,11 @@ TRAJECTORY_SCHEMA_VERSION = 1
 TRAIN, EVAL = "train", "eval"  # GameSpec.split: collection and extraction, or the held-out maps
 # Trajectory.outcome; ERROR: the environment raised (a bug in a game ends that game, not the round)
 WIN, LOSS, INVALID, TURN_LIMIT, ERROR = "win", "loss", "invalid", "turn_limit", "error"
+# teacher.context, what the teacher reads before the prefix (oel_ray/controls.py): the extracted
+# knowledge (OEL), the raw trajectories instead, an empty block, or each line's words shuffled
+KNOWLEDGE, TRAJECTORIES, NO_KNOWLEDGE, SHUFFLED = "knowledge", "trajectories", "none", "shuffled"
+TEACHER_CONTEXTS = (KNOWLEDGE, TRAJECTORIES, NO_KNOWLEDGE, SHUFFLED)
+RAW_TRAJECTORIES = "raw_trajectories"  # KnowledgeRecord.format under teacher.context=trajectories
 
 
 @dataclass(frozen=True)
@@ -85,19 +90,17 @@ class Generation:
 
 @dataclass
 class DistillSample:
-    """One on-policy consolidation example: a student reply to a partial-trajectory prefix."""
+    """One consolidation example: a reply to a partial-trajectory prefix, and what the frozen
+    teacher says of it (filled by TeacherGroup.score; None for full_reverse_kl, whose teacher copy
+    lives in the learner)."""
 
     student_prompt_ids: list[int]  # chat-templated prefix without knowledge
     teacher_prompt_ids: list[int]  # the same prefix with the knowledge text in context
-    response_ids: list[int]  # the student's sampled reply (identical under both prompts)
-    support_ids: Optional[np.ndarray] = None  # [len(response_ids), k] int32 student top-k ids
-
-
-@dataclass
-class TeacherScores:
-    """Teacher log-probs on each sample's support: [len(response_ids), k] float32 per sample."""
-
-    logprobs: list[np.ndarray]
+    response_ids: list[int]  # the sampled reply (identical under both prompts)
+    support_ids: Optional[np.ndarray] = None  # [len(response_ids), k] int32 top-k ids of the sampling model
+    # [len(response_ids), k] float32 teacher log-probs on support_ids; [len(response_ids), 1] on the
+    # reply's own tokens for sampled_reverse_kl
+    teacher_logprobs: Optional[np.ndarray] = None
 
 
 @dataclass
@@ -126,6 +129,36 @@ class KnowledgeSnapshot:
     text: str
     num_tokens: int
     trajectory_seeds: list[int]  # the maps it was extracted from, in order
+
+
+@dataclass
+class KnowledgeRecord:
+    """A round's knowledge.json: what the chains extracted, and what the teacher reads."""
+
+    use_step: int  # the accumulation step consolidation reads (extractor.knowledge_step)
+    format: str  # extractor.format, or RAW_TRAJECTORIES
+    teacher_reads: str  # teacher.context
+    set: list[str]  # the texts the teacher reads (controls.teacher_set): one empty text under NO_KNOWLEDGE
+    chains: list[list[KnowledgeSnapshot]]  # every chain at every accumulation step 0..k
+    knowledge_from: Optional[str] = None  # teacher.knowledge_from: the run whose knowledge `set` is
+
+    def to_json(self) -> dict[str, Any]:
+        row = asdict(self)
+        if self.knowledge_from is None:
+            del row["knowledge_from"]
+        return row
+
+    @classmethod
+    def from_json(cls, row: dict[str, Any]) -> "KnowledgeRecord":
+        return cls(**{**row, "chains": [[KnowledgeSnapshot(**s) for s in chain] for chain in row["chains"]]})
+
+    def set_problem(self) -> Optional[str]:
+        """Why the teacher cannot read `set` (None when it can)."""
+        if self.teacher_reads == NO_KNOWLEDGE and self.set == [""]:
+            return None
+        if not isinstance(self.set, list) or not any(isinstance(t, str) and t.strip() for t in self.set):
+            return "the knowledge set is empty"
+        return None
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray import checks
-from oel_ray.config import EMBEDDED_MODELS, ConfigError, OELConfig, choice, require
+from oel_ray.config import EMBEDDED_MODELS, NCCL, ConfigError, OELConfig, choice, require
 from oel_ray.strategy import TOPK_REVERSE_KL
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
 
@@ -31,7 +31,7 @@ def validate(cfg: OELConfig) -> OELConfig:
     require(cfg.consolidation.strategy.takes_learner_loss or cfg.learner.loss == TOPK_REVERSE_KL,
             "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
             f"keep learner.loss={TOPK_REVERSE_KL} (the default)")
-    require(cfg.learner.weight_sync != "nccl" or cfg.cluster.use_gpu, "learner.weight_sync",
+    require(cfg.learner.weight_sync != NCCL or cfg.cluster.use_gpu, "learner.weight_sync",
             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
     check_gpus(cfg)
     checks.model_limits(cfg)  # the model's own sizes, from its config.json when it is on disk

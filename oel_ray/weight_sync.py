@@ -37,7 +37,7 @@ from typing import Iterator
 import ray
 import torch
 
-from oel_ray.config import WEIGHT_SYNCS
+from oel_ray.config import AUTO, GLOO, NCCL, OBJECT_STORE, WEIGHT_SYNCS
 from oel_ray.netif import use_node_ip
 
 
@@ -92,7 +92,7 @@ class Channel:
     def __init__(self, backend: str, address: str, port: int, rank: int, world_size: int, timeout_s: float):
         self.backend, self.rank = backend, rank
         use_node_ip()  # the group's sockets on the interface other nodes reach, not the hostname's
-        if backend == "nccl":
+        if backend == NCCL:
             # vLLM's stateless group + its NCCL wrapper: the pattern vLLM's own RL weight transfer
             # uses (vllm.distributed.weight_transfer.nccl_common), and it works in a process whose
             # torch.distributed is already initialised (the learner's DeepSpeed group).
@@ -103,7 +103,7 @@ class Channel:
             group = StatelessProcessGroup.create(host=address, port=port, rank=rank, world_size=world_size,
                                                  store_timeout=int(timeout_s))
             self._comm = PyNcclCommunicator(group, device=self.device)
-        elif backend == "gloo":
+        elif backend == GLOO:
             from torch.distributed import ProcessGroupGloo, TCPStore
 
             self.device = torch.device("cpu")
@@ -114,19 +114,19 @@ class Channel:
             raise ValueError(f"channel backend {backend!r} is not one of nccl, gloo")
 
     def broadcast(self, tensor: torch.Tensor) -> None:
-        if self.backend == "nccl":
+        if self.backend == NCCL:
             self._comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
         else:
             self._comm.broadcast(tensor, 0).wait()
 
     def synchronize(self) -> None:
-        if self.backend == "nccl":
+        if self.backend == NCCL:
             torch.cuda.current_stream().synchronize()
 
     def close(self) -> None:
         """Leave the group (again: a no-op). On gloo the peers' pending and later broadcasts then fail
         at once with "Connection closed by peer", not at the group's timeout."""
-        if self._comm is not None and self.backend == "nccl":
+        if self._comm is not None and self.backend == NCCL:
             self._comm.destroy()
         self._comm = None
 
@@ -182,7 +182,7 @@ class WeightSync(ABC):
 
 
 class ObjectStoreSync(WeightSync):
-    transport = "object_store"
+    transport = OBJECT_STORE
 
     def __init__(self, learner, workers):
         self.learner, self.workers = learner, workers
@@ -272,8 +272,8 @@ def resolve(kind: str, use_gpu: bool) -> str:
     """The transport `kind` ("auto" | "object_store" | "nccl") means on this cluster."""
     if kind not in WEIGHT_SYNCS:
         raise ValueError(f"learner.weight_sync {kind!r} is not one of {', '.join(WEIGHT_SYNCS)}")
-    if kind == "auto":
-        return "nccl" if use_gpu else "object_store"
+    if kind == AUTO:
+        return NCCL if use_gpu else OBJECT_STORE
     return kind
 
 
@@ -281,8 +281,8 @@ def make_weight_sync(kind: str, learner, workers, *, use_gpu: bool, bucket_mb: f
                      timeout_s: float = 1800.0) -> WeightSync:
     """`learner`: a LearnerGroup; `workers`: a RolloutGroup. "gloo" (CPU, tests) runs the nccl
     transport's code over gloo."""
-    transport = kind if kind == "gloo" else resolve(kind, use_gpu)
-    if transport == "object_store":
+    transport = kind if kind == GLOO else resolve(kind, use_gpu)
+    if transport == OBJECT_STORE:
         return ObjectStoreSync(learner, workers)
     return CollectiveSync(learner, workers, backend=transport, bucket_mb=bucket_mb, timeout_s=timeout_s)
 

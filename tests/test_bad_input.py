@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from oel_ray.games import Game
-from oel_ray.types import GameSpec
+from oel_ray.types import GameSpec, KnowledgeRecord, KnowledgeSnapshot
 
 CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["learner.lrr=1"], "learner.lrr: no such field; did you mean learner.lr?"),
@@ -149,6 +149,10 @@ def resumable(out: Path, tiny_model, finished: list[str], **config_changes) -> N
     (out / "manifest.json").write_text(json.dumps({"version": 1, "config": snap, "stages": stages}))
 
 
+def knowledge(texts: list[str], chains: list) -> str:
+    return json.dumps(KnowledgeRecord(2, "unstructured", "knowledge", texts, chains).to_json())
+
+
 def rows(*items) -> str:
     return "".join((json.dumps(i) if isinstance(i, dict) else i) + "\n" for i in items)
 
@@ -164,14 +168,13 @@ FILES = [  # (stages finished, {file: content}, manifest config changes, kind, m
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1))}, {}, "input",
      "trajectories.jsonl: 1 games but extractor.k is 2"),
     (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/knowledge_eval", "round_1/deploy"],
-     {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": json.dumps({"set": ["", " "]})},
+     {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": knowledge(["", " "], [])},
      {}, "input", "knowledge.json: the knowledge set is empty"),
     (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/deploy"],  # the curve reads it first
      {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": "[1, 2"},
      {}, "input", "knowledge.json: not a knowledge file (JSONDecodeError"),
     (["round_0/evaluate", "round_1/collect", "round_1/extract"],
-     {"round_1/knowledge.json": json.dumps({"set": ["a"], "chains": [[{"chain": 0, "step": 0, "text": "",
-                                                                        "num_tokens": 0, "trajectory_seeds": []}]]})},
+     {"round_1/knowledge.json": knowledge(["a"], [[KnowledgeSnapshot(0, 0, "", 0, [])]])},
      {}, "input", "knowledge.json: its chains do not reach accumulation step 2"),
 ]
 

@@ -15,6 +15,7 @@ from distill_setup import KNOWLEDGE
 from oel_ray import artifacts, controls, tracking
 from oel_ray.config import ConfigError, TeacherConfig
 from oel_ray.prompts import KNOWLEDGE_PREAMBLE, teacher_messages
+from oel_ray.types import KnowledgeRecord
 
 MARKER = "- EXPERIENCE ITEM:"
 ITEMS = (f"{MARKER} Push the box toward the goal, never into a corner.\n"
@@ -69,11 +70,16 @@ def test_empty_knowledge_is_the_teachers_prompt_with_an_empty_block():
         assert ((system or "") + user) == ((full_system or "") + full_user).replace(ITEMS, "")
 
 
+def record(teacher_reads: str, texts: list[str]) -> str:
+    """A knowledge.json that holds `texts` as what the teacher reads (no chains)."""
+    return json.dumps(KnowledgeRecord(1, "structured", teacher_reads, texts, []).to_json())
+
+
 def test_only_the_empty_knowledge_control_may_record_an_empty_set(tmp_path):
     path = tmp_path / "knowledge.json"
-    path.write_text(json.dumps({"teacher_reads": "none", "set": [""]}))
+    path.write_text(record("none", [""]))
     assert artifacts.read_knowledge_set(path) == [""]
-    path.write_text(json.dumps({"teacher_reads": "knowledge", "set": [""]}))
+    path.write_text(record("knowledge", [""]))
     with pytest.raises(ConfigError, match="the knowledge set is empty"):
         artifacts.read_knowledge_set(path)
 
@@ -81,13 +87,13 @@ def test_only_the_empty_knowledge_control_may_record_an_empty_set(tmp_path):
 def test_knowledge_from_reads_the_other_runs_set_of_each_round(tmp_path):
     for r in (1, 2):
         (tmp_path / f"round_{r}").mkdir()
-        (tmp_path / f"round_{r}" / "knowledge.json").write_text(json.dumps({"set": [f"round {r} items", ""]}))
+        (tmp_path / f"round_{r}" / "knowledge.json").write_text(record("knowledge", [f"round {r} items", ""]))
     cfg = TeacherConfig(context="shuffled", knowledge_from=str(tmp_path))
     controls.check_knowledge_from(cfg, rounds=2)
     assert controls.other_run_set(cfg, 2) == ["round 2 items"]
     with pytest.raises(ConfigError, match=r"^teacher.knowledge_from: .*round_3/knowledge.json is not a knowledge"):
         controls.check_knowledge_from(cfg, rounds=3)
-    (tmp_path / "round_2" / "knowledge.json").write_text(json.dumps({"set": [" "]}))
+    (tmp_path / "round_2" / "knowledge.json").write_text(record("knowledge", [" "]))
     with pytest.raises(ConfigError, match="holds no knowledge"):
         controls.check_knowledge_from(cfg, rounds=2)
 
@@ -161,7 +167,7 @@ def test_another_runs_knowledge_shuffled_is_what_the_teacher_reads(run, tmp_path
     read; its first-step KL stands well above the empty-knowledge control's (measured 0.0041 vs 0.0002)."""
     other = tmp_path_factory.mktemp("other_game")
     (other / "round_1").mkdir()
-    (other / "round_1" / "knowledge.json").write_text(json.dumps({"set": [KNOWLEDGE]}))
+    (other / "round_1" / "knowledge.json").write_text(record("knowledge", [KNOWLEDGE]))
     proc, out = run("shuffled_other", "+experiment=tiny_shuffled_knowledge", f"teacher.knowledge_from={other}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     record = json.loads((out / "round_1" / "knowledge.json").read_text())

@@ -2,6 +2,7 @@
 
 import itertools
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ import torch
 from oel_ray import batching
 from oel_ray.batching import length_buckets
 from oel_ray.config import LearnerConfig
-from oel_ray.types import DistillSample, TeacherScores
+from oel_ray.types import DistillSample
 
 TEMP, K, BATCH, STEPS = 0.7, 32, 8, 5
 WARMUP = 3  # LR warm-up steps: a resumed run must continue the schedule, not restart it
@@ -36,23 +37,23 @@ def token_logprobs(model, ids):
 
 def make_batch(tiny_model, response_lengths):
     """Samples with these reply lengths (prompts of 4-29 tokens); teacher = perturbed copy of the
-    model, scored on the student's top-k. Returns (samples, scores, teacher)."""
+    model, scored on the student's top-k (teacher_logprobs). Returns (samples, teacher)."""
     student, teacher = load(tiny_model), load(tiny_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(p.std() * torch.randn(p.shape, generator=g))
     rng = np.random.default_rng(0)
-    samples, scores = [], []
+    samples = []
     for length in response_lengths:
         prompt = rng.integers(10, 500, rng.integers(4, 30)).tolist()
         response = rng.integers(10, 500, length).tolist()
         ids = prompt + response
         pos = slice(len(prompt) - 1, len(ids) - 1)  # positions predicting the response tokens
         support = logprobs_at(student, ids, TEMP)[pos].topk(K, -1).indices
-        scores.append(logprobs_at(teacher, ids, TEMP)[pos].gather(-1, support).numpy())
-        samples.append(DistillSample(prompt, prompt, response, support.numpy().astype(np.int32)))
-    return samples, TeacherScores(scores), teacher
+        scores = logprobs_at(teacher, ids, TEMP)[pos].gather(-1, support).numpy()
+        samples.append(DistillSample(prompt, prompt, response, support.numpy().astype(np.int32), scores))
+    return samples, teacher
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +74,11 @@ def full_kl(model, teacher, samples):
     return total / n
 
 
-def topk_kl(model, samples, scores):
+def topk_kl(model, samples):
     """Token-mean top-k reverse KL (un-renormalised) and student mass, computed here."""
     kl, mass, n = 0.0, 0.0, 0
-    for s, lt in zip(samples, scores.logprobs):
+    for s in samples:
+        lt = s.teacher_logprobs
         ids = s.student_prompt_ids + s.response_ids
         pos = slice(len(s.student_prompt_ids) - 1, len(ids) - 1)
         ls = logprobs_at(model, ids, TEMP)[pos].gather(-1, torch.from_numpy(s.support_ids).long())
@@ -97,11 +99,11 @@ def trained(ray_cluster, tiny_model, batch):
     """1 rank, ZeRO-2, 2 micro-batches: STEPS steps on the fixed batch."""
     from oel_ray.learner import LearnerGroup
 
-    samples, scores, _ = batch
+    samples, _ = batch
     t0 = time.perf_counter()
     group = LearnerGroup(config(zero_stage=2, grad_accum=2, num_ranks=1), tiny_model, num_cpus=0.5)
     start = time.perf_counter() - t0
-    metrics = [group.train_step(samples, scores, s) for s in range(STEPS)]
+    metrics = [group.train_step(samples, s) for s in range(STEPS)]
     print(f"learner start {start:.1f}s; steps", [(round(m.seconds["learner_compute"], 3), round(m.kl, 4),
                                                   round(m.student_mass, 3)) for m in metrics])
     yield group, metrics
@@ -112,7 +114,7 @@ def test_steps_lower_the_reverse_kl(trained, batch, tiny_model):
     # Renormalised over the support: without it, a fixed (stale) support lets the student lower the
     # loss by moving its mass out of the support (seen here: the full KL rose while the loss fell).
     group, metrics = trained
-    samples, scores, teacher = batch
+    samples, teacher = batch
     losses = [m.loss for m in metrics]
     assert losses[-1] < 0.6 * losses[0] and min(losses) >= 0, losses
     m = metrics[0]
@@ -121,7 +123,7 @@ def test_steps_lower_the_reverse_kl(trained, batch, tiny_model):
     assert m.grad_norm > 0 and [m.lr for m in metrics] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3])
     # the learner's first metrics (before any update) are the KL at the right positions
     initial = load(tiny_model)
-    kl0, mass0 = topk_kl(initial, samples, scores)
+    kl0, mass0 = topk_kl(initial, samples)
     assert m.kl == pytest.approx(kl0, rel=1e-4)
     assert m.kl_direction == "reverse"
     assert m.student_mass == pytest.approx(mass0, rel=1e-4)
@@ -187,12 +189,12 @@ def test_two_ranks_zero3_match_one_rank(trained, batch, tiny_model):
     from oel_ray.learner import LearnerGroup
 
     _, reference = trained
-    samples, scores, _ = batch
+    samples, _ = batch
     # persistence threshold 0: ZeRO-3 really partitions and gathers every tiny weight
     group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
                          ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     try:
-        got = [group.train_step(samples, scores, s) for s in range(3)]
+        got = [group.train_step(samples, s) for s in range(3)]
         sd = group.state_dict()
         ids = list(range(20, 60))
         theirs = group.sequence_logprobs(ids)
@@ -215,13 +217,13 @@ def test_frozen_parameters_stay_fixed_under_zero3(batch, tiny_model):
     bit-identical after steps, the others move."""
     from oel_ray.learner import LearnerGroup
 
-    samples, scores, _ = batch
+    samples, _ = batch
     patterns = ["model.embed_tokens.weight", "model.layers.0.*"]
     group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2, freeze=patterns), tiny_model, num_cpus=0.5,
                          ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     try:
         for s in range(2):
-            group.train_step(samples, scores, s)
+            group.train_step(samples, s)
         after = group.state_dict()
     finally:
         group.shutdown()
@@ -237,16 +239,16 @@ def zero2_two_ranks(ray_cluster, tiny_model, batch, tmp_path_factory):
     (mid warm-up), two more steps."""
     from oel_ray.learner import LearnerGroup
 
-    samples, scores, _ = batch
+    samples, _ = batch
     path = tmp_path_factory.mktemp("resume") / "state"
     group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5)
     try:
-        metrics = [group.train_step(samples, scores, 0)]
+        metrics = [group.train_step(samples, 0)]
         t0 = time.perf_counter()
         group.save_state(str(path))
         group.save_state(str(path))  # replacing an existing state
         print(f"save_state {(time.perf_counter() - t0) / 2:.2f}s")
-        metrics += [group.train_step(samples, scores, s) for s in (1, 2)]
+        metrics += [group.train_step(samples, s) for s in (1, 2)]
     finally:
         group.shutdown()
     return metrics, path
@@ -266,12 +268,12 @@ def test_resume_continues_like_an_uninterrupted_run(zero2_two_ranks, batch, tiny
     from oel_ray.learner import LearnerGroup
 
     uninterrupted, path = zero2_two_ranks
-    samples, scores, _ = batch
+    samples, _ = batch
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temp or old copies left
     group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5)
     try:
         assert group.load_state(str(path)) == 1
-        resumed = [group.train_step(samples, scores, s) for s in (1, 2)]
+        resumed = [group.train_step(samples, s) for s in (1, 2)]
     finally:
         group.shutdown()
     for ours, ref in zip(resumed, uninterrupted[1:]):
@@ -283,7 +285,7 @@ def test_sampled_token_loss(ray_cluster, batch, tiny_model):
     """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
     from oel_ray.learner import LearnerGroup
 
-    samples, _, teacher = batch
+    samples, teacher = batch
     student = load(tiny_model)
     lt = []
     for s in samples:
@@ -303,7 +305,7 @@ def test_sampled_token_loss(ray_cluster, batch, tiny_model):
     cfg = config(zero_stage=0, loss="sampled_reverse_kl", renormalize=False, warmup_steps=0)
     group = LearnerGroup(cfg, tiny_model, num_cpus=0.5)
     try:
-        got = group.train_step(samples, TeacherScores(lt), 0)
+        got = group.train_step([replace(s, teacher_logprobs=t) for s, t in zip(samples, lt)], 0)
         student.load_state_dict(group.state_dict(), strict=False)
     finally:
         group.shutdown()
@@ -346,13 +348,13 @@ def full_config(**kw):
 @pytest.fixture(scope="module")
 def full_trained(ray_cluster, tiny_model, knowledge_samples):
     """learner.loss=full_reverse_kl, 1 rank, ZeRO-2, 2 micro-batches: STEPS steps. Each rank holds
-    a frozen teacher copy; no teacher scores are passed (None)."""
+    a frozen teacher copy; the samples carry no teacher_logprobs."""
     from oel_ray.learner import LearnerGroup
 
     t0 = time.perf_counter()
     group = LearnerGroup(full_config(zero_stage=2, grad_accum=2), tiny_model, num_cpus=0.5)
     try:
-        metrics = [group.train_step(knowledge_samples, None, s) for s in range(STEPS)]
+        metrics = [group.train_step(knowledge_samples, s) for s in range(STEPS)]
         trained = load(tiny_model)
         trained.load_state_dict(group.state_dict(), strict=False)
     finally:
@@ -385,7 +387,7 @@ def test_full_reverse_kl_two_ranks_zero3_match_one_rank(full_trained, tiny_model
     group = LearnerGroup(full_config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
                          ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     try:
-        got = [group.train_step(knowledge_samples, None, s) for s in range(3)]
+        got = [group.train_step(knowledge_samples, s) for s in range(3)]
     finally:
         group.shutdown()
     for ours, ref in zip(got, reference):
@@ -396,7 +398,7 @@ def test_full_reverse_kl_two_ranks_zero3_match_one_rank(full_trained, tiny_model
 def test_full_reverse_kl_needs_the_teacher_copy(trained, knowledge_samples):
     group, _ = trained  # built with learner.loss=topk_reverse_kl: no teacher copy was loaded
     with pytest.raises(ValueError, match="teacher copy"):
-        group.train_step(knowledge_samples, None, 0, loss="full_reverse_kl")
+        group.train_step(knowledge_samples, 0, loss="full_reverse_kl")
 
 
 # ----------------------------------------------------------------------------- ranks with unequal work
@@ -489,10 +491,10 @@ def uneven_reference(ray_cluster, tiny_model, uneven):
     """One rank, ZeRO-2: 3 steps on the uneven batch."""
     from oel_ray.learner import LearnerGroup
 
-    samples, scores, _ = uneven
+    samples, _ = uneven
     group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=1), tiny_model, num_cpus=0.5)
     try:
-        return [group.train_step(samples, scores, s) for s in range(3)]
+        return [group.train_step(samples, s) for s in range(3)]
     finally:
         group.shutdown()
 
@@ -501,7 +503,7 @@ def uneven_reference(ray_cluster, tiny_model, uneven):
 def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, tiny_model, ranks, stage):
     from oel_ray.learner import LearnerGroup
 
-    samples, scores, _ = uneven
+    samples, _ = uneven
     lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
     # the data is adversarial: planned per rank, the ranks would run different numbers of passes
     assert len({len(length_buckets(lengths[r::ranks])) for r in range(ranks)}) > 1
@@ -511,7 +513,7 @@ def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, t
                          ds_overrides=PARTITION_ALL)
     try:
         t0 = time.perf_counter()
-        got = [group.train_step(samples, scores, s) for s in range(3)]
+        got = [group.train_step(samples, s) for s in range(3)]
         print(f"{ranks} ranks, ZeRO-{stage}: 3 steps {time.perf_counter() - t0:.2f}s")
     finally:
         group.shutdown()

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_ROUND = ["rounds=1", "env.eval_samples=4", "extractor.eval_steps=[]", "tracking.progress_bars=false"]
+ONE_ROUND = ["rounds=1", "env.eval_maps=128", "env.eval_samples=4", "extractor.eval_steps=[]", "tracking.progress_bars=false"]
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def server(tiny_model, temperature=TEMP, chunk_tokens=1024, batch_tokens=8192):
 @pytest.mark.parametrize("chunk_tokens,batch_tokens", [(1, 10_000), (7, 100), (1024, 1), (16, 64)])
 def test_support_logprobs_are_exact(tiny_model, reference_model, samples, chunk_tokens, batch_tokens):
     teacher = server(tiny_model, chunk_tokens=chunk_tokens, batch_tokens=batch_tokens)
-    scores = teacher.score(samples).logprobs
+    scores = teacher.score(samples)
     assert len(scores) == len(samples)
     for sample, got in zip(samples, scores):
         assert got.dtype == np.float32 and got.shape == (len(sample.response_ids), K)
@@ -71,7 +71,7 @@ def test_batches_respect_the_token_budget(tiny_model, samples):
 
 
 def test_sampled_only_scores_the_reply_tokens(tiny_model, reference_model, samples):
-    scores = server(tiny_model, chunk_tokens=5, batch_tokens=128).score(samples, sampled_only=True).logprobs
+    scores = server(tiny_model, chunk_tokens=5, batch_tokens=128).score(samples, sampled_only=True)
     for sample, got in zip(samples, scores):
         assert got.shape == (len(sample.response_ids), 1)
         np.testing.assert_allclose(got, expected(reference_model, sample, TEMP, sampled_only=True), atol=1e-5)
@@ -79,7 +79,7 @@ def test_sampled_only_scores_the_reply_tokens(tiny_model, reference_model, sampl
 
 def test_the_teacher_uses_its_temperature(tiny_model, reference_model, samples):
     for temperature in (0.7, 1.0, 1.3):
-        got = server(tiny_model, temperature=temperature).score(samples[:2]).logprobs[0]
+        got = server(tiny_model, temperature=temperature).score(samples[:2])[0]
         np.testing.assert_allclose(got, expected(reference_model, samples[0], temperature), atol=1e-5)
         other = expected(reference_model, samples[0], 1.0 if temperature != 1.0 else 0.7)
         assert np.abs(got - other).max() > 1e-2, "scores must depend on the temperature"
@@ -94,10 +94,10 @@ def test_teacher_actors_return_the_same_scores_in_order(ray_cluster, tiny_model,
     group = TeacherGroup(tiny_model, num_actors=2, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
                          chunk_tokens=8, batch_tokens=256)
     try:
-        remote = group.score(samples).logprobs
+        remote = [s.teacher_logprobs for s in group.score(samples)]
     finally:
         group.shutdown()
-    local = server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples).logprobs
+    local = server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples)
     assert len(samples) > 2 and all(balance([len(s.response_ids) for s in samples], 2))  # both actors scored
     assert len(remote) == len(local)
     for a, b in zip(remote, local):
@@ -128,9 +128,9 @@ def test_new_round_weights_replace_the_teacher_exactly(tiny_model, reference_mod
             p.add_(0.1 * p.std() * torch.randn(p.shape, generator=g))
     weights = {k: v for k, v in moved.state_dict().items() if k != "lm_head.weight"}
     teacher = server(tiny_model)
-    before = teacher.score(samples[:1]).logprobs[0]
+    before = teacher.score(samples[:1])[0]
     teacher.load_weights(weights)
-    got = teacher.score(samples[:1]).logprobs[0]
+    got = teacher.score(samples[:1])[0]
     np.testing.assert_allclose(got, expected(moved, samples[0], TEMP), atol=1e-5, rtol=0)
     assert np.abs(got - before).max() > 1e-3
     with pytest.raises(ValueError, match="missing"):

@@ -35,7 +35,7 @@ def take_a_step(workers, teacher, learner, step):
     replies = workers.generate(prompts, Sampling(max_tokens=16, temperature=1.0, support_k=64, seed=step))
     # A teacher whose context differs from the student's, so the KL is far from zero.
     samples = [DistillSample(p, p[::-1] + [9, 9], g.token_ids, g.topk_ids) for p, g in zip(prompts, replies)]
-    learner.train_step(samples, teacher.score(samples), step)
+    learner.train_step(teacher.score(samples), step)
 
 
 # "gloo": the nccl transport's code on CPU tensors; 64 KiB buckets split the tiny model into several
