@@ -142,9 +142,9 @@ def test_empty_knowledge_control_runs_and_its_teacher_reads_no_knowledge(run, ti
 
     proc, out = run("empty", "+experiment=tiny_empty_knowledge")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    record = json.loads((out / "round_1" / "knowledge.json").read_text())
-    assert record["teacher_reads"] == "none" and record["set"] == [""]
-    assert any(step["text"] for chain in record["chains"] for step in chain)  # extraction ran, for the record
+    saved = json.loads((out / "round_1" / "knowledge.json").read_text())
+    assert saved["teacher_reads"] == "none" and saved["set"] == [""]
+    assert any(step["text"] for chain in saved["chains"] for step in chain)  # extraction ran, for the record
     # The teacher's prompts, built from that file as consolidation builds them: an empty block.
     cfg = config.OELConfig(teacher=config.TeacherConfig(context="none"))
     prefixes = step_prefixes(artifacts.read_trajectories(out / "round_1" / "deploy.jsonl"), 1, 2, 1)[0]
@@ -170,10 +170,10 @@ def test_another_runs_knowledge_shuffled_is_what_the_teacher_reads(run, tmp_path
     (other / "round_1" / "knowledge.json").write_text(record("knowledge", [KNOWLEDGE]))
     proc, out = run("shuffled_other", "+experiment=tiny_shuffled_knowledge", f"teacher.knowledge_from={other}")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    record = json.loads((out / "round_1" / "knowledge.json").read_text())
-    assert record["teacher_reads"] == "shuffled" and record["knowledge_from"] == str(other / "round_1" / "knowledge.json")
-    assert record["set"] == controls.teacher_set(TeacherConfig(context="shuffled"), [KNOWLEDGE], 0, 1)
-    assert record["set"] != [KNOWLEDGE] and any(step["text"] for step in record["chains"][0])  # own chains kept
+    saved = json.loads((out / "round_1" / "knowledge.json").read_text())
+    assert saved["teacher_reads"] == "shuffled" and saved["knowledge_from"] == str(other / "round_1" / "knowledge.json")
+    assert saved["set"] == controls.teacher_set(TeacherConfig(context="shuffled"), [KNOWLEDGE], 0, 1)
+    assert saved["set"] != [KNOWLEDGE] and any(step["text"] for step in saved["chains"][0])  # own chains kept
     assert f"| shuffled knowledge of {other} |" in (out / "rounds.md").read_text()
     _, empty = run("empty", "+experiment=tiny_empty_knowledge")
     print(f"\nfirst-step KL: another run's knowledge shuffled {first_step_kl(out):.5f}, "

@@ -324,7 +324,7 @@ def knowledge_samples(batch):
     """The batch's replies with a knowledge-conditioned teacher prompt. The learner's teacher copy is
     the round-start model itself (the path it is built from), so only this context separates it
     from the student, as in consolidation."""
-    samples, _, _ = batch
+    samples, _ = batch
     knowledge = np.random.default_rng(1).integers(10, 500, 48).tolist()
     return [DistillSample(s.student_prompt_ids, knowledge + s.student_prompt_ids, s.response_ids) for s in samples]
 
