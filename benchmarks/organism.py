@@ -96,8 +96,9 @@ def verdicts(results: list[dict]) -> dict:
             "per_seed": [[r["rounds"][0]["ci"], r["rounds"][-1]["pass_rate"]] for r in by["empty"]]}
     if "shuffled" in by:
         out["mismatched_knowledge_no_separated_gain"] = {
-            "holds": not any(_above(r["rounds"][-1]["ci"], r["rounds"][0]["ci"]) for r in by["shuffled"]),
-            "per_seed": [[r["rounds"][0]["pass_rate"], r["rounds"][-1]["pass_rate"]] for r in by["shuffled"]]}
+            # "No separated gain" in any round: a gain that fades by the last round is still a gain.
+            "holds": not any(_above(x["ci"], r["rounds"][0]["ci"]) for r in by["shuffled"] for x in r["rounds"][1:]),
+            "per_seed": [[x["pass_rate"] for x in r["rounds"]] for r in by["shuffled"]]}
     last = {run: sum(r["rounds"][-1]["pass_rate"] for r in rs) / len(rs) for run, rs in by.items()}
     if "raw" in by and main:
         out["raw_trajectories_below_knowledge"] = {"holds": last["raw"] < last["main"], "raw": last["raw"],
