@@ -9,7 +9,7 @@ ARGS ?=
 EXPERIMENT ?= organism
 PYTEST_ARGS ?=
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench gpu-check clean
 
 install: $(STAMP)
 
@@ -44,6 +44,11 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml Makefile
 
 bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks.run_all
+
+# `make gpu-check`: benchmarks/gpu_check.py, a short consolidation at Qwen3-0.6B and 1.7B sizes on a
+# CUDA machine (the tiny model on CPU); results in benchmarks/results/gpu_check_<cuda|cpu>.json.
+gpu-check: $(STAMP)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs multirun

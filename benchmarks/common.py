@@ -94,11 +94,14 @@ def machine() -> dict:
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
-def save(name: str, result: dict, tables: dict[str, str] | None = None, readme: Sequence[str] = ()) -> Path:
-    """benchmarks/results/<name>.json, written to a temporary file and renamed (never half-written).
+def save(name: str, result: dict, tables: dict[str, str] | None = None, readme: Sequence[str] = (),
+         out: str | Path | None = None) -> Path:
+    """<out>/<name>.json (default benchmarks/results), written to a temporary file and renamed (never
+    half-written).
     `tables`: the markdown tables the script printed, by title; run_all copies them into summary.md,
     and those titled in `readme` into README.md too."""
-    path = RESULTS / f"{name}.json"
+    path = Path(out or RESULTS) / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     extra = {"tables_md": tables, "readme_tables": list(readme)} if tables else {}
     write_json(path, {"benchmark": name, "machine": machine(),
                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **result, **extra})
