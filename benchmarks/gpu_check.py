@@ -8,7 +8,8 @@ The models are random-initialised Qwen3 configurations with Qwen3's real vocabul
 rows: the output head and its log-softmax cost what they cost there); the tokenizer is oel_ray's
 own BPE, built offline, so prompt ids use only its first ids. One step is the paper's shape: 64
 student prompts, 10 distinct knowledge texts in front of them in the teacher's prompts, replies
-sampled with the student's top-k support, one optimizer step on the top-k reverse KL.
+sampled with the student's top-k support, the teacher's scores (each prompt in full, then with each
+knowledge text encoded once and reused), one optimizer step on the top-k reverse KL.
 
 The roles share one GPU as they do on a one-GPU node, and run in this process as the classes the
 Ray actors wrap (`TeacherServer`, `Learner`, `VLLMEngine`): what is measured is their work, not
@@ -36,6 +37,7 @@ import torch
 from benchmarks.common import markdown_table, save, tiny_model_path
 from benchmarks.flops import Arch, datasheet_peak, measured_peak, synchronize
 from oel_ray.config import BFLOAT16, FLOAT32, LearnerConfig, TeacherConfig
+from oel_ray.prefix_cache import shared_prefix_groups
 from oel_ray.types import DistillSample, Generation, Sampling
 
 QWEN3_VOCAB = 151_936
@@ -62,6 +64,10 @@ class Shape:
 
 PAPER = Shape(batch=64, prompt=384, knowledge=2048, distinct=10, reply=128, support_k=256, grad_accum=4,
               learner_steps=3)
+# The teacher's three measurements; a step's end-to-end time takes the last (the rest of a round).
+TEACHER_FULL = "teacher, full prompts"
+TEACHER_FIRST = "teacher, knowledge encoded (first step)"
+TEACHER_REUSED = "teacher, knowledge reused (later steps)"
 TINY = Shape(batch=8, prompt=32, knowledge=64, distinct=2, reply=16, support_k=8, grad_accum=1, learner_steps=2)
 
 
@@ -164,7 +170,7 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
 
     engine, engine_name = generator(path, dtype, device, shape, engine)
     sampling = Sampling(max_tokens=shape.reply, temperature=1.0, seed=0, support_k=shape.support_k)
-    engine.generate(prompts[:2], sampling)  # warm-up
+    engine.generate(prompts, replace(sampling, max_tokens=4))  # warm-up at the batch's width
     gens, seconds = timed(device, engine.generate, prompts, sampling)
     replies = [g.token_ids for g in gens]
     stage("generation", seconds, sum(map(len, replies)),
@@ -174,11 +180,22 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
                for i, (p, r, g) in enumerate(zip(prompts, replies, gens))]
     teacher = TeacherServer(path, dtype=dtype, temperature=1.0, chunk_tokens=TeacherConfig.chunk_tokens,
                             batch_tokens=8 * (shape.knowledge + shape.prompt + shape.reply))
-    teacher.score(samples[:2])  # warm-up
-    scores, seconds = timed(device, teacher.score, samples)
+    teacher.score(samples[:2])  # warm-up (two knowledge texts: nothing shared)
+    scored = sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in samples)
+    cache, teacher.prefixes = teacher.prefixes, None  # the plain path: every prompt in full
+    full, seconds = timed(device, teacher.score, samples)
+    stage(TEACHER_FULL, seconds, scored, sum(arch.forward(len(s.teacher_prompt_ids) + len(s.response_ids),
+                                                          head=len(s.response_ids)) for s in samples))
+    teacher.prefixes = cache
+    groups = shared_prefix_groups([s.teacher_prompt_ids for s in samples])
+    skip = {i: shared for shared, run in groups for i in run}
+    suffix_flops = sum(arch.forward(len(s.teacher_prompt_ids) - skip[i] + len(s.response_ids), past=skip[i],
+                                    head=len(s.response_ids)) for i, s in enumerate(samples))
+    for label, encodes in ((TEACHER_FIRST, True), (TEACHER_REUSED, False)):
+        scores, seconds = timed(device, teacher.score, samples)
+        stage(label, seconds, scored, suffix_flops + encodes * sum(arch.forward(p, head=0) for p, _ in groups if p))
+    reuse_error = max(float(np.abs(a - b).max()) for a, b in zip(scores, full) if a.size)
     samples = [replace(s, teacher_logprobs=lp) for s, lp in zip(samples, scores)]
-    stage("teacher", seconds, sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in samples),
-          sum(arch.forward(len(s.teacher_prompt_ids) + len(s.response_ids), head=len(s.response_ids)) for s in samples))
     del teacher
 
     cfg = LearnerConfig(batch_size=shape.batch, grad_accum=shape.grad_accum, support_k=shape.support_k,
@@ -193,11 +210,14 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
 
     weights, gather_s = timed(device, learner.state_dict)
     load_s = timed(device, engine.load_weights, weights)[1]
-    end_to_end = sum(r["seconds"] for r in rows.values()) + gather_s + load_s
-    flops = sum(r["tflops_per_s"] * r["seconds"] for r in rows.values()) * 1e12
+    step = [rows[k] for k in ("generation", TEACHER_REUSED, "learner")]
+    end_to_end = sum(r["seconds"] for r in step) + gather_s + load_s
+    flops = sum(r["tflops_per_s"] * r["seconds"] for r in step) * 1e12
     return dict(model=name, params=arch.params, engine=engine_name, stages=rows,
                 weight_sync=dict(seconds=gather_s + load_s, gather_to_host_s=gather_s, load_s=load_s),
                 step_seconds=end_to_end, step_mfu=flops / end_to_end / peak,
+                teacher_prefix_speedup=rows[TEACHER_FULL]["seconds"] / rows[TEACHER_REUSED]["seconds"],
+                teacher_prefix_max_abs_diff=reuse_error,
                 kl=[m.kl for m, _ in steps], loss_finite=all(np.isfinite(m.loss) for m, _ in steps))
 
 

@@ -119,12 +119,13 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, widt
     return input_ids, gather_idx
 
 
-def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor) -> torch.Tensor:
+def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor, past=None) -> torch.Tensor:
     """A causal LM's last hidden states [B, R, H] at `gather_idx` [B, R] of right-padded
-    `input_ids` [B, L] (as `pack` makes them): the positions that predict the response tokens."""
+    `input_ids` [B, L] (as `pack` makes them): the positions that predict the response tokens.
+    `past`: a key/value cache of tokens every row shares before `input_ids` (prefix_cache.py)."""
     base = getattr(model, model.base_model_prefix)
     # Right padding with a causal model: real positions never see padding, so no attention mask.
-    hidden = base(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden = base(input_ids=input_ids, past_key_values=past, use_cache=past is not None).last_hidden_state
     # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 

@@ -208,6 +208,8 @@ class TeacherConfig:
     num_actors: int = 1
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
+    # Encode each shared prompt start (a knowledge text) once per round and reuse its keys/values.
+    reuse_prefix: bool = True
 
     def check(self) -> None:
         choice("teacher.knowledge_position", self.knowledge_position, KNOWLEDGE_POSITIONS)

@@ -67,7 +67,8 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
         teacher = timed(f"start teacher ({cfg.teacher.num_actors} actor(s))", lambda: TeacherGroup(
             path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
             dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
-            batch_tokens=cfg.teacher.batch_tokens, trust_remote_code=cfg.model.trust_remote_code))
+            batch_tokens=cfg.teacher.batch_tokens, reuse_prefix=cfg.teacher.reuse_prefix,
+            trust_remote_code=cfg.model.trust_remote_code))
         started.append(teacher)
         model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
         workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: rollout_group(cfg, model))

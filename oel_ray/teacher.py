@@ -6,12 +6,14 @@ temperature, chunk by chunk over positions, with the learner's own routine
 (`losses.support_logprobs`), so fp32 memory is one chunk_tokens x V block whatever the sequence
 length. (vLLM's prompt_logprobs would ignore the temperature, which is why the teacher is a plain
 forward pass.) The support is the student's top-k (on-policy) or the teacher's own (off-policy).
+Prompts that start alike (the same knowledge text) share one encoded start (`prefix_cache.py`).
 
 ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary KL.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import replace
 from typing import Optional
@@ -22,13 +24,15 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.placement import RolePlacement
+from oel_ray.prefix_cache import MIN_SHARED_TOKENS, PrefixCache, shared_prefix_groups
 from oel_ray.types import DistillSample
 
+log = logging.getLogger(__name__)
 
 
 class TeacherServer:
     def __init__(self, model_path: str, *, dtype: str, temperature: float, chunk_tokens: int,
-                 batch_tokens: int, trust_remote_code: bool = False):
+                 batch_tokens: int, reuse_prefix: bool = True, trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,6 +42,8 @@ class TeacherServer:
         self.temperature = temperature
         self.chunk_tokens = chunk_tokens
         self.batch_tokens = batch_tokens
+        self.prefixes = PrefixCache(self.model) if reuse_prefix else None
+        self.said_unshared = False
 
     def ready(self) -> bool:
         return True
@@ -59,6 +65,8 @@ class TeacherServer:
                              f"unexpected {sorted(unexpected)[:5]}")
         self.model.load_state_dict(weights, strict=False)
         self.model.tie_weights()
+        if self.prefixes is not None:
+            self.prefixes.clear()  # computed by the old weights
 
     @torch.no_grad()
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[np.ndarray]:
@@ -66,19 +74,38 @@ class TeacherServer:
         sampled_only, of the reply's own tokens ([T, 1]) for the sampled-token estimator. Only the
         arrays travel back: TeacherGroup puts them on the samples the driver already holds."""
         out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
-        for batch in self._batches(samples):
-            for i, scores in zip(batch, self._score_batch([samples[i] for i in batch], sampled_only)):
-                out[i] = scores
+        for skip, kv, members in self._groups(samples):
+            for batch in self._batches([samples[i] for i in members], skip):
+                rows = [members[i] for i in batch]
+                for i, scores in zip(rows, self._score_batch([samples[i] for i in rows], sampled_only, skip, kv)):
+                    out[i] = scores
         return out
 
-    def _batches(self, samples: list[DistillSample]) -> list[list[int]]:
-        order = sorted(range(len(samples)), key=lambda i: -self._length(samples[i]))
+    def _groups(self, samples: list[DistillSample]) -> list[tuple[int, object, list[int]]]:
+        """(tokens skipped, their cached keys/values or None, sample indices): one group per shared
+        start, and one of the samples scored in full."""
+        if self.prefixes is None:
+            return [(0, None, list(range(len(samples))))]
+        prompts = [s.teacher_prompt_ids for s in samples]
+        groups = shared_prefix_groups(prompts)
+        alone = [i for shared, run in groups if not shared for i in run]
+        if len(alone) == len(samples) > 1 and not self.said_unshared:
+            log.info("teacher: the prompts share no start of %d tokens or more (nothing to reuse): each is "
+                     "scored in full", MIN_SHARED_TOKENS)
+            self.said_unshared = True
+        out = [(*self.prefixes.lookup(prompts[run[0]][:shared], self.device), run) for shared, run in groups if shared]
+        return out + ([(0, None, alone)] if alone else [])
+
+    def _batches(self, samples: list[DistillSample], skip: int = 0) -> list[list[int]]:
+        """Batches of at most `batch_tokens` (padded, after the `skip` cached tokens), longest first."""
+        length = [self._length(s) - skip for s in samples]
+        order = sorted(range(len(samples)), key=lambda i: -length[i])
         batches, current, longest = [], [], 0
         for i in order:
-            longest = max(longest, self._length(samples[i]))
+            longest = max(longest, length[i])
             if current and longest * (len(current) + 1) > self.batch_tokens:
                 batches.append(current)
-                current, longest = [], self._length(samples[i])
+                current, longest = [], length[i]
             current.append(i)
         return batches + ([current] if current else [])
 
@@ -86,9 +113,11 @@ class TeacherServer:
     def _length(s: DistillSample) -> int:
         return len(s.teacher_prompt_ids) + len(s.response_ids)
 
-    def _score_batch(self, batch: list[DistillSample], sampled_only: bool) -> list[np.ndarray]:
-        ids, gather_idx = batching.pack([s.teacher_prompt_ids for s in batch], [s.response_ids for s in batch], pad_id=0)
-        hidden = batching.response_hidden(self.model, ids.to(self.device), gather_idx.to(self.device))
+    def _score_batch(self, batch: list[DistillSample], sampled_only: bool, skip: int = 0, kv=None) -> list[np.ndarray]:
+        ids, gather_idx = batching.pack([s.teacher_prompt_ids[skip:] for s in batch], [s.response_ids for s in batch],
+                                        pad_id=0)
+        past = self.prefixes.expanded(kv, len(batch)) if kv is not None else None
+        hidden = batching.response_hidden(self.model, ids.to(self.device), gather_idx.to(self.device), past)
         rows, supports = [], []
         for row, s in enumerate(batch):
             rows.append(hidden[row, : len(s.response_ids)])

@@ -135,3 +135,75 @@ def test_new_round_weights_replace_the_teacher_exactly(tiny_model, reference_mod
     assert np.abs(got - before).max() > 1e-3
     with pytest.raises(ValueError, match="missing"):
         teacher.load_weights({k: v for k, v in weights.items() if "layers.0.mlp" not in k})
+
+
+# ---------------------------------------------------------------- shared knowledge prefixes (prefix_cache.py)
+
+def test_shared_prefix_groups_cut_where_the_most_is_saved():
+    from oel_ray.prefix_cache import MIN_SHARED_TOKENS, shared_prefix_groups
+
+    head = list(range(1000, 1010))  # a chat header every prompt has: too short to be worth a pass
+    a, b = head + list(range(100, 160)), head + list(range(200, 250))
+    prompts = [a + [1, 2], b + [3], a + [4], [7] * 40, a, b + [5, 6], head + [9] * 30]
+    groups = shared_prefix_groups(prompts)
+    assert sorted(i for _, run in groups for i in run) == list(range(len(prompts)))
+    by_members = {tuple(run): shared for shared, run in groups}
+    assert by_members[(0, 2, 4)] == len(a) - 1  # prompt 4 is `a` itself: its last token stays out
+    assert by_members[(1, 5)] == len(b)
+    assert all(shared == 0 for run, shared in by_members.items() if len(run) == 1)
+    assert shared_prefix_groups([head + [1], head + [2]]) == [(0, [0]), (0, [1])]
+    assert len(head) < MIN_SHARED_TOKENS
+
+
+@pytest.fixture(scope="module")
+def placed_samples(tiny_model):
+    """Teacher prompts as the rollout builds them: two knowledge texts, each placed (user turn after
+    the intro line, or system) in front of six situations; replies and supports random."""
+    from transformers import AutoTokenizer
+
+    from oel_ray.prompts import chat_ids, teacher_messages
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    rng = np.random.default_rng(1)
+    vocab = len(tok)
+    knowledge = ["- Holes end the game; walk around them.\n- The goal is in the bottom-right corner.\n" * 3,
+                 "- Boxes cannot be pulled.\n- A box in a corner is stuck for good.\n" * 3]
+    situations = [f"Intro: you play a grid game.\n\nTurn {t}. Board row {'#' * t} then {'.' * (9 - t)}."
+                  for t in range(1, 7)]
+    out = {}
+    for position in ("user", "system"):
+        samples = []
+        for i, situation in enumerate(situations * 2):
+            system, user = teacher_messages(situation, knowledge[i % 2], position)
+            reply = rng.integers(10, vocab, int(rng.integers(1, 12))).tolist()
+            support = np.stack([rng.choice(vocab, K, replace=False) for _ in reply]).astype(np.int32)
+            samples.append(DistillSample(chat_ids(tok, situation), chat_ids(tok, user, system=system), reply, support))
+        out[position] = samples
+    return out
+
+
+@pytest.mark.parametrize("position", ["user", "system"])
+def test_reused_knowledge_prefix_scores_equal_the_plain_forward(tiny_model, reference_model, placed_samples, position):
+    samples = placed_samples[position]
+    teacher = server(tiny_model, chunk_tokens=7, batch_tokens=200)
+    scores = teacher.score(samples)
+    for sample, got in zip(samples, scores):
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
+    total = sum(len(s.teacher_prompt_ids) for s in samples)
+    encoded = teacher.prefixes.encoded_tokens
+    assert len(teacher.prefixes.entries) == 2 and 0 < encoded < total / 3, "one start per knowledge text"
+    again = teacher.score(samples[::-1])  # the next step: the same starts come from the cache
+    assert teacher.prefixes.encoded_tokens == encoded
+    for got, ref in zip(again[::-1], scores):
+        np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
+    teacher.load_weights(teacher.model.state_dict())  # a new round's teacher: the old keys/values go
+    assert not teacher.prefixes.entries
+
+
+def test_prompts_that_share_nothing_are_scored_in_full(tiny_model, reference_model, samples, caplog):
+    teacher = server(tiny_model)
+    with caplog.at_level("INFO", logger="oel_ray.teacher"):
+        scores = teacher.score(samples)
+    assert "share no start" in caplog.text and not teacher.prefixes.entries
+    for sample, got in zip(samples, scores):
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)

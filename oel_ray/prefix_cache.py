@@ -1,0 +1,102 @@
+"""The teacher's knowledge prefixes, encoded once and reused.
+
+Every teacher prompt that draws the same knowledge text starts with the same tokens (the chat
+header, the game's intro line, the knowledge block: `prompts.teacher_messages`), and within a round
+the teacher is frozen and the knowledge set fixed. So the key/value cache of such a shared start is
+computed once and every sample that has it runs only its own remainder (situation + reply) on top.
+That is exact: a causal model's states at the later positions depend on the earlier ones only
+through their keys and values.
+
+The teacher needs no telling where the knowledge ends: it groups a step's prompts by their common
+starts (`shared_prefix_groups`). Entries live until the teacher's weights change
+(`PrefixCache.clear`, called by `TeacherServer.load_weights` at every round start).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+# A shared start shorter than this (a chat header, an intro line) is not worth its own forward pass.
+MIN_SHARED_TOKENS = 32
+
+
+def common_length(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(differ[0]) if len(differ) else n
+
+
+def shared_prefix_groups(prompts: list[list[int]], min_tokens: int = MIN_SHARED_TOKENS) -> list[tuple[int, list[int]]]:
+    """The prompts' indices in groups that share a first part: (its length, indices), length 0 for
+    a prompt scored on its own. Sorted, prompts that share a start are adjacent; of the ways to cut
+    that order into runs, the one that saves the most prefix tokens is taken (dynamic programming:
+    a run of n sharing p tokens saves (n - 1) x p). A prefix never takes a prompt's last token,
+    whose hidden state predicts the first reply token."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i])
+    n = len(order)
+    adjacent = [common_length(prompts[order[i]], prompts[order[i + 1]]) for i in range(n - 1)]
+    saved, start = [0] * (n + 1), list(range(-1, n))  # best saving of order[:j]; where its last run starts
+    for j in range(1, n + 1):
+        saved[j], start[j] = saved[j - 1], j - 1
+        shared = len(prompts[order[j - 1]]) - 1
+        for i in range(j - 2, -1, -1):  # the run order[i:j]
+            shared = min(shared, adjacent[i], len(prompts[order[i]]) - 1)
+            if shared < min_tokens:
+                break  # only shrinks as the run grows
+            if saved[i] + (j - i - 1) * shared > saved[j]:
+                saved[j], start[j] = saved[i] + (j - i - 1) * shared, i
+    groups, j = [], n
+    while j > 0:
+        i = start[j]
+        run = sorted(order[i:j])
+        shared = min(len(prompts[k]) - 1 for k in run) if len(run) > 1 else 0
+        for a, b in zip(order[i:j - 1], order[i + 1:j]):
+            shared = min(shared, common_length(prompts[a], prompts[b]))
+        groups.append((shared, run))
+        j = i
+    return groups[::-1]
+
+
+class PrefixCache:
+    """Key/value caches of shared prompt starts for one frozen model, reused across steps: a group
+    whose start extends a cached one by fewer than `MIN_SHARED_TOKENS` tokens reuses it."""
+
+    def __init__(self, model):
+        self.model = model
+        self.entries: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.encoded_tokens = 0  # prefix tokens run through the model since the last clear
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.encoded_tokens = 0
+
+    @torch.no_grad()
+    def lookup(self, prefix: list[int], device: torch.device) -> tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(length used, per-layer keys and values [1, heads, length, dim]) for `prefix`: a cached
+        start of it covering all but fewer than MIN_SHARED_TOKENS of its tokens, else `prefix`
+        encoded now and kept."""
+        best: Optional[tuple[int, ...]] = None
+        for key in self.entries:
+            if len(prefix) - MIN_SHARED_TOKENS < len(key) <= len(prefix) and tuple(prefix[:len(key)]) == key:
+                best = key if best is None or len(key) > len(best) else best
+        if best is None:
+            best = tuple(prefix)
+            base = getattr(self.model, self.model.base_model_prefix)
+            cache = base(input_ids=torch.tensor([prefix], device=device), use_cache=True).past_key_values
+            self.entries[best] = [(layer.keys, layer.values) for layer in cache.layers]
+            self.encoded_tokens += len(prefix)
+        return len(best), self.entries[best]
+
+    def expanded(self, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
+        """A fresh cache holding `kv` for `batch` rows (views: the model's update concatenates
+        each step's keys onto them into new tensors, so the entry itself is never written)."""
+        from transformers import DynamicCache
+
+        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
+                            config=self.model.config)
