@@ -62,6 +62,15 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, fn, *args):
+    """(fn(*args), its wall seconds), the device's queued work included."""
+    synchronize(device)
+    start = time.perf_counter()
+    out = fn(*args)
+    synchronize(device)
+    return out, time.perf_counter() - start
+
+
 def measured_peak(device: torch.device, dtype: torch.dtype, size: Optional[int] = None, repeats: int = 10) -> float:
     """FLOP/s of a square matmul on `device` (after warm-ups): the limit line every stage is
     measured against in the same run."""

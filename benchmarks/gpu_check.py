@@ -35,9 +35,9 @@ import numpy as np
 import torch
 
 from benchmarks.common import markdown_table, save, tiny_model_path
-from benchmarks.flops import Arch, datasheet_peak, measured_peak, synchronize
+from benchmarks.flops import Arch, datasheet_peak, measured_peak, timed
+from benchmarks.teacher import TEACHER_FULL, TEACHER_REUSED, measure
 from oel_ray.config import BFLOAT16, FLOAT32, LearnerConfig, TeacherConfig
-from oel_ray.prefix_cache import shared_prefix_groups
 from oel_ray.types import DistillSample, Generation, Sampling
 
 QWEN3_VOCAB = 151_936
@@ -64,10 +64,6 @@ class Shape:
 
 PAPER = Shape(batch=64, prompt=384, knowledge=2048, distinct=10, reply=128, support_k=256, grad_accum=4,
               learner_steps=3)
-# The teacher's three measurements; a step's end-to-end time takes the last (the rest of a round).
-TEACHER_FULL = "teacher, full prompts"
-TEACHER_FIRST = "teacher, knowledge encoded (first step)"
-TEACHER_REUSED = "teacher, knowledge reused (later steps)"
 TINY = Shape(batch=8, prompt=32, knowledge=64, distinct=2, reply=16, support_k=8, grad_accum=1, learner_steps=2)
 
 
@@ -136,14 +132,6 @@ def generator(path: str, dtype: str, device: torch.device, shape: Shape, engine:
     return engine, "vllm"
 
 
-def timed(device: torch.device, fn, *args):
-    synchronize(device)
-    start = time.perf_counter()
-    out = fn(*args)
-    synchronize(device)
-    return out, time.perf_counter() - start
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -181,20 +169,10 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
     teacher = TeacherServer(path, dtype=dtype, temperature=1.0, chunk_tokens=TeacherConfig.chunk_tokens,
                             batch_tokens=8 * (shape.knowledge + shape.prompt + shape.reply))
     teacher.score(samples[:2])  # warm-up (two knowledge texts: nothing shared)
+    figures, scores, reuse_error = measure(teacher, samples, arch, device)
     scored = sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in samples)
-    cache, teacher.prefixes = teacher.prefixes, None  # the plain path: every prompt in full
-    full, seconds = timed(device, teacher.score, samples)
-    stage(TEACHER_FULL, seconds, scored, sum(arch.forward(len(s.teacher_prompt_ids) + len(s.response_ids),
-                                                          head=len(s.response_ids)) for s in samples))
-    teacher.prefixes = cache
-    groups = shared_prefix_groups([s.teacher_prompt_ids for s in samples])
-    skip = {i: shared for shared, run in groups for i in run}
-    suffix_flops = sum(arch.forward(len(s.teacher_prompt_ids) - skip[i] + len(s.response_ids), past=skip[i],
-                                    head=len(s.response_ids)) for i, s in enumerate(samples))
-    for label, encodes in ((TEACHER_FIRST, True), (TEACHER_REUSED, False)):
-        scores, seconds = timed(device, teacher.score, samples)
-        stage(label, seconds, scored, suffix_flops + encodes * sum(arch.forward(p, head=0) for p, _ in groups if p))
-    reuse_error = max(float(np.abs(a - b).max()) for a, b in zip(scores, full) if a.size)
+    for label, (seconds, flops) in figures.items():
+        stage(label, seconds, scored, flops)
     samples = [replace(s, teacher_logprobs=lp) for s, lp in zip(samples, scores)]
     del teacher
 
@@ -210,7 +188,7 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
 
     weights, gather_s = timed(device, learner.state_dict)
     load_s = timed(device, engine.load_weights, weights)[1]
-    step = [rows[k] for k in ("generation", TEACHER_REUSED, "learner")]
+    step = [rows[k] for k in ("generation", TEACHER_REUSED, "learner")]  # the teacher as in most of a round
     end_to_end = sum(r["seconds"] for r in step) + gather_s + load_s
     flops = sum(r["tflops_per_s"] * r["seconds"] for r in step) * 1e12
     return dict(model=name, params=arch.params, engine=engine_name, stages=rows,
