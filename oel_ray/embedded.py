@@ -15,6 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional
 
+from filelock import FileLock
+
 from oel_ray import organism
 from oel_ray.artifacts import replace_dir
 from oel_ray.config import EMBEDDED_MODELS, FLOAT32
@@ -57,16 +59,26 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
     Written to a temporary sibling directory and renamed, so an interrupted build never leaves a
     half-written checkpoint that a later run would trust; an older version is replaced.
     """
-    import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from oel_ray.warm_start import train
-
     r = recipe(name)
     path = Path(path).expanduser()
     if cached_version(path, r.name) == r.version:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Processes that start together (a multirun's jobs, parallel tests) build it once: the others
+    # wait for the lock and then find it built.
+    with FileLock(str(path) + ".lock"):
+        if cached_version(path, r.name) == r.version:
+            return path
+        _build(path, r)
+    return path
+
+
+def _build(path: Path, r: Recipe) -> None:
+    import torch
+    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+
+    from oel_ray.warm_start import train
+
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
         tok = build_tokenizer(tmp, r.corpus(), r.vocab_size, r.whole)
@@ -96,7 +108,6 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return path
 
 
 if __name__ == "__main__":

@@ -298,7 +298,8 @@ class LearnerGroup:
     rank 0 hosts the rendezvous on its own node. Each call runs on all ranks, returns rank 0's."""
 
     def __init__(self, cfg: LearnerConfig, model_path: str, num_cpus: float = 1.0, num_gpus: float = 0.0,
-                 ds_overrides: Optional[dict] = None):
+                 ds_overrides: Optional[dict] = None, wait: bool = True):
+        """`wait=False`: return once the ranks are created (they load in the background); `wait()`."""
         self.placement = RolePlacement("learner", cfg.num_ranks, num_cpus, num_gpus).reserve()
         addr, port = self.placement.address(0)
         # torch would start one thread per core in every rank; ranks sharing cores then thrash.
@@ -306,11 +307,17 @@ class LearnerGroup:
         self.ranks = [ray.remote(Learner).options(**self.placement.options(r), runtime_env={"env_vars": env})
                       .remote(cfg, model_path, r, cfg.num_ranks, addr, port, ds_overrides)
                       for r in range(cfg.num_ranks)]
+        if wait:
+            self.wait()
+
+    def wait(self) -> "LearnerGroup":
+        """Block until every rank has loaded (stopping them all if one failed)."""
         try:
             self._all("ready")
         except BaseException:
             self.shutdown()
             raise
+        return self
 
     def _all(self, method: str, *args):
         return ray.get([getattr(r, method).remote(*args) for r in self.ranks])[0]

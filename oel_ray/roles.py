@@ -56,22 +56,26 @@ class Roles:
 def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
     """The rollout workers, teacher actors and learner ranks of `cfg`, all at `model_path` (default
     the configured model). The learner is placed first: its bundles are the largest and it packs
-    its ranks on as few nodes as they fit on; then the teacher and the workers take what is left."""
+    its ranks on as few nodes as they fit on; then the teacher and the workers take what is left.
+    The roles load side by side (each start is mostly its own imports and model load)."""
     c, r, lcfg = cfg.cluster, cfg.rollout, cfg.learner
     path = model_path or cfg.model.path
+    model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
     started: list = []
+    what = (f"start roles: learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage}), teacher "
+            f"({cfg.teacher.num_actors} actor(s)), {r.num_workers} rollout worker(s) (vLLM)")
     try:
-        learner = timed(f"start learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage})",
-                        lambda: learner_group(cfg, path))
+        learner = learner_group(cfg, path, wait=False)
         started.append(learner)
-        teacher = timed(f"start teacher ({cfg.teacher.num_actors} actor(s))", lambda: TeacherGroup(
+        teacher = TeacherGroup(
             path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
             dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
             batch_tokens=cfg.teacher.batch_tokens, reuse_prefix=cfg.teacher.reuse_prefix,
-            trust_remote_code=cfg.model.trust_remote_code))
+            trust_remote_code=cfg.model.trust_remote_code, wait=False)
         started.append(teacher)
-        model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
-        workers = timed(f"start {r.num_workers} rollout worker(s) (vLLM)", lambda: rollout_group(cfg, model))
+        workers = rollout_group(cfg, model, wait=False)
+        started.append(workers)
+        timed(what, lambda: [role.wait() for role in reversed(started)])  # the engines start last: wait there first
     except BaseException:
         for role in started:
             role.shutdown()
@@ -80,7 +84,7 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
 
 
 def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_workers: Optional[int] = None,
-                  max_logprobs: Optional[int] = None) -> RolloutGroup:
+                  max_logprobs: Optional[int] = None, wait: bool = True) -> RolloutGroup:
     """The rollout workers of `cfg` (by default rollout.num_workers engines of the configured model
     that return up to learner.support_k log-probs per token)."""
     c, r = cfg.cluster, cfg.rollout
@@ -88,12 +92,12 @@ def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_worke
                         max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
                         gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus,
                         num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
-                        bind_cores=r.bind_cores, knowledge_position=cfg.teacher.knowledge_position)
+                        bind_cores=r.bind_cores, knowledge_position=cfg.teacher.knowledge_position, wait=wait)
 
 
-def learner_group(cfg: OELConfig, model_path: str) -> LearnerGroup:
+def learner_group(cfg: OELConfig, model_path: str, wait: bool = True) -> LearnerGroup:
     c = cfg.cluster
-    return LearnerGroup(cfg.learner, model_path, num_cpus=c.learner_cpus, num_gpus=c.learner_gpus)
+    return LearnerGroup(cfg.learner, model_path, num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, wait=wait)
 
 
 def init_ray(cfg: OELConfig) -> None:

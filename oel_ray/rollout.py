@@ -245,7 +245,9 @@ class RolloutGroup:
     def __init__(self, model: ModelConfig, *, num_workers: int, seed: int, max_logprobs: int,
                  kv_cache_gib: float, gpu_memory_utilization: float, num_cpus: float, num_gpus: float,
                  history: str = "flattened", keep_reasoning: bool = False, bind_cores: bool = True,
-                 knowledge_position: str = "user"):
+                 knowledge_position: str = "user", wait: bool = True):
+        """`wait=False`: return once the workers are created; `wait()` binds their cores and starts
+        their engines."""
         self.placement = RolePlacement("rollout workers", num_workers, num_cpus, num_gpus).reserve()
         self.workers = [
             ray.remote(RolloutWorker).options(**self.placement.options(i), runtime_env=WORKER_ENV).remote(
@@ -254,15 +256,22 @@ class RolloutGroup:
                 knowledge_position=knowledge_position)
             for i in range(num_workers)
         ]
+        self.bind_cores = bind_cores and not num_gpus
+        self.lost = 0  # workers that died; their work went to the others
+        if wait:
+            self.wait()
+
+    def wait(self) -> "RolloutGroup":
+        """Start every worker's engine (on its own cores) and block until all run."""
         try:
-            cores: list[Optional[list[int]]] = [None] * num_workers
-            if bind_cores and not num_gpus:
+            cores: list[Optional[list[int]]] = [None] * len(self.workers)
+            if self.bind_cores:
                 cores = core_slices(ray.get([w.placement.remote() for w in self.workers]))
             ray.get([w.start.remote(c) for w, c in zip(self.workers, cores)])
         except BaseException:
             self.shutdown()
             raise
-        self.lost = 0  # workers that died; their work went to the others
+        return self
 
     def shutdown(self) -> None:
         """Stop every worker and give their resources back to the cluster."""

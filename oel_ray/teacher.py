@@ -163,15 +163,23 @@ class TeacherGroup:
     balanced by tokens (longest first, each to the least loaded), and the scores come back in the
     samples' order."""
 
-    def __init__(self, model_path: str, *, num_actors: int = 1, num_cpus: float, num_gpus: float, **kwargs):
+    def __init__(self, model_path: str, *, num_actors: int = 1, num_cpus: float, num_gpus: float,
+                 wait: bool = True, **kwargs):
+        """`wait=False`: return once the actors are created (they load in the background); `wait()`."""
         self.placement = RolePlacement("teacher", num_actors, num_cpus, num_gpus).reserve()
         self.actors = [ray.remote(TeacherServer).options(**self.placement.options(i)).remote(model_path, **kwargs)
                        for i in range(num_actors)]
+        if wait:
+            self.wait()
+
+    def wait(self) -> "TeacherGroup":
+        """Block until every actor has loaded (stopping them all if one failed)."""
         try:
             ray.get([a.ready.remote() for a in self.actors])
         except BaseException:
             self.shutdown()
             raise
+        return self
 
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[DistillSample]:
         """The samples with their teacher_logprobs (see TeacherServer.score), in their order."""

@@ -77,7 +77,7 @@ def test_rerunning_a_finished_run_starts_nothing(resumed, tiny_model):
     started = time.perf_counter()
     again = subprocess.run(command(tiny_model, out), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "=== OEL summary ===" in again.stdout and "start learner" not in again.stderr
+    assert "=== OEL summary ===" in again.stdout and "start roles" not in again.stderr
     assert time.perf_counter() - started < 60
 
 
