@@ -27,12 +27,8 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	$(PY) -m oel_ray.main +experiment=$(EXPERIMENT) $(ARGS)
 
-# Two workers: most tests wait on role and cluster start-ups, so a second one fills the idle core
-# (tests/conftest.py keeps each module on one worker and the namespace tests together).
-TEST_WORKERS ?= 2
-
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # `make bench`: every script in benchmarks/ in one run (15 minutes on 2 cores for the speed figures,
 # then up to 100 for the model organism's learning runs and controls over 3 seeds), then

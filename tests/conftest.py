@@ -10,13 +10,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> str:
-    """Built once per test run: pytest-xdist's workers share the run's directory (each has its own
-    below it), and the build's lock lets one of them build while the others wait."""
     from oel_ray.embedded import build_tiny_model
 
-    root = tmp_path_factory.getbasetemp()
-    shared = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
-    return str(build_tiny_model(shared / "model" / "tiny-qwen3"))
+    return str(build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen3"))
 
 
 @pytest.fixture(scope="session")
@@ -41,20 +37,3 @@ def smallest_tiny() -> list[str]:
         "env.eval_maps=1", "rollout.max_response_tokens=16", "extractor.max_response_tokens=16",
         "tracking.progress_bars=false",
     ]
-
-
-# Under pytest-xdist (`make test` runs two workers) a module is one unit of work, so its module
-# fixtures (a whole run shared by its tests) run once; the modules that start network namespaces
-# with fixed names and addresses form one unit together. The slowest modules are handed out first,
-# so that none of them is left running alone at the end (seconds measured on a 2-core machine).
-NETNS_MODULES = ("test_multinode.py", "test_multinode_run.py", "test_slurm.py")
-SLOW_FIRST = ("test_organism_loop.py", *NETNS_MODULES, "test_comparisons.py", "test_resume.py", "test_sweep.py",
-              "test_controls.py", "test_learning_signal.py", "test_faults.py", "test_learner.py", "test_extractor.py",
-              "test_off_policy.py", "test_consolidate.py", "test_round.py", "test_ifeval.py", "test_bad_input.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a module stays
-    for item in items:
-        item.add_marker(pytest.mark.xdist_group("netns" if item.path.name in NETNS_MODULES else item.path.stem))
