@@ -3,7 +3,7 @@
     python -m benchmarks.run_all [name ...]
 
 Each benchmark runs in its own process (a fresh Ray, fresh engines, no memory carried over). The
-whole run must end within `BUDGET_S` (`make bench`: 15 minutes on 2 cores for the speed figures, plus
+whole run must end within `BUDGET_S` (`make bench`: 20 minutes on 2 cores for the speed figures, plus
 the organism's learning runs), so each script has a planned share (`PLAN_S`) and may use it plus
 whatever the scripts before it left unused, never more:
 a slow or stuck script is stopped at its deadline and the rest still run. The known ones run first,
@@ -28,17 +28,19 @@ from oel_ray.artifacts import atomic_write_text
 from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("rollout", "extraction", "consolidation", "round", "weight_sync", "kl_memory", "organism")
-NOT_BENCHMARKS = {"__init__", "common", "run_all"}
-# `make bench` <= 15 minutes for the speed figures (a minute left for installing, start-up and the
+ORDER = ("rollout", "extraction", "consolidation", "teacher", "round", "weight_sync", "kl_memory", "gpu_check",
+         "organism")
+NOT_BENCHMARKS = {"__init__", "common", "flops", "run_all"}
+# `make bench` <= 20 minutes for the speed figures (a minute left for installing, start-up and the
 # summary), plus the organism's learning runs: 15 runs of 3 rounds (3 seeds, the main experiment
 # and 4 controls), 4-8 minutes each on 2 cores.
 ORGANISM_S = 100 * 60
-BUDGET_S = 14 * 60 + ORGANISM_S
+BUDGET_S = 19 * 60 + ORGANISM_S
 # Seconds planned per script, adding up to the budget: 1.5-2.5x what each took on a quiet 2-core
-# machine (rollout 49, extraction 34, consolidation ~200, round ~65, weight_sync 32, kl_memory 26).
-PLAN_S = {"rollout": 120, "extraction": 90, "consolidation": 330, "round": 120, "weight_sync": 90, "kl_memory": 90,
-          "organism": ORGANISM_S}
+# machine (rollout 49, extraction 34, consolidation ~200, teacher 146, round ~65, weight_sync 32, kl_memory 26,
+# gpu_check 25 on CPU).
+PLAN_S = {"rollout": 120, "extraction": 90, "consolidation": 330, "teacher": 240, "round": 120, "weight_sync": 90,
+          "kl_memory": 90, "gpu_check": 60, "organism": ORGANISM_S}
 UNPLANNED_S = 60  # a script not in PLAN_S
 README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
 
