@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import socket
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
@@ -132,17 +131,11 @@ def generator(path: str, dtype: str, device: torch.device, shape: Shape, engine:
     return engine, "vllm"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def check_model(name: str, path: str, dtype: str, device: torch.device, shape: Shape, peak: float,
                 engine: str = "auto") -> dict:
     from transformers import AutoConfig
 
-    from oel_ray.learner import Learner
+    from oel_ray.learner import Learner, free_port
     from oel_ray.teacher import TeacherServer
 
     arch = Arch.of(AutoConfig.from_pretrained(path))

@@ -215,7 +215,7 @@ class Learner:
 
     def weight_channel_address(self) -> tuple[str, int]:
         """Where rank 0 hosts the weight-sync group's rendezvous."""
-        return ray.util.get_node_ip_address(), _free_port()
+        return ray.util.get_node_ip_address(), free_port()
 
     def open_weight_channel(self, backend: str, address: str, port: int, world_size: int, timeout_s: float) -> None:
         """Rank 0 joins the weight-sync group as its sender (rank 0 of that group)."""
@@ -287,7 +287,7 @@ def _unique_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         return s.getsockname()[1]

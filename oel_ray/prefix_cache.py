@@ -14,13 +14,10 @@ starts (`shared_prefix_groups`). Entries live until the teacher's weights change
 
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import numpy as np
 import torch
-
-log = logging.getLogger(__name__)
 
 # A shared start shorter than this (a chat header, an intro line) is not worth its own forward pass.
 MIN_SHARED_TOKENS = 32
@@ -41,7 +38,8 @@ def shared_prefix_groups(prompts: list[list[int]], min_tokens: int = MIN_SHARED_
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
     n = len(order)
     adjacent = [common_length(prompts[order[i]], prompts[order[i + 1]]) for i in range(n - 1)]
-    saved, start = [0] * (n + 1), list(range(-1, n))  # best saving of order[:j]; where its last run starts
+    # Over order[:j]: the best saving, where its last run starts, and the tokens that run shares.
+    saved, start, share = [0] * (n + 1), list(range(-1, n)), [0] * (n + 1)
     for j in range(1, n + 1):
         saved[j], start[j] = saved[j - 1], j - 1
         shared = len(prompts[order[j - 1]]) - 1
@@ -50,16 +48,11 @@ def shared_prefix_groups(prompts: list[list[int]], min_tokens: int = MIN_SHARED_
             if shared < min_tokens:
                 break  # only shrinks as the run grows
             if saved[i] + (j - i - 1) * shared > saved[j]:
-                saved[j], start[j] = saved[i] + (j - i - 1) * shared, i
+                saved[j], start[j], share[j] = saved[i] + (j - i - 1) * shared, i, shared
     groups, j = [], n
     while j > 0:
-        i = start[j]
-        run = sorted(order[i:j])
-        shared = min(len(prompts[k]) - 1 for k in run) if len(run) > 1 else 0
-        for a, b in zip(order[i:j - 1], order[i + 1:j]):
-            shared = min(shared, common_length(prompts[a], prompts[b]))
-        groups.append((shared, run))
-        j = i
+        groups.append((share[j], sorted(order[start[j]:j])))
+        j = start[j]
     return groups[::-1]
 
 
