@@ -26,7 +26,7 @@ import ray
 from oel_ray.config import OELConfig
 from oel_ray.prompts import chat_ids, teacher_messages
 from oel_ray.seeds import step_draw_seed, step_prefix_seed
-from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
+from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, TOPK_REVERSE_KL, scores_sampled_tokens
 from oel_ray.types import DistillSample, Sampling, StepMetrics, Trajectory
 from oel_ray.weight_sync import for_roles
 
@@ -106,7 +106,7 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     if loss == FULL_REVERSE_KL:
         return samples
     with timed(seconds, "teacher"):
-        return roles.teacher.score(samples, loss == SAMPLED_REVERSE_KL)
+        return roles.teacher.score(samples, scores_sampled_tokens(loss))
 
 
 def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int, list[str]]], sample,

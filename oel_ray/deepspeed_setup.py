@@ -11,7 +11,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.config import BFLOAT16, FLOAT16, LearnerConfig
-from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, SAMPLED_REVERSE_KL, TOPK_REVERSE_KL
+from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, TOPK_REVERSE_KL, scores_sampled_tokens
 
 
 def import_deepspeed():
@@ -65,9 +65,9 @@ class DistillModule(torch.nn.Module):
                   chunk_tokens=self.chunk_tokens, num_units=num_units)
         if loss == FULL_REVERSE_KL:
             out = losses.full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, teacher_head, mask, **kw)
-        elif loss == SAMPLED_REVERSE_KL:
+        elif scores_sampled_tokens(loss):
             out = losses.sampled_reverse_kl_from_hidden(hidden, weight, support[..., 0], teacher_lp[..., 0],
-                                                        mask, **kw)
+                                                        mask, loss=loss, **kw)
         else:
             out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
                                        renormalize=self.cfg.renormalize, **kw)

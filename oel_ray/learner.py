@@ -29,7 +29,7 @@ from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import FLOAT32, GLOO, NCCL, TOKEN_MEAN, LearnerConfig
-from oel_ray.strategy import FULL_REVERSE_KL, SAMPLED_REVERSE_KL, kl_direction
+from oel_ray.strategy import FULL_REVERSE_KL, kl_direction, scores_sampled_tokens
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
@@ -104,13 +104,14 @@ class Learner:
 
     def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
         """One optimizer step on `samples`. `loss` (default learner.loss) is one of losses.LOSSES:
-        off-policy consolidation passes topk_forward_kl. Every loss but full_reverse_kl (whose
-        teacher copy lives here) reads each sample's teacher_logprobs.
+        off-policy consolidation passes the forward forms (topk_forward_kl, k3_forward, ...). Every
+        loss but full_reverse_kl (whose teacher copy lives here) reads each sample's teacher_logprobs.
 
         StepMetrics.kl reports the KL the loss minimises, token mean, un-renormalised:
         KL(student || teacher) on the support (topk_reverse_kl), its single-sample estimate
-        (sampled_reverse_kl), over the whole vocabulary (full_reverse_kl), or the forward
-        KL(teacher || student) on the teacher's support (topk_forward_kl)."""
+        (sampled_reverse_kl and the estimators k1..abs), over the whole vocabulary (full_reverse_kl),
+        or the forward KL(teacher || student) on the teacher's support (topk_forward_kl) or its
+        single-sample estimate on the teacher's samples (the `_forward` estimators, seqkd_forward)."""
         cfg, t0 = self.cfg, time.perf_counter()
         kind = loss or cfg.loss
         if kind not in losses.LOSSES:
@@ -127,7 +128,7 @@ class Learner:
             if unscored:
                 raise ValueError(f"{unscored} of {len(samples)} samples have no teacher_logprobs: {kind} needs "
                                  "the teacher's scores of every sample (TeacherGroup.score)")
-            targets = [batching.targets(s, s.teacher_logprobs, kind == SAMPLED_REVERSE_KL) for s in samples]
+            targets = [batching.targets(s, s.teacher_logprobs, scores_sampled_tokens(kind)) for s in samples]
         tokens = sum(len(s.response_ids) for s in samples)
         units = tokens if cfg.aggregation == TOKEN_MEAN else sum(len(s.response_ids) > 0 for s in samples)
         lr = self.engine.get_lr()[0]

@@ -1,9 +1,11 @@
 """Consolidation losses: a KL between student and teacher per response token, pure torch.
 
-Four kinds (`LOSSES`), all at the rollout temperature:
+The kinds (`LOSSES`), all at the rollout temperature:
 - topk_reverse_kl (OEL, on-policy): sum over the student's top-k support of p_s (log p_s - log p_t),
   gradients through both p_s and log p_s.
 - sampled_reverse_kl: the single-sample (REINFORCE) estimator of the same KL on the sampled token.
+- k1, k2, k3, abs, seqkd: the public code's kl_loss_type estimators on the sampled token (`pathwise`),
+  and their forward forms (suffix `_forward`) on the teacher's samples off-policy.
 - full_reverse_kl: the exact KL(student || teacher) over the whole vocabulary, from both models'
   hidden states (the learner holds a frozen teacher copy: full logits never travel).
 - topk_forward_kl (off-policy context-distillation baseline): the teacher sampled the reply, the
@@ -35,12 +37,11 @@ from typing import Callable, Optional
 import torch
 
 from oel_ray.config import AGGREGATIONS, SEQUENCE_MEAN, TOKEN_MEAN
-from oel_ray.strategy import FORWARD_KL
-from oel_ray.strategy import LOSSES as REVERSE_KL_LOSSES
+from oel_ray.strategy import ABS, FORWARD_SUFFIX, K1, K2, K3, LEARNER_LOSSES, SAMPLED_REVERSE_KL, SEQKD
 
-# What the learner can minimise: learner.loss picks one of the reverse kinds; off-policy
-# consolidation (oel_ray/strategy.py) uses the forward KL on the teacher's top-k.
-LOSSES = REVERSE_KL_LOSSES + (FORWARD_KL,)
+# What the learner can minimise: learner.loss's values, and the forward forms off-policy
+# consolidation (oel_ray/strategy.py) turns them into.
+LOSSES = LEARNER_LOSSES
 
 
 @dataclass
@@ -66,6 +67,9 @@ def _support_terms(ls, teacher_lp, renormalize, kind):
     kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE).
     """
     lt = _upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
+    if kind not in ("reverse", "forward", "sampled"):  # an estimator on the sampled token ([N, 1])
+        loss, kl = pathwise(kind, ls, lt)
+        return loss.sum(-1), kl.sum(-1), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
     if kind == "sampled":  # E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
         kl = (ls - lt).sum(-1)  # single-sample estimate of KL(p || q)
         loss = (ls * (ls - lt).detach()).sum(-1)
@@ -81,6 +85,28 @@ def _support_terms(ls, teacher_lp, renormalize, kind):
         else:
             loss = kl
     return loss, kl.detach(), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
+
+
+def pathwise(loss: str, ls, lt):
+    """The public code's estimator `loss` (strategy.ESTIMATORS or SEQKD; with FORWARD_SUFFIX when the
+    teacher sampled) of the sampled token's log-probs, differentiated as written; and, detached,
+    d = log p_sampler - log p_other, the single-sample estimate of the KL it stands for."""
+    name = loss.removesuffix(FORWARD_SUFFIX)
+    d = lt - ls if loss.endswith(FORWARD_SUFFIX) else ls - lt
+    if name == K1:
+        value = d
+    elif name == K2:
+        value = 0.5 * d.square()
+    elif name == K3:  # exp(-d) + d - 1 >= 0, clamped as there
+        minus = (-d).clamp(-20, 20)
+        value = (minus.exp() - minus - 1).clamp(-10, 10)
+    elif name == ABS:
+        value = d.abs()
+    elif name == SEQKD:  # the teacher's reply as the target
+        value = -ls
+    else:
+        raise ValueError(f"no sampled-token estimator {loss!r}")
+    return value, d.detach()
 
 
 def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind):
@@ -288,27 +314,33 @@ topk_forward_kl, topk_forward_kl_from_hidden = _topk_pair(
     "over the support first.")
 
 
+def _sampled_kind(loss: str) -> str:
+    return "sampled" if loss == SAMPLED_REVERSE_KL else loss
+
+
 def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
                        teacher_token_logprobs: torch.Tensor, mask: torch.Tensor,
                        temperature: float = 1.0, aggregation: str = TOKEN_MEAN,
-                       num_units: Optional[float] = None) -> KLOutput:
-    """Sampled-token estimator: loss_t = ls_y * stopgrad(ls_y - lt_y) for the sampled token y.
+                       num_units: Optional[float] = None, loss: str = SAMPLED_REVERSE_KL) -> KLOutput:
+    """Sampled-token estimator: loss_t = ls_y * stopgrad(ls_y - lt_y) for the sampled token y; or,
+    with `loss`, one of the public code's estimators (`pathwise`).
 
     token_ids / teacher_token_logprobs [B, T]. Metrics: kl is the mean of ls_y - lt_y (an
-    unbiased estimate of the KL); the masses are the probabilities of the sampled tokens.
+    unbiased estimate of the KL; lt_y - ls_y for a forward form); the masses are the probabilities
+    of the sampled tokens.
     """
     return _from_logits(student_logits, token_ids[..., None], teacher_token_logprobs[..., None], mask,
-                        temperature, False, aggregation, num_units, kind="sampled")
+                        temperature, False, aggregation, num_units, kind=_sampled_kind(loss))
 
 
 def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
                                    teacher_token_logprobs: torch.Tensor, mask: torch.Tensor,
                                    temperature: float = 1.0, aggregation: str = TOKEN_MEAN,
-                                   chunk_tokens: int = 1024,
-                                   num_units: Optional[float] = None) -> KLOutput:
+                                   chunk_tokens: int = 1024, num_units: Optional[float] = None,
+                                   loss: str = SAMPLED_REVERSE_KL) -> KLOutput:
     """`sampled_reverse_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
     return _from_hidden(hidden, lm_head_weight, token_ids[..., None], teacher_token_logprobs[..., None],
-                        mask, temperature, False, aggregation, num_units, chunk_tokens, kind="sampled")
+                        mask, temperature, False, aggregation, num_units, chunk_tokens, kind=_sampled_kind(loss))
 
 
 def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

@@ -9,7 +9,7 @@ from typing import Optional
 
 from oel_ray import checks
 from oel_ray.config import EMBEDDED_MODELS, NCCL, ConfigError, OELConfig, choice, require
-from oel_ray.strategy import TOPK_REVERSE_KL
+from oel_ray.strategy import SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
 
 
@@ -28,9 +28,11 @@ def validate(cfg: OELConfig) -> OELConfig:
         from oel_ray.controls import check_knowledge_from
 
         check_knowledge_from(cfg.teacher, cfg.rounds)
-    require(cfg.consolidation.strategy.takes_learner_loss or cfg.learner.loss == TOPK_REVERSE_KL,
-            "learner.loss", "off_policy consolidation uses the forward KL on the teacher's own top-k; "
-            f"keep learner.loss={TOPK_REVERSE_KL} (the default)")
+    strategy = cfg.consolidation.strategy
+    require(cfg.learner.loss in strategy.losses, "learner.loss",
+            f"{cfg.learner.loss} does not apply to consolidation.mode={strategy.name}: use one of "
+            f"{', '.join(strategy.losses)}" + (" (seqkd trains on the teacher's replies: consolidation.mode=off_policy)"
+                                               if cfg.learner.loss == SEQKD else ""))
     require(cfg.learner.weight_sync != NCCL or cfg.cluster.use_gpu, "learner.weight_sync",
             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
     check_gpus(cfg)

@@ -288,3 +288,72 @@ def test_full_reverse_kl_from_hidden_fp32_equals_topk_with_the_whole_vocabulary(
     topk = topk_reverse_kl_from_hidden(hidden, weight, everything, lt, mask, TEMP, chunk_tokens=4)
     full = full_reverse_kl_from_hidden(hidden, weight, teacher_hidden, weight, mask, TEMP, chunk_tokens=4)
     assert abs(full.loss.item() - topk.loss.item()) < 1e-5 and abs(full.kl.item() - topk.kl.item()) < 1e-5
+
+
+# ----------------------------------------------------------------------------- the public code's estimators
+
+def estimator_reference(name, logits, ids, lt, mask, forward):
+    """The public code's kl_penalty(logprob, ref_logprob) on the sampled token, written per position:
+    logprob is the sampler's log-prob (the student's on-policy, the teacher's off-policy), ref the
+    other model's; token mean."""
+    total, n = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not mask[b, t]:
+                continue
+            ls = torch.log_softmax(logits[b, t] / TEMP, -1)[ids[b, t]]
+            logprob, ref = (lt[b, t], ls) if forward else (ls, lt[b, t])
+            if name == "k1":
+                value = logprob - ref
+            elif name == "k2":
+                value = 0.5 * (logprob - ref) ** 2
+            elif name == "k3":
+                kl = torch.clamp(ref - logprob, -20, 20)
+                value = torch.clamp(torch.exp(kl) - kl - 1, -10, 10)
+            elif name == "abs":
+                value = torch.abs(logprob - ref)
+            else:  # seqkd: the teacher's sampled reply as the target (off-policy)
+                value = -ls
+            total, n = total + value, n + 1
+    return total / n
+
+
+# every estimator in both directions; seqkd only forward (the teacher's replies exist off-policy only)
+@pytest.mark.parametrize("name, forward", [(n, f) for n in ("k1", "k2", "k3", "abs") for f in (False, True)]
+                         + [("seqkd", True)])
+def test_each_estimator_value_and_gradient_match_a_direct_computation(name, forward):
+    loss = name + ("_forward" if forward else "")
+    logits, teacher, mask = make(seed=5)
+    ids = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(1))
+    lt = teacher_on(teacher, ids[..., None])[..., 0]
+    a, r = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = sampled_reverse_kl(a, ids, lt, mask, TEMP, loss=loss)
+    expected = estimator_reference(name, r, ids, lt, mask, forward)
+    torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()
+    expected.backward()
+    torch.testing.assert_close(a.grad, r.grad)
+    assert a.grad.abs().sum() > 0
+    # kl: the single-sample estimate of the KL the loss stands for, log p_sampler - log p_other
+    ls = torch.log_softmax(logits / TEMP, -1).gather(-1, ids[..., None])[..., 0]
+    torch.testing.assert_close(out.kl, ((lt - ls) if forward else (ls - lt))[mask].mean())
+    # the chunked hidden-state variant the learner runs is the same function, gradients included
+    hidden = torch.randn(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weight = torch.randn(V, H, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    h1, w1 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h2, w2 = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = sampled_reverse_kl(h1 @ w1.t(), ids, lt, mask, TEMP, loss=loss)
+    chunked = sampled_reverse_kl_from_hidden(h2, w2, ids, lt, mask, TEMP, chunk_tokens=4, loss=loss)
+    torch.testing.assert_close(plain.loss, chunked.loss)
+    plain.loss.backward()
+    chunked.loss.backward()
+    torch.testing.assert_close(h1.grad, h2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_k3_is_clamped_as_the_public_code_clamps_it():
+    logits = torch.zeros(1, 1, V, dtype=torch.float64)
+    logits[0, 0, 0] = 60.0  # the sampled token certain for the student, nearly impossible for the teacher
+    ids, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
+    out = sampled_reverse_kl(logits, ids, torch.tensor([[-50.0]], dtype=torch.float64), mask, TEMP, loss="k3_forward")
+    assert out.loss.item() == 10.0  # exp(+50 clamped to 20) - ... clamped to 10

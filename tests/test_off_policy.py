@@ -8,8 +8,10 @@ forward KL(teacher || student) on those replies while reading the prefix without
 
 import random
 import time
+from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from distill_setup import KNOWLEDGE, distill_config, distill_roles
 
@@ -63,36 +65,42 @@ def forward_kl(student, teacher, samples, temperature: float) -> tuple[float, fl
     return total / tokens, top1 / tokens
 
 
-def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_start(ray_cluster, tiny_model,
-                                                                                     tmp_path):
+@pytest.fixture(scope="module")
+def off_policy_roles(ray_cluster, tiny_model, tmp_path_factory):
+    """(config, roles, tokenizer, frozen teacher copy, student copy), shared by this module's tests."""
+    cfg = make_config(tiny_model, str(tmp_path_factory.mktemp("off_policy")))
+    with distill_roles(cfg, ray_cluster) as parts:
+        yield (cfg, *parts)
+
+
+def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_start(ray_cluster, off_policy_roles):
     from oel_ray.consolidate import consolidate
 
     started = time.perf_counter()
-    cfg = make_config(tiny_model, str(tmp_path))
+    cfg, roles, tokenizer, frozen, student = off_policy_roles
     temp = cfg.learner.temperature
-    with distill_roles(cfg, ray_cluster) as (roles, tokenizer, frozen, student):
-        workers, learner = roles.workers, roles.learner
-        engine = workers.workers[0]
-        prefixes = first_turn_prompts(cfg, BATCH)
-        samples = teacher_samples(workers, cfg, prefixes, tokenizer, step=1)
-        probe = samples[0].student_prompt_ids + samples[0].response_ids  # a fixed sequence
-        engine_start = ray_cluster.get(engine.prompt_logprobs.remote(probe))
-        learner_start = learner.sequence_logprobs(probe)
-        before, top1 = forward_kl(student, frozen, samples, temp)
+    workers, learner = roles.workers, roles.learner
+    engine = workers.workers[0]
+    prefixes = first_turn_prompts(cfg, BATCH)
+    samples = teacher_samples(workers, cfg, prefixes, tokenizer, step=1)
+    probe = samples[0].student_prompt_ids + samples[0].response_ids  # a fixed sequence
+    engine_start = ray_cluster.get(engine.prompt_logprobs.remote(probe))
+    learner_start = learner.sequence_logprobs(probe)
+    before, top1 = forward_kl(student, frozen, samples, temp)
 
-        metrics, engine_during = [], []
+    metrics, engine_during = [], []
 
-        def on_step(m):
-            metrics.append(m)
-            engine_during.append(ray_cluster.get(engine.prompt_logprobs.remote(probe)))
+    def on_step(m):
+        metrics.append(m)
+        engine_during.append(ray_cluster.get(engine.prompt_logprobs.remote(probe)))
 
-        t0 = time.perf_counter()
-        # The same prefixes every step, fresh teacher replies each time (seeds differ per step).
-        consolidate(roles, cfg, [prefixes] * STEPS, [KNOWLEDGE], tokenizer, first_step=0, on_step=on_step)
-        seconds = time.perf_counter() - t0
-        student.load_state_dict(learner.state_dict(), strict=False)
-        after, _ = forward_kl(student, frozen, samples, temp)
-        learner_end = learner.sequence_logprobs(probe)
+    t0 = time.perf_counter()
+    # The same prefixes every step, fresh teacher replies each time (seeds differ per step).
+    consolidate(roles, cfg, [prefixes] * STEPS, [KNOWLEDGE], tokenizer, first_step=0, on_step=on_step)
+    seconds = time.perf_counter() - t0
+    student.load_state_dict(learner.state_dict(), strict=False)
+    after, _ = forward_kl(student, frozen, samples, temp)
+    learner_end = learner.sequence_logprobs(probe)
     print(f"\nforward KL on the teacher's step-1 samples {before:.4f} -> {after:.4f}; per step "
           f"{[round(m.kl, 4) for m in metrics]}; {STEPS} steps in {seconds:.1f}s; "
           f"test {time.perf_counter() - started:.0f}s")
@@ -109,3 +117,42 @@ def test_off_policy_steps_lower_the_forward_kl_and_leave_the_workers_at_round_st
         np.testing.assert_allclose(logprobs, engine_start, rtol=0, atol=1e-6)
     assert np.abs(learner_end - learner_start).max() > 1e-2
     assert len(metrics) == STEPS and all("sync" not in m.seconds for m in metrics)
+
+
+@torch.no_grad()
+def reply_nll(student, samples) -> float:
+    """Token-mean negative log-likelihood of each sample's reply under the student reading the
+    student prompt, at the rollout temperature (0.7) as every loss is taken."""
+    total, tokens = 0.0, 0
+    for s in samples:
+        sp, r = s.student_prompt_ids, s.response_ids
+        ls = torch.log_softmax(student(torch.tensor([sp + r])).logits[0, len(sp) - 1:-1] / 0.7, -1)
+        total -= float(ls.gather(-1, torch.tensor(r)[:, None]).sum())
+        tokens += len(r)
+    return total / tokens
+
+
+def test_seqkd_trains_the_student_on_the_teachers_replies(off_policy_roles):
+    """learner.loss=seqkd (the public code's sequence-level baseline): off-policy, the loss is the
+    student's negative log-likelihood of the teacher's sampled replies; the step metrics still report
+    the forward KL's single-sample estimate from the teacher's scores of those tokens. (On the roles
+    the test above trained: the student starts from wherever it left the learner.)"""
+    from oel_ray.consolidate import consolidate, learner_loss
+
+    shared, roles, tokenizer, _, student = off_policy_roles
+    cfg = replace(shared, learner=replace(shared.learner, loss="seqkd"))
+    assert learner_loss(cfg) == "seqkd_forward"
+    prefixes = first_turn_prompts(cfg, BATCH)
+    samples = teacher_samples(roles.workers, cfg, prefixes, tokenizer, step=1)
+    student.load_state_dict(roles.learner.state_dict(), strict=False)
+    before = reply_nll(student, samples)
+    metrics = []
+    consolidate(roles, cfg, [prefixes] * STEPS, [KNOWLEDGE], tokenizer, first_step=0, on_step=metrics.append)
+    student.load_state_dict(roles.learner.state_dict(), strict=False)
+    after = reply_nll(student, samples)
+    print(f"\nseqkd: NLL of the teacher's step-1 replies {before:.4f} -> {after:.4f}; per step "
+          f"{[round(m.loss, 4) for m in metrics]}")
+    # Step 1 trained on exactly those replies: its loss is their NLL under the initial student.
+    assert abs(metrics[0].loss - before) < 1e-4 * max(1.0, before)
+    assert {m.kl_direction for m in metrics} == {"forward"}
+    assert after < 0.9 * before
