@@ -154,6 +154,9 @@ class ExtractorConfig:
     # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
     # conf/extractor/<format>.yaml holds the team's templates.
     prompt: str = "{knowledge}\n\n{trajectory}"
+    # Show the knowledge accumulated so far in {knowledge} (the public code's exp_sel_with_prev); false:
+    # every extraction sees none yet, and the chain still appends what it writes.
+    with_previous: bool = True
     # The in-context curve (paper Fig. 4): accumulation steps (0..k) at which the held-out maps are
     # played with each chain's knowledge of that step in the teacher's prompt; None: 0, K/4, the
     # knowledge step and K (follows extractor.k in a sweep); []: no curve.
@@ -188,6 +191,9 @@ class ExtractorConfig:
         positive("extractor.max_response_tokens", self.max_response_tokens)
         positive("extractor.temperature", self.temperature)
         require("{trajectory}" in self.prompt, "extractor.prompt", "the template must contain {trajectory}")
+        require(not self.with_previous or "{knowledge}" in self.prompt, "extractor.with_previous",
+                "true shows the knowledge so far in {knowledge}, which extractor.prompt lacks: add it to the "
+                "template, or set extractor.with_previous=false")
         require(self.max_response_tokens <= self.max_knowledge_tokens, "extractor.max_response_tokens",
                 f"{self.max_response_tokens} must not exceed extractor.max_knowledge_tokens ({self.max_knowledge_tokens})")
         if self.model.startswith(("http://", "https://")):

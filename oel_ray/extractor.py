@@ -156,10 +156,12 @@ class Extractor:
         return truncate_tokens(f"{context}\n\n{trajectory}".strip(), self.cfg.max_knowledge_tokens, self.tokenizer)
 
     def prompt(self, knowledge: str, traj: Trajectory) -> str:
-        """The extraction prompt, short enough that a full reply still fits the engine's context:
+        """The extraction prompt (showing `knowledge` when extractor.with_previous), short enough that a
+        full reply still fits the engine's context:
         the trajectory gives way first (oldest turns), then, should the template, knowledge and
         summary alone be too long, the oldest knowledge shown."""
         template, tok = self.cfg.prompt, self.chat_tokenizer
+        knowledge = knowledge if self.cfg.with_previous else ""
 
         def length(text: str) -> int:
             return len(chat_ids(tok, text, thinking=self.thinking))

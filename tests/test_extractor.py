@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from oel_ray.config import ExtractorConfig, ModelConfig
+from oel_ray.config import ConfigError, ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.seeds import chain_sampling_seed
 from oel_ray.extractor import (Extractor, chain_orders, keep_items, knowledge_set, strip_reasoning,
@@ -135,6 +135,22 @@ def test_truncated_text_stays_within_the_limit_after_decoding_and_encoding_again
 def test_prompt_shows_previous_knowledge_and_the_trajectory():
     text = extraction_prompt(STRUCTURED, "- EXPERIENCE ITEM: old", fake_trajectory(7, passed=True))
     assert "- EXPERIENCE ITEM: old" in text and "board 7" in text and "SUCCESS" in text
+
+
+def test_without_previous_the_extractor_sees_no_knowledge_and_the_chain_still_accumulates(tiny_model):
+    """extractor.with_previous=false (the public code's exp_sel_with_prev=false): the prompt's
+    {knowledge} reads as before any extraction, whatever the chain holds; accumulation is unchanged."""
+    known = "- EXPERIENCE ITEM: old"
+    game = fake_trajectory(7, passed=True)
+    for with_previous in (True, False):
+        cfg = ExtractorConfig(format="structured", prompt=STRUCTURED, with_previous=with_previous)
+        ex = Extractor(cfg, tiny_model, [], thinking=False, seed=0)
+        assert (known in ex.prompt(known, game)) == with_previous
+        assert ex.prompt(known, game) == ex.prompt("", game) or with_previous
+        assert keep_items(ex.accumulate(known, "- EXPERIENCE ITEM: new")) == [known, "- EXPERIENCE ITEM: new"]
+    with pytest.raises(ConfigError, match="extractor.with_previous: true shows the knowledge so far"):
+        ExtractorConfig(prompt="{trajectory}").check()
+    ExtractorConfig(prompt="{trajectory}", with_previous=False).check()
 
 
 def long_game(seed: int, turns: int) -> Trajectory:
