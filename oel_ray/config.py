@@ -157,6 +157,9 @@ class ExtractorConfig:
     # Show the knowledge accumulated so far in {knowledge} (the public code's exp_sel_with_prev); false:
     # every extraction sees none yet, and the chain still appends what it writes.
     with_previous: bool = True
+    # The policy's reasoning (<think>...</think>) stays in the game text the extractor reads, as in
+    # every script of the public code (textgame_keep_reasoning); false: only the answer after it.
+    keep_reasoning: bool = True
     # The in-context curve (paper Fig. 4): accumulation steps (0..k) at which the held-out maps are
     # played with each chain's knowledge of that step in the teacher's prompt; None: 0, K/4, the
     # knowledge step and K (follows extractor.k in a sweep); []: no curve.

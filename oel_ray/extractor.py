@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+from dataclasses import replace
 from typing import Callable, Optional
 
 import ray
@@ -31,6 +32,11 @@ def strip_reasoning(text: str) -> str:
     if "</think>" in text:
         return text.rsplit("</think>", 1)[1].strip()
     return "" if "<think>" in text else text.strip()
+
+
+def without_reasoning(traj: Trajectory) -> Trajectory:
+    """The game with each reply cut to its answer (`strip_reasoning`): extractor.keep_reasoning=false."""
+    return replace(traj, turns=[replace(turn, response=strip_reasoning(turn.response)) for turn in traj.turns])
 
 
 def keep_items(text: str) -> list[str]:
@@ -155,6 +161,10 @@ class Extractor:
     def _append_raw(self, context: str, trajectory: str) -> str:
         return truncate_tokens(f"{context}\n\n{trajectory}".strip(), self.cfg.max_knowledge_tokens, self.tokenizer)
 
+    def shown(self, traj: Trajectory) -> Trajectory:
+        """The game as the extractor reads it: with the policy's reasoning, unless extractor.keep_reasoning=false."""
+        return traj if self.cfg.keep_reasoning else without_reasoning(traj)
+
     def prompt(self, knowledge: str, traj: Trajectory) -> str:
         """The extraction prompt (showing `knowledge` when extractor.with_previous), short enough that a
         full reply still fits the engine's context:
@@ -162,6 +172,7 @@ class Extractor:
         summary alone be too long, the oldest knowledge shown."""
         template, tok = self.cfg.prompt, self.chat_tokenizer
         knowledge = knowledge if self.cfg.with_previous else ""
+        traj = self.shown(traj)
 
         def length(text: str) -> int:
             return len(chat_ids(tok, text, thinking=self.thinking))
@@ -196,7 +207,7 @@ class Extractor:
                             top_p=cfg.top_p, top_k=cfg.top_k)
         for step in range(cfg.k):
             if raw:
-                replies = [trajectory_text(orders[c][step]) for c in chains]
+                replies = [trajectory_text(self.shown(orders[c][step])) for c in chains]
             else:
                 texts = [self.prompt(knowledge[c], orders[c][step]) for c in chains]
                 replies = self._generate(texts, sampling, [chain_sampling_seed(self.seed, round, c, step) for c in chains])

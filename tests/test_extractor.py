@@ -10,6 +10,7 @@ import time
 import urllib.request
 
 import pytest
+from dataclasses import replace
 
 from oel_ray.config import ConfigError, ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
@@ -151,6 +152,20 @@ def test_without_previous_the_extractor_sees_no_knowledge_and_the_chain_still_ac
     with pytest.raises(ConfigError, match="extractor.with_previous: true shows the knowledge so far"):
         ExtractorConfig(prompt="{trajectory}").check()
     ExtractorConfig(prompt="{trajectory}", with_previous=False).check()
+
+
+def test_the_policys_reasoning_reaches_the_extractor_unless_keep_reasoning_is_false(tiny_model):
+    """extractor.keep_reasoning (the public code's textgame_keep_reasoning, on in all its scripts): the
+    replies of a thinking policy go to the extractor whole; false leaves only the answer after
+    </think> (nothing of a reply whose thinking never closed)."""
+    game = fake_trajectory(3)
+    game.turns[0] = replace(game.turns[0], response="<think>the box is left of me</think> I go [up]")
+    game.turns.append(replace(game.turns[0], response="<think>still thinking when the tokens ran out"))
+    for keep in (True, False):
+        cfg = ExtractorConfig(format="structured", prompt=STRUCTURED, keep_reasoning=keep)
+        text = Extractor(cfg, tiny_model, [], thinking=False, seed=0).prompt("", game)
+        assert ("the box is left of me" in text) == keep and "I go [up]" in text
+        assert ("still thinking" in text) == keep
 
 
 def long_game(seed: int, turns: int) -> Trajectory:
