@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 
 import pytest
-from dataclasses import replace
 
 from oel_ray.config import ConfigError, ExtractorConfig, ModelConfig
 from oel_ray.endpoint import ChatEndpoint
