@@ -219,6 +219,9 @@ class TeacherConfig:
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
     # Encode each shared prompt start (a knowledge text) once per round and reuse its keys/values.
     reuse_prefix: bool = True
+    # Another checkpoint as the teacher for every round (the public code's ref_model_path, e.g. a larger
+    # model of the same family); None: each round's start model. Its tokenizer must be the student's.
+    model: Optional[str] = None
 
     def check(self) -> None:
         choice("teacher.knowledge_position", self.knowledge_position, KNOWLEDGE_POSITIONS)

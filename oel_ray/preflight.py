@@ -14,10 +14,29 @@ def check(cfg: OELConfig) -> None:
     checks.model_limits(cfg)  # again: model.build=tiny has only now written the model's config.json
     checks.freeze_patterns(cfg)
     checks.run_dir(cfg.output_dir, "output_dir")  # a sweep's job directory was never pre-checked
+    _check_teacher_tokenizer(cfg)
     game = _longest_game(cfg)
     _check_prompt_room(cfg, game)
     ifeval_rows(cfg)
     _check_lm_eval(cfg)
+
+
+def _check_teacher_tokenizer(cfg: OELConfig) -> None:
+    """teacher.model scores the student's token ids under the student's chat template: both must be
+    the student's, or every log-prob would belong to another token or another prompt."""
+    from transformers import AutoTokenizer
+
+    if cfg.teacher.model is None:
+        return
+    trust = cfg.model.trust_remote_code
+    student = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=trust)
+    teacher = AutoTokenizer.from_pretrained(cfg.teacher.model, trust_remote_code=trust)
+    differs = [what for what, same in (("vocabulary", student.get_vocab() == teacher.get_vocab()),
+                                       ("chat template", student.chat_template == teacher.chat_template)) if not same]
+    if differs:
+        raise ConfigError(f"teacher.model: {cfg.teacher.model} has another {' and '.join(differs)} than model.path "
+                          f"({cfg.model.path}); the teacher scores the student's tokens and prompts, so give a "
+                          "teacher of the same family (same tokenizer and chat template) or unset teacher.model")
 
 
 def ifeval_rows(cfg: OELConfig) -> list:

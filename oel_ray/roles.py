@@ -68,7 +68,7 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
         learner = learner_group(cfg, path, wait=False)
         started.append(learner)
         teacher = TeacherGroup(
-            path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
+            cfg.teacher.model or path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
             dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
             batch_tokens=cfg.teacher.batch_tokens, reuse_prefix=cfg.teacher.reuse_prefix,
             trust_remote_code=cfg.model.trust_remote_code, wait=False)
@@ -146,7 +146,10 @@ class Deployment:
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
             self._record_placement()
-            self.roles.teacher.load_weights(self.roles.learner.state_dict_ref())
+            if self.cfg.teacher.model is None:  # the round's start model teaches
+                self.roles.teacher.load_weights(self.roles.learner.state_dict_ref())
+            else:
+                self.roles.teacher.new_round()
             self.sync_workers(version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
         return self

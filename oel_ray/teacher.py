@@ -65,8 +65,12 @@ class TeacherServer:
                              f"unexpected {sorted(unexpected)[:5]}")
         self.model.load_state_dict(weights, strict=False)
         self.model.tie_weights()
+        self.new_round()  # the cached prefixes were computed by the old weights
+
+    def new_round(self) -> None:
+        """Forget the knowledge prefixes encoded so far (a new round reads a new knowledge set)."""
         if self.prefixes is not None:
-            self.prefixes.clear()  # computed by the old weights
+            self.prefixes.clear()
 
     @torch.no_grad()
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[np.ndarray]:
@@ -195,6 +199,10 @@ class TeacherGroup:
     def load_weights(self, weights) -> None:
         """Every actor becomes the new frozen teacher (`weights`: a dict or its object-store ref)."""
         ray.get([a.load_weights.remote(weights) for a in self.actors])
+
+    def new_round(self) -> None:
+        """A teacher that keeps its weights (teacher.model) starts a round: see TeacherServer.new_round."""
+        ray.get([a.new_round.remote() for a in self.actors])
 
     def set_threads(self, threads: Optional[int]) -> int:
         return ray.get([a.set_threads.remote(threads) for a in self.actors])[0]

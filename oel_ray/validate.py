@@ -9,7 +9,7 @@ from typing import Optional
 
 from oel_ray import checks
 from oel_ray.config import EMBEDDED_MODELS, NCCL, ConfigError, OELConfig, choice, require
-from oel_ray.strategy import SEQKD
+from oel_ray.strategy import FULL_REVERSE_KL, SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
 
 
@@ -33,6 +33,7 @@ def validate(cfg: OELConfig) -> OELConfig:
             f"{cfg.learner.loss} does not apply to consolidation.mode={strategy.name}: use one of "
             f"{', '.join(strategy.losses)}" + (" (seqkd trains on the teacher's replies: consolidation.mode=off_policy)"
                                                if cfg.learner.loss == SEQKD else ""))
+    check_teacher_model(cfg)
     require(cfg.learner.weight_sync != NCCL or cfg.cluster.use_gpu, "learner.weight_sync",
             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
     check_gpus(cfg)
@@ -59,6 +60,20 @@ def check_model_path(path: str, build: Optional[str], name: str = "model.path") 
         f"{name}: {path!r} does not exist; give a checkpoint directory, a hub id such as "
         "Qwen/Qwen3-4B-Instruct-2507, or model.build=tiny to build the embedded model there"
     )
+
+
+def check_teacher_model(cfg: OELConfig) -> None:
+    """teacher.model: a checkpoint that exists, for the modes whose teacher is the TeacherServer."""
+    t = cfg.teacher.model
+    if t is None:
+        return
+    check_model_path(t, cfg.model.build if t == cfg.model.path else None, "teacher.model")
+    require(not cfg.consolidation.strategy.workers_read_knowledge, "teacher.model",
+            f"{t} cannot teach off_policy consolidation, whose teacher replies come from the rollout workers (the "
+            "round's start model): use consolidation.mode=on_policy or unset teacher.model")
+    require(cfg.learner.loss != FULL_REVERSE_KL, "teacher.model",
+            f"{t} cannot teach learner.loss=full_reverse_kl, whose teacher is a copy of the round's start model in "
+            "each learner rank: use topk_reverse_kl (the default) or unset teacher.model")
 
 
 def check_seed_ranges(cfg: OELConfig) -> None:

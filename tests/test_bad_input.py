@@ -296,3 +296,41 @@ def test_run_directory_that_is_not_writable(tmp_path):
     finally:
         parent.chmod(0o755)
         shutil.rmtree(parent)
+
+
+# ----------------------------------------------------------------------------- what teacher.model points at
+
+def changed_copy(tiny_model: str, where: Path, change: str) -> Path:
+    """The tiny checkpoint copied, with its tokenizer's vocabulary or chat template changed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(tiny_model, where)
+    tok = AutoTokenizer.from_pretrained(where)
+    if change == "vocabulary":
+        tok.add_tokens(["<an-extra-token>"])
+    else:
+        tok.chat_template = tok.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    tok.save_pretrained(where)
+    return where
+
+
+TEACHERS = [  # (teacher.model: a changed copy of the student, or a path; extra overrides; message after "teacher.model: ")
+    ("vocabulary", [], "{t} has another vocabulary than model.path"),
+    ("chat template", [], "{t} has another chat template than model.path"),
+    ("/no/such/teacher", [], "'/no/such/teacher' does not exist"),
+    ("same", ["consolidation.mode=off_policy"], "{t} cannot teach off_policy consolidation"),
+    ("same", ["learner.loss=full_reverse_kl"], "{t} cannot teach learner.loss=full_reverse_kl"),
+]
+
+
+@pytest.mark.parametrize("teacher,extra,message", TEACHERS, ids=[f"{t[0]} {' '.join(t[1])}" for t in TEACHERS])
+def test_teacher_model_that_cannot_teach_this_student(teacher, extra, message, tiny_model, earlier_run, tmp_path):
+    if teacher in ("vocabulary", "chat template"):
+        teacher = str(changed_copy(tiny_model, tmp_path / "teacher", teacher))
+    elif teacher == "same":
+        teacher = tiny_model
+    before = snapshot(earlier_run)
+    proc = run_main(tiny_model, earlier_run, f"teacher.model={teacher}", *extra, *SMALL)
+    assert_refused(proc, earlier_run, before, "config", "teacher.model: " + message.format(t=teacher))
