@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterable, Iterator, Optional
 
-from oel_ray.config import InputError
+from oel_ray.errors import InputError
 from oel_ray.types import KnowledgeRecord, KnowledgeSnapshot, Trajectory
 
 

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from oel_ray.errors import choice, positive, require
 from oel_ray.strategy import LOSSES, STRATEGIES, TOPK_REVERSE_KL, Strategy
 from oel_ray.types import KNOWLEDGE, TEACHER_CONTEXTS
 
@@ -32,28 +33,6 @@ AUTO, OBJECT_STORE, NCCL, GLOO = "auto", "object_store", "nccl", "gloo"
 WEIGHT_SYNCS = (AUTO, OBJECT_STORE, NCCL)
 TINY_MODEL = "tiny"
 EMBEDDED_MODELS = (TINY_MODEL, "organism")  # model.build: the models oel_ray builds itself
-
-
-class ConfigError(ValueError):
-    """A user's configuration mistake: reported as one line naming the field and the fix."""
-
-
-class InputError(ConfigError):
-    """A file the run reads is missing or corrupt: reported as one line naming the file and the fix."""
-
-
-def require(ok: bool, name: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{name}: {message}")
-
-
-def choice(name: str, value: Any, allowed: tuple) -> None:
-    require(value in allowed, name, f"{value!r} is not one of {', '.join(map(str, allowed))}")
-
-
-def positive(name: str, value: float, allow_zero: bool = False) -> None:
-    ok = value >= 0 if allow_zero else value > 0
-    require(ok, name, f"{value} must be {'>= 0' if allow_zero else '> 0'}")
 
 
 @dataclass
@@ -249,6 +228,9 @@ class LearnerConfig:
     loss: str = TOPK_REVERSE_KL
     support_k: int = 256
     renormalize: bool = False
+    # One more entry per position for the rest of the vocabulary (both models' mass outside the
+    # support), so the top-k KL is the KL of whole distributions: no bias from the mass it leaves out.
+    tail: bool = False
     aggregation: str = TOKEN_MEAN
     temperature: float = "${rollout.temperature}"  # type: ignore[assignment]  # score at the sampling temperature
     dtype: str = "${model.dtype}"
@@ -285,6 +267,9 @@ class LearnerConfig:
         choice("learner.loss", self.loss, LOSSES)
         positive("learner.support_k", self.support_k)
         choice("learner.aggregation", self.aggregation, AGGREGATIONS)
+        require(not (self.tail and self.renormalize), "learner.tail",
+                "true keeps the mass outside the support as one entry, learner.renormalize=true spreads it over the "
+                "support: set one of them to false")
         positive("learner.temperature", self.temperature)
         choice("learner.dtype", self.dtype, DTYPES)
         choice("learner.weight_sync", self.weight_sync, WEIGHT_SYNCS)

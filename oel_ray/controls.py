@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray.artifacts import knowledge_texts
-from oel_ray.config import ConfigError, InputError, TeacherConfig
+from oel_ray.config import TeacherConfig
+from oel_ray.errors import ConfigError, InputError
 from oel_ray.extractor import ITEM_LINE
 from oel_ray.layout import RunLayout
 from oel_ray.seeds import shuffle_seed

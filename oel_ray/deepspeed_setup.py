@@ -70,7 +70,7 @@ class DistillModule(torch.nn.Module):
                                                         mask, loss=loss, **kw)
         else:
             out = SUPPORT_LOSSES[loss](hidden, weight, support, teacher_lp, mask,
-                                       renormalize=self.cfg.renormalize, **kw)
+                                       renormalize=self.cfg.renormalize, tail=self.cfg.tail, **kw)
         return out.loss, out.kl, out.student_mass, out.teacher_mass
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import ray
 
 from oel_ray import artifacts, controls, preflight, tracking
-from oel_ray.config import InputError, OELConfig
+from oel_ray.config import OELConfig
+from oel_ray.errors import InputError
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge
 from oel_ray.extractor import knowledge_set

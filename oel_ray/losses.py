@@ -61,10 +61,11 @@ def _upcast(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _support_terms(ls, teacher_lp, renormalize, kind):
+def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
     """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k].
 
-    kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE).
+    kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE); `tail`: the
+    two directions over the support plus one bin for the rest of the vocabulary (`with_tail`).
     """
     lt = _upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
     if kind not in ("reverse", "forward", "sampled"):  # an estimator on the sampled token ([N, 1])
@@ -76,7 +77,8 @@ def _support_terms(ls, teacher_lp, renormalize, kind):
     else:
         # The two directions differ only in the argument order; lt carries no gradient, so the
         # forward KL's gradient flows through log p_s alone and the reverse's through p_s too.
-        first, second = (ls, lt) if kind == "reverse" else (lt, ls)
+        s_lp, t_lp = (with_tail(ls), with_tail(lt)) if tail else (ls, lt)
+        first, second = (s_lp, t_lp) if kind == "reverse" else (t_lp, s_lp)
         kl = (first.exp() * (first - second)).sum(-1)
         if renormalize:
             fn = first - first.logsumexp(-1, keepdim=True)
@@ -85,6 +87,13 @@ def _support_terms(ls, teacher_lp, renormalize, kind):
         else:
             loss = kl
     return loss, kl.detach(), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
+
+
+def with_tail(lp):
+    """Support log-probs [N, k] with one more entry: the log of the mass outside the support (learner.tail),
+    floored at the dtype's smallest positive number, so both distributions are whole."""
+    rest = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(torch.finfo(lp.dtype).tiny)
+    return torch.cat([lp, rest.log()], -1)
 
 
 def pathwise(loss: str, ls, lt):
@@ -109,10 +118,10 @@ def pathwise(loss: str, ls, lt):
     return value, d.detach()
 
 
-def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind):
+def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind, tail=False):
     """Per-position loss and metrics for N positions: logits [N, V], support/teacher_lp [N, k]."""
     ls = torch.log_softmax(_upcast(logits) / temperature, dim=-1).gather(-1, support)
-    return _support_terms(ls, teacher_lp, renormalize, kind)
+    return _support_terms(ls, teacher_lp, renormalize, kind, tail)
 
 
 def _token_weights(mask, aggregation, num_units, dtype):
@@ -134,10 +143,10 @@ def _finish(loss, kl, smass, tmass, n) -> KLOutput:
 
 
 def _from_logits(student_logits, support, teacher_lp, mask, temperature, renormalize,
-                 aggregation, num_units, kind) -> KLOutput:
+                 aggregation, num_units, kind, tail=False) -> KLOutput:
     mask = mask.bool()
     loss, kl, smass, tmass = _token_terms(student_logits[mask], support[mask].long(), teacher_lp[mask],
-                                          temperature, renormalize, kind)
+                                          temperature, renormalize, kind, tail)
     w = _token_weights(mask, aggregation, num_units, loss.dtype)
     return _finish((loss * w).sum(), kl, smass, tmass, int(mask.sum()))
 
@@ -223,7 +232,7 @@ class _HeadLoss(torch.autograd.Function):
         return grad_rows, grad_weight, None, None
 
 
-def _support_chunk_terms(support, teacher_lp, w, temperature, renormalize, kind) -> ChunkTerms:
+def _support_chunk_terms(support, teacher_lp, w, temperature, renormalize, kind, tail=False) -> ChunkTerms:
     """A support kind's chunk: autograd on the small [n, k] support log-probs gives g = d loss / d ls,
     then d loss / d z = (scatter(g) - softmax(z) * sum(g)) / T, written into the [n, V] block in place."""
     def terms(lo, hi, r, weight, need_grad):
@@ -231,7 +240,7 @@ def _support_chunk_terms(support, teacher_lp, w, temperature, renormalize, kind)
         ls, probs, total = _chunk_logprobs(r, weight, s, temperature)
         with torch.enable_grad():
             ls.requires_grad_(need_grad)
-            loss, *metrics = _support_terms(ls, teacher_lp[lo:hi], renormalize, kind)
+            loss, *metrics = _support_terms(ls, teacher_lp[lo:hi], renormalize, kind, tail)
             part = (loss * w[lo:hi]).sum()
             g = torch.autograd.grad(part, ls)[0] if need_grad else None
         metrics = [m.detach() for m in metrics]
@@ -278,27 +287,27 @@ def _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
 
 
 def _from_hidden(hidden, lm_head, support, teacher_lp, mask, temperature, renormalize,
-                 aggregation, num_units, chunk_tokens, kind) -> KLOutput:
+                 aggregation, num_units, chunk_tokens, kind, tail=False) -> KLOutput:
     mask = mask.bool()
     sup, lt = support[mask].long(), teacher_lp[mask]
     return _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
-                       lambda w: _support_chunk_terms(sup, lt, w, temperature, renormalize, kind))
+                       lambda w: _support_chunk_terms(sup, lt, w, temperature, renormalize, kind, tail))
 
 
 def _topk_pair(kind: str, doc: str):
     """The logits and the hidden-state (chunked) form of one top-k KL; `kind` reverse or forward."""
     def from_logits(student_logits: torch.Tensor, support_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
                     mask: torch.Tensor, temperature: float = 1.0, renormalize: bool = False,
-                    aggregation: str = TOKEN_MEAN, num_units: Optional[float] = None) -> KLOutput:
+                    aggregation: str = TOKEN_MEAN, num_units: Optional[float] = None, tail: bool = False) -> KLOutput:
         return _from_logits(student_logits, support_ids, teacher_logprobs, mask, temperature,
-                            renormalize, aggregation, num_units, kind=kind)
+                            renormalize, aggregation, num_units, kind=kind, tail=tail)
 
     def from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, support_ids: torch.Tensor,
                     teacher_logprobs: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0,
                     renormalize: bool = False, aggregation: str = TOKEN_MEAN, chunk_tokens: int = 1024,
-                    num_units: Optional[float] = None) -> KLOutput:
+                    num_units: Optional[float] = None, tail: bool = False) -> KLOutput:
         return _from_hidden(hidden, lm_head_weight, support_ids, teacher_logprobs, mask, temperature,
-                            renormalize, aggregation, num_units, chunk_tokens, kind=kind)
+                            renormalize, aggregation, num_units, chunk_tokens, kind=kind, tail=tail)
 
     from_logits.__doc__ = doc + " From logits [B, T, V]; support_ids / teacher_logprobs [B, T, k]."
     from_hidden.__doc__ = doc + (" On logits = hidden [B, T, H] @ lm_head_weight [V, H].T, chunk by chunk: "
@@ -307,11 +316,12 @@ def _topk_pair(kind: str, doc: str):
 
 
 topk_reverse_kl, topk_reverse_kl_from_hidden = _topk_pair(
-    "reverse", "Reverse KL(student || teacher) on the student's top-k support.")
+    "reverse", "Reverse KL(student || teacher) on the student's top-k support (with `tail`, plus one entry for "
+    "the rest of the vocabulary).")
 topk_forward_kl, topk_forward_kl_from_hidden = _topk_pair(
     "forward", "Forward KL(teacher || student) on the support (the teacher's top-k on its own samples): per "
     "token sum_v p_t(v) (log p_t(v) - log p_s(v)). With `renormalize`, both distributions are renormalised "
-    "over the support first.")
+    "over the support first; with `tail`, the rest of the vocabulary is one more entry of the sum.")
 
 
 def _sampled_kind(loss: str) -> str:

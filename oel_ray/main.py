@@ -15,7 +15,7 @@ from typing import Optional
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from oel_ray import checks, config, preflight
+from oel_ray import checks, config, errors, preflight
 from oel_ray.overrides import CONF_DIR, check_override_keys
 from oel_ray.validate import validate
 
@@ -57,7 +57,7 @@ def first_line(err: BaseException) -> str:
 def hydra_main(raw: DictConfig) -> dict:
     try:
         cfg = validate(OmegaConf.to_object(raw))
-    except config.ConfigError as err:
+    except errors.ConfigError as err:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
@@ -68,8 +68,8 @@ def hydra_main(raw: DictConfig) -> dict:
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
-    except config.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
-        fail(checks.user_named(str(err), raw), "input" if isinstance(err, config.InputError) else "config")
+    except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
+        fail(checks.user_named(str(err), raw), "input" if isinstance(err, errors.InputError) else "config")
     except Exception as err:
         reason = stop_reason(err)
         if reason is None:
@@ -142,11 +142,11 @@ def precheck(argv: list[str]) -> None:
         cfg = OmegaConf.to_object(raw)
     except Exception as err:  # Hydra's own refusal: its first line names the key
         lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-        raise config.ConfigError(" ".join(lines[:2])) from None  # the key, then Hydra's fix if any
+        raise errors.ConfigError(" ".join(lines[:2])) from None  # the key, then Hydra's fix if any
     try:
         validate(cfg)
-    except config.ConfigError as err:
-        raise config.ConfigError(checks.user_named(str(err), raw)) from None
+    except errors.ConfigError as err:
+        raise errors.ConfigError(checks.user_named(str(err), raw)) from None
     if any(arg.split("=")[0] in NO_RUN_FLAGS for arg in argv):
         return  # prints, runs nothing: no run directory is written
     if output_dir is not None:
@@ -158,7 +158,7 @@ def main() -> None:
     config.register()
     try:
         precheck(sys.argv[1:])
-    except config.ConfigError as err:
+    except errors.ConfigError as err:
         fail(str(err))
     hydra_main()
 

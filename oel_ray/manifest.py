@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from oel_ray import artifacts
-from oel_ray.config import ConfigError, InputError
+from oel_ray.errors import ConfigError, InputError
 from oel_ray.layout import RunLayout
 
 # Fields that may differ between the first run and a resume: where things run, not what is computed.

@@ -10,7 +10,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from oel_ray.config import ConfigError, OELConfig
+from oel_ray.config import OELConfig
+from oel_ray.errors import ConfigError
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = {"model", "env", "rollout", "extractor", "teacher", "learner", "cluster", "experiment"}

@@ -4,7 +4,8 @@ before Ray starts: a mistake here would otherwise surface minutes later, inside 
 from __future__ import annotations
 
 from oel_ray import checks
-from oel_ray.config import ConfigError, OELConfig
+from oel_ray.config import OELConfig
+from oel_ray.errors import ConfigError
 from oel_ray.types import TRAIN, GameSpec
 
 FILLER = "- EXPERIENCE ITEM: keep the box away from the walls.\n"  # knowledge-like text to size prompts

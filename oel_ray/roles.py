@@ -20,7 +20,8 @@ from typing import Optional
 import ray
 
 from oel_ray import artifacts
-from oel_ray.config import InputError, ModelConfig, OELConfig
+from oel_ray.config import ModelConfig, OELConfig
+from oel_ray.errors import InputError
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.extractor import Extractor
 from oel_ray.layout import RunLayout

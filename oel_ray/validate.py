@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray import checks
-from oel_ray.config import EMBEDDED_MODELS, NCCL, ConfigError, OELConfig, choice, require
+from oel_ray.config import EMBEDDED_MODELS, NCCL, OELConfig
+from oel_ray.errors import ConfigError, choice, require
 from oel_ray.strategy import FULL_REVERSE_KL, SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
 

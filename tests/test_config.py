@@ -44,7 +44,7 @@ def test_eval_steps_default_and_errors():
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from oel_ray import config
+    from oel_ray import config, errors
 
     config.register()
 
@@ -60,7 +60,7 @@ def test_eval_steps_default_and_errors():
     for steps, message in [("[0,5]", "extractor.eval_steps: 5 must be an integer in 0..extractor.k (4)"),
                            ("[-1]", "extractor.eval_steps: -1 must be an integer in 0..extractor.k (4)"),
                            ("[0,2,2]", "extractor.eval_steps: [0, 2, 2] lists step 2 more than once")]:
-        with pytest.raises(config.ConfigError) as err:
+        with pytest.raises(errors.ConfigError) as err:
             validate(cfg("extractor.k=4", f"extractor.eval_steps={steps}"))
         assert str(err.value) == message
 

@@ -36,8 +36,9 @@ def test_length_buckets_partition_the_samples_at_the_least_padded_cost():
     assert length_buckets([7, 300, 8, 290], 0) == [[1], [3], [2], [0]]
 
 
-@pytest.mark.parametrize("loss", ["topk_reverse_kl", "sampled_reverse_kl"])
-def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_model, loss):
+@pytest.mark.parametrize("loss, tail", [("topk_reverse_kl", False), ("topk_reverse_kl", True),
+                                        ("sampled_reverse_kl", False), ("k3", False)])
+def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_model, loss, tail):
     """The learner's forward on its samples grouped into buckets equals one block over all of
     them padded to the longest: same token-mean loss, same gradient for every weight (in fp64, so
     that float rounding, which the new order of the sums changes, stays far below the tolerance)."""
@@ -50,11 +51,12 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_mode
     samples, targets = [], []
     for _ in range(12):  # prompts of 3..200 tokens: far apart, so the buckets differ from one block
         prompt, reply = rng.integers(3, 500, rng.integers(3, 200)).tolist(), rng.integers(3, 500, rng.integers(1, 20))
-        k = 1 if loss == "sampled_reverse_kl" else K
+        k = K if loss == "topk_reverse_kl" else 1
         support = reply[:, None] if k == 1 else np.stack([rng.permutation(512)[:K] for _ in reply])
         samples.append(DistillSample(prompt, prompt, reply.tolist(), support.astype(np.int32)))
-        targets.append((support.astype(np.int64), np.log(rng.dirichlet(np.ones(k), len(reply))).astype(np.float32)))
-    cfg = LearnerConfig(temperature=TEMP, dtype="float64")
+        # 0.9 of the mass on the support: the tail entry has something to hold
+        targets.append((support.astype(np.int64), np.log(0.9 * rng.dirichlet(np.ones(k), len(reply))).astype(np.float32)))
+    cfg = LearnerConfig(temperature=TEMP, dtype="float64", tail=tail)
     tokens = sum(len(s.response_ids) for s in samples)
 
     def loss_and_grads(buckets):
@@ -77,7 +79,7 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_mode
 
 
 def test_async_steps_must_be_0_or_1(tiny_model, tmp_path):
-    from oel_ray.config import ConfigError
+    from oel_ray.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^consolidation.async_steps: 2 is not one of 0, 1"):
         distill_config(tiny_model, str(tmp_path), steps=2, batch=8, lr=1e-3, consolidation={"async_steps": 2})

@@ -13,7 +13,8 @@ import pytest
 from distill_setup import KNOWLEDGE
 
 from oel_ray import artifacts, controls, tracking
-from oel_ray.config import ConfigError, TeacherConfig
+from oel_ray.config import TeacherConfig
+from oel_ray.errors import ConfigError
 from oel_ray.prompts import KNOWLEDGE_PREAMBLE, teacher_messages
 from oel_ray.types import KnowledgeRecord
 

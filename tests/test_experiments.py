@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from oel_ray import config
+from oel_ray import config, errors
 from oel_ray.validate import validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +103,6 @@ def test_cluster_resources_that_cannot_fit_are_refused(overrides, message):
     config.register()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         raw = compose("config", overrides=["+experiment=tiny", "output_dir=unused", *overrides])
-    with pytest.raises(config.ConfigError) as err:
+    with pytest.raises(errors.ConfigError) as err:
         validate(OmegaConf.to_object(raw))
     assert str(err.value).startswith(message)

@@ -12,7 +12,8 @@ from dataclasses import replace
 
 import pytest
 
-from oel_ray.config import ConfigError, ExtractorConfig, ModelConfig
+from oel_ray.config import ExtractorConfig, ModelConfig
+from oel_ray.errors import ConfigError
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.seeds import chain_sampling_seed
 from oel_ray.extractor import (Extractor, chain_orders, keep_items, knowledge_set, strip_reasoning,

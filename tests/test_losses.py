@@ -357,3 +357,69 @@ def test_k3_is_clamped_as_the_public_code_clamps_it():
     ids, mask = torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool)
     out = sampled_reverse_kl(logits, ids, torch.tensor([[-50.0]], dtype=torch.float64), mask, TEMP, loss="k3_forward")
     assert out.loss.item() == 10.0  # exp(+50 clamped to 20) - ... clamped to 10
+
+
+# ----------------------------------------------------------------------------- the tail bucket
+
+def tail_reference(logits, teacher, support, mask, forward=False):
+    """The KL between the two (k+1)-bin distributions (the support's ids, then everything else),
+    from the full log-softmaxes, token mean."""
+    total, n = 0.0, 0
+    for b in range(logits.shape[0]):
+        for t in range(logits.shape[1]):
+            if not mask[b, t]:
+                continue
+            ps = torch.softmax(logits[b, t] / TEMP, -1)
+            pt = torch.softmax(teacher[b, t] / TEMP, -1)
+            s, q = ps[support[b, t]], pt[support[b, t]]
+            s, q = torch.cat([s, (1 - s.sum())[None]]), torch.cat([q, (1 - q.sum())[None]])
+            first, second = (q, s) if forward else (s, q)
+            total, n = total + (first * (first.log() - second.log())).sum(), n + 1
+    return total / n
+
+
+@pytest.mark.parametrize("kind", ["reverse", "forward"])
+def test_tail_bucket_value_and_gradient_match_the_coarsened_full_distributions(kind):
+    logits, teacher, mask = make(seed=7)
+    support = student_support(logits) if kind == "reverse" else student_support(teacher)
+    lt = teacher_on(teacher, support)
+    fn = topk_reverse_kl if kind == "reverse" else topk_forward_kl
+    a, r = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out = fn(a, support, lt, mask, TEMP, tail=True)
+    expected = tail_reference(r, teacher, support, mask, forward=kind == "forward")
+    torch.testing.assert_close(out.loss, expected)
+    torch.testing.assert_close(out.kl, expected.detach())
+    out.loss.backward()
+    expected.backward()
+    torch.testing.assert_close(a.grad, r.grad)
+    # the mass outside the support, both models, as every step logs it
+    assert 0 < 1 - out.student_mass.item() < 1 and 0 < 1 - out.teacher_mass.item() < 1
+    # the chunked hidden-state path the learner runs is the same function
+    hidden = torch.randn(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    weight = torch.randn(V, H, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    w1, w2 = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    plain = fn(hidden @ w1.t(), support, lt, mask, TEMP, tail=True)
+    hfn = topk_reverse_kl_from_hidden if kind == "reverse" else topk_forward_kl_from_hidden
+    chunked = hfn(hidden, w2, support, lt, mask, TEMP, chunk_tokens=4, tail=True)
+    torch.testing.assert_close(plain.loss, chunked.loss)
+    plain.loss.backward()
+    chunked.loss.backward()
+    torch.testing.assert_close(w1.grad, w2.grad)
+
+
+def test_tail_bucket_over_the_whole_vocabulary_is_the_full_kl():
+    logits, teacher, mask = make(seed=8)
+    support = torch.arange(V).expand(B, T, V)
+    with_tail = topk_reverse_kl(logits, support, teacher_on(teacher, support), mask, TEMP, tail=True).loss
+    torch.testing.assert_close(with_tail, full_reverse_kl(logits, teacher, mask, TEMP))
+
+
+def test_the_tail_kl_never_exceeds_the_full_kl():
+    """Merging every id outside the support into one bin can only lose information: whatever the
+    support, the KL with the tail is a lower bound of the full KL (data-processing inequality), and
+    equal to it once the support holds the whole vocabulary (test above)."""
+    for seed in range(10):
+        logits, teacher, mask = make(seed=seed)
+        support = student_support(logits)
+        tailed = topk_reverse_kl(logits, support, teacher_on(teacher, support), mask, TEMP, tail=True).loss
+        assert tailed <= full_reverse_kl(logits, teacher, mask, TEMP) + 1e-12

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from oel_ray.config import ConfigError, EnvConfig, ModelConfig, OELConfig, RolloutConfig
+from oel_ray.config import EnvConfig, ModelConfig, OELConfig, RolloutConfig
+from oel_ray.errors import ConfigError
 from oel_ray.evaluate import evaluate, summarize
 from oel_ray.games import Game, board_signature, eval_specs, invalid_turns, train_specs
 from oel_ray.placement import core_slices

@@ -110,7 +110,8 @@ def test_nccl_transport_targets_the_installed_vllm_api():
 def test_transport_choice():
     from omegaconf import OmegaConf
 
-    from oel_ray.config import ConfigError, OELConfig
+    from oel_ray.config import OELConfig
+    from oel_ray.errors import ConfigError
     from oel_ray.validate import validate
     from oel_ray.weight_sync import resolve
 
