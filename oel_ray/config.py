@@ -24,6 +24,7 @@ FLOAT32, BFLOAT16, FLOAT16 = "float32", "bfloat16", "float16"
 DTYPES = (FLOAT32, BFLOAT16, FLOAT16)
 TOKEN_MEAN, SEQUENCE_MEAN = "token_mean", "sequence_mean"  # what the loss is averaged over
 AGGREGATIONS = (TOKEN_MEAN, SEQUENCE_MEAN)
+SUPPORTS = (STUDENT, MERGED) = ("student", "merged")  # learner.support
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
@@ -198,8 +199,8 @@ class TeacherConfig:
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
     # Encode each shared prompt start (a knowledge text) once per round and reuse its keys/values.
     reuse_prefix: bool = True
-    # Another checkpoint as the teacher for every round (the public code's ref_model_path, e.g. a larger
-    # model of the same family); None: each round's start model. Its tokenizer must be the student's.
+    # Another checkpoint teaching every round (the public code's ref_model_path; same tokenizer as the
+    # student); None: each round's start model.
     model: Optional[str] = None
 
     def check(self) -> None:
@@ -227,10 +228,9 @@ class LearnerConfig:
     num_ranks: int = 1
     loss: str = TOPK_REVERSE_KL
     support_k: int = 256
+    support: str = STUDENT  # merged (the public code's kl_merge_indice): up to 2 x support_k ids per token
     renormalize: bool = False
-    # One more entry per position for the rest of the vocabulary (both models' mass outside the
-    # support), so the top-k KL is the KL of whole distributions: no bias from the mass it leaves out.
-    tail: bool = False
+    tail: bool = False  # one more entry per token for the rest of the vocabulary: the KL of whole distributions
     aggregation: str = TOKEN_MEAN
     temperature: float = "${rollout.temperature}"  # type: ignore[assignment]  # score at the sampling temperature
     dtype: str = "${model.dtype}"
@@ -266,6 +266,10 @@ class LearnerConfig:
         choice("learner.zero_stage", self.zero_stage, (0, 1, 2, 3))
         choice("learner.loss", self.loss, LOSSES)
         positive("learner.support_k", self.support_k)
+        choice("learner.support", self.support, SUPPORTS)
+        require(self.support == STUDENT or self.loss == TOPK_REVERSE_KL, "learner.support",
+                f"merged joins the teacher's top-k to the student's for learner.loss={TOPK_REVERSE_KL}; "
+                f"{self.loss} has no support to merge: set learner.support=student")
         choice("learner.aggregation", self.aggregation, AGGREGATIONS)
         require(not (self.tail and self.renormalize), "learner.tail",
                 "true keeps the mass outside the support as one entry, learner.renormalize=true spreads it over the "

@@ -56,7 +56,7 @@ class KLOutput:
     tokens: int  # unmasked tokens in this batch
 
 
-def _upcast(x):
+def upcast(x):
     """At least fp32 (bf16/fp16 logits are upcast; fp64 stays fp64 for exact tests)."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
@@ -65,34 +65,42 @@ def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
     """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k].
 
     kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE); `tail`: the
-    two directions over the support plus one bin for the rest of the vocabulary (`with_tail`).
+    two directions over the support plus one bin for the rest of the vocabulary (`with_tail`). A
+    teacher log-prob of -inf marks an entry that only pads a merged support to its width: it adds
+    nothing (`merged_support_logprobs`).
     """
-    lt = _upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
+    lt = upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
+    pad = torch.isneginf(lt)
+    lt = lt.masked_fill(pad, 0.0)  # a finite stand-in, so no gradient meets an inf; its terms are dropped
+    real = (~pad).to(ls.dtype)
+    masses = (ls.exp() * real).sum(-1).detach(), (lt.exp() * real).sum(-1)
     if kind not in ("reverse", "forward", "sampled"):  # an estimator on the sampled token ([N, 1])
         loss, kl = pathwise(kind, ls, lt)
-        return loss.sum(-1), kl.sum(-1), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
+        return loss.sum(-1), kl.sum(-1), *masses
     if kind == "sampled":  # E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
         kl = (ls - lt).sum(-1)  # single-sample estimate of KL(p || q)
         loss = (ls * (ls - lt).detach()).sum(-1)
-    else:
-        # The two directions differ only in the argument order; lt carries no gradient, so the
-        # forward KL's gradient flows through log p_s alone and the reverse's through p_s too.
-        s_lp, t_lp = (with_tail(ls), with_tail(lt)) if tail else (ls, lt)
-        first, second = (s_lp, t_lp) if kind == "reverse" else (t_lp, s_lp)
-        kl = (first.exp() * (first - second)).sum(-1)
-        if renormalize:
-            fn = first - first.logsumexp(-1, keepdim=True)
-            sn = second - second.logsumexp(-1, keepdim=True)
-            loss = (fn.exp() * (fn - sn)).sum(-1)
-        else:
-            loss = kl
-    return loss, kl.detach(), ls.exp().sum(-1).detach(), lt.exp().sum(-1)
+        return loss, kl.detach(), *masses
+    # The two directions differ only in the argument order; lt carries no gradient, so the forward
+    # KL's gradient flows through log p_s alone and the reverse's through p_s too.
+    s_lp, t_lp, w = ls, lt, real
+    if tail:
+        s_lp, t_lp, w = with_tail(ls, real), with_tail(lt, real), torch.cat([real, torch.ones_like(real[:, :1])], -1)
+    first, second = (s_lp, t_lp) if kind == "reverse" else (t_lp, s_lp)
+    kl = (w * first.exp() * (first - second)).sum(-1)
+    loss = kl
+    if renormalize:
+        fn = first - first.masked_fill(w == 0, float("-inf")).logsumexp(-1, keepdim=True)
+        sn = second - second.masked_fill(w == 0, float("-inf")).logsumexp(-1, keepdim=True)
+        loss = (w * fn.exp() * (fn - sn)).sum(-1)
+    return loss, kl.detach(), *masses
 
 
-def with_tail(lp):
+def with_tail(lp, real):
     """Support log-probs [N, k] with one more entry: the log of the mass outside the support (learner.tail),
-    floored at the dtype's smallest positive number, so both distributions are whole."""
-    rest = (1 - lp.exp().sum(-1, keepdim=True)).clamp_min(torch.finfo(lp.dtype).tiny)
+    floored at the dtype's smallest positive number, so both distributions are whole. `real` [N, k]: 1
+    for the support's entries, 0 for padding."""
+    rest = (1 - (lp.exp() * real).sum(-1, keepdim=True)).clamp_min(torch.finfo(lp.dtype).tiny)
     return torch.cat([lp, rest.log()], -1)
 
 
@@ -120,7 +128,7 @@ def pathwise(loss: str, ls, lt):
 
 def _token_terms(logits, support, teacher_lp, temperature, renormalize, kind, tail=False):
     """Per-position loss and metrics for N positions: logits [N, V], support/teacher_lp [N, k]."""
-    ls = torch.log_softmax(_upcast(logits) / temperature, dim=-1).gather(-1, support)
+    ls = torch.log_softmax(upcast(logits) / temperature, dim=-1).gather(-1, support)
     return _support_terms(ls, teacher_lp, renormalize, kind, tail)
 
 
@@ -156,7 +164,7 @@ def _chunk_logprobs(rows, weight, support, temperature):
 
     The [n, V] block is the only large buffer: logits, then (in place) unnormalised probabilities.
     """
-    z = _upcast(rows @ weight.t()).div_(temperature)
+    z = upcast(rows @ weight.t()).div_(temperature)
     picked = z.gather(-1, support)
     top = z.amax(-1, keepdim=True)
     probs = z.sub_(top).exp_()
@@ -191,7 +199,7 @@ class _HeadLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, weight, terms, chunk):
         need_rows, need_weight = ctx.needs_input_grad[:2]
-        acc = _upcast(weight).dtype
+        acc = upcast(weight).dtype
         grad_rows = torch.zeros_like(rows) if need_rows else None
         grad_weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
         loss = torch.zeros((), dtype=acc, device=rows.device)
@@ -254,7 +262,7 @@ def _support_chunk_terms(support, teacher_lp, w, temperature, renormalize, kind,
 def _log_softmax_block(rows, weight, temperature, dtype=None):
     """log_softmax(rows @ weight.T / temperature) [n, V], in `dtype` (default: at least fp32)."""
     z = rows @ weight.t()
-    return torch.log_softmax((_upcast(z) if dtype is None else z.to(dtype)).div_(temperature), dim=-1)
+    return torch.log_softmax((upcast(z) if dtype is None else z.to(dtype)).div_(temperature), dim=-1)
 
 
 def _full_chunk_terms(teacher_rows, teacher_weight, w, temperature) -> ChunkTerms:
@@ -281,7 +289,7 @@ def _apply_head(hidden, lm_head, mask, aggregation, num_units, chunk_tokens,
     if n == 0:  # nothing to learn from; keep the graph so backward still runs
         zero = hidden.sum() * 0.0
         return KLOutput(zero, zero.detach(), zero.detach(), zero.detach(), 0)
-    w = _token_weights(mask, aggregation, num_units, _upcast(rows).dtype)
+    w = _token_weights(mask, aggregation, num_units, upcast(rows).dtype)
     loss, kl, smass, tmass = _HeadLoss.apply(rows, lm_head, make_terms(w), chunk_tokens)
     return _finish(loss, kl, smass, tmass, n)
 
@@ -359,8 +367,8 @@ def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     """Exact KL(student || teacher) over the whole vocabulary; both logits [B, T, V] are divided by
     `temperature`; the teacher gets no gradient. Materialises [B, T, V]: a reference for tests."""
     mask = mask.bool()
-    ls = torch.log_softmax(_upcast(student_logits[mask]) / temperature, dim=-1)
-    lt = torch.log_softmax(_upcast(teacher_logits[mask].detach()) / temperature, dim=-1)
+    ls = torch.log_softmax(upcast(student_logits[mask]) / temperature, dim=-1)
+    lt = torch.log_softmax(upcast(teacher_logits[mask].detach()) / temperature, dim=-1)
     per_token = (ls.exp() * (ls - lt)).sum(-1)
     return (per_token * _token_weights(mask, aggregation, num_units, per_token.dtype)).sum()
 

@@ -20,7 +20,7 @@ from typing import Optional
 import ray
 
 from oel_ray import artifacts
-from oel_ray.config import ModelConfig, OELConfig
+from oel_ray.config import MERGED, ModelConfig, OELConfig
 from oel_ray.errors import InputError
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.extractor import Extractor
@@ -72,7 +72,7 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
             cfg.teacher.model or path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
             dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
             batch_tokens=cfg.teacher.batch_tokens, reuse_prefix=cfg.teacher.reuse_prefix,
-            trust_remote_code=cfg.model.trust_remote_code, wait=False)
+            trust_remote_code=cfg.model.trust_remote_code, merge_support=lcfg.support == MERGED, wait=False)
         started.append(teacher)
         workers = rollout_group(cfg, model, wait=False)
         started.append(workers)

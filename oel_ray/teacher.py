@@ -30,9 +30,33 @@ from oel_ray.types import DistillSample
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def merged_support_logprobs(hidden: torch.Tensor, weight: torch.Tensor, support: torch.Tensor,
+                            temperature: float, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """learner.support=merged: per position the union of `support` [N, k] (the student's top-k) and this
+    model's own top-k, as (ids [N, 2k], log-probs [N, 2k]). An id of its top-k that `support` already
+    holds becomes padding: the first support id again, with log-prob -inf, which the losses skip."""
+    ids_parts, lp_parts = [], []
+    k = support.shape[-1]
+    for i in range(0, hidden.shape[0], chunk_tokens):
+        s = support[i:i + chunk_tokens]
+        lp = torch.log_softmax(losses.upcast(hidden[i:i + chunk_tokens] @ weight.t()).div_(temperature), -1)
+        own = lp.topk(k, -1).indices
+        repeated = (own[:, :, None] == s[:, None, :]).any(-1)
+        ids = torch.cat([s, torch.where(repeated, s[:, :1], own)], -1)
+        lps = lp.gather(-1, ids)
+        lps[:, k:].masked_fill_(repeated, float("-inf"))
+        ids_parts.append(ids)
+        lp_parts.append(lps)
+    if not ids_parts:
+        return support.new_zeros((0, 2 * k)), hidden.new_zeros((0, 2 * k), dtype=torch.float32)
+    return torch.cat(ids_parts), torch.cat(lp_parts)
+
+
 class TeacherServer:
     def __init__(self, model_path: str, *, dtype: str, temperature: float, chunk_tokens: int,
-                 batch_tokens: int, reuse_prefix: bool = True, trust_remote_code: bool = False):
+                 batch_tokens: int, reuse_prefix: bool = True, trust_remote_code: bool = False,
+                 merge_support: bool = False):
         from transformers import AutoModelForCausalLM
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -43,6 +67,7 @@ class TeacherServer:
         self.chunk_tokens = chunk_tokens
         self.batch_tokens = batch_tokens
         self.prefixes = PrefixCache(self.model) if reuse_prefix else None
+        self.merge_support = merge_support  # learner.support=merged: its own top-k joins the student's
         self.said_unshared = False
 
     def ready(self) -> bool:
@@ -75,8 +100,9 @@ class TeacherServer:
     @torch.no_grad()
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[np.ndarray]:
         """Teacher log-probs on each sample's support ([T, k]), in the samples' order; with
-        sampled_only, of the reply's own tokens ([T, 1]) for the sampled-token estimator. Only the
-        arrays travel back: TeacherGroup puts them on the samples the driver already holds."""
+        sampled_only, of the reply's own tokens ([T, 1]) for the sampled-token estimator; with
+        merge_support, (merged ids, log-probs) pairs ([T, 2k] each, `merged_support_logprobs`). Only
+        the arrays travel back: TeacherGroup puts them on the samples the driver already holds."""
         out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
         for skip, kv, members in self._groups(samples):
             for batch in self._batches([samples[i] for i in members], skip):
@@ -129,9 +155,15 @@ class TeacherServer:
             supports.append(torch.tensor(support, dtype=torch.long, device=hidden.device))  # copies: Ray hands read-only arrays
         # One pass over every response position of the batch: a few large matmuls, not one per sample.
         head = self.model.get_output_embeddings().weight
+        cuts = np.cumsum([len(s.response_ids) for s in batch])[:-1]
+        if self.merge_support and not sampled_only:
+            ids, scores = merged_support_logprobs(torch.cat(rows), head, torch.cat(supports), self.temperature,
+                                                  self.chunk_tokens)
+            return list(zip(np.split(ids.to(torch.int32).cpu().numpy(), cuts),
+                            np.split(scores.to(torch.float32).cpu().numpy(), cuts)))
         scores = losses.support_logprobs(torch.cat(rows), head, torch.cat(supports), self.temperature,
                                          self.chunk_tokens).to(torch.float32).cpu().numpy()
-        return np.split(scores, np.cumsum([len(s.response_ids) for s in batch])[:-1])
+        return np.split(scores, cuts)
 
 
 class ColocatedTeacher:
@@ -186,14 +218,16 @@ class TeacherGroup:
         return self
 
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[DistillSample]:
-        """The samples with their teacher_logprobs (see TeacherServer.score), in their order."""
+        """The samples with their teacher_logprobs (see TeacherServer.score), in their order; a merged
+        support replaces their support_ids."""
         shares = balance([TeacherServer._length(s) for s in samples], len(self.actors))
         refs = [(share, a.score.remote([samples[i] for i in share], sampled_only))
                 for a, share in zip(self.actors, shares) if share]
         out = list(samples)
         for share, ref in refs:
-            for i, logprobs in zip(share, ray.get(ref)):
-                out[i] = replace(samples[i], teacher_logprobs=logprobs)
+            for i, scores in zip(share, ray.get(ref)):
+                ids, logprobs = scores if isinstance(scores, tuple) else (samples[i].support_ids, scores)
+                out[i] = replace(samples[i], support_ids=ids, teacher_logprobs=logprobs)
         return out
 
     def load_weights(self, weights) -> None:

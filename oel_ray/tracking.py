@@ -61,7 +61,8 @@ class StepLog:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         scalars = {"loss": m.loss, "kl": m.kl, "grad_norm": m.grad_norm, "lr": m.lr,
-                   "tokens_per_second": row["tokens_per_second"], "student_mass": m.student_mass}
+                   "tokens_per_second": row["tokens_per_second"], "student_mass": m.student_mass,
+                   "teacher_mass": m.teacher_mass}
         if self.writer:
             for name, value in scalars.items():
                 self.writer.add_scalar(f"consolidate/{name}", value, m.step)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray import checks
-from oel_ray.config import EMBEDDED_MODELS, NCCL, OELConfig
+from oel_ray.config import EMBEDDED_MODELS, NCCL, STUDENT, OELConfig
 from oel_ray.errors import ConfigError, choice, require
 from oel_ray.strategy import FULL_REVERSE_KL, SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
@@ -35,6 +35,9 @@ def validate(cfg: OELConfig) -> OELConfig:
             f"{', '.join(strategy.losses)}" + (" (seqkd trains on the teacher's replies: consolidation.mode=off_policy)"
                                                if cfg.learner.loss == SEQKD else ""))
     check_teacher_model(cfg)
+    require(cfg.learner.support == STUDENT or not strategy.workers_read_knowledge, "learner.support",
+            "merged joins the teacher's top-k to the student's top-k on the student's replies; off_policy "
+            "consolidation samples the teacher, whose top-k is the support already: set learner.support=student")
     require(cfg.learner.weight_sync != NCCL or cfg.cluster.use_gpu, "learner.weight_sync",
             "nccl needs GPUs (cluster.use_gpu=true); use auto or object_store on CPU")
     check_gpus(cfg)

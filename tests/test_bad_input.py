@@ -35,6 +35,8 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["learner.loss=forward"], "learner.loss: 'forward' is not one of topk_reverse_kl"),
     (["learner.aggregation=median"], "learner.aggregation: 'median' is not one of token_mean"),
     (["learner.tail=true", "learner.renormalize=true"], "learner.tail: true keeps the mass outside the support"),
+    (["learner.support=merged", "learner.loss=k3"], "learner.support: merged joins the teacher's top-k"),
+    (["learner.support=merged", "consolidation.mode=off_policy"], "learner.support: merged joins the teacher's top-k"),
     (["learner.loss=seqkd"], "learner.loss: seqkd does not apply to consolidation.mode=on_policy: use one of"),
     (["consolidation.mode=off_policy", "learner.loss=full_reverse_kl"],
      "learner.loss: full_reverse_kl does not apply to consolidation.mode=off_policy: use one of topk_reverse_kl, k1"),

@@ -423,3 +423,51 @@ def test_the_tail_kl_never_exceeds_the_full_kl():
         support = student_support(logits)
         tailed = topk_reverse_kl(logits, support, teacher_on(teacher, support), mask, TEMP, tail=True).loss
         assert tailed <= full_reverse_kl(logits, teacher, mask, TEMP) + 1e-12
+
+
+# ----------------------------------------------------------------------------- merged supports (padding)
+
+def merged(logits, teacher, k=K):
+    """A merged support as the teacher server builds it: the student's top-k, then the teacher's own
+    top-k, an id already present replaced by the first one with teacher log-prob -inf."""
+    student, own = student_support(logits, k), student_support(teacher, k)
+    repeated = (own[..., :, None] == student[..., None, :]).any(-1)
+    ids = torch.cat([student, torch.where(repeated, student[..., :1], own)], -1)
+    lt = teacher_on(teacher, ids)
+    lt[..., k:] = lt[..., k:].masked_fill(repeated, float("-inf"))
+    return ids, lt, repeated
+
+
+@pytest.mark.parametrize("renormalize, tail", [(False, False), (True, False), (False, True)])
+def test_padding_of_a_merged_support_adds_nothing(renormalize, tail):
+    """The loss on the padded [2k] support equals the loss on the union itself, per position, in
+    value and gradient (the padding's repeated ids would count twice if it were not skipped)."""
+    logits, teacher, mask = make(seed=11)
+    ids, lt, repeated = merged(logits, teacher)
+    assert repeated.any() and not repeated.all()
+    a = logits.clone().requires_grad_()
+    out = topk_reverse_kl(a, ids, lt, mask, TEMP, renormalize=renormalize, tail=tail)
+    out.loss.backward()
+    r = logits.clone().requires_grad_()
+    total, n = 0.0, 0
+    for b in range(B):
+        for t in range(T):
+            if not mask[b, t]:
+                continue
+            keep = torch.isfinite(lt[b, t])
+            one = topk_reverse_kl(r[b:b + 1, t:t + 1], ids[b, t, keep][None, None], lt[b, t, keep][None, None],
+                                  torch.ones(1, 1, dtype=torch.bool), TEMP, renormalize=renormalize, tail=tail)
+            total, n = total + one.loss, n + 1
+    (total / n).backward()
+    torch.testing.assert_close(out.loss, total / n)
+    torch.testing.assert_close(a.grad, r.grad)
+    assert torch.isfinite(a.grad).all()
+    # the chunked path the learner runs skips it too
+    hidden = torch.randn(B, T, H, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    weight = torch.randn(V, H, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    ids, lt, _ = merged(hidden @ weight.t(), teacher)
+    plain = topk_reverse_kl(hidden @ weight.t(), ids, lt, mask, TEMP, renormalize=renormalize, tail=tail)
+    chunked = topk_reverse_kl_from_hidden(hidden, weight, ids, lt, mask, TEMP, renormalize=renormalize, tail=tail,
+                                          chunk_tokens=3)
+    torch.testing.assert_close(plain.loss, chunked.loss)
+    torch.testing.assert_close(plain.student_mass, chunked.student_mass)

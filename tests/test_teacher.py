@@ -1,6 +1,8 @@
 """The teacher server's scores are exact: batching, padding and chunking change nothing, and the
 log-softmax is taken at the temperature the server was given."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -75,6 +77,29 @@ def test_sampled_only_scores_the_reply_tokens(tiny_model, reference_model, sampl
     for sample, got in zip(samples, scores):
         assert got.shape == (len(sample.response_ids), 1)
         np.testing.assert_allclose(got, expected(reference_model, sample, TEMP, sampled_only=True), atol=1e-5)
+
+
+def test_merged_support_is_the_union_of_both_top_k_padded_to_twice_k(tiny_model, reference_model, samples):
+    """learner.support=merged: per reply token the student's K ids, then the teacher's own top-K, an id
+    already among the student's replaced by padding (log-prob -inf); every other log-prob exact."""
+    from oel_ray.teacher import TeacherServer
+
+    teacher = TeacherServer(tiny_model, dtype="float32", temperature=TEMP, chunk_tokens=7, batch_tokens=128,
+                            merge_support=True)
+    for sample, (ids, got) in zip(samples, teacher.score(samples)):
+        r = len(sample.response_ids)
+        assert ids.shape == got.shape == (r, 2 * K) and got.dtype == np.float32
+        if not r:
+            continue
+        full = expected(reference_model, replace(sample, support_ids=np.tile(np.arange(
+            reference_model.config.vocab_size, dtype=np.int32), (r, 1))), TEMP)
+        np.testing.assert_array_equal(ids[:, :K], sample.support_ids)
+        for t in range(r):
+            own = set(np.argsort(-full[t])[:K].tolist())
+            real = got[t] > -np.inf
+            assert set(ids[t][real].tolist()) == set(sample.support_ids[t].tolist()) | own
+            assert len(set(ids[t][real].tolist())) == int(real.sum())  # no id twice
+            np.testing.assert_allclose(got[t][real], full[t][ids[t][real]], atol=1e-5)
 
 
 def test_the_teacher_uses_its_temperature(tiny_model, reference_model, samples):
