@@ -26,6 +26,7 @@ TOKEN_MEAN, SEQUENCE_MEAN = "token_mean", "sequence_mean"  # what the loss is av
 AGGREGATIONS = (TOKEN_MEAN, SEQUENCE_MEAN)
 SUPPORTS = (STUDENT, MERGED) = ("student", "merged")  # learner.support
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
+CHAIN_GAMES = (PER_STEP, POOL) = ("per_step", "pool")  # extractor.trajectories
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
 CONSOLIDATION_MODES = tuple(STRATEGIES)  # oel_ray/strategy.py: what each mode decides
@@ -134,12 +135,11 @@ class ExtractorConfig:
     # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
     # conf/extractor/<format>.yaml holds the team's templates.
     prompt: str = "{knowledge}\n\n{trajectory}"
-    # Show the knowledge accumulated so far in {knowledge} (the public code's exp_sel_with_prev); false:
-    # every extraction sees none yet, and the chain still appends what it writes.
-    with_previous: bool = True
-    # The policy's reasoning (<think>...</think>) stays in the game text the extractor reads, as in
-    # every script of the public code (textgame_keep_reasoning); false: only the answer after it.
-    keep_reasoning: bool = True
+    with_previous: bool = True  # {knowledge} shows the chain's knowledge so far (public code: exp_sel_with_prev)
+    keep_reasoning: bool = True  # the policy's <think> text stays in the games it reads (textgame_keep_reasoning)
+    # Which games the chains read: "per_step" (public code: at step i every chain plays training map i
+    # itself, on its own sampling seed), or "pool" (K drawn from rollout.games_per_round, per chain).
+    trajectories: str = POOL
     # The in-context curve (paper Fig. 4): accumulation steps (0..k) at which the held-out maps are
     # played with each chain's knowledge of that step in the teacher's prompt; None: 0, K/4, the
     # knowledge step and K (follows extractor.k in a sweep); []: no curve.
@@ -170,6 +170,7 @@ class ExtractorConfig:
             twice = sorted({s for s in steps if steps.count(s) > 1})
             require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
         choice("extractor.format", self.format, KNOWLEDGE_FORMATS)
+        choice("extractor.trajectories", self.trajectories, CHAIN_GAMES)
         positive("extractor.max_knowledge_tokens", self.max_knowledge_tokens)
         positive("extractor.max_response_tokens", self.max_response_tokens)
         positive("extractor.temperature", self.temperature)

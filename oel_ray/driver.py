@@ -19,7 +19,7 @@ from pathlib import Path
 import ray
 
 from oel_ray import artifacts, controls, preflight, tracking
-from oel_ray.config import OELConfig
+from oel_ray.config import PER_STEP, OELConfig
 from oel_ray.errors import InputError
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge
@@ -62,8 +62,7 @@ def run(cfg: OELConfig) -> dict:
         rl = run_dir.round(r)
         # 1. collect: the round-start model plays new training maps, no knowledge in context
         stage(rl.stage("collect"), lambda: play_into(
-            rl.trajectories, cluster.at_round_start(r), cfg, r,
-            train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)), rl.trajectories)
+            rl.trajectories, cluster.at_round_start(r), cfg, r, collect_specs(cfg, r)), rl.trajectories)
         # 2. extract: N chains accumulate knowledge over K trajectories each
         stage(rl.stage("extract"), lambda: extract_into(rl, cluster, cfg, r), rl.knowledge)
         #    ... and the in-context curve: the held-out maps with each chain's knowledge in context
@@ -110,11 +109,24 @@ def play_into(path: Path, roles, cfg: OELConfig, r: int, specs) -> None:
         log.warning("  map %d: %s", t.seed, t.reason)
 
 
+def collect_specs(cfg: OELConfig, r: int) -> list:
+    """The training maps round r's collect stage plays for the chains: extractor.trajectories=per_step,
+    maps 0..K-1 each once per chain (the c-th game of a map samples on its own seed stream,
+    `seeds.game_sampling_seeds`: chain c's); pool, rollout.games_per_round maps."""
+    e = cfg.extractor
+    if e.trajectories == PER_STEP:
+        return [spec for spec in train_specs(cfg.env, r, e.k, EXTRACTION_STREAM) for _ in range(e.num_chains)]
+    return train_specs(cfg.env, r, cfg.rollout.games_per_round, EXTRACTION_STREAM)
+
+
 def extract_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
     trajectories = artifacts.read_trajectories(rl.trajectories)  # before any actor starts
-    if len(trajectories) < cfg.extractor.k:
-        raise InputError(f"{rl.trajectories}: {len(trajectories)} games but extractor.k is "
-                         f"{cfg.extractor.k}; delete the file and rerun to collect the round again")
+    e = cfg.extractor
+    need = e.k * e.num_chains if e.trajectories == PER_STEP else e.k
+    if len(trajectories) < need:
+        raise InputError(f"{rl.trajectories}: {len(trajectories)} games but the chains read {need} "
+                         f"(extractor.k={e.k}, extractor.trajectories={e.trajectories}); delete the file and rerun "
+                         "to collect the round again")
     raw = cfg.teacher.context == TRAJECTORIES  # ablation: the trajectories themselves, no extraction
     chains = ray.get(cluster.at_round_start(r).extractor.run.remote(trajectories, None, raw, r))
     use_step = cfg.extractor.knowledge_step

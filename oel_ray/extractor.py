@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import ray
 
-from oel_ray.config import ExtractorConfig
+from oel_ray.config import PER_STEP, ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
 from oel_ray.rollout import generate_on
@@ -108,8 +108,12 @@ def shrink_to_fit(render: Callable[[int], str], length: Callable[[str], int], bu
 
 
 def chain_orders(trajectories: list[Trajectory], k: int, num_chains: int, seed: int,
-                 round: int) -> list[list[Trajectory]]:
-    """Each chain reads its own selection and order of k trajectories, new in every round."""
+                 round: int, per_step: bool = False) -> list[list[Trajectory]]:
+    """Each chain's k trajectories in reading order. per_step (extractor.trajectories): chain c reads
+    its own games of maps 0..k-1, which the collect stage played map after map, each once per chain
+    in chain order (`driver.collect_specs`); pool: its own selection and order, new in every round."""
+    if per_step:
+        return [[trajectories[i * num_chains + c] for i in range(k)] for c in range(num_chains)]
     return [random.Random(chain_order_seed(seed, round, c)).sample(trajectories, k) for c in range(num_chains)]
 
 
@@ -200,7 +204,7 @@ class Extractor:
         cfg = self.cfg
         chains = list(range(cfg.num_chains)) if chains is None else chains
         round = trajectory_round(trajectories) if round is None else round
-        orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed, round)
+        orders = chain_orders(trajectories, cfg.k, cfg.num_chains, self.seed, round, cfg.trajectories == PER_STEP)
         knowledge = {c: "" for c in chains}
         snapshots = {c: [KnowledgeSnapshot(c, 0, "", 0, [])] for c in chains}
         sampling = Sampling(max_tokens=cfg.max_response_tokens, temperature=cfg.temperature,

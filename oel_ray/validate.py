@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray import checks
-from oel_ray.config import EMBEDDED_MODELS, NCCL, STUDENT, OELConfig
+from oel_ray.config import EMBEDDED_MODELS, NCCL, PER_STEP, STUDENT, OELConfig
 from oel_ray.errors import ConfigError, choice, require
 from oel_ray.strategy import FULL_REVERSE_KL, SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
@@ -22,7 +22,7 @@ def validate(cfg: OELConfig) -> OELConfig:
     check_seed_ranges(cfg)
     check_lengths(cfg)
     check_extractor_model(cfg)
-    require(cfg.extractor.k <= cfg.rollout.games_per_round, "extractor.k",
+    require(cfg.extractor.trajectories == PER_STEP or cfg.extractor.k <= cfg.rollout.games_per_round, "extractor.k",
             f"{cfg.extractor.k} trajectories per chain but rollout.games_per_round is {cfg.rollout.games_per_round}; "
             "raise rollout.games_per_round or lower extractor.k")
     if cfg.teacher.knowledge_from:  # another run's knowledge files: read now, not rounds later

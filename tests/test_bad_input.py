@@ -172,7 +172,7 @@ FILES = [  # (stages finished, {file: content}, manifest config changes, kind, m
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1), "{\"env_id\": 3")},
      {}, "input", "trajectories.jsonl:2: not a trajectory row"),
     (["round_0/evaluate", "round_1/collect"], {"round_1/trajectories.jsonl": rows(played(1))}, {}, "input",
-     "trajectories.jsonl: 1 games but extractor.k is 2"),
+     "trajectories.jsonl: 1 games but the chains read 2 (extractor.k=2, extractor.trajectories=pool)"),
     (["round_0/evaluate", "round_1/collect", "round_1/extract", "round_1/knowledge_eval", "round_1/deploy"],
      {"round_1/deploy.jsonl": rows(played(1), played(2)), "round_1/knowledge.json": knowledge(["", " "], [])},
      {}, "input", "knowledge.json: the knowledge set is empty"),

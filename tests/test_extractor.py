@@ -82,6 +82,31 @@ def test_chain_orders_differ_across_chains_and_repeat_with_the_seed():
     assert len({tuple(t.seed for t in c) for c in a}) == 3
 
 
+def test_per_step_chains_each_play_every_map_in_order_on_their_own_seeds():
+    """extractor.trajectories=per_step (the public code's protocol): the collect stage plays maps
+    0..K-1 once per chain; chain c reads its own game of map i at step i, every chain the same maps,
+    each game on its own sampling seed."""
+    from oel_ray.config import OELConfig
+    from oel_ray.driver import collect_specs
+    from oel_ray.seeds import game_sampling_seeds
+
+    cfg = OELConfig()
+    cfg.extractor.k, cfg.extractor.num_chains, cfg.extractor.trajectories = 3, 4, "per_step"
+    specs = collect_specs(cfg, 1)
+    assert len(specs) == 12
+    seeds = game_sampling_seeds(7, specs)
+    played = [fake_trajectory(spec.seed) for spec in specs]
+    for t, seed in zip(played, seeds):
+        t.turns[0] = replace(t.turns[0], response=str(seed))  # which sampling stream played it
+    orders = chain_orders(played, 3, 4, seed=1, round=1, per_step=True)
+    maps = [[t.seed for t in chain] for chain in orders]
+    assert all(m == maps[0] for m in maps) and len(set(maps[0])) == 3  # same maps, in order, all distinct
+    streams = [t.turns[0].response for chain in orders for t in chain]
+    assert len(set(streams)) == 12  # every game its own sampling seed
+    cfg.extractor.trajectories = "pool"
+    assert len(collect_specs(cfg, 1)) == cfg.rollout.games_per_round
+
+
 def test_chain_orders_and_sampling_seeds_are_new_every_round():
     trajs = [fake_trajectory(s) for s in range(20)]
     orders = {r: [[t.seed for t in c] for c in chain_orders(trajs, 6, 3, seed=1, round=r)] for r in (1, 2, 3)}

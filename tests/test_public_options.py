@@ -1,7 +1,7 @@
 """The public code's switches that change how a round runs, together in one `tiny` run end to end
 with every real part: a merged support with the tail entry (learner.support=merged, learner.tail),
 an extractor that sees no earlier knowledge and no reasoning (extractor.with_previous=false,
-extractor.keep_reasoning=false). Each has its exactness test beside its code's (test_losses,
+extractor.keep_reasoning=false), chains that each play map i at step i (extractor.trajectories=per_step). Each has its exactness test beside its code's (test_losses,
 test_teacher, test_extractor); here the run must finish and record them."""
 
 import json
@@ -13,13 +13,14 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 OPTIONS = {"learner.support": "merged", "learner.tail": True, "extractor.with_previous": False,
-           "extractor.keep_reasoning": False}
+           "extractor.keep_reasoning": False, "extractor.trajectories": "per_step", "extractor.num_chains": 2}
 
 
 def test_the_public_codes_switches_run_end_to_end(tiny_model, smallest_tiny, tmp_path):
     out = tmp_path / "run"
     switches = [f"{key}={str(value).lower()}" for key, value in OPTIONS.items()]
-    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, "learner.steps=2",
+    base = [arg for arg in smallest_tiny if not arg.startswith("extractor.num_chains=")]
+    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *base, "learner.steps=2",
                            f"model.path={tiny_model}", *switches, f"hydra.run.dir={out}"],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -32,4 +33,10 @@ def test_the_public_codes_switches_run_end_to_end(tiny_model, smallest_tiny, tmp
     for row in rows:  # the mass outside the support, both models, every step
         assert 0 < row["student_mass"] <= 1 + 1e-6 and 0 < row["teacher_mass"] <= 1 + 1e-6
         assert row["kl"] >= 0 and row["kl"] == row["kl"]  # the tail KL of whole distributions: never negative
-    assert json.loads((out / "round_1" / "knowledge.json").read_text())["set"] is not None
+    # per_step: K maps played once per chain; each chain's steps read maps 0..K-1 in order
+    k = config["extractor"]["k"]
+    games = (out / "round_1" / "trajectories.jsonl").read_text().splitlines()
+    assert len(games) == 2 * k
+    chains = json.loads((out / "round_1" / "knowledge.json").read_text())["chains"]
+    maps = [json.loads(g)["seed"] for g in games][::2]
+    assert [[step["trajectory_seeds"] for step in chain] for chain in chains] == [[maps[:i] for i in range(k + 1)]] * 2
