@@ -155,6 +155,9 @@ def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r:
     steps, e = cfg.extractor.curve_steps, cfg.extractor
     chains = artifacts.read_knowledge_chains(rl.knowledge, max(steps))  # before any actor starts
     rows = evaluate_knowledge(cluster.at_round_start(r).workers, cfg, r, chains, steps)
+    for row in rows:  # per step, as the public code saves them; the curve below keeps the figures only
+        artifacts.write_json(rl.knowledge_step(row["step"]), {"round": r, **row})
+    rows = [{k: v for k, v in row.items() if k != "sample_games"} for row in rows]
     artifacts.write_json(rl.knowledge_eval, {
         "round": r, "use_step": e.knowledge_step, "maps": cfg.env.eval_maps, "samples": cfg.env.eval_samples,
         "chains": len(chains), "knowledge_position": cfg.teacher.knowledge_position, "steps": rows})

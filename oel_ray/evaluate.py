@@ -123,6 +123,9 @@ def evaluate(workers, cfg: OELConfig, round: int, on_games=None) -> tuple[EvalRe
     return summarize(trajectories, round, cfg.env.eval_samples), trajectories
 
 
+SAMPLE_GAMES = 3  # held-out games kept per accumulation step, the same maps at every step
+
+
 def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[KnowledgeSnapshot]],
                        steps: list[int], on_games=None) -> list[dict]:
     """The in-context curve: one row per accumulation step in `steps`, the held-out maps played
@@ -139,14 +142,19 @@ def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[Kn
     rows = []
     for step in steps:
         games = [per_text[chain[step].text.strip()] for chain in chains]
+        # the same held-out maps at every step, as chain 0 played them: the step's sample games
+        samples_played = [t.to_json() for t in games[0][:SAMPLE_GAMES]]
         report = summarize([t for chain_games in games for t in chain_games], round, samples * len(chains))
         rows.append({
             "step": step, "pass_rate": report.pass_rate, "ci_low": report.ci_low, "ci_high": report.ci_high,
             "response_tokens_per_turn": report.response_tokens_per_turn, "turns_per_game": report.turns_per_game,
             "invalid_rate": report.invalid_rate, "games": report.games, "effective_games": report.effective_games,
+            "response_tokens_per_game": sum(turn.response_tokens for g in games for t in g for turn in t.turns)
+            / max(1, sum(len(g) for g in games)),
             "per_chain_pass_rates": [sum(t.passed for t in g) / len(g) for g in games],
             "knowledge_tokens": sum(chain[step].num_tokens for chain in chains) / len(chains),
             "empty_chains": sum(not chain[step].text.strip() for chain in chains),
+            "sample_games": samples_played,
         })
     return rows
 

@@ -7,6 +7,7 @@
         trajectories.jsonl   collect: the games extraction reads
         knowledge.json       extract: every chain's snapshots and the set the teacher reads
         knowledge_eval.json  the in-context curve (and .md)
+        knowledge_steps/step_<i>.json  per accumulation step: its figures and fixed sample games
         deploy.jsonl         the games whose turn prefixes consolidation trains on
         metrics.jsonl/.csv   one row per consolidation step
         learner_state/       resumable training state, removed once the round's model is saved
@@ -51,6 +52,10 @@ class RoundLayout:
     eval, eval_md, eval_trajectories, ifeval, lm_eval = _files(
         "eval.json", "eval.md", "eval_trajectories.jsonl", "ifeval.json", "ifeval_lm_eval.json")
     model, model_config = _files("model", "model/config.json")
+
+    def knowledge_step(self, step: int) -> Path:
+        """The in-context evaluation of accumulation step `step`: its figures and fixed sample games."""
+        return self.dir / "knowledge_steps" / f"step_{step:04d}.json"
 
     def state_after(self, steps: int) -> Path:
         """Where the training state after `steps` steps of this round is saved."""

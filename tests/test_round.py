@@ -54,6 +54,10 @@ def test_round_writes_every_artifact(run_dir):
     assert not list(out.rglob("*.partial")) and not list(out.rglob("*.tmp"))
 
 
+def first_step_file(out) -> str:
+    return (out / "round_1" / "knowledge_steps" / "step_0000.json").read_text()
+
+
 @e2e
 def test_round_measures_the_in_context_curve(run_dir):
     """extractor.k=2: the default steps 0, K/4 = 0, K/2 = 1 and K = 2, every chain's knowledge in the
@@ -72,6 +76,13 @@ def test_round_measures_the_in_context_curve(run_dir):
     for key in ("pass_rate", "ci_low", "ci_high", "response_tokens_per_turn", "turns_per_game"):
         assert step0[key] == pytest.approx(start[key], abs=1e-12), key  # game for game the same games
     assert curve["steps"][1]["knowledge_tokens"] > 0
+    # per accumulation step, as the public code saves them: the figures and the same sample maps
+    for row in curve["steps"]:
+        step = json.loads((out / "round_1" / "knowledge_steps" / f"step_{row['step']:04d}.json").read_text())
+        assert {k: step[k] for k in row} == row and step["round"] == 1
+        assert step["response_tokens_per_game"] == pytest.approx(step["response_tokens_per_turn"] * step["turns_per_game"])
+        assert [g["seed"] for g in step["sample_games"]] == [g["seed"] for g in
+                                                             json.loads(first_step_file(out))["sample_games"]]
     summary = json.loads((out / "summary.json").read_text())
     assert [p["step"] for p in summary["in_context_curve"]["1"]] == [0, 1, 2] and summary["knowledge_step"] == 1
     assert "in-context pass rate by accumulation step, round 1: 0 " in stdout and "1* " in stdout
