@@ -135,6 +135,16 @@ def read_knowledge_chains(path: Path, steps: int) -> list[list[KnowledgeSnapshot
     return chains
 
 
+def read_selection(path: Path) -> tuple[int, int]:
+    """(chain, step) that knowledge_eval.json's "selected" names (extractor.select=best)."""
+    try:
+        selected = json.loads(Path(path).read_text())["selected"]
+        return int(selected["chain"]), int(selected["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{path}: no selected knowledge ({type(err).__name__}: {err}); delete it and rerun to "
+                         "evaluate the chains again") from None
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return

@@ -27,6 +27,7 @@ AGGREGATIONS = (TOKEN_MEAN, SEQUENCE_MEAN)
 SUPPORTS = (STUDENT, MERGED) = ("student", "merged")  # learner.support
 KNOWLEDGE_FORMATS = ("structured", "unstructured")
 CHAIN_GAMES = (PER_STEP, POOL) = ("per_step", "pool")  # extractor.trajectories
+SELECTS = (MIX, BEST) = ("mix", "best")  # extractor.select
 KNOWLEDGE_POSITIONS = ("user", "system")
 HISTORY_FORMATS = ("flattened", "chat")
 CONSOLIDATION_MODES = tuple(STRATEGIES)  # oel_ray/strategy.py: what each mode decides
@@ -132,18 +133,17 @@ class ExtractorConfig:
     model: str = "policy"
     endpoint_model: str = ""
     api_key_env: str = "OPENAI_API_KEY"
-    # Prompt template with {trajectory} and, for accumulation against earlier items, {knowledge};
-    # conf/extractor/<format>.yaml holds the team's templates.
+    # Template with {trajectory} and {knowledge} (the items so far); conf/extractor/<format>.yaml holds ours.
     prompt: str = "{knowledge}\n\n{trajectory}"
     with_previous: bool = True  # {knowledge} shows the chain's knowledge so far (public code: exp_sel_with_prev)
     keep_reasoning: bool = True  # the policy's <think> text stays in the games it reads (textgame_keep_reasoning)
     # Which games the chains read: "per_step" (public code: at step i every chain plays training map i
     # itself, on its own sampling seed), or "pool" (K drawn from rollout.games_per_round, per chain).
     trajectories: str = POOL
-    # The in-context curve (paper Fig. 4): accumulation steps (0..k) at which the held-out maps are
-    # played with each chain's knowledge of that step in the teacher's prompt; None: 0, K/4, the
-    # knowledge step and K (follows extractor.k in a sweep); []: no curve.
+    # The in-context curve (paper Fig. 4): steps (0..k) at which the held-out maps are played with each
+    # chain's knowledge of that step in context; None: 0, K/4, the knowledge step and K; []: no curve.
     eval_steps: Optional[list[int]] = None
+    select: str = MIX  # best: the teacher reads the one chain and curve step of highest in-context pass rate
 
     @property
     def knowledge_step(self) -> int:
@@ -171,6 +171,9 @@ class ExtractorConfig:
             require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
         choice("extractor.format", self.format, KNOWLEDGE_FORMATS)
         choice("extractor.trajectories", self.trajectories, CHAIN_GAMES)
+        choice("extractor.select", self.select, SELECTS)
+        require(self.select == MIX or any(s > 0 for s in self.curve_steps), "extractor.select", "best picks by the "
+                "in-context pass rate at extractor.eval_steps: list a step above 0 there, or leave it unset")
         positive("extractor.max_knowledge_tokens", self.max_knowledge_tokens)
         positive("extractor.max_response_tokens", self.max_response_tokens)
         positive("extractor.temperature", self.temperature)
@@ -198,11 +201,8 @@ class TeacherConfig:
     num_actors: int = 1
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
-    # Encode each shared prompt start (a knowledge text) once per round and reuse its keys/values.
-    reuse_prefix: bool = True
-    # Another checkpoint teaching every round (the public code's ref_model_path; same tokenizer as the
-    # student); None: each round's start model.
-    model: Optional[str] = None
+    reuse_prefix: bool = True  # encode each shared prompt start (a knowledge text) once per round
+    model: Optional[str] = None  # another checkpoint (same tokenizer) teaching every round; None: the round's start
 
     def check(self) -> None:
         choice("teacher.knowledge_position", self.knowledge_position, KNOWLEDGE_POSITIONS)
@@ -222,8 +222,7 @@ class LearnerConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0
     warmup_steps: int = 0
-    # Parameter names (fnmatch patterns, e.g. "model.layers.0.*") kept fixed during consolidation;
-    # the organism keeps its hand-set reading heads (oel_ray/reader_heads.py) this way.
+    # Parameter names (fnmatch patterns) kept fixed: the organism's hand-set reading heads (reader_heads.py)
     freeze: list[str] = field(default_factory=list)
     zero_stage: int = 2
     num_ranks: int = 1

@@ -19,10 +19,10 @@ from pathlib import Path
 import ray
 
 from oel_ray import artifacts, controls, preflight, tracking
-from oel_ray.config import PER_STEP, OELConfig
+from oel_ray.config import BEST, MIX, PER_STEP, OELConfig
 from oel_ray.errors import InputError
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
-from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge
+from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge, select_best
 from oel_ray.extractor import knowledge_set
 from oel_ray.games import train_specs
 from oel_ray.ifeval import reference_sampling, run_ifeval
@@ -158,12 +158,26 @@ def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r:
     for row in rows:  # per step, as the public code saves them; the curve below keeps the figures only
         artifacts.write_json(rl.knowledge_step(row["step"]), {"round": r, **row})
     rows = [{k: v for k, v in row.items() if k != "sample_games"} for row in rows]
+    selected = select_best(rows, chains) if e.select == BEST else None  # what the teacher then reads
     artifacts.write_json(rl.knowledge_eval, {
         "round": r, "use_step": e.knowledge_step, "maps": cfg.env.eval_maps, "samples": cfg.env.eval_samples,
-        "chains": len(chains), "knowledge_position": cfg.teacher.knowledge_position, "steps": rows})
+        "chains": len(chains), "knowledge_position": cfg.teacher.knowledge_position, "steps": rows,
+        "selected": selected})
+    if selected:
+        log.info("  extractor.select=best: chain %d at step %d (in-context pass rate %.3f) is the teacher's knowledge",
+                 selected["chain"], selected["step"], selected["pass_rate"])
     table = curve_markdown(rows, e.knowledge_step)
     artifacts.atomic_write_text(rl.knowledge_eval_md, table)
     log.info("  held-out pass rate with each chain's knowledge in context, by accumulation step:\n%s", table)
+
+
+def teacher_knowledge(rl: RoundLayout, cfg: OELConfig) -> list[str]:
+    """The texts the teacher draws from this round: the chains' set (extractor.select=mix), or the one
+    chain and step the in-context curve selected (best)."""
+    if cfg.extractor.select == MIX:
+        return artifacts.read_knowledge_set(rl.knowledge)
+    chain, step = artifacts.read_selection(rl.knowledge_eval)
+    return [artifacts.read_knowledge_chains(rl.knowledge, step)[chain][step].text]
 
 
 def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
@@ -172,7 +186,7 @@ def consolidate_round(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: i
     lcfg = cfg.learner
     base = (r - 1) * lcfg.steps  # global step numbers continue across rounds
     deploy = artifacts.read_trajectories(rl.deploy)  # inputs first: a bad file fails fast
-    knowledge = artifacts.read_knowledge_set(rl.knowledge)
+    knowledge = teacher_knowledge(rl, cfg)
     done = cluster.resume_consolidation(r)  # steps of this round already trained (restored)
     batches = step_prefixes(deploy, lcfg.steps, lcfg.batch_size, round_prefix_seed(cfg.seed, r))
     steps = tracking.StepLog(rl, cfg.tracking, first_step=base + done)

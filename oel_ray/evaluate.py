@@ -159,6 +159,18 @@ def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[Kn
     return rows
 
 
+def select_best(rows: list[dict], chains: list[list[KnowledgeSnapshot]]) -> dict:
+    """extractor.select=best: the chain and accumulation step (above 0, with knowledge) whose knowledge
+    in context gave the highest held-out pass rate on the curve; the earliest step and lowest chain
+    on a tie. {"step", "chain", "pass_rate"}."""
+    candidates = [(rate, -row["step"], -c) for row in rows if row["step"] > 0
+                  for c, rate in enumerate(row["per_chain_pass_rates"]) if chains[c][row["step"]].text.strip()]
+    if not candidates:
+        raise ValueError("no chain has knowledge at any curve step above 0: nothing to select")
+    rate, step, chain = max(candidates)
+    return {"step": -step, "chain": -chain, "pass_rate": rate}
+
+
 def curve_markdown(rows: list[dict], use_step: int) -> str:
     """One round's in-context curve as a table; the step consolidation reads is marked."""
     lines = ["| step | knowledge tokens | pass rate | 95% CI | per chain | tokens/turn | games | empty chains |",

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray import checks
-from oel_ray.config import EMBEDDED_MODELS, NCCL, PER_STEP, STUDENT, OELConfig
+from oel_ray.config import EMBEDDED_MODELS, MIX, NCCL, PER_STEP, STUDENT, OELConfig
 from oel_ray.errors import ConfigError, choice, require
 from oel_ray.strategy import FULL_REVERSE_KL, SEQKD
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE
+from oel_ray.types import KNOWLEDGE
 
 
 def validate(cfg: OELConfig) -> OELConfig:
@@ -35,6 +36,9 @@ def validate(cfg: OELConfig) -> OELConfig:
             f"{', '.join(strategy.losses)}" + (" (seqkd trains on the teacher's replies: consolidation.mode=off_policy)"
                                                if cfg.learner.loss == SEQKD else ""))
     check_teacher_model(cfg)
+    require(cfg.extractor.select == MIX or (cfg.teacher.context == KNOWLEDGE and not cfg.teacher.knowledge_from),
+            "extractor.select", "best picks among this run's extracted knowledge: it needs teacher.context=knowledge "
+            "and no teacher.knowledge_from; use extractor.select=mix with the controls")
     require(cfg.learner.support == STUDENT or not strategy.workers_read_knowledge, "learner.support",
             "merged joins the teacher's top-k to the student's top-k on the student's replies; off_policy "
             "consolidation samples the teacher, whose top-k is the support already: set learner.support=student")

@@ -37,6 +37,8 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
     (["learner.tail=true", "learner.renormalize=true"], "learner.tail: true keeps the mass outside the support"),
     (["learner.support=merged", "learner.loss=k3"], "learner.support: merged joins the teacher's top-k"),
     (["learner.support=merged", "consolidation.mode=off_policy"], "learner.support: merged joins the teacher's top-k"),
+    (["extractor.select=best", "teacher.context=shuffled"], "extractor.select: best picks among this run's"),
+    (["extractor.select=best", "extractor.eval_steps=[0]"], "extractor.select: best picks by the in-context pass rate"),
     (["learner.loss=seqkd"], "learner.loss: seqkd does not apply to consolidation.mode=on_policy: use one of"),
     (["consolidation.mode=off_policy", "learner.loss=full_reverse_kl"],
      "learner.loss: full_reverse_kl does not apply to consolidation.mode=off_policy: use one of topk_reverse_kl, k1"),

@@ -75,3 +75,23 @@ def test_markdown_is_one_table_row_under_its_header():
     assert values["round"] == "4" and values["maps x samples"] == "3 x 2" and values["pass rate"] == "0.500"
     assert values["95% CI"] == f"[{report.ci_low:.3f}, {report.ci_high:.3f}]"
     assert values["per sample"] == "0.667, 0.333" and values["tokens/turn"] == "3.0"
+
+
+def test_best_selection_takes_the_highest_in_context_pass_rate_above_step_0():
+    """extractor.select=best: the chain and step of the curve with the highest held-out pass rate; step
+    0 (no knowledge) and a chain still empty never count; ties go to the earliest step, lowest chain."""
+    from oel_ray.evaluate import select_best
+    from oel_ray.types import KnowledgeSnapshot
+
+    def chain(c, texts):
+        return [KnowledgeSnapshot(c, s, t, len(t), []) for s, t in enumerate(texts)]
+
+    chains = [chain(0, ["", "a", "a b", "a b c"]), chain(1, ["", "", "x", "x y"])]
+    rows = [{"step": 0, "per_chain_pass_rates": [0.9, 0.9]},  # the plain prompt: not knowledge
+            {"step": 1, "per_chain_pass_rates": [0.2, 0.8]},  # chain 1 is empty at step 1
+            {"step": 3, "per_chain_pass_rates": [0.5, 0.6]}]
+    assert select_best(rows, chains) == {"step": 3, "chain": 1, "pass_rate": 0.6}
+    rows[2]["per_chain_pass_rates"] = [0.2, 0.1]
+    assert select_best(rows, chains) == {"step": 1, "chain": 0, "pass_rate": 0.2}  # tie: earliest step
+    with pytest.raises(ValueError, match="nothing to select"):
+        select_best(rows[:1], chains)

@@ -1,7 +1,8 @@
 """The public code's switches that change how a round runs, together in one `tiny` run end to end
 with every real part: a merged support with the tail entry (learner.support=merged, learner.tail),
 an extractor that sees no earlier knowledge and no reasoning (extractor.with_previous=false,
-extractor.keep_reasoning=false), chains that each play map i at step i (extractor.trajectories=per_step). Each has its exactness test beside its code's (test_losses,
+extractor.keep_reasoning=false), chains that each play map i at step i (extractor.trajectories=per_step),
+and a teacher reading the one chain and step of best in-context pass rate (extractor.select=best). Each has its exactness test beside its code's (test_losses,
 test_teacher, test_extractor); here the run must finish and record them."""
 
 import json
@@ -13,7 +14,8 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 OPTIONS = {"learner.support": "merged", "learner.tail": True, "extractor.with_previous": False,
-           "extractor.keep_reasoning": False, "extractor.trajectories": "per_step", "extractor.num_chains": 2}
+           "extractor.keep_reasoning": False, "extractor.trajectories": "per_step", "extractor.num_chains": 2,
+           "extractor.select": "best"}
 
 
 def test_the_public_codes_switches_run_end_to_end(tiny_model, smallest_tiny, tmp_path):
@@ -40,3 +42,9 @@ def test_the_public_codes_switches_run_end_to_end(tiny_model, smallest_tiny, tmp
     chains = json.loads((out / "round_1" / "knowledge.json").read_text())["chains"]
     maps = [json.loads(g)["seed"] for g in games][::2]
     assert [[step["trajectory_seeds"] for step in chain] for chain in chains] == [[maps[:i] for i in range(k + 1)]] * 2
+    # select=best: the choice is recorded with the curve it was made from, and said in the log
+    curve = json.loads((out / "round_1" / "knowledge_eval.json").read_text())
+    chosen = curve["selected"]
+    best = max(rate for row in curve["steps"] if row["step"] > 0 for rate in row["per_chain_pass_rates"])
+    assert chosen["pass_rate"] == best and chosen["step"] > 0
+    assert f"chain {chosen['chain']} at step {chosen['step']}" in proc.stderr
