@@ -33,22 +33,23 @@ def student_support(logits, k=K):
     return logits.topk(k, dim=-1).indices
 
 
+def token_mean(mask, value):
+    """The mean of value(b, t) over the unmasked positions, one at a time: the references' loop."""
+    positions = [(b, t) for b in range(mask.shape[0]) for t in range(mask.shape[1]) if mask[b, t]]
+    return sum(value(b, t) for b, t in positions) / len(positions)
+
+
 def reference(logits, support, lt, mask, renormalize=False, forward=False):
     """Direct formula, written independently: loops over positions, token mean. Reverse KL
     sum_v p_s(v) (log p_s(v) - log p_t(v)) on the support, or with `forward` the off-policy loss
     sum_v p_t(v) (log p_t(v) - log p_s(v))."""
-    total, n = 0.0, 0
-    for b in range(logits.shape[0]):
-        for t in range(logits.shape[1]):
-            if not mask[b, t]:
-                continue
-            ls = torch.log_softmax(logits[b, t] / TEMP, -1)[support[b, t]]
-            lq = lt[b, t]
-            if renormalize:
-                ls, lq = ls - torch.logsumexp(ls, 0), lq - torch.logsumexp(lq, 0)
-            total = total + ((torch.exp(lq) * (lq - ls)) if forward else (torch.exp(ls) * (ls - lq))).sum()
-            n += 1
-    return total / n
+    def kl(b, t):
+        ls = torch.log_softmax(logits[b, t] / TEMP, -1)[support[b, t]]
+        lq = lt[b, t]
+        if renormalize:
+            ls, lq = ls - torch.logsumexp(ls, 0), lq - torch.logsumexp(lq, 0)
+        return ((torch.exp(lq) * (lq - ls)) if forward else (torch.exp(ls) * (ls - lq))).sum()
+    return token_mean(mask, kl)
 
 
 def test_full_support_equals_full_kl_and_gradient_matches_reference():
@@ -296,26 +297,20 @@ def estimator_reference(name, logits, ids, lt, mask, forward):
     """The public code's kl_penalty(logprob, ref_logprob) on the sampled token, written per position:
     logprob is the sampler's log-prob (the student's on-policy, the teacher's off-policy), ref the
     other model's; token mean."""
-    total, n = 0.0, 0
-    for b in range(logits.shape[0]):
-        for t in range(logits.shape[1]):
-            if not mask[b, t]:
-                continue
-            ls = torch.log_softmax(logits[b, t] / TEMP, -1)[ids[b, t]]
-            logprob, ref = (lt[b, t], ls) if forward else (ls, lt[b, t])
-            if name == "k1":
-                value = logprob - ref
-            elif name == "k2":
-                value = 0.5 * (logprob - ref) ** 2
-            elif name == "k3":
-                kl = torch.clamp(ref - logprob, -20, 20)
-                value = torch.clamp(torch.exp(kl) - kl - 1, -10, 10)
-            elif name == "abs":
-                value = torch.abs(logprob - ref)
-            else:  # seqkd: the teacher's sampled reply as the target (off-policy)
-                value = -ls
-            total, n = total + value, n + 1
-    return total / n
+    def value(b, t):
+        ls = torch.log_softmax(logits[b, t] / TEMP, -1)[ids[b, t]]
+        logprob, ref = (lt[b, t], ls) if forward else (ls, lt[b, t])
+        if name == "k1":
+            return logprob - ref
+        if name == "k2":
+            return 0.5 * (logprob - ref) ** 2
+        if name == "k3":
+            kl = torch.clamp(ref - logprob, -20, 20)
+            return torch.clamp(torch.exp(kl) - kl - 1, -10, 10)
+        if name == "abs":
+            return torch.abs(logprob - ref)
+        return -ls  # seqkd: the teacher's sampled reply as the target (off-policy)
+    return token_mean(mask, value)
 
 
 # every estimator in both directions; seqkd only forward (the teacher's replies exist off-policy only)
@@ -363,19 +358,14 @@ def test_k3_is_clamped_as_the_public_code_clamps_it():
 
 def tail_reference(logits, teacher, support, mask, forward=False):
     """The KL between the two (k+1)-bin distributions (the support's ids, then everything else),
-    from the full log-softmaxes, token mean."""
-    total, n = 0.0, 0
-    for b in range(logits.shape[0]):
-        for t in range(logits.shape[1]):
-            if not mask[b, t]:
-                continue
-            ps = torch.softmax(logits[b, t] / TEMP, -1)
-            pt = torch.softmax(teacher[b, t] / TEMP, -1)
-            s, q = ps[support[b, t]], pt[support[b, t]]
-            s, q = torch.cat([s, (1 - s.sum())[None]]), torch.cat([q, (1 - q.sum())[None]])
-            first, second = (q, s) if forward else (s, q)
-            total, n = total + (first * (first.log() - second.log())).sum(), n + 1
-    return total / n
+    from the full softmaxes, token mean."""
+    def kl(b, t):
+        s = torch.softmax(logits[b, t] / TEMP, -1)[support[b, t]]
+        q = torch.softmax(teacher[b, t] / TEMP, -1)[support[b, t]]
+        s, q = torch.cat([s, (1 - s.sum())[None]]), torch.cat([q, (1 - q.sum())[None]])
+        first, second = (q, s) if forward else (s, q)
+        return (first * (first.log() - second.log())).sum()
+    return token_mean(mask, kl)
 
 
 @pytest.mark.parametrize("kind", ["reverse", "forward"])
@@ -449,17 +439,14 @@ def test_padding_of_a_merged_support_adds_nothing(renormalize, tail):
     out = topk_reverse_kl(a, ids, lt, mask, TEMP, renormalize=renormalize, tail=tail)
     out.loss.backward()
     r = logits.clone().requires_grad_()
-    total, n = 0.0, 0
-    for b in range(B):
-        for t in range(T):
-            if not mask[b, t]:
-                continue
-            keep = torch.isfinite(lt[b, t])
-            one = topk_reverse_kl(r[b:b + 1, t:t + 1], ids[b, t, keep][None, None], lt[b, t, keep][None, None],
-                                  torch.ones(1, 1, dtype=torch.bool), TEMP, renormalize=renormalize, tail=tail)
-            total, n = total + one.loss, n + 1
-    (total / n).backward()
-    torch.testing.assert_close(out.loss, total / n)
+
+    def on_the_union(b, t):  # this position's loss on its union alone, without the padding
+        keep = torch.isfinite(lt[b, t])
+        return topk_reverse_kl(r[b:b + 1, t:t + 1], ids[b, t, keep][None, None], lt[b, t, keep][None, None],
+                               torch.ones(1, 1, dtype=torch.bool), TEMP, renormalize=renormalize, tail=tail).loss
+    expected = token_mean(mask, on_the_union)
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected)
     torch.testing.assert_close(a.grad, r.grad)
     assert torch.isfinite(a.grad).all()
     # the chunked path the learner runs skips it too
