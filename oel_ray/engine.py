@@ -65,6 +65,7 @@ class VLLMEngine:
             # vLLM would detokenize every top-k logprob entry (40x slower generation at k=256);
             # we decode replies ourselves with the same tokenizer.
             skip_tokenizer_init=True,
+            use_tqdm_on_load=False,  # a loading bar in the driver's log says nothing a user can act on
             **cpu_prefill,
         )
         self.init_seconds = time.perf_counter() - started

@@ -101,14 +101,19 @@ def learner_group(cfg: OELConfig, model_path: str, wait: bool = True) -> Learner
     return LearnerGroup(cfg.learner, model_path, num_cpus=c.learner_cpus, num_gpus=c.learner_gpus, wait=wait)
 
 
+# Every actor of the run: no model-loading progress bars (their lines reach the driver's stderr late,
+# after whatever the run printed last, and say nothing a user can act on).
+JOB_ENV = {"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
+
+
 def init_ray(cfg: OELConfig) -> None:
     c = cfg.cluster
     if c.address:
-        ray.init(address=c.address, log_to_driver=True)
+        ray.init(address=c.address, log_to_driver=True, runtime_env=JOB_ENV)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, not reachable off-host
     ray.init(num_cpus=c.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=c.dashboard,
-             dashboard_host="127.0.0.1", log_to_driver=True)
+             dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=JOB_ENV)
 
 
 class Deployment:

@@ -1,7 +1,7 @@
 """The paper's comparisons as config switches, each end to end on `tiny` with every real part and
 written beside the on-policy run in one output root: off-policy context distillation, raw
-trajectories as the teacher's context, knowledge extracted by another model than the policy. Each
-reports the same summary (pass rate, the KL it minimised, the OOD metric IF-Eval) as the baseline."""
+trajectories as the teacher's context, knowledge extracted by another model than the policy, and
+the public code's switches (conf/experiment/tiny_public_code.yaml). Each reports the same summary (pass rate, the KL it minimised, the OOD metric IF-Eval) as the baseline."""
 
 import json
 import subprocess
@@ -18,6 +18,7 @@ EXPERIMENTS = {
     "tiny_off_policy": ("off_policy", "knowledge", True),
     "tiny_raw_trajectories": ("on_policy", "trajectories", True),
     "tiny_other_extractor": ("on_policy", "knowledge", False),
+    "tiny_public_code": ("on_policy", "knowledge", True),
 }
 COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
@@ -83,3 +84,27 @@ def test_other_extractor_runs_on_its_own_engine_while_the_policy_moves_on(run, t
     assert f"[start the extractor's own engine ({tiny_model})] done" in proc.stderr
     assert (out / "round_1" / "model" / "model.safetensors").exists()
     assert json.loads((out / "round_2" / "knowledge.json").read_text())["set"]
+
+
+def test_the_public_codes_switches_act_end_to_end(run):
+    """tiny_public_code: per_step chains read their own games of maps 0..K-1 in order; the merged
+    support with the tail reports both models' mass on the support every step and a KL of whole
+    distributions; select=best records its choice from the in-context curve and says it. (Each has
+    its exactness test beside its code's: test_losses, test_teacher, test_extractor, test_evaluate.)"""
+    proc, out = run("tiny_public_code")
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    e, n = config["extractor"], config["extractor"]["num_chains"]
+    assert (e["trajectories"], e["with_previous"], e["keep_reasoning"], e["select"]) == ("per_step", False, False, "best")
+    assert (config["learner"]["support"], config["learner"]["tail"]) == ("merged", True)
+    for row in (json.loads(line) for line in (out / "round_1" / "metrics.jsonl").read_text().splitlines()):
+        assert 0 < row["student_mass"] <= 1 + 1e-6 and 0 < row["teacher_mass"] <= 1 + 1e-6 and row["kl"] >= 0
+    games = [json.loads(line) for line in (out / "round_1" / "trajectories.jsonl").read_text().splitlines()]
+    assert len(games) == n * e["k"]  # maps 0..K-1, once per chain
+    maps = [g["seed"] for g in games][::n]
+    chains = json.loads((out / "round_1" / "knowledge.json").read_text())["chains"]
+    assert [[step["trajectory_seeds"] for step in chain] for chain in chains] == [[maps[:i] for i in range(e["k"] + 1)]] * n
+    curve = json.loads((out / "round_1" / "knowledge_eval.json").read_text())
+    chosen = curve["selected"]
+    best = max(rate for row in curve["steps"] if row["step"] > 0 for rate in row["per_chain_pass_rates"])
+    assert chosen["pass_rate"] == best and chosen["step"] > 0
+    assert f"chain {chosen['chain']} at step {chosen['step']}" in proc.stderr
