@@ -1,7 +1,8 @@
 """The paper's comparisons as config switches, each end to end on `tiny` with every real part and
 written beside the on-policy run in one output root: off-policy context distillation, raw
-trajectories as the teacher's context, knowledge extracted by another model than the policy, and
-the public code's switches (conf/experiment/tiny_public_code.yaml). Each reports the same summary (pass rate, the KL it minimised, the OOD metric IF-Eval) as the baseline."""
+trajectories as the teacher's context, knowledge extracted by another model than the policy, the
+public code's sequence-level baseline (seqkd) and its other switches (tiny_public_code). Each
+reports the same summary (pass rate, the KL it minimised, the OOD metric IF-Eval) as the baseline."""
 
 import json
 import subprocess
@@ -12,13 +13,14 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 BASELINE = "tiny"
-# experiment -> (consolidation.mode, teacher.context, extractor.model is the policy)
+# experiment -> (consolidation.mode, teacher.context, extractor.model is the policy, what the learner minimised)
 EXPERIMENTS = {
-    BASELINE: ("on_policy", "knowledge", True),
-    "tiny_off_policy": ("off_policy", "knowledge", True),
-    "tiny_raw_trajectories": ("on_policy", "trajectories", True),
-    "tiny_other_extractor": ("on_policy", "knowledge", False),
-    "tiny_public_code": ("on_policy", "knowledge", True),
+    BASELINE: ("on_policy", "knowledge", True, "topk_reverse_kl"),
+    "tiny_off_policy": ("off_policy", "knowledge", True, "topk_forward_kl"),
+    "tiny_raw_trajectories": ("on_policy", "trajectories", True, "topk_reverse_kl"),
+    "tiny_other_extractor": ("on_policy", "knowledge", False, "topk_reverse_kl"),
+    "tiny_public_code": ("on_policy", "knowledge", True, "topk_reverse_kl"),
+    "tiny_seqkd": ("off_policy", "knowledge", True, "seqkd_forward"),
 }
 COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
@@ -51,14 +53,14 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
 def test_mode_runs_end_to_end_and_reports_beside_the_on_policy_run(run, name, tiny_model):
     proc, out = run(name)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    mode, context, own_extractor = EXPERIMENTS[name]
+    mode, context, own_extractor, loss = EXPERIMENTS[name]
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["consolidation"]["mode"], config["teacher"]["context"]) == (mode, context)
     assert config["extractor"]["model"] == ("policy" if own_extractor else tiny_model)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == config["rounds"] * config["learner"]["steps"] and 0.0 <= summary["pass_rate"] <= 1.0
     assert 0.0 <= summary["ifeval_strict_prompt_accuracy"] <= 1.0  # the OOD metric
-    assert summary["consolidation_loss"] == ("topk_forward_kl" if mode == "off_policy" else "topk_reverse_kl")
+    assert summary["consolidation_loss"] == loss
     table = (out / "rounds.md").read_text().split("\n\n")[0].splitlines()  # the rounds (the curve follows)
     assert "IF-Eval strict" in table[0] and len(table) == 2 + config["rounds"] + 1  # rounds 0..R
     assert (out / "rounds.png").stat().st_size > 0
