@@ -22,6 +22,13 @@ EXPERIMENTS = {
     "tiny_public_code": ("on_policy", "knowledge", True, "topk_reverse_kl"),
     "tiny_seqkd": ("off_policy", "knowledge", True, "seqkd_forward"),
 }
+# Switches without an experiment of their own, on `tiny`: run label -> (overrides, the same four facts)
+OPTION_RUNS = {
+    **{f"tiny_{k}": ([f"learner.loss={k}"], "on_policy", "knowledge", True, k) for k in ("k1", "k2", "k3", "abs")},
+    # another checkpoint teaching both rounds: a deeper one, which a round start that handed it the
+    # student's weights (as the default teacher gets them) would refuse
+    "tiny_teacher_model": (["teacher.model={teacher}", "rounds=2"], "on_policy", "knowledge", True, "topk_reverse_kl"),
+}
 COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
 
@@ -32,28 +39,49 @@ def finished():
     return {}
 
 
+@pytest.fixture(scope="module")
+def deeper_teacher(tiny_model, tmp_path_factory) -> str:
+    """The tiny model's tokenizer on a model one layer deeper, its own random weights."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    where = tmp_path_factory.mktemp("deeper_teacher")
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.num_hidden_layers += 1
+    config.layer_types = config.layer_types + config.layer_types[-1:]
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(where)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(where)
+    return str(where)
+
+
 @pytest.fixture
-def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
-    """run(name) -> (process, run dir): the experiment at the smallest sizes in the shared root,
-    with its own number of rounds."""
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny, request):
+    """run(name) -> (process, run dir): the experiment (or the OPTION_RUNS switch on `tiny`) at the
+    smallest sizes in the shared root, with its own number of rounds."""
     def get(name: str):
         if "root" not in finished:
             finished["root"] = tmp_path_factory.mktemp("comparisons")
         if name not in finished:
             overrides = [arg for arg in smallest_tiny if not arg.startswith(("+experiment=", "rounds="))]
+            if name in OPTION_RUNS:
+                teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model" else ""
+                overrides += ["+experiment=tiny", *(o.format(teacher=teacher) for o in OPTION_RUNS[name][0])]
+            else:
+                overrides.append(f"+experiment={name}")
             out = finished["root"] / name
             finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", f"+experiment={name}", *overrides, f"model.path={tiny_model}",
+                [sys.executable, "-m", "oel_ray.main", *overrides, f"model.path={tiny_model}",
                  f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
         return finished[name]
     return get
 
 
-@pytest.mark.parametrize("name", list(EXPERIMENTS))
+@pytest.mark.parametrize("name", list(EXPERIMENTS) + list(OPTION_RUNS))
 def test_mode_runs_end_to_end_and_reports_beside_the_on_policy_run(run, name, tiny_model):
     proc, out = run(name)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    mode, context, own_extractor, loss = EXPERIMENTS[name]
+    mode, context, own_extractor, loss = EXPERIMENTS[name] if name in EXPERIMENTS else OPTION_RUNS[name][1:]
     config = json.loads((out / "manifest.json").read_text())["config"]
     assert (config["consolidation"]["mode"], config["teacher"]["context"]) == (mode, context)
     assert config["extractor"]["model"] == ("policy" if own_extractor else tiny_model)
@@ -110,3 +138,29 @@ def test_the_public_codes_switches_act_end_to_end(run):
     best = max(rate for row in curve["steps"] if row["step"] > 0 for rate in row["per_chain_pass_rates"])
     assert chosen["pass_rate"] == best and chosen["step"] > 0
     assert f"chain {chosen['chain']} at step {chosen['step']}" in proc.stderr
+
+
+@pytest.mark.parametrize("loss", ["k1", "k2", "k3", "abs"])
+def test_each_estimator_reports_what_it_minimised(run, loss):
+    """The sampled-token estimators (value and gradient: test_losses.py): every step's loss stands in
+    its relation to the KL estimate d = log p_student - log p_teacher of the sampled tokens."""
+    _, out = run(f"tiny_{loss}")
+    for m in (json.loads(line) for line in (out / "round_1" / "metrics.jsonl").read_text().splitlines()):
+        assert m["kl_direction"] == "reverse" and m["response_tokens"] > 0
+        if loss == "k1":
+            assert m["loss"] == pytest.approx(m["kl"], rel=1e-6, abs=1e-9)
+        elif loss == "abs":
+            assert m["loss"] >= abs(m["kl"]) - 1e-9
+        else:  # d^2 / 2 and exp(-d) + d - 1 are never negative
+            assert m["loss"] >= 0
+
+
+def test_another_checkpoint_teaches_every_round(run, deeper_teacher):
+    """teacher.model: the deeper random teacher taught both rounds (a round start handing it the
+    student's weights would have failed), and being far from the student, the KL is large from each
+    round's first step (against ~0.0003 with the round-start teacher, whose only difference is the
+    knowledge)."""
+    _, out = run("tiny_teacher_model")
+    assert json.loads((out / "manifest.json").read_text())["config"]["teacher"]["model"] == deeper_teacher
+    rows = [json.loads(line) for r in (1, 2) for line in (out / f"round_{r}" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(row["kl"] > 0.5 for row in rows), [row["kl"] for row in rows]
