@@ -5,7 +5,8 @@ never full-vocabulary logits. Log-softmax is computed from the logits divided by
 temperature, chunk by chunk over positions, with the learner's own routine
 (`losses.support_logprobs`), so fp32 memory is one chunk_tokens x V block whatever the sequence
 length. (vLLM's prompt_logprobs would ignore the temperature, which is why the teacher is a plain
-forward pass.) The support is the student's top-k (on-policy) or the teacher's own (off-policy).
+forward pass.) The support is the student's top-k (on-policy), that joined with the teacher's own
+top-k (learner.support=merged, `merged_support_logprobs`), or the teacher's own (off-policy).
 Prompts that start alike (the same knowledge text) share one encoded start (`prefix_cache.py`).
 
 ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary KL.
