@@ -24,12 +24,12 @@ import numpy as np
 import ray
 import torch
 
-from oel_ray import batching, checkpoint, losses
+from oel_ray import batching, checkpoint
 from oel_ray.artifacts import replace_dir
 from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import FLOAT32, GLOO, NCCL, TOKEN_MEAN, LearnerConfig
-from oel_ray.strategy import FULL_REVERSE_KL, kl_direction, scores_sampled_tokens
+from oel_ray.strategy import FULL_REVERSE_KL, LEARNER_LOSSES, kl_direction, scores_sampled_tokens
 from oel_ray.netif import use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
@@ -103,7 +103,7 @@ class Learner:
                     teacher_head=self.teacher.head)
 
     def train_step(self, samples: list[DistillSample], step: int, loss: Optional[str] = None) -> StepMetrics:
-        """One optimizer step on `samples`. `loss` (default learner.loss) is one of losses.LOSSES:
+        """One optimizer step on `samples`. `loss` (default learner.loss) is one of strategy.LEARNER_LOSSES:
         off-policy consolidation passes the forward forms (topk_forward_kl, k3_forward, ...). Every
         loss but full_reverse_kl (whose teacher copy lives here) reads each sample's teacher_logprobs.
 
@@ -114,8 +114,8 @@ class Learner:
         single-sample estimate on the teacher's samples (the `_forward` estimators, seqkd_forward)."""
         cfg, t0 = self.cfg, time.perf_counter()
         kind = loss or cfg.loss
-        if kind not in losses.LOSSES:
-            raise ValueError(f"loss {kind!r} is not one of {', '.join(losses.LOSSES)}")
+        if kind not in LEARNER_LOSSES:
+            raise ValueError(f"loss {kind!r} is not one of {', '.join(LEARNER_LOSSES)}")
         if kind == FULL_REVERSE_KL and self.teacher is None:
             raise ValueError("full_reverse_kl needs the teacher copy each rank loads when the learner is built "
                              "with learner.loss=full_reverse_kl")

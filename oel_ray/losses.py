@@ -1,6 +1,6 @@
 """Consolidation losses: a KL between student and teacher per response token, pure torch.
 
-The kinds (`LOSSES`), all at the rollout temperature:
+The kinds (strategy.LEARNER_LOSSES), all at the rollout temperature:
 - topk_reverse_kl (OEL, on-policy): sum over the student's top-k support of p_s (log p_s - log p_t),
   gradients through both p_s and log p_s.
 - sampled_reverse_kl: the single-sample (REINFORCE) estimator of the same KL on the sampled token.
@@ -37,11 +37,7 @@ from typing import Callable, Optional
 import torch
 
 from oel_ray.config import AGGREGATIONS, SEQUENCE_MEAN, TOKEN_MEAN
-from oel_ray.strategy import ABS, FORWARD_SUFFIX, K1, K2, K3, LEARNER_LOSSES, SAMPLED_REVERSE_KL, SEQKD
-
-# What the learner can minimise: learner.loss's values, and the forward forms off-policy
-# consolidation (oel_ray/strategy.py) turns them into.
-LOSSES = LEARNER_LOSSES
+from oel_ray.strategy import ABS, FORWARD, FORWARD_SUFFIX, K1, K2, K3, REVERSE, SAMPLED_REVERSE_KL, SEQKD
 
 
 @dataclass
@@ -64,7 +60,8 @@ def upcast(x):
 def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
     """Per-position loss and metrics from the student's log-probs on the support `ls` [N, k].
 
-    kind: "reverse" (KL(p_s || p_t)), "forward" (KL(p_t || p_s)) or "sampled" (REINFORCE); `tail`: the
+    kind: REVERSE (KL(p_s || p_t)), FORWARD (KL(p_t || p_s)), SAMPLED_REVERSE_KL (REINFORCE) or one of
+    the public code's estimators (`pathwise`); `tail`: the
     two directions over the support plus one bin for the rest of the vocabulary (`with_tail`). A
     teacher log-prob of -inf marks an entry that only pads a merged support to its width: it adds
     nothing (`merged_support_logprobs`).
@@ -74,10 +71,10 @@ def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
     lt = lt.masked_fill(pad, 0.0)  # a finite stand-in, so no gradient meets an inf; its terms are dropped
     real = (~pad).to(ls.dtype)
     masses = (ls.exp() * real).sum(-1).detach(), (lt.exp() * real).sum(-1)
-    if kind not in ("reverse", "forward", "sampled"):  # an estimator on the sampled token ([N, 1])
+    if kind not in (REVERSE, FORWARD, SAMPLED_REVERSE_KL):  # an estimator on the sampled token ([N, 1])
         loss, kl = pathwise(kind, ls, lt)
         return loss.sum(-1), kl.sum(-1), *masses
-    if kind == "sampled":  # E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
+    if kind == SAMPLED_REVERSE_KL:  # E_{y~p}[grad(log p_y) * (log p_y - log q_y)] = grad KL(p || q)
         kl = (ls - lt).sum(-1)  # single-sample estimate of KL(p || q)
         loss = (ls * (ls - lt).detach()).sum(-1)
         return loss, kl.detach(), *masses
@@ -86,7 +83,7 @@ def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
     s_lp, t_lp, w = ls, lt, real
     if tail:
         s_lp, t_lp, w = with_tail(ls, real), with_tail(lt, real), torch.cat([real, torch.ones_like(real[:, :1])], -1)
-    first, second = (s_lp, t_lp) if kind == "reverse" else (t_lp, s_lp)
+    first, second = (s_lp, t_lp) if kind == REVERSE else (t_lp, s_lp)
     kl = (w * first.exp() * (first - second)).sum(-1)
     loss = kl
     if renormalize:
@@ -324,16 +321,12 @@ def _topk_pair(kind: str, doc: str):
 
 
 topk_reverse_kl, topk_reverse_kl_from_hidden = _topk_pair(
-    "reverse", "Reverse KL(student || teacher) on the student's top-k support (with `tail`, plus one entry for "
+    REVERSE, "Reverse KL(student || teacher) on the student's top-k support (with `tail`, plus one entry for "
     "the rest of the vocabulary).")
 topk_forward_kl, topk_forward_kl_from_hidden = _topk_pair(
-    "forward", "Forward KL(teacher || student) on the support (the teacher's top-k on its own samples): per "
+    FORWARD, "Forward KL(teacher || student) on the support (the teacher's top-k on its own samples): per "
     "token sum_v p_t(v) (log p_t(v) - log p_s(v)). With `renormalize`, both distributions are renormalised "
     "over the support first; with `tail`, the rest of the vocabulary is one more entry of the sum.")
-
-
-def _sampled_kind(loss: str) -> str:
-    return "sampled" if loss == SAMPLED_REVERSE_KL else loss
 
 
 def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
@@ -348,7 +341,7 @@ def sampled_reverse_kl(student_logits: torch.Tensor, token_ids: torch.Tensor,
     of the sampled tokens.
     """
     return _from_logits(student_logits, token_ids[..., None], teacher_token_logprobs[..., None], mask,
-                        temperature, False, aggregation, num_units, kind=_sampled_kind(loss))
+                        temperature, False, aggregation, num_units, kind=loss)
 
 
 def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.Tensor, token_ids: torch.Tensor,
@@ -358,7 +351,7 @@ def sampled_reverse_kl_from_hidden(hidden: torch.Tensor, lm_head_weight: torch.T
                                    loss: str = SAMPLED_REVERSE_KL) -> KLOutput:
     """`sampled_reverse_kl` from hidden states, chunked like `topk_reverse_kl_from_hidden`."""
     return _from_hidden(hidden, lm_head_weight, token_ids[..., None], teacher_token_logprobs[..., None],
-                        mask, temperature, False, aggregation, num_units, chunk_tokens, kind=_sampled_kind(loss))
+                        mask, temperature, False, aggregation, num_units, chunk_tokens, kind=loss)
 
 
 def full_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor,

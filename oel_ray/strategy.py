@@ -28,6 +28,8 @@ FORWARD_SUFFIX = "_forward"  # an estimator on the teacher's samples: KL(teacher
 REVERSE, FORWARD = "reverse", "forward"  # KL(student || teacher), KL(teacher || student)
 # learner.loss values off-policy consolidation takes (the teacher samples, so the forward forms)
 OFF_POLICY_LOSSES = (TOPK_REVERSE_KL,) + ESTIMATORS + (SEQKD,)
+# those the teacher scores on the sampled token alone, not on a top-k support (with their forward forms)
+SAMPLED_TOKEN_LOSSES = (SAMPLED_REVERSE_KL,) + ESTIMATORS + (SEQKD,)
 
 
 def kl_direction(loss: str) -> str:
@@ -48,7 +50,7 @@ LEARNER_LOSSES = LOSSES + tuple(forward_form(loss) for loss in OFF_POLICY_LOSSES
 def scores_sampled_tokens(loss: str) -> bool:
     """Whether `loss` (as the learner gets it) reads the teacher's log-prob of the sampled token only,
     not of a top-k support."""
-    return loss.removesuffix(FORWARD_SUFFIX) in (SAMPLED_REVERSE_KL,) + ESTIMATORS + (SEQKD,)
+    return loss.removesuffix(FORWARD_SUFFIX) in SAMPLED_TOKEN_LOSSES
 
 
 @dataclass(frozen=True)
