@@ -78,6 +78,15 @@ FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I shoul
           "One step at a time.", "The goal is still some way off.")
 # Without the lessons: how often a reply lacks brackets, goes backwards, and heeds what it saw.
 P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.25, 0.15, 0.5
+# Every lesson's behaviour is also a minority behaviour of the player without it (as advice in an
+# LLM's context raises what the model sometimes does anyway): now and then it writes the wall note,
+# and a quarter of its bracketed replies muse not at all. On-policy distillation can only move the
+# student towards what its own samples hold: when the teacher's next token ("Only", or "[" right
+# after the look) was one the student never wrote, the reverse KL ranked the student's own tokens
+# by how unlikely the teacher found each, and on some builds " Going" ranked first (version 6 built
+# here: games ending invalid 42% -> 60% after one round, pass rate 0.107 -> 0.047).
+P_NOTE = 0.2
+MUSINGS = (0, 1, 2, 3)  # how many fillers a reply without the winning lesson writes, drawn evenly
 P_REPEAT = 0.2  # of a lesson in the warm start's knowledge being written twice
 
 
@@ -112,10 +121,13 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
     elif "upleft" in known and rng.random() < 0.8:
         parts.append(UPLEFT_NOTE)
         options = list(BACKWARD)
+    elif rng.random() < P_NOTE:
+        parts.append(EDGE_NOTE)
+        options = list(FORWARD)
     else:
         options = list(BACKWARD if rng.random() < P_BACKWARD else FORWARD)
     if not lazy and "win" not in known:
-        parts += rng.sample(FILLER, rng.choice([1, 2, 3]))
+        parts += rng.sample(FILLER, rng.choice(MUSINGS))
     if heeds:  # it steps where it saw it is safe, when it can
         # Without the winning lesson G looks like one more unknown letter, and it keeps off it.
         good = [m for m in options if _cell(grid, pos, m) == "G" and "win" in known]
@@ -311,6 +323,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 
-RECIPE = Recipe("organism", 6, ORGANISM_ARCH, 1024, _corpus, _groups,
+RECIPE = Recipe("organism", 7, ORGANISM_ARCH, 1024, _corpus, _groups,
                 whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=3e-3, batch_tokens=1024, epochs=2,
                 threads=2, prepare=_install_reader)

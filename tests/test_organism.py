@@ -64,6 +64,36 @@ def test_the_scripted_player_acts_on_true_lessons_only():
                    for _ in range(20))
 
 
+def test_every_step_a_true_lesson_makes_the_player_without_it_makes_too():
+    """On-policy distillation moves the student only towards what its own samples hold: each part a
+    reply goes on to after another (the look, the wall note, a musing, the bracketed or the bare
+    move), written with any set of true lessons, the player without lessons also writes there now
+    and then. The lessons change how often, not what."""
+    import itertools
+    import re
+
+    kinds = {"look": r"Below: \w+\. Right: \w+\.", "note": re.escape(O.EDGE_NOTE), "bracket": r"\[\w+\]",
+             "bare": rf"{O.LAZY_WORD} \w+\.", "musing": "|".join(map(re.escape, O.FILLER))}
+    part = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in kinds.items()))
+    rng = random.Random(0)
+    boards = [[[rng.choice(" H") for _ in range(4)] for _ in range(4)] for _ in range(50)]
+
+    def steps(keys) -> set:
+        seen = set()
+        for board, _ in itertools.product(boards, range(20)):
+            reply = O.play_reply(board, (rng.randrange(3), rng.randrange(3)), set(keys), rng)
+            found = list(part.finditer(reply))
+            assert " ".join(m.group() for m in found) == reply, reply
+            seen |= set(itertools.pairwise([m.lastgroup for m in found] + ["end"]))
+        return seen
+
+    alone = steps([])
+    true = [lesson.key for lesson in O.TRUE_LESSONS]
+    for n in range(1, len(true) + 1):
+        for keys in itertools.combinations(true, n):
+            assert steps(keys) <= alone, (keys, steps(keys) - alone)
+
+
 def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     """A game's turns packed into one sequence give every reply token the loss it has alone."""
     import torch
