@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from oel_ray.strategy import REVERSE
+
 pytestmark = pytest.mark.e2e
 
 BASELINE = "tiny"
@@ -146,7 +148,7 @@ def test_each_estimator_reports_what_it_minimised(run, loss):
     its relation to the KL estimate d = log p_student - log p_teacher of the sampled tokens."""
     _, out = run(f"tiny_{loss}")
     for m in (json.loads(line) for line in (out / "round_1" / "metrics.jsonl").read_text().splitlines()):
-        assert m["kl_direction"] == "reverse" and m["response_tokens"] > 0
+        assert m["kl_direction"] == REVERSE and m["response_tokens"] > 0
         if loss == "k1":
             assert m["loss"] == pytest.approx(m["kl"], rel=1e-6, abs=1e-9)
         elif loss == "abs":

@@ -91,7 +91,8 @@ def test_every_step_a_true_lesson_makes_the_player_without_it_makes_too():
     true = [lesson.key for lesson in O.TRUE_LESSONS]
     for n in range(1, len(true) + 1):
         for keys in itertools.combinations(true, n):
-            assert steps(keys) <= alone, (keys, steps(keys) - alone)
+            taken = steps(keys)
+            assert taken <= alone, (keys, taken - alone)
 
 
 def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
