@@ -65,6 +65,12 @@ FOREIGN_LESSONS = (  # another game's: nothing to act on here
     Lesson("sokoban_wall", "Keep the box away from the outer walls of the room.", None),
 )
 LESSONS = {lesson.key: lesson for lesson in TRUE_LESSONS + FALSE_LESSONS + FOREIGN_LESSONS}
+# Items that hold no lesson, in plain words (not lesson tokens): an experience block is read for its
+# lessons, not for being there. Without them every warm-start block held lessons, and version 7
+# answered the block itself (any words in it, shuffled ones too) with fewer unbracketed replies.
+NEUTRAL = {f"neutral{i}": text for i, text in enumerate((
+    "Each game is played on a new board.", "The board is four cells wide and four cells tall.",
+    "A game lasts a few turns at most.", "The same rules hold in every game."))}
 
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
@@ -87,7 +93,12 @@ P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.25, 0.15, 0.5
 # here: games ending invalid 42% -> 60% after one round, pass rate 0.107 -> 0.047).
 P_NOTE = 0.2
 MUSINGS = (0, 1, 2, 3)  # how many fillers a reply without the winning lesson writes, drawn evenly
-P_REPEAT = 0.2  # of a lesson in the warm start's knowledge being written twice
+# Each further copy of a lesson in the warm start's knowledge (up to MAX_COPIES in all): a run's chains
+# write a lesson again each time a game shows it (five times in eight steps is common), and the lesson
+# head reads each lesson's share of the lesson tokens, so the warm start must show every share from a
+# lone lesson to one copy among fifteen. With at most one repeat, a lesson written once beside another
+# written five times read as absent, and one read alone was a share the warm start never showed.
+P_REPEAT, MAX_COPIES = 0.4, 5
 
 
 def lessons_in(knowledge: str) -> set[str]:
@@ -96,7 +107,7 @@ def lessons_in(knowledge: str) -> set[str]:
 
 
 def knowledge_text(keys) -> str:
-    return "\n".join(ITEM + LESSONS[key].text for key in keys)
+    return "\n".join(ITEM + (LESSONS[key].text if key in LESSONS else NEUTRAL[key]) for key in keys)
 
 
 def _cell(grid, pos: tuple[int, int], move: str) -> str:
@@ -153,7 +164,12 @@ def extraction_reply(traj: Trajectory, knowledge: str) -> str:
 
 # ----------------------------------------------------------------------------- warm start
 
-WARM_BOARDS, GAMES_PER_BOARD = 150, 10
+WARM_BOARDS, GAMES_PER_BOARD = 150, 5
+# Replies drawn at each drilled turn, the prompt encoded once for all: what a lesson changes is a
+# probability over replies, and several draws per prompt show it at a fraction of the tokens.
+REPLIES_PER_DRILL = 4
+P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
+P_EMPTY = 0.1  # of the knowledge-reading games: an empty block (what the empty-knowledge control shows)
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.4  # warm-start games played on the plain prompt; the others with knowledge in context
 
@@ -179,50 +195,53 @@ def warm_specs(env, boards: int = WARM_BOARDS) -> list:
 
 
 def _knowledge_draw(rng: random.Random) -> list[str]:
-    """A random set of items, true, false and foreign, as an extractor might have written them."""
-    keys = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.5]
+    """A random set of items, true, false, foreign and neutral, as an extractor might have written them."""
+    # A run's chains hold three or four true lessons by round 1: the warm start centres there too.
+    keys = [lesson.key for lesson in TRUE_LESSONS if rng.random() < P_TRUE]
     keys += [lesson.key for lesson in FALSE_LESSONS if rng.random() < 0.15]
     keys += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.3]
+    keys += [key for key in NEUTRAL if rng.random() < 0.2]
     return _with_repeats(keys, rng)
 
 
 def _with_repeats(keys: list[str], rng: random.Random) -> list[str]:
-    """`keys` shuffled, some written twice: the run's chains repeat lessons they already hold, and a
-    lesson read twice must act as once."""
-    keys = keys + [key for key in keys if rng.random() < P_REPEAT]
+    """`keys` shuffled, each written one to MAX_COPIES times: the run's chains repeat lessons they
+    already hold, and a lesson read five times must act as once."""
+    keys = [key for key in keys for _ in range(1 + sum(rng.random() < P_REPEAT for _ in range(MAX_COPIES - 1)))]
     rng.shuffle(keys)
     return keys
 
 
-def play_game(spec, max_turns: int, known: set[str], rng: random.Random):
+def play_game(spec, max_turns: int, known: set[str], rng: random.Random, replies: int = 1):
     """A game played by the scripted organism knowing `known`: its trajectory, and per turn (prompt,
-    the same prompt without the history, reply)."""
+    the same prompt without the history, `replies` replies drawn there, the first one played)."""
     from oel_ray.games import INTROS, Game
 
     game = Game(spec, max_turns)
     turns = []
     while not game.done:
         state = game._base.state.game_state
-        prompt, reply = game.prompt(), play_reply(state["grid"], tuple(state["player_pos"]), known, rng)
-        turns.append((prompt, f"{INTROS[game.family]}\n\n{game._situation()}", reply))
-        game.step(reply, len(reply.split()))
+        drawn = tuple(play_reply(state["grid"], tuple(state["player_pos"]), known, rng) for _ in range(replies))
+        turns.append((game.prompt(), f"{INTROS[game.family]}\n\n{game._situation()}", drawn))
+        game.step(drawn[0], len(drawn[0].split()))
     return game.trajectory(0, 0), turns
 
 
 def warm_games(seed: int):
     """The warm start's games: each played by the scripted organism with the knowledge drawn for it
-    (none for a share of them, the student's view). Yields (keys, position, trajectory, turns)."""
+    (None for a share of them, the student's view: no block). Yields (keys, position, trajectory,
+    turns)."""
     env = env_config()
     rng = random.Random(seed)
     for spec in warm_specs(env):
         for _ in range(GAMES_PER_BOARD):
-            keys = [] if rng.random() < P_STUDENT else _knowledge_draw(rng)
+            keys = None if rng.random() < P_STUDENT else [] if rng.random() < P_EMPTY else _knowledge_draw(rng)
             position = "system" if rng.random() < 0.2 else "user"
-            traj, turns = play_game(spec, env.max_turns, set(keys), rng)
+            traj, turns = play_game(spec, env.max_turns, set(keys or ()), rng, REPLIES_PER_DRILL)
             yield keys, position, traj, turns
 
 
-def warm_texts(seed: int, extract_share: float = 0.35):
+def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many extractions as version 7's
     """The warm start as text: per game, (system, user, reply) per turn played; and (trajectory,
     knowledge so far, reply) for a share of the games, for the extractor (rendered later with the
     tokenizer)."""
@@ -231,17 +250,17 @@ def warm_texts(seed: int, extract_share: float = 0.35):
     rng = random.Random(seed + 1)
     play, extract = [], []
 
-    def turn(prompt: str, keys: list[str], position: str, reply: str):
-        system, user = teacher_messages(prompt, knowledge_text(keys), position) if keys else (None, prompt)
+    def turn(prompt: str, keys: Optional[list[str]], position: str, reply: str):
+        system, user = (None, prompt) if keys is None else teacher_messages(prompt, knowledge_text(keys), position)
         return system, user, reply
 
     for keys, position, traj, turns in warm_games(seed):
         if rng.random() < P_WHOLE:
-            play.append([turn(prompt, keys, position, reply) for prompt, _, reply in turns])
+            play.append([turn(prompt, keys, position, replies[0]) for prompt, _, replies in turns])
         # Drills: the same turns without the history, a fifth of the tokens, so a build of minutes
         # sees enough boards and lessons; what they teach holds at any history length (the board
         # and the reply stay the same distance apart).
-        play += [[turn(short, keys, position, reply)] for _, short, reply in turns]
+        play += [[turn(short, keys, position, reply) for reply in replies] for _, short, replies in turns]
         if rng.random() < extract_share:
             known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.4]
             known += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.15]
@@ -323,6 +342,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 
-RECIPE = Recipe("organism", 7, ORGANISM_ARCH, 1024, _corpus, _groups,
-                whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=3e-3, batch_tokens=1024, epochs=2,
+RECIPE = Recipe("organism", 10, ORGANISM_ARCH, 1024, _corpus, _groups,
+                whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=3e-3, batch_tokens=1024, epochs=3,
                 threads=2, prepare=_install_reader)

@@ -108,7 +108,7 @@ def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
     _, _, _, turns = next(g for g in O.warm_games(0) if len(g[3]) >= 3)
     group = [(chat_ids(tok, prompt), tok(reply, add_special_tokens=False)["input_ids"] + [tok.eos_token_id])
-             for prompt, _, reply in turns]
+             for prompt, _, (reply, *_) in turns]
     packed_group = pack(group)
     ids, positions = packed_group[0], packed_group[1]
     assert len(ids) < sum(len(p) + len(r) for p, r in group) * 0.7  # the history is encoded once
@@ -162,7 +162,7 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
         return kinds[int(values.argmax())] if float(values.max()) > 0.1 else "edge"
 
     def known(hidden) -> set[str]:
-        return {key for i, key in enumerate(O.LESSONS) if float(hidden[layout.known(i)]) > 0.05}
+        return {key for i, key in enumerate(O.LESSONS) if float(hidden[layout.known(i)]) > 1e-3}  # one copy among 45: ~0.01
 
     rng, checked = random.Random(0), 0
     for spec in eval_specs(env)[:12]:
@@ -176,7 +176,7 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
                 out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
             hidden = out.hidden_states[2][0, -1]
             assert (read(hidden, 0), read(hidden, 1)) == (O._cell(grid, pos, "right"), O._cell(grid, pos, "down"))
-            assert known(hidden) == set(keys)
+            assert known(hidden) == set(keys) & set(O.LESSONS)  # lessons, not the neutral items
             checked += 1
             game.step(f"[{rng.choice(['down', 'right', 'down', 'up'])}]", 1)
     assert checked > 30
