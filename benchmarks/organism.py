@@ -35,22 +35,33 @@ MAPS = 128  # every held-out map of conf/env/organism.yaml (the experiment plays
 CONSOLIDATION_SLACK = 0.05  # the student after round 1 within 5 points of the in-context rate
 
 
-def run_once(run: str, seed: int, samples: int, out: Path) -> dict:
-    """One run; its rounds (eval.json of each) and, for the main run, round 1's in-context curve."""
+def command(run: str, seed: int, samples: int, out: Path) -> list[str]:
     extra = MAIN_OVERRIDES if run == "main" else CONTROL_OVERRIDES
-    cmd = [sys.executable, "-m", "oel_ray.main", f"+experiment={RUNS[run]}", f"seed={seed}",
-           f"env.eval_maps={MAPS}", f"env.eval_samples={samples}", f"hydra.run.dir={out}", "tracking.progress_bars=false", *extra]
+    return [sys.executable, "-m", "oel_ray.main", f"+experiment={RUNS[run]}", f"seed={seed}",
+            f"env.eval_maps={MAPS}", f"env.eval_samples={samples}", f"hydra.run.dir={out}",
+            "tracking.progress_bars=false", *extra]
+
+
+def run_once(run: str, seed: int, samples: int, out: Path) -> dict:
+    """One run, then its figures (`collect`)."""
+    cmd = command(run, seed, samples, out)
     with stopwatch() as t:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[2:])} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return collect(run, seed, out, t["s"])
+
+
+def collect(run: str, seed: int, out: Path, seconds: float) -> dict:
+    """A finished run's rounds (eval.json of each) and, for the main run, round 1's in-context curve.
+    Also for a run started by hand with `command`'s arguments (`--collect`)."""
     rounds = []
     for path in sorted(out.glob("round_*/eval.json"), key=lambda p: int(p.parent.name.split("_")[1])):
         e = json.loads(path.read_text())
         rounds.append({"round": e["round"], "pass_rate": e["pass_rate"], "ci": [e["ci_low"], e["ci_high"]],
                        "games": e["games"], "tokens_per_turn": e["response_tokens_per_turn"],
                        "ifeval_strict": (e.get("ifeval") or {}).get("strict_prompt_accuracy")})
-    result = {"run": run, "seed": seed, "seconds": round(t["s"], 1), "rounds": rounds}
+    result = {"run": run, "seed": seed, "seconds": round(seconds, 1), "rounds": rounds}
     curve = out / "round_1" / "knowledge_eval.json"
     if curve.exists():
         k = json.loads(curve.read_text())
@@ -176,8 +187,15 @@ def main(argv=None) -> None:
     parser.add_argument("--samples", type=int, default=2, help="samples per held-out map per evaluation")
     parser.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS))
     parser.add_argument("--out", type=Path, help="keep the run directories here (default: a temporary directory)")
+    parser.add_argument("--collect", nargs=4, metavar=("RUN", "SEED", "DIR", "SECONDS"),
+                        help="record a run made by hand with this benchmark's command line, instead of running")
     args = parser.parse_args(argv)
     args.version = RECIPE.version
+    if args.collect:
+        run, seed, out, seconds = args.collect
+        args.runs, args.seeds = [run], [int(seed)]
+        report(earlier_runs(args) + [collect(run, int(seed), Path(out), float(seconds))], args, final=True)
+        return
     results = earlier_runs(args)
     with tempfile.TemporaryDirectory(prefix="oel_bench_organism.") as tmp:
         for seed in args.seeds:

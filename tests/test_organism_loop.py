@@ -49,7 +49,7 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
     # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
     # is a small shift of the teacher's prompt, and on seed 0 the control lands under round 0's rate
-    # (2 points on organism version 4, 1 on versions 6 and 7), inside its interval.
+    # (2 points on organism version 4, 1 on versions 6, 7 and 10), inside its interval.
     assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
                                                                                  control["pass_rate"])
     assert after["pass_rate"] - control["pass_rate"] >= 0.08
