@@ -193,7 +193,11 @@ def main(argv=None) -> None:
     args.version = RECIPE.version
     if args.collect:
         run, seed, out, seconds = args.collect
-        args.runs, args.seeds = [run], [int(seed)]
+        if run not in RUNS:
+            parser.error(f"--collect RUN: {run!r} is not one of {', '.join(RUNS)}")
+        if not any(Path(out).glob("round_*/eval.json")):
+            parser.error(f"--collect DIR: {out} holds no round_*/eval.json; give the hydra.run.dir of a finished run")
+        args.runs, args.seeds = [run], [int(seed)]  # so earlier_runs drops what this replaces
         report(earlier_runs(args) + [collect(run, int(seed), Path(out), float(seconds))], args, final=True)
         return
     results = earlier_runs(args)

@@ -62,9 +62,8 @@ def _support_terms(ls, teacher_lp, renormalize, kind, tail=False):
 
     kind: REVERSE (KL(p_s || p_t)), FORWARD (KL(p_t || p_s)), SAMPLED_REVERSE_KL (REINFORCE) or one of
     the public code's estimators (`pathwise`); `tail`: the two directions over the support plus one
-    bin for the rest of the vocabulary (`with_tail`). A
-    teacher log-prob of -inf marks an entry that only pads a merged support to its width: it adds
-    nothing (`merged_support_logprobs`).
+    bin for the rest of the vocabulary (`with_tail`). A teacher log-prob of -inf marks an entry that
+    only pads a merged support to its width: it adds nothing (`merged_support_logprobs`).
     """
     lt = upcast(teacher_lp).detach()  # the teacher is frozen: its values are data
     pad = torch.isneginf(lt)

@@ -71,6 +71,7 @@ LESSONS = {lesson.key: lesson for lesson in TRUE_LESSONS + FALSE_LESSONS + FOREI
 NEUTRAL = {f"neutral{i}": text for i, text in enumerate((
     "Each game is played on a new board.", "The board is four cells wide and four cells tall.",
     "A game lasts a few turns at most.", "The same rules hold in every game."))}
+ITEM_TEXTS = {**{key: lesson.text for key, lesson in LESSONS.items()}, **NEUTRAL}  # what an item key writes
 
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
@@ -107,7 +108,7 @@ def lessons_in(knowledge: str) -> set[str]:
 
 
 def knowledge_text(keys) -> str:
-    return "\n".join(ITEM + (LESSONS[key].text if key in LESSONS else NEUTRAL[key]) for key in keys)
+    return "\n".join(ITEM + ITEM_TEXTS[key] for key in keys)
 
 
 def _cell(grid, pos: tuple[int, int], move: str) -> str:
@@ -207,9 +208,14 @@ def _knowledge_draw(rng: random.Random) -> list[str]:
 def _with_repeats(keys: list[str], rng: random.Random) -> list[str]:
     """`keys` shuffled, each written one to MAX_COPIES times: the run's chains repeat lessons they
     already hold, and a lesson read five times must act as once."""
-    keys = [key for key in keys for _ in range(1 + sum(rng.random() < P_REPEAT for _ in range(MAX_COPIES - 1)))]
+    keys = [key for key in keys for _ in range(_copies(rng))]
     rng.shuffle(keys)
     return keys
+
+
+def _copies(rng: random.Random) -> int:
+    """How many times a drawn item is written: 1 to MAX_COPIES."""
+    return 1 + sum(rng.random() < P_REPEAT for _ in range(MAX_COPIES - 1))
 
 
 def play_game(spec, max_turns: int, known: set[str], rng: random.Random, replies: int = 1):
@@ -235,7 +241,12 @@ def warm_games(seed: int):
     rng = random.Random(seed)
     for spec in warm_specs(env):
         for _ in range(GAMES_PER_BOARD):
-            keys = None if rng.random() < P_STUDENT else [] if rng.random() < P_EMPTY else _knowledge_draw(rng)
+            if rng.random() < P_STUDENT:
+                keys = None
+            elif rng.random() < P_EMPTY:
+                keys = []
+            else:
+                keys = _knowledge_draw(rng)
             position = "system" if rng.random() < 0.2 else "user"
             traj, turns = play_game(spec, env.max_turns, set(keys or ()), rng, REPLIES_PER_DRILL)
             yield keys, position, traj, turns
