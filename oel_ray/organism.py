@@ -170,9 +170,13 @@ WARM_BOARDS, GAMES_PER_BOARD = 150, 5
 # probability over replies, and several draws per prompt show it at a fraction of the tokens.
 REPLIES_PER_DRILL = 4
 P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
-P_EMPTY = 0.1  # of the knowledge-reading games: an empty block (what the empty-knowledge control shows)
+# Of the knowledge-reading games: an empty block (what the empty-knowledge control's teacher reads).
+# At 0.1 (6% of the games) version 10 read an empty block as a small nudge (first turn: backward moves
+# 13% -> 15%, wall note 16% -> 19%), and the control, consolidating that nudge round after round,
+# fell from 0.098 to 0.047 by round 3.
+P_EMPTY = 0.22
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
-P_STUDENT = 0.4  # warm-start games played on the plain prompt; the others with knowledge in context
+P_STUDENT = 0.33  # warm-start games played on the plain prompt; the others with knowledge in context
 
 
 def env_config():
@@ -353,6 +357,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply)] for traj, knowledge, reply in extract]
 
 
-RECIPE = Recipe("organism", 10, ORGANISM_ARCH, 1024, _corpus, _groups,
+RECIPE = Recipe("organism", 12, ORGANISM_ARCH, 1024, _corpus, _groups,
                 whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=3e-3, batch_tokens=1024, epochs=3,
                 threads=2, prepare=_install_reader)

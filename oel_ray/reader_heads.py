@@ -16,8 +16,9 @@ lessons, extract them). Set by hand, in a few residual dimensions that nothing e
 - layer 1, head j < n: attends to the most recent token flagged by layer 0's head j (flag on the
   slowest RoPE pair, recency on a slow one, so the current board wins over the history's) and copies
   its cell kind; a token after P that is not a cell (a row's end, past the last row) has none: edge;
-- layer 1, head n: attends to every lesson token alike and copies their identities: which lessons
-  the prompt holds (nothing when it holds none).
+- layer 1, head n: counts each lesson's copies in the prompt (nothing when it holds none), against a
+  sink at each chat message's start, so one lesson's read does not depend on what else the block
+  holds.
 Every other weight, and the other heads of later layers, train.
 """
 
@@ -35,6 +36,15 @@ FLAG, GAIN = 0.1, 0.05  # embedding value of a flag; what a layer-0 head writes 
 # What layer 1 writes per unit it reads: large, so the trained layers see the read over the residual
 # that their own MLPs grow during training (rms ~12 after layer 2 in a build).
 READ_GAIN = 0.5
+# The lesson head counts copies instead of taking shares: each chat message's start token (a sink)
+# outscores a lesson token by SINK_NATS, so a lesson's read is its copies times e^-SINK_NATS, whatever
+# else the block holds. With shares, a block without a lesson read as less of it than no block at
+# all: version 11's consolidated student wrote the wall note after the look with probability 0.89
+# and 0.60 reading a block of the hole and winning lessons, so round 3's teacher undid it.
+SINK = "<|im_start|>"
+SINK_NATS = 4.0
+# One copy reads about as one of three lessons did by shares; five copies, as a lone lesson did.
+LESSON_GAIN = READ_GAIN * math.exp(SINK_NATS) / 2
 
 
 @dataclass(frozen=True)
@@ -67,8 +77,12 @@ class Layout:
         return self.lesson + 1 + self.m + i
 
     @property
-    def size(self) -> int:
+    def sink(self) -> int:  # the embedding's "a chat message starts here"
         return self.lesson + 1 + 2 * self.m
+
+    @property
+    def size(self) -> int:
+        return self.sink + 1
 
 
 def _angles(config, head_dim: int):
@@ -149,6 +163,7 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             emb[ids(token), lay.kind(k)] = FLAG
         for i, token in enumerate(lessons):
             emb[ids(token), lay.lesson] = emb[ids(token), lay.which(i)] = FLAG
+        emb[ids(SINK), lay.sink] = FLAG
         keep(emb, reserved[None].expand_as(emb))
         # Layers 0 and 1 have no MLP (zero): what a head reads is a fraction of the residual it
         # reads from, which trained MLPs there grew to 20 times the reads (rms 14 after a build).
@@ -182,12 +197,16 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             for c in range(len(CELLS)):
                 second.v_proj.weight[j * d + c, lay.kind(c)] = 1.0
                 second.o_proj.weight[lay.read(j, c), j * d + c] = READ_GAIN
-        rows = slice(n * d, (n + 1) * d)  # layer 1's lesson head: the flag alone, on the slowest pair
+        # Layer 1's lesson head: the flag on the slowest pair. A sink's key lies on it; a lesson's is
+        # tilted towards the recency pair (which the query lacks), scoring SINK_NATS less.
+        rows = slice(n * d, (n + 1) * d)
         second.q_proj.weight[rows, lay.const] = _pair(d, flag, 0).float()
-        second.k_proj.weight[rows, lay.lesson] = _pair(d, flag, 0).float()
+        second.k_proj.weight[rows, lay.sink] = _pair(d, flag, 0).float()
+        tilt = math.acos(1 - SINK_NATS / (READ_SCALE ** 2 * math.sqrt(d)))  # normed q.k: READ_SCALE^2 sqrt(d) cos
+        second.k_proj.weight[rows, lay.lesson] = (math.cos(tilt) * _pair(d, flag, 0) + math.sin(tilt) * _pair(d, recency, 0)).float()
         for i in range(len(lessons)):
             second.v_proj.weight[n * d + i, lay.which(i)] = 1.0
-            second.o_proj.weight[lay.known(i), n * d + i] = READ_GAIN
+            second.o_proj.weight[lay.known(i), n * d + i] = LESSON_GAIN
         # q/k norms are shared by a layer's heads: scaled on the pairs the set heads use, 1 elsewhere.
         for attn, pairs, scale in ((first, [i for i in range(d // 2) if w[i] > 0], scale0),
                                    (second, [flag, recency], READ_SCALE)):

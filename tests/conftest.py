@@ -1,18 +1,22 @@
-"""Shared fixtures: the embedded tiny model (built once per session) and one local Ray cluster."""
+"""Shared fixtures: the embedded tiny model (from the cache `make run` uses) and one local Ray cluster."""
 
 import os
 
 import pytest
+from built_models import composed_model_path
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private test cluster on loopback
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
+def tiny_model() -> str:
+    """The tiny model where `make run EXPERIMENT=tiny` keeps it (conf/model/tiny.yaml's path): built
+    there once (half a minute), then reused by every session while its version stands. Tests read it
+    and copy it, never write into it."""
     from oel_ray.embedded import build_tiny_model
 
-    return str(build_tiny_model(tmp_path_factory.mktemp("model") / "tiny-qwen3"))
+    return str(build_tiny_model(composed_model_path("tiny")))
 
 
 @pytest.fixture(scope="session")

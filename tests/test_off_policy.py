@@ -35,9 +35,10 @@ def teacher_samples(workers, cfg, prefixes, tokenizer, step: int):
     (knowledge and seeds from (seed, step)), sampled from the knowledge-conditioned prompt with the
     teacher's top-k as the support."""
     from oel_ray.consolidate import make_samples
+    from oel_ray.seeds import step_draw_seed
     from oel_ray.types import DistillSample, Sampling
 
-    rng = random.Random(cfg.seed * 1_000_003 + step)
+    rng = random.Random(step_draw_seed(cfg.seed, step))
     pairs = make_samples(prefixes, [KNOWLEDGE], tokenizer, cfg, rng)
     seeds = [rng.randrange(2**31) for _ in pairs]
     r = cfg.rollout

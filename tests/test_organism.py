@@ -180,3 +180,17 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
             checked += 1
             game.step(f"[{rng.choice(['down', 'right', 'down', 'up'])}]", 1)
     assert checked > 30
+
+    # A lesson reads the same whatever else the block holds, and its absence as no block at all: a
+    # consolidated student reading a block without a lesson it took in is not told to drop it.
+    def reads(keys) -> torch.Tensor:
+        prompt = Game(eval_specs(env)[0], env.max_turns).prompt()
+        system, user = teacher_messages(prompt, O.knowledge_text(keys), "user") if keys else (None, prompt)
+        with torch.no_grad():
+            out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
+        return torch.stack([out.hidden_states[2][0, -1, layout.known(i)] for i in range(len(O.LESSONS))])
+
+    alone, among = reads(["edge"]), reads(["edge", "hole", "win", "neutral0"])
+    edge = list(O.LESSONS).index("edge")
+    assert float(alone[edge]) > 0.1 and abs(float(among[edge] - alone[edge])) < 0.05 * float(alone[edge])
+    assert float(reads(["hole", "win"])[edge]) == float(reads([])[edge]) == 0.0

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from built_models import composed_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_ROUND = ["rounds=1", "env.eval_maps=128", "env.eval_samples=4", "extractor.eval_steps=[]", "tracking.progress_bars=false"]
@@ -21,15 +22,9 @@ ONE_ROUND = ["rounds=1", "env.eval_maps=128", "env.eval_samples=4", "extractor.e
 
 @pytest.fixture(scope="module")
 def organism_path() -> str:
-    from hydra import compose, initialize_config_dir
-
-    from oel_ray import config
     from oel_ray.embedded import build_model
 
-    config.register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        path = compose("config", overrides=["+experiment=organism", "output_dir=/tmp/x"]).model.path
-    return str(build_model(path, "organism"))
+    return str(build_model(composed_model_path("organism"), "organism"))
 
 
 def one_round(experiment: str, out: Path, model: str) -> list[dict]:
@@ -49,10 +44,12 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
     # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
     # is a small shift of the teacher's prompt, and on seed 0 the control lands under round 0's rate
-    # (2 points on organism version 4, 1 on versions 6, 7 and 10), inside its interval.
+    # (2 points on organism version 4, 1 on versions 6, 7 and 10, 1.4 on version 12), inside its interval.
     assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
                                                                                  control["pass_rate"])
-    assert after["pass_rate"] - control["pass_rate"] >= 0.08
+    # Version 12 gains 0.39 over the control here (0.240 -> 0.615, control 0.227; the benchmark's
+    # round 1 gains 0.39-0.43 on seeds 1 and 2): half of that is the least a working loop shows.
+    assert after["pass_rate"] - control["pass_rate"] >= 0.2
 
 
 def extract(model_path: str, games: list, knowledge: str) -> list[str]:
