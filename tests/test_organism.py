@@ -162,7 +162,14 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
         return kinds[int(values.argmax())] if float(values.max()) > 0.1 else "edge"
 
     def known(hidden) -> set[str]:
-        return {key for i, key in enumerate(O.LESSONS) if float(hidden[layout.known(i)]) > 1e-3}  # one copy among 45: ~0.01
+        return {key for i, key in enumerate(O.LESSONS) if float(hidden[layout.known(i)]) > 1e-3}  # one copy: ~0.6
+
+    def after_layer_1(prompt: str, keys: list[str]) -> torch.Tensor:
+        """The residual at the prompt's last token after layer 1, with `keys` as the teacher's block."""
+        system, user = teacher_messages(prompt, O.knowledge_text(keys), "user") if keys else (None, prompt)
+        with torch.no_grad():
+            out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
+        return out.hidden_states[2][0, -1]
 
     rng, checked = random.Random(0), 0
     for spec in eval_specs(env)[:12]:
@@ -171,10 +178,7 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
             state = game._base.state.game_state
             grid, pos = state["grid"], tuple(state["player_pos"])
             keys = O._knowledge_draw(rng)
-            system, user = teacher_messages(game.prompt(), O.knowledge_text(keys), "user") if keys else (None, game.prompt())
-            with torch.no_grad():
-                out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
-            hidden = out.hidden_states[2][0, -1]
+            hidden = after_layer_1(game.prompt(), keys)
             assert (read(hidden, 0), read(hidden, 1)) == (O._cell(grid, pos, "right"), O._cell(grid, pos, "down"))
             assert known(hidden) == set(keys) & set(O.LESSONS)  # lessons, not the neutral items
             checked += 1
@@ -183,14 +187,7 @@ def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_promp
 
     # A lesson reads the same whatever else the block holds, and its absence as no block at all: a
     # consolidated student reading a block without a lesson it took in is not told to drop it.
-    def reads(keys) -> torch.Tensor:
-        prompt = Game(eval_specs(env)[0], env.max_turns).prompt()
-        system, user = teacher_messages(prompt, O.knowledge_text(keys), "user") if keys else (None, prompt)
-        with torch.no_grad():
-            out = model.model(input_ids=torch.tensor([chat_ids(tok, user, system=system)]), output_hidden_states=True)
-        return torch.stack([out.hidden_states[2][0, -1, layout.known(i)] for i in range(len(O.LESSONS))])
-
-    alone, among = reads(["edge"]), reads(["edge", "hole", "win", "neutral0"])
-    edge = list(O.LESSONS).index("edge")
-    assert float(alone[edge]) > 0.1 and abs(float(among[edge] - alone[edge])) < 0.05 * float(alone[edge])
-    assert float(reads(["hole", "win"])[edge]) == float(reads([])[edge]) == 0.0
+    prompt, edge = Game(eval_specs(env)[0], env.max_turns).prompt(), layout.known(list(O.LESSONS).index("edge"))
+    alone, among = (float(after_layer_1(prompt, keys)[edge]) for keys in (["edge"], ["edge", "hole", "win", "neutral0"]))
+    assert alone > 0.1 and abs(among - alone) < 0.05 * alone
+    assert float(after_layer_1(prompt, ["hole", "win"])[edge]) == float(after_layer_1(prompt, [])[edge]) == 0.0
