@@ -73,7 +73,7 @@ def build_random(name: str, out: Path, dtype: torch.dtype, device: torch.device)
     from oel_ray.tiny_model import build_tokenizer
 
     tok = build_tokenizer(out)
-    eos, pad = tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("<|endoftext|>")
+    eos, pad = tok.eos_token_id, tok.pad_token_id
     config = Qwen3Config(vocab_size=QWEN3_VOCAB, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
                          **QWEN3_COMMON, **ARCHS[name])
     torch.manual_seed(0)

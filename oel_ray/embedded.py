@@ -82,8 +82,7 @@ def _build(path: Path, r: Recipe) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
     try:
         tok = build_tokenizer(tmp, r.corpus(), r.vocab_size, r.whole)
-        eos = tok.convert_tokens_to_ids("<|im_end|>")
-        pad = tok.convert_tokens_to_ids("<|endoftext|>")
+        eos, pad = tok.eos_token_id, tok.pad_token_id
         config = Qwen3Config(
             vocab_size=len(tok), bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
             dtype=FLOAT32, **r.arch, **{VERSION_KEY: r.version, NAME_KEY: r.name},

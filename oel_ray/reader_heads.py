@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from oel_ray.tiny_model import MESSAGE_START
+
 CELLS = {"H": "|  H  ", "G": "|  G  ", "free": "|     "}  # FrozenLake's rendered cells (one token each)
 PLAYER = ("|  P  ", "| P/G ", "| P/H ")
 MARGIN = 14.0  # nats by which layer 0's target position beats every other within WINDOW
@@ -41,7 +43,7 @@ READ_GAIN = 0.5
 # else the block holds. With shares, a block without a lesson read as less of it than no block at
 # all: version 11's consolidated student wrote the wall note after the look with probability 0.89
 # and 0.60 reading a block of the hole and winning lessons, so round 3's teacher undid it.
-SINK = "<|im_start|>"
+SINK = MESSAGE_START
 SINK_NATS = 4.0
 # One copy reads about as one of three lessons did by shares; five copies, as a lone lesson did.
 LESSON_GAIN = READ_GAIN * math.exp(SINK_NATS) / 2

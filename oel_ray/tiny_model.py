@@ -26,24 +26,29 @@ from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# ChatML's special tokens, as Qwen3 spells them: a message starts and ends, the text ends (padding),
+# and the reasoning block opens and closes.
+MESSAGE_START, MESSAGE_END, TEXT_END = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SPECIAL_TOKENS = [TEXT_END, MESSAGE_START, MESSAGE_END, THINK_OPEN, THINK_CLOSE]
+
 # Qwen-style chat template: ChatML turns; earlier assistant turns keep only their answer (as Qwen3
 # does); `enable_thinking=False` pre-fills an empty reasoning block like Qwen3's hybrid models.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- set content = message['content'] %}"
-    "{%- if message['role'] == 'assistant' and '</think>' in content %}"
-    "{%- set content = content.split('</think>')[-1].lstrip('\\n') %}"
+    f"{{%- if message['role'] == 'assistant' and '{THINK_CLOSE}' in content %}}"
+    f"{{%- set content = content.split('{THINK_CLOSE}')[-1].lstrip('\\n') %}}"
     "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + content + '<|im_end|>\\n' }}"
+    f"{{{{- '{MESSAGE_START}' + message['role'] + '\\n' + content + '{MESSAGE_END}\\n' }}}}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}"
-    "{{- '<|im_start|>assistant\\n' }}"
+    f"{{{{- '{MESSAGE_START}assistant\\n' }}}}"
     "{%- if enable_thinking is defined and enable_thinking is false %}"
-    "{{- '<think>\\n\\n</think>\\n\\n' }}"
+    f"{{{{- '{THINK_OPEN}\\n\\n{THINK_CLOSE}\\n\\n' }}}}"
     "{%- endif %}"
     "{%- endif %}"
 )
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
 
 # Architecture: Qwen3 with tied embeddings (as Qwen3-0.6B/1.7B/4B) so weight sync is tested on the
 # hard case; head_dim 64 because vLLM's CPU attention kernels reject 16.
@@ -155,10 +160,10 @@ def build_tokenizer(out_dir: Path, corpus: Optional[list[str]] = None, vocab_siz
     # Constructor arguments, not attributes: attributes set afterwards are not saved (transformers 5).
     tok = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
+        eos_token=MESSAGE_END,
+        pad_token=TEXT_END,
         bos_token=None,
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"],
+        additional_special_tokens=[MESSAGE_START, THINK_OPEN, THINK_CLOSE],
         chat_template=CHAT_TEMPLATE,
         padding_side="left",
         model_max_length=TINY_ARCH["max_position_embeddings"],

@@ -17,7 +17,9 @@ import pytest
 from built_models import composed_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
-ONE_ROUND = ["rounds=1", "env.eval_maps=128", "env.eval_samples=4", "extractor.eval_steps=[]", "tracking.progress_bars=false"]
+# 128 maps twice each, as the benchmark plays them (its seed-0 round 1, game for game): four samples
+# narrowed the intervals little and took the test from 4.6 to 6.2 minutes.
+ONE_ROUND = ["rounds=1", "env.eval_maps=128", "env.eval_samples=2", "extractor.eval_steps=[]", "tracking.progress_bars=false"]
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +46,11 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
     # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
     # is a small shift of the teacher's prompt, and on seed 0 the control lands under round 0's rate
-    # (2 points on organism version 4, 1 on versions 6, 7 and 10, 1.4 on version 12), inside its interval.
+    # (2 points on organism version 4, 1 on versions 6, 7 and 10, 2.3 on version 12), inside its interval.
     assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
                                                                                  control["pass_rate"])
-    # Version 12 gains 0.39 over the control here (0.240 -> 0.615, control 0.227; the benchmark's
-    # round 1 gains 0.39-0.43 on seeds 1 and 2): half of that is the least a working loop shows.
+    # Version 12 gains 0.37 over the control here (0.273 -> 0.621, control 0.250; the benchmark's
+    # round 1 gains 0.39-0.43 on seeds 1 and 2): about half of that is the least a working loop shows.
     assert after["pass_rate"] - control["pass_rate"] >= 0.2
 
 
