@@ -12,6 +12,7 @@ import torch
 from oel_ray import batching
 from oel_ray.batching import length_buckets
 from oel_ray.config import LearnerConfig
+from oel_ray.strategy import ESTIMATORS, REVERSE
 from oel_ray.types import DistillSample
 
 TEMP, K, BATCH, STEPS = 0.7, 32, 8, 5
@@ -281,40 +282,58 @@ def test_resume_continues_like_an_uninterrupted_run(zero2_two_ranks, batch, tiny
             assert getattr(ours, key) == pytest.approx(getattr(ref, key), rel=1e-6, abs=1e-9), key
 
 
-def test_sampled_token_loss(ray_cluster, batch, tiny_model):
-    """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
+def sampled_logprobs(model, samples) -> torch.Tensor:
+    """[T, 1]: the model's log-probs of each sample's reply tokens, all samples in a row."""
+    out = []
+    for s in samples:
+        ids = s.student_prompt_ids + s.response_ids
+        pos = slice(len(s.student_prompt_ids) - 1, len(ids) - 1)
+        out.append(logprobs_at(model, ids, TEMP)[pos].gather(-1, torch.tensor(s.response_ids)[:, None]))
+    return torch.cat(out)
+
+
+def one_sampled_token_step(batch, tiny_model, loss: str):
+    """One ZeRO-0 step of `loss` with the teacher's [T, 1] scores of the sampled tokens: (metrics, the
+    student's sampled log-probs before it, the teacher's, the student after)."""
     from oel_ray.learner import LearnerGroup
 
     samples, teacher = batch
     student = load(tiny_model)
-    lt = []
-    for s in samples:
-        ids = s.student_prompt_ids + s.response_ids
-        pos = slice(len(s.student_prompt_ids) - 1, len(ids) - 1)
-        lt.append(logprobs_at(teacher, ids, TEMP)[pos].gather(-1, torch.tensor(s.response_ids)[:, None]).numpy())
-
-    def sampled_logprobs(model):
-        out = []
-        for s in samples:
-            ids = s.student_prompt_ids + s.response_ids
-            pos = slice(len(s.student_prompt_ids) - 1, len(ids) - 1)
-            out.append(logprobs_at(model, ids, TEMP)[pos].gather(-1, torch.tensor(s.response_ids)[:, None]))
-        return torch.cat(out)
-
-    ls0, lt_all = sampled_logprobs(student), torch.from_numpy(np.concatenate(lt))
-    cfg = config(zero_stage=0, loss="sampled_reverse_kl", renormalize=False, warmup_steps=0)
-    group = LearnerGroup(cfg, tiny_model, num_cpus=0.5)
+    lt = [sampled_logprobs(teacher, [s]).numpy() for s in samples]
+    ls0 = sampled_logprobs(student, samples)
+    group = LearnerGroup(config(zero_stage=0, loss=loss, renormalize=False, warmup_steps=0), tiny_model, num_cpus=0.5)
     try:
         got = group.train_step([replace(s, teacher_logprobs=t) for s, t in zip(samples, lt)], 0)
         student.load_state_dict(group.state_dict(), strict=False)
     finally:
         group.shutdown()
+    return got, ls0, torch.from_numpy(np.concatenate(lt)), student
+
+
+def test_sampled_token_loss(ray_cluster, batch, tiny_model):
+    """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
+    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, "sampled_reverse_kl")
     assert got.kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
     # The step descends the REINFORCE surrogate mean(ls_y * stopgrad(ls_y - lt_y)) it was built on.
     # (Its KL estimate on these fixed, off-policy tokens need not fall: only on-policy samples say so.)
     advantage = ls0 - lt_all
     assert got.grad_norm > 0
-    assert float((sampled_logprobs(student) * advantage).mean()) < float((ls0 * advantage).mean())
+    assert float((sampled_logprobs(student, batch[0]) * advantage).mean()) < float((ls0 * advantage).mean())
+
+
+@pytest.mark.parametrize("loss", ESTIMATORS)
+def test_each_estimator_steps_on_what_it_names(ray_cluster, batch, tiny_model, loss):
+    """The public code's sampled-token estimators through the learner (learner.loss=k1|k2|k3|abs): the
+    reported KL is the mean of d = log p_student - log p_teacher over the reply tokens, the loss the
+    estimator's mean of d (k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 up to 10, abs = |d|), and the step moves
+    the student. (Each estimator's gradient: test_losses.py; one end to end: test_comparisons.py.)"""
+    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, loss)
+    d = (ls0 - lt_all).double()
+    k3 = ((-d).clamp(-20, 20).exp() + d.clamp(-20, 20) - 1).clamp(max=10)  # clamped as the public code does
+    value = {"k1": d, "k2": d.square() / 2, "k3": k3, "abs": d.abs()}[loss]
+    assert got.kl_direction == REVERSE and got.kl == pytest.approx(float(d.mean()), rel=1e-4)
+    assert got.loss == pytest.approx(float(value.mean()), rel=1e-4, abs=1e-7)
+    assert got.grad_norm > 0 and not torch.equal(sampled_logprobs(student, batch[0]), ls0)
 
 
 # ----------------------------------------------------------------------------- exact full-vocabulary KL
