@@ -14,12 +14,18 @@ from oel_ray.config import BFLOAT16, FLOAT16, LearnerConfig
 from oel_ray.strategy import FORWARD_KL, FULL_REVERSE_KL, TOPK_REVERSE_KL, scores_sampled_tokens
 
 
+def name_the_accelerator() -> None:
+    """Tell DeepSpeed it runs on the CPU where there is no GPU, before anything imports it (transformers
+    does, saving a model): left to detect it, DeepSpeed warns that it could not find a GPU."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def import_deepspeed():
     """Import DeepSpeed so that `init_distributed` skips its ~60-100 s JIT compile on CPU: the
     `deepspeed_shm_comm` op it builds only serves `inference_all_reduce` (training never calls it;
     gloo does every collective), so we mark it incompatible in DeepSpeed's per-process op table."""
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    name_the_accelerator()
     import deepspeed
     import deepspeed.ops
 

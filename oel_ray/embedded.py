@@ -76,7 +76,9 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
 def _build(path: Path, r: Recipe) -> None:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from oel_ray.deepspeed_setup import name_the_accelerator
     from oel_ray.warm_start import train
 
     tmp = Path(tempfile.mkdtemp(prefix=path.name + ".", dir=path.parent))
@@ -99,7 +101,14 @@ def _build(path: Path, r: Recipe) -> None:
         finally:
             torch.set_num_threads(threads)
         model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
-        model.save_pretrained(tmp, safe_serialization=True)
+        name_the_accelerator()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a bar for one shard of a few MB tells the user nothing
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         try:
             replace_dir(tmp, path)  # an older version (or an empty directory) makes way
         except OSError:  # another process built it first: keep theirs
