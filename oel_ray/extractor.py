@@ -18,7 +18,7 @@ import ray
 
 from oel_ray.config import PER_STEP, ExtractorConfig
 from oel_ray.endpoint import ChatEndpoint
-from oel_ray.prompts import chat_ids, extraction_prompt, trajectory_parts, trajectory_text
+from oel_ray.prompts import THINK_CLOSE, THINK_OPEN, chat_ids, extraction_prompt, trajectory_parts, trajectory_text
 from oel_ray.rollout import generate_on
 from oel_ray.seeds import chain_order_seed, chain_sampling_seed
 from oel_ray.types import KnowledgeSnapshot, Sampling, Trajectory
@@ -29,9 +29,9 @@ ITEM_LINE = re.compile(r"^\s*-+\s*EXPERIENCE ITEM:", re.IGNORECASE)
 
 def strip_reasoning(text: str) -> str:
     """Only the answer of a thinking model: what follows the last </think> (nothing if unclosed)."""
-    if "</think>" in text:
-        return text.rsplit("</think>", 1)[1].strip()
-    return "" if "<think>" in text else text.strip()
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1].strip()
+    return "" if THINK_OPEN in text else text.strip()
 
 
 def without_reasoning(traj: Trajectory) -> Trajectory:

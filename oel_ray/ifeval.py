@@ -23,7 +23,7 @@ from typing import Optional, Union
 
 from oel_ray.evaluate import wilson_interval
 from oel_ray.ifeval_checks import INSTRUCTIONS, follows, instruction_kwargs, unknown_message
-from oel_ray.prompts import chat_ids
+from oel_ray.prompts import THINK_CLOSE, chat_ids
 from oel_ray.seeds import ifeval_prompt_seed
 from oel_ray.types import Sampling
 
@@ -203,7 +203,7 @@ def answer_text(reply: str, thinking: bool) -> str:
     cut inside its reasoning has no answer). Thinking off: the reply exactly as generated."""
     if not thinking:
         return reply
-    return reply.rsplit("</think>", 1)[1].lstrip() if "</think>" in reply else ""
+    return reply.rsplit(THINK_CLOSE, 1)[1].lstrip() if THINK_CLOSE in reply else ""
 
 
 def run_ifeval(workers, tokenizer, rows: list[IFEvalRow], sampling: Sampling, thinking: bool = False,

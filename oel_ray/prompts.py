@@ -15,6 +15,11 @@ from oel_ray.types import TURN_LIMIT, Trajectory
 if TYPE_CHECKING:
     from oel_ray.games import Game
 
+# ChatML's special tokens, as Qwen3 spells them: a message starts and ends, the text ends (padding),
+# and the reasoning block opens and closes.
+MESSAGE_START, MESSAGE_END, TEXT_END = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
 KNOWLEDGE_PREAMBLE = (
     "Before acting, read the experience you have gathered from earlier games. "
     "It may be incomplete or wrong; use what helps.\n"

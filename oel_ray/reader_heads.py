@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from oel_ray.tiny_model import MESSAGE_START
+from oel_ray.prompts import MESSAGE_START
 
 CELLS = {"H": "|  H  ", "G": "|  G  ", "free": "|     "}  # FrozenLake's rendered cells (one token each)
 PLAYER = ("|  P  ", "| P/G ", "| P/H ")

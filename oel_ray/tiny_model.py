@@ -21,15 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from oel_ray.config import TINY_MODEL
+from oel_ray.prompts import MESSAGE_END, MESSAGE_START, TEXT_END, THINK_CLOSE, THINK_OPEN
 from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
 
 # Training a BPE in-process leaves Rust worker threads that slow later torch work ~15x.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# ChatML's special tokens, as Qwen3 spells them: a message starts and ends, the text ends (padding),
-# and the reasoning block opens and closes.
-MESSAGE_START, MESSAGE_END, TEXT_END = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 SPECIAL_TOKENS = [TEXT_END, MESSAGE_START, MESSAGE_END, THINK_OPEN, THINK_CLOSE]
 
 # Qwen-style chat template: ChatML turns; earlier assistant turns keep only their answer (as Qwen3
