@@ -15,7 +15,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
@@ -54,11 +54,14 @@ class Roles:
             role.shutdown()
 
 
-def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
+def build_roles(cfg: OELConfig, model_path: Optional[str] = None,
+                while_starting: Optional[Callable[[RolloutGroup], None]] = None) -> Roles:
     """The rollout workers, teacher actors and learner ranks of `cfg`, all at `model_path` (default
     the configured model). The learner is placed first: its bundles are the largest and it packs
     its ranks on as few nodes as they fit on; then the teacher and the workers take what is left.
-    The roles load side by side (each start is mostly its own imports and model load)."""
+    The roles load side by side (each start is mostly its own imports and model load);
+    `while_starting(workers)` runs once every actor is created, before the wait, so whatever it
+    starts loads beside them."""
     c, r, lcfg = cfg.cluster, cfg.rollout, cfg.learner
     path = model_path or cfg.model.path
     model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
@@ -76,6 +79,8 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None) -> Roles:
         started.append(teacher)
         workers = rollout_group(cfg, model, wait=False)
         started.append(workers)
+        if while_starting is not None:
+            while_starting(workers)
         timed(what, lambda: [role.wait() for role in reversed(started)])  # the engines start last: wait there first
     except BaseException:
         for role in started:
@@ -225,6 +230,8 @@ class Deployment:
         """Stop every role and give the cluster its resources back."""
         if self.roles is not None:
             self.roles.shutdown()
+        if self.extractor is not None:
+            ray.kill(self.extractor)
         if self.own_extractor is not None:
             self.own_extractor.shutdown()
 
@@ -254,12 +261,16 @@ class Deployment:
         cfg = self.cfg
         if not ray.is_initialized():
             init_ray(cfg)
-        self.roles = build_roles(cfg)
+        self.roles = build_roles(cfg, while_starting=self._start_extractor)
         self._record_placement()
-        self.extractor = ray.remote(num_cpus=0)(Extractor).remote(
-            cfg.extractor, cfg.model.path, self._extractor_engines(self.roles.workers),
-            thinking=cfg.model.thinking, seed=cfg.seed)
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
+
+    def _start_extractor(self, workers: RolloutGroup) -> None:
+        """The extractor's actor, created while the roles load: its process start and imports (a few
+        seconds) would otherwise wait in front of the first extraction."""
+        cfg = self.cfg
+        self.extractor = ray.remote(num_cpus=0)(Extractor).remote(
+            cfg.extractor, cfg.model.path, self._extractor_engines(workers), thinking=cfg.model.thinking, seed=cfg.seed)
 
     def _extractor_engines(self, workers: RolloutGroup) -> list:
         """The policy's own workers (default), an endpoint, or workers of another local model."""

@@ -26,12 +26,13 @@ EXPERIMENTS = {
 }
 # Switches without an experiment of their own, on `tiny`: run label -> (overrides, the same four facts)
 OPTION_RUNS = {
-    # one of the public code's sampled-token estimators end to end; each one's values and gradient
-    # through the learner: test_learner.py, test_losses.py
-    "tiny_k1": (["learner.loss=k1"], "on_policy", "knowledge", True, "k1"),
-    # another checkpoint teaching both rounds: a deeper one, which a round start that handed it the
-    # student's weights (as the default teacher gets them) would refuse
-    "tiny_teacher_model": (["teacher.model={teacher}", "rounds=2"], "on_policy", "knowledge", True, "topk_reverse_kl"),
+    # Two switches that act on different parts, in one run (each run is mostly start-up): another
+    # checkpoint teaching both rounds, a deeper one, which a round start that handed it the student's
+    # weights (as the default teacher gets them) would refuse; and one of the public code's
+    # sampled-token estimators end to end (each one's values and gradient through the learner:
+    # test_learner.py, test_losses.py)
+    "tiny_teacher_model_k1": (["teacher.model={teacher}", "rounds=2", "learner.loss=k1"], "on_policy", "knowledge",
+                              True, "k1"),
 }
 COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
@@ -60,7 +61,7 @@ def deeper_teacher(tiny_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def run(finished, tmp_path_factory, tiny_model, smallest_tiny, request):
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_cluster, request):
     """run(name) -> (process, run dir): the experiment (or the OPTION_RUNS switch on `tiny`) at the
     smallest sizes in the shared root, with its own number of rounds."""
     def get(name: str):
@@ -69,13 +70,13 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny, request):
         if name not in finished:
             overrides = [arg for arg in smallest_tiny if not arg.startswith(("+experiment=", "rounds="))]
             if name in OPTION_RUNS:
-                teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model" else ""
+                teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model_k1" else ""
                 overrides += ["+experiment=tiny", *(o.format(teacher=teacher) for o in OPTION_RUNS[name][0])]
             else:
                 overrides.append(f"+experiment={name}")
             out = finished["root"] / name
             finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", *overrides, f"model.path={tiny_model}",
+                [sys.executable, "-m", "oel_ray.main", *overrides, *joins_session_cluster, f"model.path={tiny_model}",
                  f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
         return finished[name]
     return get
@@ -147,7 +148,7 @@ def test_the_public_codes_switches_act_end_to_end(run):
 def test_an_estimator_reports_what_it_minimised(run):
     """learner.loss=k1 end to end: every step's loss is its KL estimate d = log p_student - log
     p_teacher of the sampled tokens, in the reverse direction."""
-    _, out = run("tiny_k1")
+    _, out = run("tiny_teacher_model_k1")
     for m in (json.loads(line) for line in (out / "round_1" / "metrics.jsonl").read_text().splitlines()):
         assert m["kl_direction"] == REVERSE and m["response_tokens"] > 0
         assert m["loss"] == pytest.approx(m["kl"], rel=1e-6, abs=1e-9)
@@ -157,8 +158,8 @@ def test_another_checkpoint_teaches_every_round(run, deeper_teacher):
     """teacher.model: the deeper random teacher taught both rounds (a round start handing it the
     student's weights would have failed), and being far from the student, the KL is large from each
     round's first step (against ~0.0003 with the round-start teacher, whose only difference is the
-    knowledge)."""
-    _, out = run("tiny_teacher_model")
+    knowledge; the k1 estimate of the sampled tokens, this run's loss)."""
+    _, out = run("tiny_teacher_model_k1")
     assert json.loads((out / "manifest.json").read_text())["config"]["teacher"]["model"] == deeper_teacher
     rows = [json.loads(line) for r in (1, 2) for line in (out / f"round_{r}" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["kl"] > 0.5 for row in rows), [row["kl"] for row in rows]

@@ -116,7 +116,7 @@ def finished():
 
 
 @pytest.fixture
-def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_cluster):
     """run(name, *overrides) -> (process, run dir): one round of `tiny` at the smallest sizes, once."""
     base = [arg for arg in smallest_tiny if not arg.startswith("+experiment=")]  # each names its own
 
@@ -124,7 +124,7 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny):
         if name not in finished:
             out = tmp_path_factory.mktemp("controls") / name
             finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", *base, *overrides, f"model.path={tiny_model}",
+                [sys.executable, "-m", "oel_ray.main", *base, *overrides, *joins_session_cluster, f"model.path={tiny_model}",
                  f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
         return finished[name]
     return get

@@ -312,7 +312,8 @@ def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkey
 
 
 @pytest.mark.e2e
-def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(tmp_path, tiny_model, smallest_tiny):
+def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(tmp_path, tiny_model, smallest_tiny,
+                                                                             joins_session_cluster):
     """ood.ifeval=lm_eval through the entry point, with the stand-in lm_eval (the real one needs
     its data from the hub): round 0 on the initial model, round r on round_r/model."""
     import os
@@ -321,7 +322,7 @@ def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(t
     record = fake_lm_eval_with_data(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, f"model.path={tiny_model}",
-                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900,
+                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}", *joins_session_cluster], capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     calls = [json.loads(line) for line in record.read_text().splitlines()]

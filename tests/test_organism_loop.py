@@ -29,17 +29,18 @@ def organism_path() -> str:
     return str(build_model(composed_model_path("organism"), "organism"))
 
 
-def one_round(experiment: str, out: Path, model: str) -> list[dict]:
+def one_round(experiment: str, out: Path, model: str, joined: list[str]) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "oel_ray.main", f"+experiment={experiment}", f"model.path={model}",
-                           f"hydra.run.dir={out}", *ONE_ROUND], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           f"hydra.run.dir={out}", *ONE_ROUND, *joined], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr, [line for line in proc.stderr.splitlines() if "Warning" in line][:3]
     return [json.loads((out / f"round_{r}" / "eval.json").read_text()) for r in (0, 1)]
 
 
-def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organism_path, tmp_path):
-    main = one_round("organism", tmp_path / "main", organism_path)
-    empty = one_round("organism_empty_knowledge", tmp_path / "empty", organism_path)
+def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organism_path, tmp_path,
+                                                                          joins_session_cluster):
+    main = one_round("organism", tmp_path / "main", organism_path, joins_session_cluster)
+    empty = one_round("organism_empty_knowledge", tmp_path / "empty", organism_path, joins_session_cluster)
     (before, after), (_, control) = main, empty
     print("round 0", before["pass_rate"], "OEL", after["pass_rate"], "empty knowledge", control["pass_rate"])
     assert empty[0]["pass_rate"] == before["pass_rate"]  # same model, maps and sampling seeds

@@ -34,7 +34,7 @@ def metric_steps(path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, tiny_model):
+def resumed(tmp_path_factory, tiny_model, joins_session_cluster):
     out = tmp_path_factory.mktemp("resume")
     cmd = command(tiny_model, out)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -46,7 +46,8 @@ def resumed(tmp_path_factory, tiny_model):
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started, mid-consolidation
     first.wait()
     assert not (out / "round_1" / "metrics.csv").exists(), "killed too late: consolidation had finished"
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # the rerun joins another cluster (where a run executes may change on resume: RESUMABLE_CHANGES)
+    second = subprocess.run(cmd + joins_session_cluster, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return out, second.stdout + second.stderr
 
@@ -127,7 +128,7 @@ def one_round(tiny_model, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def teacher_killed(tmp_path_factory, tiny_model):
+def teacher_killed(tmp_path_factory, tiny_model, joins_session_cluster):
     """One round; the learner saves only at the round's end, so a state found mid-round was saved
     by the driver on its way out. The teacher's process is killed once the first step is logged."""
     out, logs = tmp_path_factory.mktemp("dead_teacher"), tmp_path_factory.mktemp("dead_teacher_logs")
@@ -144,7 +145,7 @@ def teacher_killed(tmp_path_factory, tiny_model):
     state = out / "round_1" / "learner_state"  # the rerun's checkpoint stage removes it
     after_first = {"stages": stages_of(out), "steps": metric_steps(metrics),
                    "saved": sorted(p.name for p in state.iterdir()) if state.exists() else []}
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    second = subprocess.run(cmd + joins_session_cluster, capture_output=True, text=True, timeout=900)
     return out, code, (logs / "stderr").read_text(), after_first, second
 
 
@@ -178,7 +179,8 @@ def test_the_rerun_after_a_dead_teacher_resumes_and_finishes_every_step_once(tea
     assert "[round_1/deploy] finished earlier, skipped" in log
 
 
-def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teacher_killed, tiny_model):
+def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teacher_killed, tiny_model,
+                                                                           joins_session_cluster):
     """Last in this module: it reruns a stage of the finished run. With round 1's eval.json deleted,
     the rerun evaluates round 1 again although its training state is gone (the checkpoint removed
     it): from round_1/model, so the games repeat the first evaluation's move for move."""
@@ -187,7 +189,8 @@ def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teac
     first = (rdir / "eval_trajectories.jsonl").read_text()
     attempts = stages_of(out)["round_1/evaluate"]["attempts"]
     (rdir / "eval.json").unlink()
-    again = subprocess.run(one_round(tiny_model, out), capture_output=True, text=True, timeout=900)
+    again = subprocess.run(one_round(tiny_model, out) + joins_session_cluster, capture_output=True, text=True,
+                           timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "[round_1/consolidate] finished earlier, skipped" in log

@@ -17,11 +17,11 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 
 
 @pytest.mark.e2e
-def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny):
+def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
     sweep_dir = tmp_path / "sweep"
     swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
     proc = subprocess.run(
-        [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept,
+        [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept, *joins_session_cluster,
          f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
