@@ -65,9 +65,11 @@ def hydra_main(raw: DictConfig) -> dict:
 
     if cfg.model.build:
         tracking.timed(f"build {cfg.model.build} model", lambda: build_model(cfg.model.path, cfg.model.build))
+    finished = False
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
+        finished = True
     except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         fail(checks.user_named(str(err), raw), "input" if isinstance(err, errors.InputError) else "config")
     except Exception as err:
@@ -81,10 +83,22 @@ def hydra_main(raw: DictConfig) -> dict:
     finally:
         import ray
 
-        if ray.is_initialized():
+        # A sweep's next job may reuse the cluster (roles.init_ray); the process's exit stops it.
+        if ray.is_initialized() and not (finished and in_a_sweep()):
             ray.shutdown()
     print_summary(summary)
     return summary
+
+
+def in_a_sweep() -> bool:
+    """Whether the next job of this multirun (`-m`) runs in this same process: Hydra's basic
+    launcher's do (a launcher that gives each job a process of its own, submitit's, stops Ray here)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return False
+    return HydraConfig.get().launcher.get("_target_", "").endswith(".BasicLauncher")
 
 
 def curve_lines(summary: dict) -> str:

@@ -1,5 +1,6 @@
 """A Hydra multirun over the two sweep keys runs one whole OEL job per combination, each in its own
-directory with its own results (basic launcher: the jobs run one after another)."""
+directory with its own results (basic launcher: the jobs run one after another, on the one local Ray
+cluster the first job started)."""
 
 import itertools
 import json
@@ -17,11 +18,11 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 
 
 @pytest.mark.e2e
-def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
+def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny):
     sweep_dir = tmp_path / "sweep"
     swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
     proc = subprocess.run(
-        [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept, *joins_session_cluster,
+        [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept,
          f"hydra.sweep.dir={sweep_dir}"],
         capture_output=True, text=True, timeout=900, cwd=REPO,
     )
@@ -30,7 +31,9 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     seen = set()
-    for job in jobs:
+    for i, job in enumerate(jobs):
+        # the first job starts the local Ray cluster, the others reuse it (same cluster settings)
+        assert ("reusing the Ray cluster" in (job / "oel.log").read_text()) == (i > 0)
         summary = json.loads((job / "summary.json").read_text())
         assert summary["rounds"] == 1 and summary["steps"] == 1
         assert 0.0 <= summary["pass_rate"] <= 1.0
@@ -60,3 +63,24 @@ def test_slurm_sweep_script_submits_one_job_per_combination_with_the_configs_all
         run_dirs.add(overrides["hydra.run.dir"])
     assert combos == set(itertools.product([10, 25], [1, 2]))
     assert len(run_dirs) == 4 and all(d.startswith("runs/${name}-sweep/") for d in run_dirs)
+
+
+def test_a_job_reuses_the_cluster_only_with_the_same_cluster_settings():
+    """roles.init_ray in one process, as a sweep's jobs call it: the same settings reuse the running
+    cluster; other settings (here cluster.num_cpus) stop it and start one that has them."""
+    script = """
+import json, ray
+from oel_ray.config import ClusterConfig, OELConfig
+from oel_ray.roles import init_ray
+seen = []
+for cpus in (2, 2, 3):
+    init_ray(OELConfig(cluster=ClusterConfig(num_cpus=cpus)))
+    seen.append([ray.get_runtime_context().gcs_address, ray.cluster_resources()["CPU"]])
+ray.shutdown()
+print(json.dumps(seen))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (first, cpus1), (again, cpus2), (_, cpus3) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert again == first and cpus1 == cpus2 == 2
+    assert cpus3 == 3  # a new cluster (a local one may take the same port again)
