@@ -14,11 +14,10 @@ into it fails (`'Parameter' object has no attribute 'weight_loader'`): TRL 1.16 
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 
-from benchmarks.baselines.work import Run, Work, left_pad, load_model
+from benchmarks.baselines.work import Run, Work, left_pad, load_model, step_clock
 
 
 class ContextDistillationTrainer:
@@ -62,28 +61,12 @@ class ContextDistillationTrainer:
 
 def run_trl_distillation(work: Work) -> Run:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl import DistillationConfig
 
     batch = len(work.batches[0])
     run = Run("TRL DistillationTrainer", batch)
     rows = [{"prompt": s, "teacher": t} for pairs in work.batches for s, t in pairs]
-
-    class StepClock(TrainerCallback):
-        """Wall time from one optimizer step's end to the next: generation, loss, step."""
-
-        def __init__(self):
-            self.last = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.last is None:
-                self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            if state.global_step > work.warmup_steps:
-                run.step_seconds.append(now - self.last)
-            self.last = now
 
     replies: list[int] = []  # generated tokens TRL trains on (its completion mask), every step
     with tempfile.TemporaryDirectory(prefix="oel_bench_trl_distill.") as out:
@@ -98,7 +81,8 @@ def run_trl_distillation(work: Work) -> Run:
         trainer = ContextDistillationTrainer.make(
             work.pad_id, replies, model=load_model(work.model_path), teacher_model=load_model(work.model_path),
             args=args, train_dataset=Dataset.from_list(rows),
-            processing_class=AutoTokenizer.from_pretrained(work.model_path), callbacks=[StepClock()])
+            processing_class=AutoTokenizer.from_pretrained(work.model_path),
+            callbacks=[step_clock(run, work.warmup_steps)])
         trainer.train()
     run.response_tokens = replies[work.warmup_steps:]
     return run

@@ -12,11 +12,10 @@ which would only slow TRL down on a model this small).
 from __future__ import annotations
 
 import tempfile
-import time
 
 import torch
 
-from benchmarks.baselines.work import Run, Work, left_pad, load_model, positions
+from benchmarks.baselines.work import Run, Work, left_pad, load_model, positions, step_clock
 
 
 class ContextGKDTrainer:
@@ -67,28 +66,12 @@ class PairCollator:
 
 def run_trl(work: Work) -> Run:
     from datasets import Dataset
-    from transformers import AutoTokenizer, TrainerCallback
+    from transformers import AutoTokenizer
     from trl.experimental.gkd import GKDConfig
 
     batch = len(work.batches[0])
     run = Run("TRL GKDTrainer", batch)
     rows = [{"student": s, "teacher": t} for pairs in work.batches for s, t in pairs]
-
-    class StepClock(TrainerCallback):
-        """Wall time from one optimizer step's end to the next: data, generation, loss, step."""
-
-        def __init__(self):
-            self.last = None
-
-        def on_step_begin(self, args, state, control, **kw):
-            if self.last is None:
-                self.last = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            now = time.perf_counter()
-            if state.global_step > work.warmup_steps:
-                run.step_seconds.append(now - self.last)
-            self.last = now
 
     replies: list[int] = []  # generated tokens TRL trains on (its own completion mask), every step
 
@@ -108,11 +91,11 @@ def run_trl(work: Work) -> Run:
             bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True, seed=work.seed,
             train_sampling_strategy="sequential", dataloader_num_workers=0, report_to="none",
             save_strategy="no", logging_strategy="no", disable_tqdm=True)
-        clock = StepClock()
         trainer = ContextGKDTrainer.make(
             model=load_model(work.model_path), teacher_model=load_model(work.model_path), args=args,
             data_collator=PairCollator(work.pad_id), train_dataset=Dataset.from_list(rows),
-            processing_class=AutoTokenizer.from_pretrained(work.model_path), callbacks=[clock])
+            processing_class=AutoTokenizer.from_pretrained(work.model_path),
+            callbacks=[step_clock(run, work.warmup_steps)])
         # lmbda=1: one generation per optimizer step
         trainer.generate_on_policy_outputs = count_replies(trainer.generate_on_policy_outputs)
         trainer.train()

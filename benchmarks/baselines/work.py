@@ -76,3 +76,27 @@ def completion_mask(completion: torch.Tensor, stop_ids: list[int]) -> torch.Tens
     """1 on generated tokens up to and including the first stop token, 0 on the padding after it."""
     stops = torch.isin(completion, torch.tensor(stop_ids, device=completion.device)).long()
     return ((stops.cumsum(-1) - stops) == 0).long()
+
+
+def step_clock(run: Run, warmup_steps: int):
+    """A Trainer callback adding to `run.step_seconds` the wall time from one optimizer step's end to
+    the next (data, generation, loss, step), after the first `warmup_steps` steps."""
+    import time
+
+    from transformers import TrainerCallback
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.last = None
+
+        def on_step_begin(self, args, state, control, **kw):
+            if self.last is None:
+                self.last = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            now = time.perf_counter()
+            if state.global_step > warmup_steps:
+                run.step_seconds.append(now - self.last)
+            self.last = now
+
+    return StepClock()
