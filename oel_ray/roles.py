@@ -287,7 +287,8 @@ class Deployment:
         seconds) would otherwise wait in front of the first extraction."""
         cfg = self.cfg
         self.extractor = ray.remote(num_cpus=0)(Extractor).remote(
-            cfg.extractor, cfg.model.path, self._extractor_engines(workers), thinking=cfg.model.thinking, seed=cfg.seed)
+            cfg.extractor, cfg.model.path, self._extractor_engines(workers), thinking=cfg.model.thinking,
+            seed=cfg.seed)
 
     def _extractor_engines(self, workers: RolloutGroup) -> list:
         """The policy's own workers (default), an endpoint, or workers of another local model."""
