@@ -76,8 +76,8 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_clu
                 overrides.append(f"+experiment={name}")
             out = finished["root"] / name
             finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", *overrides, *joins_session_cluster, f"model.path={tiny_model}",
-                 f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
+                [sys.executable, "-m", "oel_ray.main", *overrides, *joins_session_cluster,
+                 f"model.path={tiny_model}", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
         return finished[name]
     return get
 

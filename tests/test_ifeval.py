@@ -322,7 +322,8 @@ def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(t
     record = fake_lm_eval_with_data(tmp_path)
     out = tmp_path / "run"
     proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, f"model.path={tiny_model}",
-                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}", *joins_session_cluster], capture_output=True, text=True, timeout=900,
+                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}", *joins_session_cluster],
+                          capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     calls = [json.loads(line) for line in record.read_text().splitlines()]

@@ -31,7 +31,8 @@ def organism_path() -> str:
 
 def one_round(experiment: str, out: Path, model: str, joined: list[str]) -> list[dict]:
     proc = subprocess.run([sys.executable, "-m", "oel_ray.main", f"+experiment={experiment}", f"model.path={model}",
-                           f"hydra.run.dir={out}", *ONE_ROUND, *joined], cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           f"hydra.run.dir={out}", *ONE_ROUND, *joined], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr, [line for line in proc.stderr.splitlines() if "Warning" in line][:3]
     return [json.loads((out / f"round_{r}" / "eval.json").read_text()) for r in (0, 1)]

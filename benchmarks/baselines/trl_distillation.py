@@ -34,7 +34,8 @@ class ContextDistillationTrainer:
             def _generate_and_score_completions(self, inputs):
                 out = super()._generate_and_score_completions(inputs)
                 ids, mask = left_pad([x["teacher"] for x in inputs], pad_id)
-                out["teacher_prompt_ids"], out["teacher_prompt_mask"] = ids.to(out["prompt_ids"].device), mask
+                device = out["prompt_ids"].device  # the student's prompts', where the reply is too
+                out["teacher_prompt_ids"], out["teacher_prompt_mask"] = ids.to(device), mask.to(device)
                 replies.append(int(out["completion_mask"].sum()))
                 return out
 
