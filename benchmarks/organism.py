@@ -11,7 +11,7 @@ run, round_1/knowledge_eval.json (the in-context curve). Every map of the held-o
 rounds). Prints one table and saves benchmarks/results/organism.json with a true/false verdict per
 acceptance line of issue 15, and benchmarks/results/organism.png. Runs of other seeds or controls
 already in that file are kept when they were measured on the same organism (its recipe's version) with
-the same samples, so seeds can be added one invocation at a time; `--out` keeps the run directories.
+the same samples and the same consolidation settings (SETTINGS), so seeds can be added one invocation at a time; `--out` keeps the run directories.
 """
 
 from __future__ import annotations
@@ -21,9 +21,10 @@ import json
 import subprocess
 import sys
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, markdown_table, save, stopwatch
+from benchmarks.common import RESULTS, ROOT, load_config, markdown_table, save, stopwatch
 
 RUNS = {"main": "organism", "empty": "organism_empty_knowledge", "shuffled": "organism_shuffled_knowledge",
         "raw": "organism_raw_trajectories", "off_policy": "organism_off_policy"}
@@ -31,6 +32,9 @@ RUNS = {"main": "organism", "empty": "organism_empty_knowledge", "shuffled": "or
 # per chain: 8 x 256 games); the controls are judged on their rounds and skip it.
 MAIN_OVERRIDES = ("extractor.eval_steps=[0,8]",)
 CONTROL_OVERRIDES = ("extractor.eval_steps=[]",)
+# What a run's figures depend on besides the organism (its recipe's version) and the samples: a saved
+# run measured under other values is measured again, never mixed in.
+SETTINGS = ("learner.lr", "learner.steps", "learner.batch_size", "rounds")
 MAPS = 128  # every held-out map of conf/env/organism.yaml (the experiment plays 64, sized for `make run`)
 CONSOLIDATION_SLACK = 0.05  # the student after round 1 within 5 points of the in-context rate
 
@@ -61,7 +65,11 @@ def collect(run: str, seed: int, out: Path, seconds: float) -> dict:
         rounds.append({"round": e["round"], "pass_rate": e["pass_rate"], "ci": [e["ci_low"], e["ci_high"]],
                        "games": e["games"], "tokens_per_turn": e["response_tokens_per_turn"],
                        "ifeval_strict": (e.get("ifeval") or {}).get("strict_prompt_accuracy")})
-    result = {"run": run, "seed": seed, "seconds": round(seconds, 1), "rounds": rounds}
+    from omegaconf import OmegaConf
+
+    ran = OmegaConf.load(out / ".hydra" / "config.yaml")
+    result = {"run": run, "seed": seed, "seconds": round(seconds, 1), "rounds": rounds,
+              "settings": {key: OmegaConf.select(ran, key) for key in SETTINGS}}
     curve = out / "round_1" / "knowledge_eval.json"
     if curve.exists():
         k = json.loads(curve.read_text())
@@ -80,10 +88,10 @@ def empty_block_effect(samples: int) -> dict:
     from oel_ray.evaluate import eval_sampling, summarize
     from oel_ray.games import Game, eval_specs
     from oel_ray.prompts import chat_ids, teacher_messages
+    from oel_ray.rollout import quiet_vllm_start
     from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed
 
-    from benchmarks.common import load_config
-
+    quiet_vllm_start()  # the run's workers keep vLLM's start-up lines off the console too
     cfg = load_config(f"+experiment={RUNS['main']}", f"env.eval_maps={MAPS}", f"env.eval_samples={samples}")
     engine = VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.seed)
     specs = eval_specs(cfg.env) * samples
@@ -213,10 +221,25 @@ def saved_results(args) -> dict:
 
 def earlier_runs(args) -> list[dict]:
     """The saved runs this invocation does not repeat, when measured on this organism with these
-    samples (anything else is dropped: its figures are not comparable)."""
+    samples and their experiment's SETTINGS as they are now (anything else is dropped: its figures
+    are not comparable)."""
     saved = saved_results(args)
     redo = {(run, seed) for run in args.runs for seed in args.seeds}
-    return [r for r in saved.get("runs", []) if (r["run"], r["seed"]) not in redo]
+    return [r for r in saved.get("runs", []) if (r["run"], r["seed"]) not in redo
+            and r.get("settings") == settings(r["run"])]
+
+
+@lru_cache(maxsize=None)
+def settings(run: str) -> dict:
+    """SETTINGS as `run`'s experiment sets them now."""
+    cfg = load_config(f"+experiment={RUNS[run]}")
+    values = {}
+    for key in SETTINGS:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        values[key] = value
+    return values
 
 
 def main(argv=None) -> None:

@@ -47,8 +47,9 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     assert empty[0]["pass_rate"] == before["pass_rate"]  # same model, maps and sampling seeds
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
     # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
-    # is a small shift of the teacher's prompt, and on seed 0 the control lands under round 0's rate
-    # (2 points on organism version 4, 1 on versions 6, 7 and 10, 2.3 on version 12), inside its interval.
+    # is a small shift of the teacher's prompt (version 12 plays it at 0.230 against 0.273 plain,
+    # benchmarks/organism.py), and on seed 0 the control lands under round 0's rate (2 points on
+    # organism version 4, 1 on versions 6, 7 and 10, 1.5 on version 12), inside its interval.
     assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
                                                                                  control["pass_rate"])
     # Version 12 at learner.lr 5e-5 gains 0.21 over the control here (0.273 -> 0.465, control 0.258):
