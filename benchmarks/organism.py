@@ -153,15 +153,19 @@ def verdicts(results: list[dict]) -> dict:
             # "No separated gain" in any round: a gain that fades by the last round is still a gain.
             "holds": not any(_above(x["ci"], r["rounds"][0]["ci"]) for r in by["shuffled"] for x in r["rounds"][1:]),
             "per_seed": [[x["pass_rate"] for x in r["rounds"]] for r in by["shuffled"]]}
-    last = {run: sum(r["rounds"][-1]["pass_rate"] for r in rs) / len(rs) for run, rs in by.items()}
-    if "raw" in by and main:
-        out["raw_trajectories_below_knowledge"] = {"holds": last["raw"] < last["main"], "raw": last["raw"],
-                                                   "knowledge": last["main"]}
-    if "off_policy" in by and main:
+    def on_seeds_of(control: str) -> list[dict]:  # the main runs of the seeds the control ran: like for like
+        seeds = {r["seed"] for r in by[control]}
+        return [r for r in main if r["seed"] in seeds]
+
+    last = lambda rs: sum(r["rounds"][-1]["pass_rate"] for r in rs) / len(rs)  # noqa: E731
+    if "raw" in by and on_seeds_of("raw"):
+        raw, knowledge = last(by["raw"]), last(on_seeds_of("raw"))
+        out["raw_trajectories_below_knowledge"] = {"holds": raw < knowledge, "raw": raw, "knowledge": knowledge}
+    if "off_policy" in by and on_seeds_of("off_policy"):
         def drop(rs):
             scores = [(r["rounds"][0]["ifeval_strict"], r["rounds"][-1]["ifeval_strict"]) for r in rs]
             return sum(a - b for a, b in scores) / len(scores) if all(None not in s for s in scores) else None
-        on, off = drop(main), drop(by["off_policy"])
+        on, off = drop(on_seeds_of("off_policy")), drop(by["off_policy"])
         holds = None not in (on, off) and off > on
         out["off_policy_forgets_more"] = {"holds": holds, "ifeval_drop_on_policy": on, "ifeval_drop_off_policy": off}
         if not holds:
