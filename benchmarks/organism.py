@@ -96,6 +96,7 @@ def empty_block_effect(samples: int) -> dict:
     engine = VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.seed)
     specs = eval_specs(cfg.env) * samples
     seeds = game_sampling_seeds(cfg.seed, specs)
+    sampling = eval_sampling(cfg)
 
     def prompt(game: Game, block: bool) -> list[int]:
         system, user = teacher_messages(game.prompt(), "", cfg.teacher.knowledge_position) if block else (None, game.prompt())
@@ -105,7 +106,7 @@ def empty_block_effect(samples: int) -> dict:
     for name, block in (("plain", False), ("empty_block", True)):
         games = [Game(spec, cfg.env.max_turns) for spec in specs]
         while active := [i for i, g in enumerate(games) if not g.done]:
-            replies = engine.generate([prompt(games[i], block) for i in active], eval_sampling(cfg),
+            replies = engine.generate([prompt(games[i], block) for i in active], sampling,
                                       [turn_sampling_seed(seeds[i], len(games[i].turns)) for i in active])
             for i, reply in zip(active, replies):
                 games[i].step(reply.text, engine.reply_tokens(reply))
