@@ -28,7 +28,7 @@ from oel_ray.games import train_specs
 from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.layout import RoundLayout, RunLayout
-from oel_ray.manifest import Manifest
+from oel_ray.manifest import Manifest, config_snapshot
 from oel_ray.roles import Deployment, sampling_for_play
 from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
 from oel_ray.tracking import timed
@@ -324,9 +324,3 @@ def log_to_file(path: Path) -> None:
     handler = logging.FileHandler(path)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger().addHandler(handler)
-
-
-def config_snapshot(cfg: OELConfig) -> dict:
-    from dataclasses import asdict
-
-    return json.loads(json.dumps(asdict(cfg), default=str))

@@ -49,6 +49,11 @@ def cached_version(path: Path, name: Optional[str] = None) -> Optional[int]:
     return config.get(VERSION_KEY, 1)
 
 
+def needs_build(path: str | os.PathLike, name: str) -> bool:
+    """Whether `build_model(path, name)` would build (nothing, or an older version, is at `path`)."""
+    return cached_version(Path(path).expanduser(), recipe(name).name) != recipe(name).version
+
+
 def build_tiny_model(path: str | os.PathLike) -> Path:
     return build_model(path, TINY.name)
 
@@ -61,13 +66,13 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
     """
     r = recipe(name)
     path = Path(path).expanduser()
-    if cached_version(path, r.name) == r.version:
+    if not needs_build(path, name):
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     # Processes that start together (a multirun's jobs, parallel tests) build it once: the others
     # wait for the lock and then find it built.
     with FileLock(str(path) + ".lock"):
-        if cached_version(path, r.name) == r.version:
+        if not needs_build(path, name):
             return path
         _build(path, r)
     return path

@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from oel_ray import checks, config, errors, preflight
+from oel_ray.manifest import Manifest, config_snapshot
 from oel_ray.overrides import CONF_DIR, check_override_keys
 from oel_ray.validate import validate
 
@@ -28,6 +29,11 @@ NO_RUN_FLAGS = {"--cfg", "-c", "--info", "-i", "--help", "-h", "--hydra-help", "
 def fail(message: str, kind: str = "config") -> None:
     print(f"oel_ray: {kind} error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def refuse(err: errors.ConfigError, raw: DictConfig) -> None:
+    """A setting or a file on disk this run cannot go on with, as the user typed its field."""
+    fail(checks.user_named(str(err), raw), "input" if isinstance(err, errors.InputError) else "config")
 
 
 def stop_reason(err: BaseException) -> Optional[str]:
@@ -61,9 +67,14 @@ def hydra_main(raw: DictConfig) -> dict:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
-    from oel_ray.embedded import build_model
+    from oel_ray.embedded import build_model, needs_build
 
     if cfg.model.build:
+        if needs_build(cfg.model.path, cfg.model.build):
+            try:  # a run directory this run cannot resume is refused now, not after a build of minutes
+                Manifest.check(cfg.output_dir, config_snapshot(cfg))
+            except errors.ConfigError as err:
+                refuse(err, raw)
         tracking.timed(f"build {cfg.model.build} model", lambda: build_model(cfg.model.path, cfg.model.build))
     finished = False
     try:
@@ -71,7 +82,7 @@ def hydra_main(raw: DictConfig) -> dict:
         summary = driver.run(cfg)  # starts Ray only if some stage still has to run
         finished = True
     except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
-        fail(checks.user_named(str(err), raw), "input" if isinstance(err, errors.InputError) else "config")
+        refuse(err, raw)
     except Exception as err:
         reason = stop_reason(err)
         if reason is None:

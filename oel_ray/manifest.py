@@ -32,19 +32,37 @@ def is_run(run_dir: Path) -> bool:
     return isinstance(data, dict) and "stages" in data
 
 
+def config_snapshot(cfg) -> dict:
+    """The run's settings as the manifest records them (an OELConfig as plain JSON values)."""
+    from dataclasses import asdict
+
+    return json.loads(json.dumps(asdict(cfg), default=str))
+
+
 class Manifest:
     def __init__(self, run_dir: Path, config: dict):
         self.path = RunLayout(Path(run_dir)).manifest
-        if self.path.exists():
-            try:
-                self.data = json.loads(self.path.read_text())
-            except json.JSONDecodeError as err:
-                raise InputError(f"{self.path}: not valid JSON ({err}); move the run directory away "
-                                  "or choose another output_dir") from None
-            _check_same_config(self.data.get("config", {}), config, self.path.parent)
+        saved = Manifest.check(run_dir, config)
+        if saved is not None:
+            self.data = saved
         else:
             self.data = {"version": 1, "config": config, "stages": {}}
             self._save()
+
+    @staticmethod
+    def check(run_dir: Path, config: dict) -> Optional[dict]:
+        """The manifest already in `run_dir` (None when there is none), refused when it is corrupt or
+        was written by a run with other settings. Reads only: main calls it before any model build."""
+        path = RunLayout(Path(run_dir)).manifest
+        if not path.exists():
+            return None
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err}); move the run directory away "
+                             "or choose another output_dir") from None
+        _check_same_config(data.get("config", {}), config, path.parent)
+        return data
 
     @property
     def resumed(self) -> bool:

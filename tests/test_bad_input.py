@@ -141,7 +141,7 @@ def resumable(out: Path, tiny_model, finished: list[str], **config_changes) -> N
     """A manifest as the run would have written it, with `finished` stages done."""
     from oel_ray import config
     from oel_ray.overrides import CONF_DIR
-    from oel_ray.driver import config_snapshot
+    from oel_ray.manifest import config_snapshot
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
@@ -200,6 +200,21 @@ def test_bad_files(finished, files, changes, kind, message, tiny_model, earlier_
     proc = run_main(tiny_model, earlier_run, *SMALL)
     assert_refused(proc, earlier_run, before, kind, message, skip)
     assert not list(earlier_run.rglob("*.partial")) and not list(earlier_run.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("manifest,message", [("{not json", "manifest.json: not valid JSON"),
+                                              (None, "learner.steps: is 6 but the run in")])
+def test_a_run_that_cannot_be_resumed_is_refused_before_its_model_is_built(manifest, message, tiny_model,
+                                                                            earlier_run, tmp_path):
+    """model.build's minutes (the organism's: 11) come after the run directory's manifest is checked."""
+    if manifest is None:
+        resumable(earlier_run, tiny_model, ["round_0/evaluate"], learner__steps=5)
+    else:
+        (earlier_run / "manifest.json").write_text(manifest)
+    unbuilt = tmp_path / "model"
+    proc = run_main(str(unbuilt), earlier_run, *SMALL)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+    assert not unbuilt.exists() and "build" not in proc.stderr
 
 
 # ----------------------------------------------------------------------------- what model.path points at
