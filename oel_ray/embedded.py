@@ -51,7 +51,8 @@ def cached_version(path: Path, name: Optional[str] = None) -> Optional[int]:
 
 def needs_build(path: str | os.PathLike, name: str) -> bool:
     """Whether `build_model(path, name)` would build (nothing, or an older version, is at `path`)."""
-    return cached_version(Path(path).expanduser(), recipe(name).name) != recipe(name).version
+    r = recipe(name)
+    return cached_version(Path(path).expanduser(), r.name) != r.version
 
 
 def build_tiny_model(path: str | os.PathLike) -> Path:
