@@ -79,42 +79,6 @@ def collect(run: str, seed: int, out: Path, seconds: float) -> dict:
     return result
 
 
-def empty_block_effect(samples: int) -> dict:
-    """The round-0 organism on the held-out maps with its plain prompt, and with the empty knowledge
-    block that the empty-knowledge control's teacher reads (same maps and sampling seeds, as the run's
-    evaluation plays them). That control consolidates the student towards the second: a gap here is
-    where the control drifts to, whatever the loop does."""
-    from oel_ray.engine import VLLMEngine
-    from oel_ray.evaluate import eval_sampling, summarize
-    from oel_ray.games import Game, eval_specs
-    from oel_ray.prompts import chat_ids, teacher_messages
-    from oel_ray.rollout import quiet_vllm_start
-    from oel_ray.seeds import game_sampling_seeds, turn_sampling_seed
-
-    quiet_vllm_start()  # the run's workers keep vLLM's start-up lines off the console too
-    cfg = load_config(f"+experiment={RUNS['main']}", f"env.eval_maps={MAPS}", f"env.eval_samples={samples}")
-    engine = VLLMEngine(cfg.model.path, dtype=cfg.model.dtype, max_model_len=cfg.model.max_model_len, seed=cfg.seed)
-    specs = eval_specs(cfg.env) * samples
-    seeds = game_sampling_seeds(cfg.seed, specs)
-    sampling = eval_sampling(cfg)
-
-    def prompt(game: Game, block: bool) -> list[int]:
-        system, user = teacher_messages(game.prompt(), "", cfg.teacher.knowledge_position) if block else (None, game.prompt())
-        return chat_ids(engine.tokenizer, user, system=system, thinking=cfg.model.thinking)
-
-    out = {}
-    for name, block in (("plain", False), ("empty_block", True)):
-        games = [Game(spec, cfg.env.max_turns) for spec in specs]
-        while active := [i for i, g in enumerate(games) if not g.done]:
-            replies = engine.generate([prompt(games[i], block) for i in active], sampling,
-                                      [turn_sampling_seed(seeds[i], len(games[i].turns)) for i in active])
-            for i, reply in zip(active, replies):
-                games[i].step(reply.text, engine.reply_tokens(reply))
-        e = summarize([g.trajectory(0, 0) for g in games], 0, samples)
-        out[name] = {"pass_rate": e.pass_rate, "ci": [e.ci_low, e.ci_high], "tokens_per_turn": e.response_tokens_per_turn}
-    return out
-
-
 def _above(a: list[float], b: list[float]) -> bool:
     """Interval `a` lies wholly above interval `b`."""
     return a[0] > b[1]
@@ -259,7 +223,6 @@ def main(argv=None) -> None:
                         help="record a run made by hand with this benchmark's command line, instead of running")
     args = parser.parse_args(argv)
     args.version = RECIPE.version
-    args.empty_block = saved_results(args).get("empty_block")  # kept unless the empty control runs again
     if args.collect:
         run, seed, out, seconds = args.collect
         if run not in RUNS:
@@ -270,10 +233,6 @@ def main(argv=None) -> None:
         report(earlier_runs(args) + [collect(run, int(seed), Path(out), float(seconds))], args, final=True)
         return
     results = earlier_runs(args)
-    if "empty" in args.runs:
-        args.empty_block = empty_block_effect(args.samples)
-        print("round 0, plain prompt vs empty knowledge block: " + ", ".join(
-            f"{k} {v['pass_rate']:.3f}" for k, v in args.empty_block.items()), flush=True)
     with tempfile.TemporaryDirectory(prefix="oel_bench_organism.") as tmp:
         for seed in args.seeds:
             for run in args.runs:
@@ -291,16 +250,11 @@ def report(results: list[dict], args, final: bool) -> None:
     tables = {title: table(results),
               "Verdicts (issue 15's acceptance lines)": markdown_table(
                   ["line", "holds"], [[k, v["holds"]] for k, v in judged.items()])}
-    if args.empty_block:  # where the empty-knowledge control's teacher plays (seed 0's sampling)
-        tables["Round 0, plain prompt against the empty knowledge block (seed 0)"] = markdown_table(
-            ["prompt", "pass rate", "95% CI", "tokens/turn"],
-            [[k, f"{v['pass_rate']:.3f}", f"[{v['ci'][0]:.2f}, {v['ci'][1]:.2f}]", f"{v['tokens_per_turn']:.1f}"]
-             for k, v in args.empty_block.items()])
     if final:
         print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
     results = sorted(results, key=lambda r: (r["seed"], list(RUNS).index(r["run"])))
     save("organism", {"organism_version": args.version, "seeds": sorted({r["seed"] for r in results}),
-                      "samples": args.samples, "runs": results, "verdicts": judged, "empty_block": args.empty_block,
+                      "samples": args.samples, "runs": results, "verdicts": judged,
                       "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
 
 

@@ -193,7 +193,7 @@ class TeacherConfig:
     knowledge_position: str = "user"  # the paper puts knowledge inside the user turn
     # What the teacher reads before the prefix: the extracted "knowledge" (OEL), or the raw
     # "trajectories" it would have been extracted from (the paper's ablation), same length cap.
-    # Controls: "none" (an empty knowledge block), "shuffled" (each line's words shuffled).
+    # Controls: "none" (no knowledge: the student's own prompt), "shuffled" (each line's words shuffled).
     context: str = KNOWLEDGE
     # Another run's directory: the teacher reads its round_<r>/knowledge.json "set" (e.g. another
     # game's knowledge) instead of this run's; context knowledge or shuffled only.

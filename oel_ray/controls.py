@@ -2,8 +2,9 @@
 
 - knowledge: the round's extracted knowledge (OEL).
 - trajectories: the raw trajectories instead (paper Table 2); extracted in extractor.run(raw=True).
-- none: an empty knowledge block. Same prompt format as OEL (preamble, empty <experience> tags), so
-  only the content differs: consolidation then pulls the student toward the round-start model itself.
+- none: no knowledge. Blank knowledge is no block at all (`prompts.teacher_messages`, as in the
+  paper's code), so the teacher is the round-start model on the student's own prompt: consolidation
+  has nothing to take in, and whatever the student still moves is the machinery's own drift.
 - shuffled: each chain's knowledge with the words of each line shuffled (item markers kept at the
   line start): the same words, no meaning.
 `teacher.knowledge_from` points at another run (e.g. another game's): the teacher reads that run's
@@ -91,5 +92,5 @@ def check_knowledge_from(cfg: TeacherConfig, rounds: int) -> None:
 
 def teacher_reads(cfg: TeacherConfig) -> str:
     """What the teacher reads, in a few words, for summary.json and rounds.md."""
-    text = {NO_KNOWLEDGE: "none (empty block)", SHUFFLED: "shuffled knowledge"}.get(cfg.context, cfg.context)
+    text = {NO_KNOWLEDGE: "none (no block)", SHUFFLED: "shuffled knowledge"}.get(cfg.context, cfg.context)
     return f"{text} of {cfg.knowledge_from}" if cfg.knowledge_from else text

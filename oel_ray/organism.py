@@ -170,7 +170,8 @@ WARM_BOARDS, GAMES_PER_BOARD = 150, 5
 # probability over replies, and several draws per prompt show it at a fraction of the tokens.
 REPLIES_PER_DRILL = 4
 P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
-# Of the knowledge-reading games: an empty block (what the empty-knowledge control's teacher reads).
+# Of the knowledge-reading games: an empty block (what the empty-knowledge control's teacher read until
+# blank knowledge became no block at all, as in the paper's code; kept so that version 12 stands).
 # At 0.1 (6% of the games) version 10 read an empty block as a small nudge (first turn: backward moves
 # 13% -> 15%, wall note 16% -> 19%), and the control, consolidating that nudge round after round,
 # fell from 0.098 to 0.047 by round 3.
@@ -266,7 +267,8 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
     play, extract = [], []
 
     def turn(prompt: str, keys: Optional[list[str]], position: str, reply: str):
-        system, user = (None, prompt) if keys is None else teacher_messages(prompt, knowledge_text(keys), position)
+        system, user = (None, prompt) if keys is None else teacher_messages(prompt, knowledge_text(keys), position,
+                                                                            empty_block=True)
         return system, user, reply
 
     for keys, position, traj, turns in warm_games(seed):

@@ -41,8 +41,16 @@ def knowledge_block(knowledge: str) -> str:
     return f"{KNOWLEDGE_PREAMBLE}<experience>\n{knowledge.strip()}\n</experience>"
 
 
-def teacher_messages(prefix: str, knowledge: str, position: str) -> tuple[str | None, str]:
-    """(system, user) for the teacher: the knowledge inside the user turn (paper) or as system."""
+def teacher_messages(prefix: str, knowledge: str, position: str, *,
+                     empty_block: bool = False) -> tuple[str | None, str]:
+    """(system, user) for the teacher: the knowledge inside the user turn (paper) or as system.
+
+    Blank knowledge is no block at all, the student's own prompt, as the paper's code writes a prompt
+    without its experience section when the experience is empty: a chain that has learned nothing
+    yet, and the empty-knowledge control, give the teacher nothing to read, not an empty frame.
+    `empty_block` writes the frame anyway (the organism's warm start, version 12, trained on it)."""
+    if not knowledge.strip() and not empty_block:
+        return None, prefix
     if position == "system":
         return knowledge_block(knowledge), prefix
     intro, sep, situation = prefix.partition("\n\n")
@@ -84,23 +92,19 @@ def turn_prompt_ids(tokenizer, game: "Game", *, history: str, thinking: bool, ke
     "chat": the observations as user turns and the earlier replies as assistant turns, rendered by
     the model's chat template; with `keep_reasoning` the raw replies go back in verbatim, so a
     template that drops earlier <think> blocks (Qwen3) does not.
-    `knowledge` (not blank): placed as the teacher reads it (`teacher_messages`, `position` user or
-    system): flattened, the teacher's prompt itself; chat, the block goes into the first user
+    `knowledge`: placed as the teacher reads it (`teacher_messages`, `position` user or system; blank:
+    nowhere): flattened, the teacher's prompt itself; chat, the block goes into the first user
     message (after its intro line) or the system prompt, once, so the later turns keep it in view.
     """
-    has_knowledge = bool(knowledge.strip())
     if history == "flattened":
-        if not has_knowledge:
-            return chat_ids(tokenizer, game.prompt(), thinking=thinking)
         system, user = teacher_messages(game.prompt(), knowledge, position)
         return chat_ids(tokenizer, user, system=system, thinking=thinking)
     if history != "chat":
         raise ValueError(f"history {history!r} is not one of flattened, chat")
     messages = game.messages()
-    if has_knowledge:
-        system, first = teacher_messages(messages[0]["content"], knowledge, position)
-        messages = ([{"role": "system", "content": system}] if system else []) + [
-            {"role": "user", "content": first}] + messages[1:]
+    system, first = teacher_messages(messages[0]["content"], knowledge, position)
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": first}] + messages[1:]
     replies = [m["content"] for m in messages if m["role"] == "assistant"]
     if keep_reasoning:
         # Placeholders carry no </think>, so the template renders them untouched; the raw replies

@@ -16,7 +16,7 @@ TRAIN, EVAL = "train", "eval"  # GameSpec.split: collection and extraction, or t
 # Trajectory.outcome; ERROR: the environment raised (a bug in a game ends that game, not the round)
 WIN, LOSS, INVALID, TURN_LIMIT, ERROR = "win", "loss", "invalid", "turn_limit", "error"
 # teacher.context, what the teacher reads before the prefix (oel_ray/controls.py): the extracted
-# knowledge (OEL), the raw trajectories instead, an empty block, or each line's words shuffled
+# knowledge (OEL), the raw trajectories instead, nothing, or each line's words shuffled
 KNOWLEDGE, TRAJECTORIES, NO_KNOWLEDGE, SHUFFLED = "knowledge", "trajectories", "none", "shuffled"
 TEACHER_CONTEXTS = (KNOWLEDGE, TRAJECTORIES, NO_KNOWLEDGE, SHUFFLED)
 RAW_TRAJECTORIES = "raw_trajectories"  # KnowledgeRecord.format under teacher.context=trajectories

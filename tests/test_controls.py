@@ -1,5 +1,5 @@
 """The controls of the organism experiment (oel_ray/controls.py): what the teacher reads under
-teacher.context=none (an empty knowledge block) and =shuffled (each line's words shuffled), and
+teacher.context=none (no knowledge: the student's own prompt) and =shuffled (each line's words shuffled), and
 teacher.knowledge_from (another run's knowledge). Unit tests, then two one-round `tiny` runs through
 the entry point with every real part: the empty-knowledge control, and another run's knowledge
 shuffled, whose first-step KL shows the teacher reads the content it is given."""
@@ -59,16 +59,19 @@ def test_shuffled_set_is_seeded_by_run_seed_round_and_chain():
     assert controls.teacher_set(TeacherConfig(), texts, seed=3, round=1) == texts  # knowledge: as extracted
 
 
-def test_empty_knowledge_is_the_teachers_prompt_with_an_empty_block():
-    """Only the content differs from the OEL teacher's prompt: the preamble and the tags stay."""
+def test_empty_knowledge_is_the_students_own_prompt():
+    """Blank knowledge is no block at all (the paper's code drops the experience section when the
+    experience is empty): no preamble, no tags, wherever the knowledge would go."""
     cfg = TeacherConfig(context="none")
     assert controls.teacher_set(cfg, [ITEMS], seed=0, round=1) == [""]
     for position in ("user", "system"):
-        system, user = teacher_messages(PREFIX, "", position)
-        full_system, full_user = teacher_messages(PREFIX, ITEMS, position)
-        empty = f"{KNOWLEDGE_PREAMBLE}<experience>\n\n</experience>"
-        assert empty in (system or user)
-        assert ((system or "") + user) == ((full_system or "") + full_user).replace(ITEMS, "")
+        for blank in ("", " \n"):
+            assert teacher_messages(PREFIX, blank, position) == (None, PREFIX)
+        system, user = teacher_messages(PREFIX, ITEMS, position)
+        assert KNOWLEDGE_PREAMBLE in (system or user) and ITEMS in (system or user)
+        # The organism's warm start (version 12) still writes the empty frame where it asks to.
+        system, user = teacher_messages(PREFIX, "", position, empty_block=True)
+        assert f"{KNOWLEDGE_PREAMBLE}<experience>\n\n</experience>" in (system or user)
 
 
 def record(teacher_reads: str, texts: list[str]) -> str:
@@ -102,10 +105,10 @@ def test_knowledge_from_reads_the_other_runs_set_of_each_round(tmp_path):
 def test_rounds_table_names_what_the_teacher_read_and_the_loss():
     reports = [{"round": r, "pass_rate": 0.5, "ci_low": 0.1, "ci_high": 0.9, "response_tokens_per_turn": 3.0,
                 "invalid_rate": 0.0} for r in (0, 1)]
-    table = tracking.rounds_table(reports, {1: (0.2, 0.1)}, "none (empty block)", "off_policy, topk_forward_kl")
+    table = tracking.rounds_table(reports, {1: (0.2, 0.1)}, "none (no block)", "off_policy, topk_forward_kl")
     header, _, zero, one = table.splitlines()
     assert "| teacher reads | consolidation |" in header
-    assert "| - | - | - |" in zero and "| none (empty block) | off_policy, topk_forward_kl | 0.2000 -> 0.1000 |" in one
+    assert "| - | - | - |" in zero and "| none (no block) | off_policy, topk_forward_kl | 0.2000 -> 0.1000 |" in one
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -146,26 +149,26 @@ def test_empty_knowledge_control_runs_and_its_teacher_reads_no_knowledge(run, ti
     saved = json.loads((out / "round_1" / "knowledge.json").read_text())
     assert saved["teacher_reads"] == "none" and saved["set"] == [""]
     assert any(step["text"] for chain in saved["chains"] for step in chain)  # extraction ran, for the record
-    # The teacher's prompts, built from that file as consolidation builds them: an empty block.
+    # The teacher's prompts, built from that file as consolidation builds them: the student's own.
     cfg = config.OELConfig(teacher=config.TeacherConfig(context="none"))
     prefixes = step_prefixes(artifacts.read_trajectories(out / "round_1" / "deploy.jsonl"), 1, 2, 1)[0]
     tok = AutoTokenizer.from_pretrained(tiny_model)
     knowledge = artifacts.read_knowledge_set(out / "round_1" / "knowledge.json")
-    for _, teacher_ids in make_samples(prefixes, knowledge, tok, cfg, random.Random(0)):
-        assert "<experience>\n\n</experience>" in tok.decode(teacher_ids)
-    # Student and teacher are the same model and read the same prefix but for the empty block.
-    assert first_step_kl(out) < 1e-3  # measured 0.0002
+    for student_ids, teacher_ids in make_samples(prefixes, knowledge, tok, cfg, random.Random(0)):
+        assert teacher_ids == student_ids
+    # Student and teacher are the same model on the same prompt: what is left is float noise.
+    assert abs(first_step_kl(out)) < 1e-5  # measured -3e-9
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["teacher_reads"] == "none (empty block)"
+    assert summary["teacher_reads"] == "none (no block)"
     row = (out / "rounds.md").read_text().splitlines()[3]
-    assert row.startswith("| 1 |") and "| none (empty block) | on_policy, topk_reverse_kl |" in row
-    assert "the teacher reads none (empty block)" in proc.stdout
+    assert row.startswith("| 1 |") and "| none (no block) | on_policy, topk_reverse_kl |" in row
+    assert "the teacher reads none (no block)" in proc.stdout
 
 
 @pytest.mark.e2e
 def test_another_runs_knowledge_shuffled_is_what_the_teacher_reads(run, tmp_path_factory):
     """teacher.knowledge_from with context=shuffled: the other run's round-1 set, shuffled, is recorded and
-    read; its first-step KL stands well above the empty-knowledge control's (measured 0.0041 vs 0.0002)."""
+    read; its first-step KL stands well above the empty-knowledge control's (measured 0.0041 vs -3e-9)."""
     other = tmp_path_factory.mktemp("other_game")
     (other / "round_1").mkdir()
     (other / "round_1" / "knowledge.json").write_text(record("knowledge", [KNOWLEDGE]))

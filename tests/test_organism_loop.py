@@ -46,13 +46,12 @@ def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organi
     print("round 0", before["pass_rate"], "OEL", after["pass_rate"], "empty knowledge", control["pass_rate"])
     assert empty[0]["pass_rate"] == before["pass_rate"]  # same model, maps and sampling seeds
     assert after["ci_low"] > before["ci_high"], (before["pass_rate"], after["pass_rate"])
-    # The null: no gain past round 0's interval. Below it, 3 points of slack: reading an empty block
-    # is a small shift of the teacher's prompt (version 12 plays it at 0.230 against 0.273 plain,
-    # benchmarks/organism.py), and on seed 0 the control lands under round 0's rate (2 points on
-    # organism version 4, 1 on versions 6, 7 and 10, 1.5 on version 12), inside its interval.
-    assert before["ci_low"] - 0.03 <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"],
-                                                                                 control["pass_rate"])
-    # Version 12 at learner.lr 5e-5 gains 0.21 over the control here (0.273 -> 0.465, control 0.258):
+    # The null: inside round 0's interval. The control's teacher reads the student's own prompt, so
+    # all that moves the student is float noise, which Adam turns into steps of the learning rate
+    # (the first step's KL is ~1e-9, the next ones ~1e-5): seed 0 stays at 0.273 here, and at 0.266
+    # after three rounds (benchmarks/organism.py).
+    assert before["ci_low"] <= control["pass_rate"] <= before["ci_high"], (before["pass_rate"], control["pass_rate"])
+    # Version 12 at learner.lr 5e-5 gains 0.19 over the control here (0.273 -> 0.465, control 0.273):
     # about half of that is the least a working loop shows.
     assert after["pass_rate"] - control["pass_rate"] >= 0.1
 
