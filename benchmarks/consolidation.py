@@ -116,10 +116,12 @@ def summarize_profile(profile: list[dict], pairs_per_step: list[list[tuple]]) ->
 # rollout worker binds its engine to all cores and the learner takes them all while it computes, as
 # a strictly on-policy step runs its stages one after another; the teacher runs one thread);
 # asynchronous, where sampling and the learner run at once, so each gets its own core (a worker
-# bound to both cores would fight the learner for them); and with the learner on the one thread it
-# had before it took the idle cores.
+# bound to both cores would fight the learner for them); with the learner on the one thread it
+# had before it took the idle cores; and with each length bucket's prompts run in full, as before
+# the learner ran their shared start once (learner.reuse_prefix).
 OEL_VARIANTS = {"oel_ray": [], "oel_ray async": ["consolidation.async_steps=1", "rollout.bind_cores=false"],
-                "oel_ray learner.threads=1": ["learner.threads=1"]}
+                "oel_ray learner.threads=1": ["learner.threads=1"],
+                "oel_ray learner.reuse_prefix=false": ["learner.reuse_prefix=false"]}
 
 
 def ray_cpus(cfg) -> int:

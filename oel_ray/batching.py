@@ -3,7 +3,9 @@
 Right-padded prompt + reply blocks, the index of the hidden state that predicts each reply token,
 the reply mask, and for the support losses the support ids and the teacher's log-probs on them.
 Samples go through the model in buckets of similar length (`length_buckets`), one forward pass
-each, so little compute goes to padding; the loss is the same sum over the same reply tokens.
+each, so little compute goes to padding; the loss is the same sum over the same reply tokens. The
+start every prompt of a bucket shares (the chat header and the game's intro: a third of a step's
+prompt tokens at the `tiny` and organism shapes) runs once per bucket (`shared_starts`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from oel_ray.prefix_cache import MIN_SHARED_TOKENS, common_length, expand_cache
 from oel_ray.types import DistillSample
 
 # What one more forward pass costs, in padded tokens, when `length_buckets` weighs it against padding.
@@ -82,6 +85,28 @@ def plan_step(lengths: list[int], world: int, grad_accum: int,
     return plan
 
 
+def shared_starts(plan: list[list[list[list[int]]]], prompts: list[list[int]],
+                  min_tokens: int = MIN_SHARED_TOKENS) -> list[list[list[int]]]:
+    """Per rank, micro-batch and bucket of `plan` (`plan_step`): how many first tokens every prompt
+    of the bucket shares, never a prompt's last one (its hidden state predicts the first reply
+    token). Those run once for the bucket (`response_hidden`), which costs one more forward pass:
+    so where any rank's bucket at that place shares fewer than `min_tokens` (an empty one shares
+    none), every rank's gets 0 there, and every rank runs the same passes (ZeRO-3 gathers in each)."""
+    def shared(bucket: list[int]) -> int:
+        if not bucket:
+            return 0
+        first = prompts[bucket[0]]
+        return min(min(common_length(first, prompts[i]) for i in bucket), min(len(prompts[i]) for i in bucket) - 1)
+
+    starts = [[[shared(bucket) for bucket in micro] for micro in rank] for rank in plan]
+    for m, micro in enumerate(plan[0]):
+        for b in range(len(micro)):
+            if any(rank[m][b] < min_tokens for rank in starts):
+                for rank in starts:
+                    rank[m][b] = 0
+    return starts
+
+
 def targets(sample: DistillSample, logprobs: np.ndarray, sampled: bool):
     """(ids [R, k] int64, teacher log-probs [R, k] float32) for one sample of R response tokens.
 
@@ -119,28 +144,38 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int, widt
     return input_ids, gather_idx
 
 
-def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor, past=None) -> torch.Tensor:
+def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor, past=None, shared: int = 0) -> torch.Tensor:
     """A causal LM's last hidden states [B, R, H] at `gather_idx` [B, R] of right-padded
     `input_ids` [B, L] (as `pack` makes them): the positions that predict the response tokens.
-    `past`: a key/value cache of tokens every row shares before `input_ids` (prefix_cache.py)."""
+    `past`: a key/value cache of tokens every row shares before `input_ids` (prefix_cache.py).
+    `shared`: the first tokens of `input_ids`, the same in every row, run once on one row and their
+    keys and values expanded to all (the gradients flow back through the expansion, summed over the
+    rows): the same states and gradients as the plain pass, up to float rounding."""
     base = getattr(model, model.base_model_prefix)
+    if shared:
+        start = base(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values
+        past = expand_cache([(layer.keys, layer.values) for layer in start.layers], len(input_ids), model.config)
+        input_ids, gather_idx = input_ids[:, shared:], gather_idx - shared
     # Right padding with a causal model: real positions never see padding, so no attention mask.
     hidden = base(input_ids=input_ids, past_key_values=past, use_cache=past is not None).last_hidden_state
     # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int):
+def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int,
+            shared: Optional[list[int]] = None):
     """The engine's inputs for one micro-batch: the student's sequences (one block per length
-    bucket: the samples come grouped, `bucket_sizes` long each), the response mask and, for the
-    support losses, the support ids and teacher log-probs (`targets`)."""
+    bucket: the samples come grouped, `bucket_sizes` long each, their first `shared` tokens run
+    once: `shared_starts`), the response mask and, for the support losses, the support ids and
+    teacher log-probs (`targets`)."""
     responses = [s.response_ids for s in samples]
     width = max(1, max(map(len, responses)))
     starts = np.cumsum([0, *bucket_sizes])
     blocks = [pack([s.student_prompt_ids for s in samples[a:b]], responses[a:b], pad_id, width)
               for a, b in zip(starts[:-1], starts[1:])]
     mask = torch.arange(width)[None, :] < torch.tensor([len(r) for r in responses])[:, None]
-    batch = dict(input_ids=tuple(ids for ids, _ in blocks), gather_idx=tuple(idx for _, idx in blocks), mask=mask)
+    batch = dict(input_ids=tuple(ids for ids, _ in blocks), gather_idx=tuple(idx for _, idx in blocks), mask=mask,
+                 shared=tuple(shared or [0] * len(blocks)))
     if targets is not None:
         k = targets[0][0].shape[1]
         batch["support"] = torch.zeros(*mask.shape, k, dtype=torch.long)
@@ -152,4 +187,6 @@ def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket
 
 
 def to_device(x, device):
-    return tuple(t.to(device) for t in x) if isinstance(x, tuple) else x.to(device)
+    if isinstance(x, tuple):
+        return tuple(t.to(device) if torch.is_tensor(t) else t for t in x)
+    return x.to(device)

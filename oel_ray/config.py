@@ -246,6 +246,7 @@ class LearnerConfig:
     # consolidation stages run one after another (nothing else computes meanwhile), the rank's CPU
     # share rounded up when sampling overlaps the learner (consolidation.async_steps=1).
     threads: int = 0
+    reuse_prefix: bool = True  # a bucket's shared prompt start runs once (batching.shared_starts; exact)
 
     def check(self) -> None:
         positive("learner.steps", self.steps)

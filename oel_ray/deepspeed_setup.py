@@ -62,10 +62,12 @@ class DistillModule(torch.nn.Module):
         self.model, self.cfg = model, cfg
 
     def forward(self, input_ids, gather_idx, mask, num_units, loss, support=None, teacher_lp=None,
-                teacher_hidden=None, teacher_head=None):
-        """input_ids / gather_idx: one tensor per length bucket (see `batching.plan_step`); the rows of
-        the other inputs are the buckets' rows one after another."""
-        hidden = torch.cat([batching.response_hidden(self.model, ids, idx) for ids, idx in zip(input_ids, gather_idx)])
+                teacher_hidden=None, teacher_head=None, shared=None):
+        """input_ids / gather_idx / shared: one per length bucket (see `batching.plan_step`,
+        `batching.shared_starts`); the rows of the other inputs are the buckets' rows one after another."""
+        shared = shared or (0,) * len(input_ids)
+        hidden = torch.cat([batching.response_hidden(self.model, ids, idx, shared=s)
+                            for ids, idx, s in zip(input_ids, gather_idx, shared)])
         weight = self.model.get_output_embeddings().weight
         kw = dict(temperature=self.cfg.temperature, aggregation=self.cfg.aggregation,
                   chunk_tokens=self.chunk_tokens, num_units=num_units)

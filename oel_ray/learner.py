@@ -136,9 +136,13 @@ class Learner:
         norm = None
         lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
         # The same plan on every rank, so every rank runs the same forward passes (ZeRO-3 gathers in each).
-        for micro_buckets in batching.plan_step(lengths, self.world, cfg.grad_accum)[self.rank]:
+        plan = batching.plan_step(lengths, self.world, cfg.grad_accum)
+        starts = (batching.shared_starts(plan, [s.student_prompt_ids for s in samples])[self.rank] if cfg.reuse_prefix
+                  else [[0] * len(micro) for micro in plan[self.rank]])
+        for micro_buckets, micro_starts in zip(plan[self.rank], starts):
             micro, micro_targets = self._micro_batch(micro_buckets, samples, targets)
-            batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in micro_buckets], self.pad_id)
+            batch = batching.collate(micro, micro_targets, [max(1, len(b)) for b in micro_buckets], self.pad_id,
+                                     micro_starts)
             batch = {k: batching.to_device(v, self.device) for k, v in batch.items()}
             if kind == FULL_REVERSE_KL:
                 batch.update(self._teacher_inputs(micro))

@@ -87,9 +87,12 @@ class PrefixCache:
         return len(best), self.entries[best]
 
     def expanded(self, kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int):
-        """A fresh cache holding `kv` for `batch` rows (views: the model's update concatenates
-        each step's keys onto them into new tensors, so the entry itself is never written)."""
-        from transformers import DynamicCache
+        return expand_cache(kv, batch, self.model.config)
 
-        return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
-                            config=self.model.config)
+
+def expand_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, config):
+    """A fresh cache holding one row's per-layer keys and values `kv` for `batch` rows (views: the
+    model's update concatenates the new keys onto them into new tensors, so `kv` is never written)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv], config=config)
