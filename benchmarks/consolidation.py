@@ -45,8 +45,9 @@ DEPLOY_GAMES_PER_STEP = 64  # enough distinct turn prefixes that a batch of 64 r
 def step_pairs(cfg, prefixes, knowledge_set, tokenizer, step):
     """The (student, teacher) prompt ids `consolidate` builds for `step` (same seeded knowledge draws)."""
     from oel_ray.consolidate import make_samples
+    from oel_ray.seeds import step_draw_seed
 
-    return make_samples(prefixes, knowledge_set, tokenizer, cfg, random.Random(cfg.seed * 1_000_003 + step))
+    return make_samples(prefixes, knowledge_set, tokenizer, cfg, random.Random(step_draw_seed(cfg.seed, step)))
 
 
 def prepare(dep, cfg):
