@@ -152,6 +152,8 @@ def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor, pa
     keys and values expanded to all (the gradients flow back through the expansion, summed over the
     rows): the same states and gradients as the plain pass, up to float rounding."""
     base = getattr(model, model.base_model_prefix)
+    if shared and past is not None:
+        raise ValueError("response_hidden: give `past` (a cached start) or `shared` (run the start here), not both")
     if shared:
         start = base(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values
         past = expand_cache([(layer.keys, layer.values) for layer in start.layers], len(input_ids), model.config)
