@@ -37,14 +37,26 @@ def test_length_buckets_partition_the_samples_at_the_least_padded_cost():
     assert length_buckets([7, 300, 8, 290], 0) == [[1], [3], [2], [0]]
 
 
+def distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, loss, shared=None):
+    """The learner's forward and backward on `samples` in `buckets` (their first `shared` tokens run
+    once per bucket), on a fresh fp64 copy of the tiny model: (token-mean loss, gradient per weight)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    order = [i for b in buckets for i in b]
+    batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0, shared)
+    tokens = sum(len(s.response_ids) for s in samples)
+    value, *_ = DistillModule(model, cfg)(**batch, num_units=tokens, loss=loss)
+    value.backward()
+    return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.mark.parametrize("loss, tail", [("topk_reverse_kl", False), ("topk_reverse_kl", True),
                                         ("sampled_reverse_kl", False), ("k3", False)])
 def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_model, loss, tail):
     """The learner's forward on its samples grouped into buckets equals one block over all of
     them padded to the longest: same token-mean loss, same gradient for every weight (in fp64, so
     that float rounding, which the new order of the sums changes, stays far below the tolerance)."""
-    from transformers import AutoModelForCausalLM
-
     from oel_ray.config import LearnerConfig
 
     torch.manual_seed(0)
@@ -58,15 +70,9 @@ def test_length_buckets_give_the_loss_and_gradient_of_one_padded_block(tiny_mode
         # 0.9 of the mass on the support: the tail entry has something to hold
         targets.append((support.astype(np.int64), np.log(0.9 * rng.dirichlet(np.ones(k), len(reply))).astype(np.float32)))
     cfg = LearnerConfig(temperature=TEMP, dtype="float64", tail=tail)
-    tokens = sum(len(s.response_ids) for s in samples)
 
     def loss_and_grads(buckets):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
-        order = [i for b in buckets for i in b]
-        batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0)
-        value, *_ = DistillModule(model, cfg)(**batch, num_units=tokens, loss=loss)
-        value.backward()
-        return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, loss)
 
     lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
     buckets = length_buckets(lengths)
@@ -83,8 +89,6 @@ def test_a_buckets_shared_prompt_start_run_once_gives_the_loss_and_gradient_of_e
     """Prompts that start alike (a chat header and a game intro, then each its own situation), in
     buckets of several rows: run once per bucket and expanded, the shared start gives the same
     loss and the same gradient for every weight as each row run in full (fp64)."""
-    from transformers import AutoModelForCausalLM
-
     from oel_ray.config import LearnerConfig
 
     rng = np.random.default_rng(1)
@@ -105,15 +109,9 @@ def test_a_buckets_shared_prompt_start_run_once_gives_the_loss_and_gradient_of_e
     assert len(buckets) > 1 and max(starts) >= 60 and all(s <= min(len(samples[i].student_prompt_ids) for i in b) - 1
                                                            for s, b in zip(starts, buckets))
     cfg = LearnerConfig(temperature=TEMP, dtype="float64")
-    tokens = sum(len(s.response_ids) for s in samples)
 
     def loss_and_grads(shared):
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
-        order = [i for b in buckets for i in b]
-        batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0, shared)
-        value, *_ = DistillModule(model, cfg)(**batch, num_units=tokens, loss="topk_reverse_kl")
-        value.backward()
-        return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, "topk_reverse_kl", shared)
 
     full_value, full_grads = loss_and_grads(None)
     value, grads = loss_and_grads(starts)
