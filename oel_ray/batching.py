@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from contextlib import contextmanager
 from typing import Optional
 
 import numpy as np
@@ -155,13 +156,39 @@ def response_hidden(model, input_ids: torch.Tensor, gather_idx: torch.Tensor, pa
     if shared and past is not None:
         raise ValueError("response_hidden: give `past` (a cached start) or `shared` (run the start here), not both")
     if shared:
-        start = base(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values
+        with checkpointing_paused(base):  # a pass that fills a cache: run again in the backward pass, it
+            start = base(input_ids=input_ids[:1, :shared], use_cache=True).past_key_values  # would fill it twice
         past = expand_cache([(layer.keys, layer.values) for layer in start.layers], len(input_ids), model.config)
         input_ids, gather_idx = input_ids[:, shared:], gather_idx - shared
     # Right padding with a causal model: real positions never see padding, so no attention mask.
-    hidden = base(input_ids=input_ids, past_key_values=past, use_cache=past is not None).last_hidden_state
+    # The start's cache is only read (prefix_cache.fixed_start_cache): no cache comes back.
+    hidden = base(input_ids=input_ids, past_key_values=past, use_cache=False).last_hidden_state
     # hidden at position p predicts token p + 1: gather_idx[b, j] = len(prompt_b) - 1 + j
     return hidden.gather(1, gather_idx[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing of every decoder layer (learner.gradient_checkpointing): its
+    activations are dropped after the forward pass and computed again in the backward pass. The
+    layers may keep reading a cache under it, because `response_hidden` gives them only caches that
+    are read and never extended (transformers drops a cache there otherwise, shared starts with it)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()  # transformers checkpoints in training mode only (Qwen3 has no dropout to switch on)
+    for layer in model.modules():
+        if hasattr(layer, "_can_checkpoint_with_cache"):
+            layer._can_checkpoint_with_cache = True
+
+
+@contextmanager
+def checkpointing_paused(model):
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for layer in layers:
+        layer.gradient_checkpointing = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
 
 
 def collate(samples: list[DistillSample], targets: Optional[list[tuple]], bucket_sizes: list[int], pad_id: int,

@@ -239,14 +239,14 @@ class LearnerConfig:
     # NCCL group between learner rank 0 and the vLLM workers; GPUs only), "auto" (nccl on GPUs).
     weight_sync: str = AUTO
     sync_bucket_mb: float = 256.0  # nccl: tensors are packed into broadcasts of about this size
-    # Save the full training state (weights, optimizer, schedule) every this many steps, so an
-    # interrupted run resumes mid-consolidation (the paper checkpoints every 2 steps).
+    # Save the full training state (weights, optimizer, schedule) every this many steps: a killed run
+    # resumes mid-consolidation (the paper checkpoints every 2 steps).
     checkpoint_every: int = 2
-    # Torch threads per learner rank; 0: every core of the node split over the ranks when the
-    # consolidation stages run one after another (nothing else computes meanwhile), the rank's CPU
-    # share rounded up when sampling overlaps the learner (consolidation.async_steps=1).
+    # Torch threads per learner rank; 0: the node's cores split over the ranks while the stages run one
+    # after another, the rank's CPU share rounded up while sampling overlaps it (consolidation.async_steps=1).
     threads: int = 0
     reuse_prefix: bool = True  # a bucket's shared prompt start runs once (batching.shared_starts; exact)
+    gradient_checkpointing: bool = False  # layers' activations recomputed in backward: less memory, ~1/3 more compute
 
     def check(self) -> None:
         positive("learner.steps", self.steps)

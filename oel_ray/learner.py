@@ -59,6 +59,8 @@ class Learner:
         self.teacher = (ColocatedTeacher(model_path, getattr(torch, cfg.dtype), self.device)
                         if cfg.loss == FULL_REVERSE_KL else None)
         self.model = load_model(model_path, getattr(torch, cfg.dtype), config)
+        if cfg.gradient_checkpointing:
+            batching.enable_checkpointing(self.model)
         module = DistillModule(self.model, cfg)
         head = self.model.get_output_embeddings()
         if getattr(head, "bias", None) is not None:

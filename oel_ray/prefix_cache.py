@@ -14,6 +14,7 @@ starts (`shared_prefix_groups`). Entries live until the teacher's weights change
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import numpy as np
@@ -91,8 +92,27 @@ class PrefixCache:
 
 
 def expand_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, config):
-    """A fresh cache holding one row's per-layer keys and values `kv` for `batch` rows (views: the
-    model's update concatenates the new keys onto them into new tensors, so `kv` is never written)."""
+    """A cache holding one row's per-layer keys and values `kv` for `batch` rows (views), read and
+    never extended (`fixed_start_cache`), so `kv` is never written."""
+    return fixed_start_cache()([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
+                               config=config)
+
+
+@functools.cache
+def fixed_start_cache() -> type:
+    """A transformers cache of a fixed start that a forward pass reads and never extends (built on
+    first use: transformers is imported then, not with this module)."""
     from transformers import DynamicCache
 
-    return DynamicCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv], config=config)
+    class FixedStart(DynamicCache):
+        """`update` returns the start followed by the new keys and values and keeps nothing: the
+        states are the plain cache's, and a pass can run twice on one cache with the same result,
+        as a gradient-checkpointed layer runs again in the backward pass
+        (learner.gradient_checkpointing). A cache that kept what it was given would hand that second
+        run the first run's keys as well."""
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            layer = self.layers[layer_idx]
+            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+    return FixedStart

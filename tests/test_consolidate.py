@@ -37,17 +37,26 @@ def test_length_buckets_partition_the_samples_at_the_least_padded_cost():
     assert length_buckets([7, 300, 8, 290], 0) == [[1], [3], [2], [0]]
 
 
-def distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, loss, shared=None):
+def distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, loss, shared=None, checkpointing=False):
     """The learner's forward and backward on `samples` in `buckets` (their first `shared` tokens run
-    once per bucket), on a fresh fp64 copy of the tiny model: (token-mean loss, gradient per weight)."""
+    once per bucket; `checkpointing`: the layers' activations recomputed in the backward pass), on a
+    fresh fp64 copy of the tiny model: (token-mean loss, gradient per weight)."""
     from transformers import AutoModelForCausalLM
 
+    from oel_ray.batching import enable_checkpointing
+
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float64)
+    if checkpointing:
+        enable_checkpointing(model)
+    runs = []  # the last layer's MLP starts once per pass (a checkpointed pass: again in the backward)
+    model.model.layers[-1].mlp.register_forward_pre_hook(lambda *_: runs.append(1))
     order = [i for b in buckets for i in b]
     batch = collate([samples[i] for i in order], [targets[i] for i in order], list(map(len, buckets)), 0, shared)
     tokens = sum(len(s.response_ids) for s in samples)
     value, *_ = DistillModule(model, cfg)(**batch, num_units=tokens, loss=loss)
     value.backward()
+    starts = sum(map(bool, shared or []))  # a shared start's own pass fills a cache: never checkpointed
+    assert len(runs) == (2 if checkpointing else 1) * len(buckets) + starts
     return value.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -121,6 +130,15 @@ def test_a_buckets_shared_prompt_start_run_once_gives_the_loss_and_gradient_of_e
         # ten is rounded there a little differently (measured up to 6e-8 of the largest gradient)
         scale = float(full_grads[name].abs().max())
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-6, atol=1e-6 * scale, msg=name)
+    # Gradient checkpointing recomputes each layer in the backward pass, on the same cached start:
+    # the same floats, computed again (with no shared start too).
+    for shared, reference in ((starts, grads), (None, full_grads)):
+        again_value, again = distill_loss_and_grads(tiny_model, cfg, samples, targets, buckets, "topk_reverse_kl",
+                                                    shared, checkpointing=True)
+        assert again_value == (value if shared else full_value)
+        assert again.keys() == reference.keys()
+        for name in again:
+            torch.testing.assert_close(again[name], reference[name], rtol=0, atol=0, msg=name)
 
 
 def test_shared_starts_are_run_alike_on_every_rank():

@@ -36,18 +36,20 @@ def token_logprobs(model, ids):
     return logprobs_at(model, ids)[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
 
 
-def make_batch(tiny_model, response_lengths):
-    """Samples with these reply lengths (prompts of 4-29 tokens); teacher = perturbed copy of the
-    model, scored on the student's top-k (teacher_logprobs). Returns (samples, teacher)."""
+def make_batch(tiny_model, response_lengths, intro: int = 0):
+    """Samples with these reply lengths (prompts of 4-29 tokens after `intro` tokens they all start
+    with); teacher = perturbed copy of the model, scored on the student's top-k (teacher_logprobs).
+    Returns (samples, teacher)."""
     student, teacher = load(tiny_model), load(tiny_model)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in teacher.parameters():
             p.add_(p.std() * torch.randn(p.shape, generator=g))
     rng = np.random.default_rng(0)
+    start = rng.integers(10, 500, intro).tolist()
     samples = []
     for length in response_lengths:
-        prompt = rng.integers(10, 500, rng.integers(4, 30)).tolist()
+        prompt = start + rng.integers(10, 500, rng.integers(4, 30)).tolist()
         response = rng.integers(10, 500, length).tolist()
         ids = prompt + response
         pos = slice(len(prompt) - 1, len(ids) - 1)  # positions predicting the response tokens
@@ -502,7 +504,9 @@ def assert_same_curve(got, reference, rel=1e-4, abs=1e-6):
 
 @pytest.fixture(scope="module")
 def uneven(tiny_model):
-    return make_batch(tiny_model, UNEVEN)
+    """Prompts that start alike (as a game's turns do), so the learner runs shared starts where
+    every rank's bucket has one (batching.shared_starts) and in full where a rank's has not."""
+    return make_batch(tiny_model, UNEVEN, intro=40)
 
 
 @pytest.fixture(scope="module")
@@ -518,22 +522,28 @@ def uneven_reference(ray_cluster, tiny_model, uneven):
         group.shutdown()
 
 
-@pytest.mark.parametrize("ranks,stage", [(2, 2), (2, 3), (4, 2), (4, 3)])
-def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, tiny_model, ranks, stage):
+@pytest.mark.parametrize("ranks,stage,checkpointing", [(2, 2, False), (2, 3, False), (4, 2, False), (4, 3, False),
+                                                       (2, 3, True)])
+def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, tiny_model, ranks, stage,
+                                                     checkpointing):
+    """... and with learner.gradient_checkpointing, whose backward passes run each layer again (under
+    ZeRO-3: gathering its weights again) on the shared starts' caches."""
     from oel_ray.learner import LearnerGroup
 
     samples, _ = uneven
     lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
     # the data is adversarial: planned per rank, the ranks would run different numbers of passes
     assert len({len(length_buckets(lengths[r::ranks])) for r in range(ranks)}) > 1
+    plan = batching.plan_step(lengths, ranks, 1)
     if ranks == 4:  # rank 3 holds one sample but must run two passes: one is a placeholder
-        assert [] in batching.plan_step(lengths, ranks, 1)[3][0]
-    group = LearnerGroup(config(zero_stage=stage, grad_accum=1, num_ranks=ranks), tiny_model, num_cpus=0.5,
-                         ds_overrides=PARTITION_ALL)
+        assert [] in plan[3][0]
+    assert any(batching.shared_starts(plan, [s.student_prompt_ids for s in samples])[0][0])
+    cfg = config(zero_stage=stage, grad_accum=1, num_ranks=ranks, gradient_checkpointing=checkpointing)
+    group = LearnerGroup(cfg, tiny_model, num_cpus=0.5, ds_overrides=PARTITION_ALL)
     try:
         t0 = time.perf_counter()
         got = [group.train_step(samples, s) for s in range(3)]
-        print(f"{ranks} ranks, ZeRO-{stage}: 3 steps {time.perf_counter() - t0:.2f}s")
+        print(f"{ranks} ranks, ZeRO-{stage}, checkpointing {checkpointing}: 3 steps {time.perf_counter() - t0:.2f}s")
     finally:
         group.shutdown()
     assert_same_curve(got, uneven_reference)
