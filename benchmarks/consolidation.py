@@ -20,7 +20,9 @@ before each measurement is saved with it: other work on the machine shows there.
 Also reported: where an oel_ray step spends its time (generation, teacher, learner, weight sync,
 and the rest: driver work and Ray overhead = wall - their sum; asynchronous: the learner column is
 the wait the overlap did not hide, its compute in the actor beside it) and per-stage throughput
-(teacher server tokens/s, learner tokens/s and step time). Prints tables and saves
+(teacher server tokens/s, learner tokens/s and step time), and each system's model FLOPs per step
+with the fraction of this machine's fp32 matmul peak (measured at the start of the same run) it
+reaches, end to end and, for oel_ray, per stage. Prints tables and saves
 benchmarks/results/consolidation.json.
 """
 
@@ -32,12 +34,16 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from benchmarks.baselines.work import Run, Work
 from benchmarks.common import (RAY_CPUS, load_config, markdown_table, save, start_ray, stop_ray, stopwatch,
                                tiny_model_path)
 
 BATCH_SIZES = (64, 8)  # the paper's samples per step; the tiny config's learner.batch_size
+# A step's stages and the profile seconds each one's FLOPs are divided by (the learner's: its compute
+# in the actor, which in the asynchronous mode overlaps the others).
+STAGE_FLOPS = {"generate": "generate", "teacher": "teacher", "learner": "learner_compute"}
 WARMUP_STEPS, TIMED_STEPS, COOLDOWN_STEPS = 1, 4, 1  # oel_ray only: one untimed step after the timed ones
 DEPLOY_GAMES_PER_STEP = 64  # enough distinct turn prefixes that a batch of 64 rarely repeats one
 
@@ -85,6 +91,19 @@ def run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step: int) -> tuple[Run
     marks.append(time.perf_counter())
     consolidate(dep.roles, cfg, prefixes, knowledge_set, dep.tokenizer, first_step=first_step, on_step=on_step)
     return run, profile
+
+
+def step_flops(arch, pairs_per_step: list[list[tuple]], replies_per_step: list[int]) -> dict[str, float]:
+    """Mean model FLOPs per step by stage (benchmarks/flops.py: every prompt in full), each sample's
+    reply taken as its step's mean reply length (the runs record replies per step, not per sample)."""
+    totals = dict.fromkeys(STAGE_FLOPS, 0.0)
+    for pairs, replies in zip(pairs_per_step, replies_per_step):
+        reply = round(replies / len(pairs))
+        for student, teacher in pairs:
+            totals["generate"] += arch.generation(len(student), reply)
+            totals["teacher"] += arch.scoring(len(teacher), reply)
+            totals["learner"] += arch.training(len(student), reply)
+    return {k: v / len(pairs_per_step) for k, v in totals.items()}
 
 
 def summarize_profile(profile: list[dict], pairs_per_step: list[list[tuple]]) -> tuple[dict, dict]:
@@ -182,12 +201,34 @@ def main() -> None:
     from benchmarks.baselines.trl_distillation import run_trl_distillation
     from benchmarks.baselines.trl_gkd import run_trl
 
+    import torch
+    from transformers import AutoConfig
+
+    from benchmarks.flops import Arch, measured_peak
+
+    peak = measured_peak(torch.device("cpu"), torch.float32)  # on the quiet machine, before any role starts
     data: dict = {}
     with tempfile.TemporaryDirectory(prefix="oel_bench_consolidation.") as out:
         variants = {name: run_variant(overrides, data, Path(out)) for name, overrides in OEL_VARIANTS.items()}
     cfg, tokenizer = data["cfg"], data["tokenizer"]
+    arch = Arch.of(AutoConfig.from_pretrained(cfg.model.path))
 
-    rows, profile_rows, stage_rows, comparisons = [], [], [], []
+    def flops_row(run, batch: int, mean: Optional[dict] = None) -> tuple[list, dict]:
+        """(table row, saved figures): the run's model FLOPs per timed step, its achieved FLOP/s end to
+        end and, with its stage seconds (`mean`), per stage, against the measured peak."""
+        timed = data["pairs"][batch][WARMUP_STEPS:WARMUP_STEPS + TIMED_STEPS]
+        stages = step_flops(arch, timed, run.response_tokens)
+        wall = sum(run.step_seconds) / len(run.step_seconds)
+        per_s = {"end_to_end": sum(stages.values()) / wall}
+        per_s.update({k: stages[k] / mean[key] for k, key in STAGE_FLOPS.items()} if mean else {})
+        fraction = {k: v / peak for k, v in per_s.items()}
+        cells = [fraction.get(k, "") for k in ("end_to_end", *STAGE_FLOPS)]
+        return ([run.system, batch, sum(stages.values()) / 1e9, per_s["end_to_end"] / 1e12, *cells],
+                {"gflop_per_step": {k: round(v / 1e9, 3) for k, v in stages.items()},
+                 "tflop_per_s": {k: round(v / 1e12, 4) for k, v in per_s.items()},
+                 "of_matmul_peak": {k: round(v, 4) for k, v in fraction.items()}})
+
+    rows, profile_rows, stage_rows, flop_rows, comparisons = [], [], [], [], []
     for batch in BATCH_SIZES:
         work = make_work(cfg, tokenizer, data["pairs"][batch][:WARMUP_STEPS + TIMED_STEPS])
         baselines, loads, walls = {}, {}, {}
@@ -201,6 +242,9 @@ def main() -> None:
         plain = baselines["plain_loop"]
         entry = {"batch_size": batch, "baselines": {k: r.to_json() for k, r in baselines.items()},
                  "best_trl": trl.system, "baselines_load_before": loads, "baselines_wall_s": walls, "oel_ray": {}}
+        for key, r in baselines.items():
+            row, entry["baselines"][key]["flops"] = flops_row(r, batch)
+            flop_rows.append(row)
         for name, v in variants.items():
             ours = v[batch]["run"]
             ours.system = name
@@ -210,6 +254,8 @@ def main() -> None:
                 "vs_plain_loop": round(ours.samples_per_s / plain.samples_per_s, 2),
                 "profile_mean_s": v[batch]["profile_mean_s"], "profile_steps": v[batch]["profile_steps"],
                 "stages": v[batch]["stages"], "load_before": v[batch]["load_before"]}
+            row, entry["oel_ray"][name]["flops"] = flops_row(ours, batch, v[batch]["profile_mean_s"])
+            flop_rows.insert(len(flop_rows) - len(baselines), row)
             p, s = v[batch]["profile_mean_s"], v[batch]["stages"]
             profile_rows.append([name, batch, p["wall"], p["generate"], p["teacher"],
                                  f"{p['learner']:.3f} ({p['learner_compute']:.3f})", p["sync"],
@@ -238,6 +284,12 @@ def main() -> None:
              "generation reply tokens/s",
              "prompt padding efficiency"], stage_rows),
     }
+    flops_title = (f"Model FLOPs per step and the fraction of this machine's fp32 matmul peak ({peak / 1e9:.0f} "
+                   "GFLOP/s, measured in the same run) each system reaches, end to end and per oel_ray stage")
+    tables[flops_title] = markdown_table(
+        ["system", "batch", "GFLOP/step", "TFLOP/s", "end to end", "generate", "teacher", "learner (in actor)"],
+        flop_rows) + ("\n\nFLOPs of the matrix products (benchmarks/flops.py), every prompt counted in full: what "
+                      "a prefix cache skips counts as done, so every system is credited with the same work.")
     tables["Verdict"] = headline["text"]
     print("\n\n".join(f"{title}\n{table}" for title, table in tables.items()))
     save("consolidation", {
@@ -254,7 +306,8 @@ def main() -> None:
         "prepare_prompts_s": round(data["prepare_s"], 1),
         "start_roles_s": {name: v["start_roles_s"] for name, v in variants.items()},
         "headline": headline, "comparisons": comparisons,
-    }, tables=tables, readme=[next(iter(tables)), "Verdict"])
+        "matmul_peak_tflops": round(peak / 1e12, 4),
+    }, tables=tables, readme=[next(iter(tables)), flops_title, "Verdict"])
 
 
 def verdict(entry: dict) -> dict:

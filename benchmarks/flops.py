@@ -56,6 +56,22 @@ class Arch:
         layers = 2 * self.layer_params * new + 4 * self.heads * self.head_dim * attended
         return float(self.layers * layers + 2 * self.hidden * self.vocab * (new if head is None else head))
 
+    # The three stages of a consolidation step, per sample, as a plain implementation runs them (every
+    # prompt in full: what prefix caches skip counts as done, so the figures compare systems doing the
+    # same work however they do it).
+
+    def generation(self, prompt: int, reply: int) -> float:
+        """Prefill `prompt` (the head at its last position), then decode `reply` tokens on the cache."""
+        return self.forward(prompt, head=1) + self.forward(max(reply - 1, 0), prompt)
+
+    def scoring(self, prompt: int, reply: int) -> float:
+        """One forward pass over prompt + reply, the head at the reply's positions (the teacher)."""
+        return self.forward(prompt + reply, head=reply)
+
+    def training(self, prompt: int, reply: int) -> float:
+        """`scoring`'s forward and its backward (twice the forward): the learner."""
+        return 3 * self.scoring(prompt, reply)
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

@@ -154,8 +154,7 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
     engine.generate(prompts, replace(sampling, max_tokens=4))  # warm-up at the batch's width
     gens, seconds = timed(device, engine.generate, prompts, sampling)
     replies = [g.token_ids for g in gens]
-    stage("generation", seconds, sum(map(len, replies)),
-          sum(arch.forward(shape.prompt, head=1) + arch.forward(len(r) - 1, shape.prompt) for r in replies))
+    stage("generation", seconds, sum(map(len, replies)), sum(arch.generation(shape.prompt, len(r)) for r in replies))
 
     samples = [DistillSample(p, knowledge[i % shape.distinct] + p, r, g.topk_ids)
                for i, (p, r, g) in enumerate(zip(prompts, replies, gens))]
@@ -176,8 +175,7 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
     seconds = float(np.mean([s for _, s in steps[1:]]))
     learner_tokens = sum(len(s.student_prompt_ids) + len(s.response_ids) for s in samples)
     stage("learner", seconds, learner_tokens,
-          3 * sum(arch.forward(len(s.student_prompt_ids) + len(s.response_ids), head=len(s.response_ids))
-                  for s in samples))
+          sum(arch.training(len(s.student_prompt_ids), len(s.response_ids)) for s in samples))
 
     weights, gather_s = timed(device, learner.state_dict)
     load_s = timed(device, engine.load_weights, weights)[1]

@@ -66,8 +66,7 @@ def measure(teacher, samples: list[DistillSample], arch: Arch, device: torch.dev
     out = {}
     cache, teacher.prefixes = teacher.prefixes, None  # the plain path: every prompt in full
     full, seconds = timed(device, teacher.score, samples)
-    out[TEACHER_FULL] = seconds, sum(arch.forward(len(s.teacher_prompt_ids) + len(s.response_ids),
-                                                  head=len(s.response_ids)) for s in samples)
+    out[TEACHER_FULL] = seconds, sum(arch.scoring(len(s.teacher_prompt_ids), len(s.response_ids)) for s in samples)
     teacher.prefixes = cache
     groups = shared_prefix_groups([s.teacher_prompt_ids for s in samples])
     skip = {i: shared for shared, run in groups for i in run}

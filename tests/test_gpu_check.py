@@ -28,6 +28,10 @@ def test_flops_count_every_matrix_weight(tiny_model):
     # Two tokens after three cached ones attend to 4 and 5 keys; the head applied at one position.
     assert arch.forward(2, past=3, head=1) == (2 * 2 * arch.layers * arch.layer_params + attention * (4 + 5)
                                                + 2 * arch.hidden * arch.vocab)
+    # A consolidation step's stages per sample: generating a 3-token reply to a 4-token prompt is its
+    # prefill (head at the last position) and 2 decode steps; scoring is one pass, head on the reply.
+    assert arch.generation(4, 3) == arch.forward(4, head=1) + arch.forward(2, past=4)
+    assert arch.scoring(4, 3) == arch.forward(7, head=3) and arch.training(4, 3) == 3 * arch.scoring(4, 3)
 
 
 def test_gpu_check_runs_every_stage_on_cpu(tiny_model, tmp_path):
