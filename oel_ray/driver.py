@@ -36,7 +36,10 @@ from oel_ray.types import ERROR, INVALID, NO_KNOWLEDGE, RAW_TRAJECTORIES, TRAJEC
 
 log = logging.getLogger("oel_ray")
 
-def run(cfg: OELConfig) -> dict:
+
+def run(cfg: OELConfig, keep_roles: bool = False) -> dict:
+    """The whole run (finished stages skipped); `keep_roles`: leave the rollout workers and the
+    teacher running for a next job with the same settings (a sweep's, roles.take_kept_roles)."""
     run_dir = RunLayout(Path(cfg.output_dir))
     manifest = Manifest(run_dir.root, config_snapshot(cfg))
     log_to_file(run_dir.log)
@@ -83,7 +86,7 @@ def run(cfg: OELConfig) -> dict:
         if cfg.ood.ifeval == "lm_eval":  # ... and on the checkpoint just saved
             stage(rl.stage("ifeval"), lambda: lm_eval_into(rl, str(rl.model), cfg), rl.lm_eval)
         report_rounds(run_dir, r, cfg)
-    cluster.shutdown()
+    cluster.shutdown(keep=keep_roles)
     summary = run_summary(run_dir, cfg, time.perf_counter() - started)
     artifacts.write_json(run_dir.summary, summary)
     return summary

@@ -79,7 +79,7 @@ def hydra_main(raw: DictConfig) -> dict:
     finished = False
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
-        summary = driver.run(cfg)  # starts Ray only if some stage still has to run
+        summary = driver.run(cfg, keep_roles=in_a_sweep())  # starts Ray only if some stage still has to run
         finished = True
     except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         refuse(err, raw)

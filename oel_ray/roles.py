@@ -122,7 +122,7 @@ def init_ray(cfg: OELConfig) -> None:
     to one it started with the same settings (reused, and the log says so), or to one it did not
     start (a test's or a notebook's: used as it is). A cluster it started with other settings is
     stopped first."""
-    global _ray_started_with
+    global _ray_started_with, _kept
     c = cfg.cluster
     if ray.is_initialized():
         if _ray_started_with is None or _ray_started_with == c:
@@ -130,13 +130,58 @@ def init_ray(cfg: OELConfig) -> None:
                 log.info("  reusing the Ray cluster this process started for an earlier job")
             return
         ray.shutdown()
-    _ray_started_with = c
+    _ray_started_with, _kept = c, None  # roles kept on another cluster ended with it
     if c.address:
         ray.init(address=c.address, log_to_driver=True, runtime_env=JOB_ENV)
         return
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster, not reachable off-host
     ray.init(num_cpus=c.num_cpus or max(2, os.cpu_count() or 2), include_dashboard=c.dashboard,
              dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=JOB_ENV)
+
+
+# The rollout workers and teacher actors that a finished job of a sweep left running (Hydra's basic
+# launcher runs the jobs one after another in this process), with the settings they were built
+# from: the next job takes them over when it would build them alike, sparing their start (the vLLM
+# engines' above all). Its own learner and extractor start as always.
+_kept: Optional[tuple[tuple, RolloutGroup, TeacherGroup]] = None
+
+
+def shared_role_settings(cfg: OELConfig) -> tuple:
+    """Everything the rollout workers and the teacher actors are built from."""
+    lcfg = cfg.learner
+    return cfg.model, cfg.rollout, cfg.teacher, cfg.cluster, lcfg.support_k, lcfg.support, lcfg.temperature, cfg.seed
+
+
+def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
+    """The kept workers and teacher with a new learner at the configured model, all three brought
+    to its weights (the previous job left its own last weights in them), or None: nothing kept,
+    kept with other settings, or a kept actor gone (whatever was kept is then stopped)."""
+    global _kept
+    kept, _kept = _kept, None
+    if kept is None:
+        return None
+    settings, workers, teacher = kept
+    roles = None
+    try:
+        if settings == shared_role_settings(cfg) and len(workers.alive()) == cfg.rollout.num_workers:
+            teacher.wait()  # raises if an actor died
+            roles = Roles(workers=workers, teacher=teacher, learner=learner_group(cfg, cfg.model.path))
+            if cfg.teacher.model is None:  # the model the job starts from teaches its first round
+                teacher.load_weights(roles.learner.state_dict_ref())
+            else:
+                teacher.new_round()
+            for_roles(roles, cfg).sync(version=0)
+    except Exception as err:
+        log.warning("  could not take over the previous job's roles (%s: %s); starting new ones",
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        roles = None
+    if roles is None:
+        workers.shutdown()
+        teacher.shutdown()
+        return None
+    log.info("  reusing the %d rollout worker(s) and the teacher the previous job left running (same settings)",
+             len(workers.workers))
+    return roles
 
 
 class Deployment:
@@ -244,9 +289,14 @@ class Deployment:
         self.holds = final
         return self
 
-    def shutdown(self) -> None:
-        """Stop every role and give the cluster its resources back."""
-        if self.roles is not None:
+    def shutdown(self, keep: bool = False) -> None:
+        """Stop every role and give the cluster its resources back; `keep`: the rollout workers and the
+        teacher stay up for the next job of a sweep (`take_kept_roles`)."""
+        global _kept
+        if self.roles is not None and keep:
+            self.roles.learner.shutdown()
+            _kept = (shared_role_settings(self.cfg), self.roles.workers, self.roles.teacher)
+        elif self.roles is not None:
             self.roles.shutdown()
         if self.extractor is not None:
             ray.kill(self.extractor)
@@ -278,7 +328,11 @@ class Deployment:
 
         cfg = self.cfg
         init_ray(cfg)
-        self.roles = build_roles(cfg, while_starting=self._start_extractor)
+        self.roles = take_kept_roles(cfg)
+        if self.roles is None:
+            self.roles = build_roles(cfg, while_starting=self._start_extractor)
+        else:
+            self._start_extractor(self.roles.workers)
         self._record_placement()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
 

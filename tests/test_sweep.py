@@ -18,7 +18,10 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 
 
 @pytest.mark.e2e
-def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny):
+def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
+    """... and every job after the first takes over the rollout workers and teacher the job before it
+    left running (the same settings: only the extractor and the learner differ), brought back to the
+    start model: the last job, run alone, gives the same figures to the last bit."""
     sweep_dir = tmp_path / "sweep"
     swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
     proc = subprocess.run(
@@ -32,14 +35,29 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
     assert [p.name for p in jobs] == ["0", "1", "2", "3"]
     seen = set()
     for i, job in enumerate(jobs):
-        # the first job starts the local Ray cluster, the others reuse it (same cluster settings)
-        assert ("reusing the Ray cluster" in (job / "oel.log").read_text()) == (i > 0)
+        # the first job starts the local Ray cluster and the roles, the others reuse them
+        log = (job / "oel.log").read_text()
+        assert ("reusing the Ray cluster" in log) == (i > 0)
+        assert ("reusing the 1 rollout worker(s) and the teacher" in log) == (i > 0), log[-2000:]
         summary = json.loads((job / "summary.json").read_text())
         assert summary["rounds"] == 1 and summary["steps"] == 1
         assert 0.0 <= summary["pass_rate"] <= 1.0
         composed = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         seen.add((composed["extractor"]["k"], composed["learner"]["grad_accum"]))
     assert seen == set(itertools.product(*SWEEP.values()))
+
+    alone = tmp_path / "alone"
+    last = [f"{key}={values[-1]}" for key, values in SWEEP.items()]
+    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, *last, f"hydra.run.dir={alone}",
+                           *joins_session_cluster], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def figures(run: Path) -> dict:
+        summary = json.loads((run / "summary.json").read_text())
+        return {**{k: summary[k] for k in ("pass_rate", "pass_rate_round_0", "kl_first_step", "kl_last_step")},
+                "knowledge": (run / "round_1" / "knowledge.json").read_text()}
+
+    assert figures(jobs[-1]) == figures(alone)
 
 
 def test_slurm_sweep_script_submits_one_job_per_combination_with_the_configs_allocation():
