@@ -21,9 +21,11 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
     """... and every job after the first takes over the rollout workers and teacher the job before it
     left running (the same settings: only the extractor and the learner differ), brought back to the
-    start model: the last job, run alone, gives the same figures to the last bit."""
+    start model: the last job, run alone, gives the same figures to the last bit. Two rounds, so that
+    a job ends with round 2's teacher and workers on weights of its own."""
     sweep_dir = tmp_path / "sweep"
     swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
+    smallest_tiny = [*smallest_tiny, "rounds=2"]
     proc = subprocess.run(
         [sys.executable, "-m", "oel_ray.main", "-m", *smallest_tiny, *swept,
          f"hydra.sweep.dir={sweep_dir}"],
@@ -40,7 +42,7 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
         assert ("reusing the Ray cluster" in log) == (i > 0)
         assert ("reusing the 1 rollout worker(s) and the teacher" in log) == (i > 0), log[-2000:]
         summary = json.loads((job / "summary.json").read_text())
-        assert summary["rounds"] == 1 and summary["steps"] == 1
+        assert summary["rounds"] == 2 and summary["steps"] == 2
         assert 0.0 <= summary["pass_rate"] <= 1.0
         composed = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         seen.add((composed["extractor"]["k"], composed["learner"]["grad_accum"]))
