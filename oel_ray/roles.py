@@ -5,7 +5,8 @@ own placement group sized from `cluster.*` (see placement.py): the one factory t
 and the benchmarks use. `Deployment` starts them on first use (a resumed run whose stages all
 finished starts nothing) and brings them to the weights a stage needs: the model that starts round
 r, or round r's consolidated model. It also saves and restores the learner's full training state,
-so consolidation resumes mid-round.
+so consolidation resumes mid-round. A sweep's job leaves its rollout workers and teacher to the next
+job when that one would build them alike (`take_kept_roles`).
 """
 
 from __future__ import annotations
