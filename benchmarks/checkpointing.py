@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import markdown_table, save
+from benchmarks.common import ROOT, markdown_table, save
 from benchmarks.teacher import MID_ARCH
 
 SETTINGS = {"activations kept": False, "gradient checkpointing": True}
@@ -31,16 +31,13 @@ MIB = 2**20
 CHILD = """
 import json, sys, time
 import numpy as np, torch
+from benchmarks.common import process_memory
 from oel_ray.config import LearnerConfig
 from oel_ray.learner import Learner
 from oel_ray.types import DistillSample
 
 path, checkpointing = sys.argv[1], sys.argv[2] == "1"
 samples_n, prompt, shared, reply, k = map(int, sys.argv[3:8])
-
-def status(key):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))
 
 cfg = LearnerConfig(batch_size=samples_n, lr=1e-6, zero_stage=2, dtype="float32", temperature=1.0, support_k=k,
                     gradient_checkpointing=checkpointing)
@@ -58,13 +55,13 @@ def step_samples():
         out.append(DistillSample(p, p, r, support, lp))
     return out
 batches = [step_samples() for _ in range(3)]
-after_init = status("VmRSS")
+after_init = process_memory()["VmRSS"]
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # the peak (VmHWM) from here on
 t0 = time.perf_counter()
 learner.train_step(batches[0], 1)
 first = time.perf_counter() - t0
-peak = status("VmHWM")
+peak = process_memory()["VmHWM"]
 seconds = []
 for b in batches[1:]:
     t0 = time.perf_counter()
@@ -91,7 +88,7 @@ def build_model(root: Path) -> tuple[str, int]:
 def measure(path: str, checkpointing: bool) -> dict:
     shape = [SAMPLES, PROMPT, SHARED, REPLY, SUPPORT_K]
     proc = subprocess.run([sys.executable, "-c", CHILD, path, str(int(checkpointing)), *map(str, shape)],
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=1200, cwd=ROOT)
     if proc.returncode != 0:
         raise RuntimeError(f"learner step failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

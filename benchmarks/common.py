@@ -86,6 +86,18 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def process_memory() -> dict[str, int]:
+    """This process's VmRSS (resident), RssAnon (its private part) and VmHWM (peak) in bytes, from
+    /proc/self/status (writing 5 to /proc/self/clear_refs starts a new peak)."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
+                out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def machine() -> dict:
     """Where the figures were measured: they only compare within one run on one machine."""
     import torch

@@ -70,13 +70,9 @@ def count_parameters(config) -> int:
 
 def _memory(_learner) -> dict:
     """Runs inside a Learner actor (through __ray_call__): this process's memory in bytes."""
-    out = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "RssAnon", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+    from benchmarks.common import process_memory
+
+    return process_memory()
 
 
 def batch(vocab: int, k: int = 8):

@@ -153,6 +153,16 @@ def shared_role_settings(cfg: OELConfig) -> tuple:
     return cfg.model, cfg.rollout, cfg.teacher, cfg.cluster, lcfg.support_k, lcfg.support, lcfg.temperature, cfg.seed
 
 
+def to_learner_weights(roles: Roles, cfg: OELConfig, version: int) -> None:
+    """A round starts from the learner's weights: they teach it (teacher.model, which keeps its own
+    weights, only begins a round) and the workers play with them (weight `version`)."""
+    if cfg.teacher.model is None:
+        roles.teacher.load_weights(roles.learner.state_dict_ref())
+    else:
+        roles.teacher.new_round()
+    for_roles(roles, cfg).sync(version=version)
+
+
 def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
     """The kept workers and teacher with a new learner at the configured model, all three brought
     to its weights (the previous job left its own last weights in them), or None: nothing kept,
@@ -167,14 +177,12 @@ def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
         if settings == shared_role_settings(cfg) and len(workers.alive()) == cfg.rollout.num_workers:
             teacher.wait()  # raises if an actor died
             roles = Roles(workers=workers, teacher=teacher, learner=learner_group(cfg, cfg.model.path))
-            if cfg.teacher.model is None:  # the model the job starts from teaches its first round
-                teacher.load_weights(roles.learner.state_dict_ref())
-            else:
-                teacher.new_round()
-            for_roles(roles, cfg).sync(version=0)
+            to_learner_weights(roles, cfg, version=0)
     except Exception as err:
         log.warning("  could not take over the previous job's roles (%s: %s); starting new ones",
                     type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        if roles is not None:
+            roles.learner.shutdown()
         roles = None
     if roles is None:
         workers.shutdown()
@@ -221,11 +229,7 @@ class Deployment:
             self.roles.learner.shutdown()
             self.roles.learner = self._learner(str(previous))
             self._record_placement()
-            if self.cfg.teacher.model is None:  # the round's start model teaches
-                self.roles.teacher.load_weights(self.roles.learner.state_dict_ref())
-            else:
-                self.roles.teacher.new_round()
-            self.sync_workers(version=(r - 1) * self.cfg.learner.steps)
+            to_learner_weights(self.roles, self.cfg, version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
         return self
 
