@@ -98,11 +98,22 @@ def process_memory() -> dict[str, int]:
     return out
 
 
+def cpu_model() -> str:
+    """The processor's name (/proc/cpuinfo's "model name"): builds and float sums differ between CPUs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict:
     """Where the figures were measured: they only compare within one run on one machine."""
     import torch
 
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 

@@ -179,13 +179,15 @@ def figure(results: list[dict], path: Path) -> None:
 
 
 def saved_results(args) -> dict:
-    """benchmarks/results/organism.json when it was measured on this organism (its recipe's version)
-    with these samples; else nothing (its figures are not comparable)."""
+    """benchmarks/results/organism.json when it was measured on this organism (its recipe's version and
+    this machine's build of it, embedded.fingerprint) with these samples; else nothing (its figures
+    are not comparable)."""
     try:
         saved = json.loads((RESULTS / "organism.json").read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
-    return saved if (saved.get("organism_version"), saved.get("samples")) == (args.version, args.samples) else {}
+    same = (saved.get("organism_version"), saved.get("organism_build"), saved.get("samples"))
+    return saved if same == (args.version, args.build, args.samples) else {}
 
 
 def earlier_runs(args) -> list[dict]:
@@ -212,6 +214,7 @@ def settings(run: str) -> dict:
 
 
 def main(argv=None) -> None:
+    from oel_ray.embedded import build_model, fingerprint
     from oel_ray.organism import RECIPE
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -223,6 +226,8 @@ def main(argv=None) -> None:
                         help="record a run made by hand with this benchmark's command line, instead of running")
     args = parser.parse_args(argv)
     args.version = RECIPE.version
+    # The runs would build it first; built here, its fingerprint names what every figure measured.
+    args.build = fingerprint(build_model(load_config(f"+experiment={RUNS['main']}").model.path, RECIPE.name))
     if args.collect:
         run, seed, out, seconds = args.collect
         if run not in RUNS:
@@ -253,7 +258,7 @@ def report(results: list[dict], args, final: bool) -> None:
     if final:
         print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
     results = sorted(results, key=lambda r: (r["seed"], list(RUNS).index(r["run"])))
-    save("organism", {"organism_version": args.version, "seeds": sorted({r["seed"] for r in results}),
+    save("organism", {"organism_version": args.version, "organism_build": args.build, "seeds": sorted({r["seed"] for r in results}),
                       "samples": args.samples, "runs": results, "verdicts": judged,
                       "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
 

@@ -8,6 +8,7 @@ oel_ray/tiny_model.py (the fast fixture) and oel_ray/organism.py (the model orga
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -53,6 +54,17 @@ def needs_build(path: str | os.PathLike, name: str) -> bool:
     """Whether `build_model(path, name)` would build (nothing, or an older version, is at `path`)."""
     r = recipe(name)
     return cached_version(Path(path).expanduser(), r.name) != r.version
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """The first 16 hex digits of the sha256 of a model's weight files: which build a result came from.
+    A recipe builds the same bytes on every run of one machine, but not across CPUs (another vendor's
+    BLAS and vector kernels sum in another order, and thousands of warm-start steps carry the
+    difference into the weights), so a version number alone does not name the model measured."""
+    digest = hashlib.sha256()
+    for weights in sorted(Path(path).expanduser().glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def build_tiny_model(path: str | os.PathLike) -> Path:

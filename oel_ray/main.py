@@ -67,7 +67,7 @@ def hydra_main(raw: DictConfig) -> dict:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
-    from oel_ray.embedded import build_model, needs_build
+    from oel_ray.embedded import build_model, fingerprint, needs_build
 
     if cfg.model.build:
         if needs_build(cfg.model.path, cfg.model.build):
@@ -76,6 +76,8 @@ def hydra_main(raw: DictConfig) -> dict:
             except errors.ConfigError as err:
                 refuse(err, raw)
         tracking.timed(f"build {cfg.model.build} model", lambda: build_model(cfg.model.path, cfg.model.build))
+        logging.getLogger("oel_ray").info("%s model at %s: build %s", cfg.model.build, cfg.model.path,
+                                          fingerprint(cfg.model.path))
     finished = False
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray

@@ -136,6 +136,23 @@ def test_an_embedded_build_never_replaces_another(tmp_path, tiny_model):
         recipe("huge")
 
 
+def test_a_builds_fingerprint_names_its_weights(tmp_path, tiny_model):
+    """Results name the build they measured (builds differ between CPUs): the fingerprint follows the
+    weight bytes, not the directory or the other files."""
+    import shutil
+
+    from oel_ray.embedded import fingerprint
+
+    copy = Path(shutil.copytree(tiny_model, tmp_path / "copy"))
+    (copy / "notes.txt").write_text("not a weight")
+    assert fingerprint(copy) == fingerprint(tiny_model) and len(fingerprint(copy)) == 16
+    weights = copy / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    weights.write_bytes(bytes(data))
+    assert fingerprint(copy) != fingerprint(tiny_model)
+
+
 def test_the_reading_heads_find_the_cells_next_to_p_and_the_lessons_in_the_prompt(tmp_path):
     """The hand-set heads (oel_ray/reader_heads.py) in an untrained organism: after layer 1, at the
     prompt's last token, their output dimensions name the cell right of P and the cell below it (or
