@@ -113,8 +113,8 @@ def machine() -> dict:
     """Where the figures were measured: they only compare within one run on one machine."""
     import torch
 
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
 
 
 def save(name: str, result: dict, tables: dict[str, str] | None = None, readme: Sequence[str] = (),

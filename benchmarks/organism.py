@@ -258,9 +258,9 @@ def report(results: list[dict], args, final: bool) -> None:
     if final:
         print("\n\n".join(f"{t}\n{body}" for t, body in tables.items()))
     results = sorted(results, key=lambda r: (r["seed"], list(RUNS).index(r["run"])))
-    save("organism", {"organism_version": args.version, "organism_build": args.build, "seeds": sorted({r["seed"] for r in results}),
-                      "samples": args.samples, "runs": results, "verdicts": judged,
-                      "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
+    save("organism", {"organism_version": args.version, "organism_build": args.build,
+                      "seeds": sorted({r["seed"] for r in results}), "samples": args.samples, "runs": results,
+                      "verdicts": judged, "figure": "benchmarks/results/organism.png"}, tables=tables, readme=list(tables))
 
 
 if __name__ == "__main__":
