@@ -4,7 +4,7 @@ was trained to imitate: in minutes, where benchmarks/organism.py's learning runs
     python -m benchmarks.organism_probe [--samples 2]
 
 Every held-out map is played `--samples` times through a rollout worker (vLLM, the evaluation's
-sampling and seeds) with each fixed set of lessons as the knowledge, placed where the teacher reads
+sampling and seeds, every set in one call: evaluate.play_with_knowledge, as the in-context curve) with each fixed set of lessons as the knowledge, placed where the teacher reads
 it: none, the brackets and the wall, then the holes, all four, the false "up or left first", and
 another game's. Per set: pass rate [95% CI], the share of games ending invalid and reply tokens per
 turn, and the scripted player's pass rate on the same maps (what the warm start teaches). The
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from dataclasses import replace
 
 from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch
 from benchmarks.organism import MAPS, RUNS
@@ -43,7 +42,7 @@ def script_pass_rate(cfg, keys: tuple, specs: list, seed: int) -> float:
 def main(argv=None) -> None:
     from oel_ray import organism
     from oel_ray.embedded import build_model, fingerprint
-    from oel_ray.evaluate import eval_sampling, summarize
+    from oel_ray.evaluate import play_with_knowledge, summarize
     from oel_ray.games import eval_specs
     from oel_ray.roles import rollout_group
 
@@ -53,33 +52,32 @@ def main(argv=None) -> None:
     cfg = load_config(f"+experiment={RUNS['main']}", f"env.eval_maps={MAPS}", f"env.eval_samples={args.samples}")
     build = fingerprint(build_model(cfg.model.path, organism.RECIPE.name))
     specs = eval_specs(cfg.env) * args.samples  # sample-major, as `evaluate` plays them
+    texts = {label: organism.knowledge_text(keys) for label, keys in SETS.items()}
     start_ray()
     try:
         workers = rollout_group(cfg)
-        rows, sets = [], {}
-        for label, keys in SETS.items():
-            text = organism.knowledge_text(keys)
-            with stopwatch() as t:
-                games = workers.play([replace(spec, knowledge=text) for spec in specs], eval_sampling(cfg),
-                                     cfg.env.max_turns, 0)
-            report = summarize(games, 0, args.samples)
-            script = script_pass_rate(cfg, keys, specs, cfg.seed)
-            sets[label] = {"lessons": list(keys), "pass_rate": report.pass_rate, "ci": [report.ci_low, report.ci_high],
-                           "invalid_rate": report.invalid_rate, "tokens_per_turn": report.response_tokens_per_turn,
-                           "script_pass_rate": script, "seconds": round(t["s"], 1)}
-            rows.append([label, f"{report.pass_rate:.3f} [{report.ci_low:.3f}, {report.ci_high:.3f}]",
-                         f"{report.invalid_rate:.3f}", f"{report.response_tokens_per_turn:.1f}", f"{script:.3f}"])
-            print(" | ".join(rows[-1]), flush=True)
+        with stopwatch() as t:
+            played = play_with_knowledge(workers, cfg, list(texts.values()), 0)
         workers.shutdown()
     finally:
         stop_ray()
+    rows, sets = [], {}
+    for label, keys in SETS.items():
+        report = summarize(played[texts[label]], 0, args.samples)
+        script = script_pass_rate(cfg, keys, specs, cfg.seed)
+        sets[label] = {"lessons": list(keys), "pass_rate": report.pass_rate, "ci": [report.ci_low, report.ci_high],
+                       "invalid_rate": report.invalid_rate, "tokens_per_turn": report.response_tokens_per_turn,
+                       "script_pass_rate": script}
+        rows.append([label, f"{report.pass_rate:.3f} [{report.ci_low:.3f}, {report.ci_high:.3f}]",
+                     f"{report.invalid_rate:.3f}", f"{report.response_tokens_per_turn:.1f}", f"{script:.3f}"])
     title = (f"Organism version {organism.RECIPE.version}, build {build}: held-out pass rate with each lesson set "
              f"in context ({MAPS} maps x {args.samples})")
     tables = {title: markdown_table(["lessons in context", "pass rate [95% CI]", "ended invalid", "tokens/turn",
                                      "the script"], rows)}
     print(f"\n{title}\n{tables[title]}")
     save("organism_probe", {"organism_version": organism.RECIPE.version, "organism_build": build,
-                            "samples": args.samples, "maps": MAPS, "sets": sets}, tables=tables, readme=list(tables))
+                            "samples": args.samples, "maps": MAPS, "play_seconds": round(t["s"], 1), "sets": sets},
+         tables=tables, readme=list(tables))
 
 
 if __name__ == "__main__":

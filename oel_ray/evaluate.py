@@ -126,6 +126,18 @@ def evaluate(workers, cfg: OELConfig, round: int, on_games=None) -> tuple[EvalRe
 SAMPLE_GAMES = 3  # held-out games kept per accumulation step, the same maps at every step
 
 
+def play_with_knowledge(workers, cfg: OELConfig, texts: list[str], round: int,
+                        on_games=None) -> dict[str, list[Trajectory]]:
+    """Every held-out map `env.eval_samples` times with each of `texts` in the teacher's place ("":
+    the plain prompt), all in one call with `evaluate`'s sampling and seeds; per text, its games
+    sample-major (as `summarize` reads them)."""
+    maps, samples = eval_specs(cfg.env), cfg.env.eval_samples
+    specs = [replace(spec, knowledge=text) for text in texts for spec in maps * samples]
+    played = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
+    per_text = len(maps) * samples
+    return {text: played[i * per_text:(i + 1) * per_text] for i, text in enumerate(texts)}
+
+
 def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[KnowledgeSnapshot]],
                        steps: list[int], on_games=None) -> list[dict]:
     """The in-context curve: one row per accumulation step in `steps`, the held-out maps played
@@ -134,11 +146,9 @@ def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[Kn
     Each distinct knowledge text is played once, all in one call, with `evaluate`'s sampling and
     seeds: step 0 and a chain still empty later play the plain prompt, the games of `evaluate`.
     The chains count as further samples of each map, so the interval clusters by map (`summarize`)."""
-    maps, samples = eval_specs(cfg.env), cfg.env.eval_samples
+    samples = cfg.env.eval_samples
     texts = sorted({chain[s].text.strip() for s in steps for chain in chains})
-    specs = [replace(spec, knowledge=text) for text in texts for spec in maps * samples]
-    played = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
-    per_text = {text: played[i * len(maps) * samples:(i + 1) * len(maps) * samples] for i, text in enumerate(texts)}
+    per_text = play_with_knowledge(workers, cfg, texts, round, on_games)
     rows = []
     for step in steps:
         games = [per_text[chain[step].text.strip()] for chain in chains]
