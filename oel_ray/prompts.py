@@ -48,7 +48,7 @@ def teacher_messages(prefix: str, knowledge: str, position: str, *,
     Blank knowledge is no block at all, the student's own prompt, as the paper's code writes a prompt
     without its experience section when the experience is empty: a chain that has learned nothing
     yet, and the empty-knowledge control, give the teacher nothing to read, not an empty frame.
-    `empty_block` writes the frame anyway (the organism's warm start, version 12, trained on it)."""
+    `empty_block` writes the frame anyway (the organism's warm start, since version 12, trains on it)."""
     if not knowledge.strip() and not empty_block:
         return None, prefix
     if position == "system":

@@ -15,7 +15,9 @@ import random
 
 log = logging.getLogger("oel_ray")
 
-Chat = tuple[list[int], list[int]]  # (prompt ids, reply ids ending in the end-of-turn token)
+# (prompt ids, reply ids ending in the end-of-turn token[, the loss weight of each reply token]).
+# Without weights every reply token counts once.
+Chat = tuple
 
 
 Packed = tuple[list[int], list[int], list[bool], list[tuple[list[int], int]]]  # what `pack` returns
@@ -32,34 +34,36 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 def pack(group: list[Chat]) -> Packed:
     """One group of chats, each sharing a prefix with the one before it (a game's turns), as
-    (ids, position ids, loss targets, per chat: the packed indices of its tokens and how many of
-    them it shares with the chat before)."""
+    (ids, position ids, loss weights (0 off the replies), per chat: the packed indices of its tokens
+    and how many of them it shares with the chat before)."""
     ids, positions, target, chats = [], [], [], []
     previous: list[int] = []  # packed indices of the previous chat's tokens
     previous_ids: list[int] = []
-    for prompt, reply in group:
+    for prompt, reply, *weights in group:
+        weights = weights[0] if weights else [1.0] * len(reply)
         sequence = prompt + reply
         shared = common_prefix(previous_ids, prompt)
         mine = previous[:shared] + list(range(len(ids), len(ids) + len(sequence) - shared))
         ids += sequence[shared:]
         positions += range(shared, len(sequence))
-        target += [k >= len(prompt) for k in range(shared, len(sequence))]
+        target += [weights[k - len(prompt)] if k >= len(prompt) else 0.0 for k in range(shared, len(sequence))]
         chats.append((mine, shared))
         previous, previous_ids = mine, sequence
     return ids, positions, target, chats
 
 
-def reply_tokens(packed: Packed) -> tuple[list[int], list[int]]:
+def reply_tokens(packed: Packed) -> tuple[list[int], list[int], list[float]]:
     """(packed index of every reply token, packed index of the token before it in its own chat, where
-    it is predicted)."""
+    it is predicted, and its loss weight)."""
     _, _, targets, chats = packed
-    at, before = [], []
+    at, before, weights = [], [], []
     for mine, shared in chats:
         for k in range(max(shared, 1), len(mine)):
             if targets[mine[k]]:
                 at.append(mine[k])
                 before.append(mine[k - 1])
-    return at, before
+                weights.append(targets[mine[k]])
+    return at, before, weights
 
 
 def attention_mask(packed: Packed, width: int):
@@ -108,15 +112,16 @@ def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens:
         width = max(len(packed[i][0]) for i in batch)
         ids = torch.full((len(batch), width), pad)
         pos = torch.zeros((len(batch), width), dtype=torch.long)
-        rows, cols, prev = [], [], []  # a target is predicted where its chat's previous token sits
+        rows, cols, prev, weights = [], [], [], []  # a target is predicted where its chat's previous token sits
         for row, i in enumerate(batch):
             tokens, positions, _, _ = packed[i]
             ids[row, :len(tokens)] = torch.tensor(tokens)
             pos[row, :len(tokens)] = torch.tensor(positions)
-            at, before = reply_tokens(packed[i])
+            at, before, w = reply_tokens(packed[i])
             rows += [row] * len(at)
             cols += at
             prev += before
+            weights += w
         if all(len(packed[i][3]) == 1 for i in batch):  # nothing shared: plain causal attention (the
             # same floats as ever; right padding needs no mask, no real token sees the pads)
             hidden = model.model(input_ids=ids).last_hidden_state
@@ -124,7 +129,11 @@ def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens:
             mask = torch.stack([attention_mask(packed[i], width) for i in batch])[:, None]
             hidden = model.model(input_ids=ids, position_ids=pos, attention_mask=mask).last_hidden_state
         logits = model.lm_head(hidden[rows, prev])
-        loss = F.cross_entropy(logits, ids[rows, cols])
+        if all(w == 1.0 for w in weights):  # every token once: the plain mean, the same floats as ever
+            loss = F.cross_entropy(logits, ids[rows, cols])
+        else:
+            w = torch.tensor(weights)
+            loss = (F.cross_entropy(logits, ids[rows, cols], reduction="none") * w).sum() / w.sum()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -69,7 +69,7 @@ def test_empty_knowledge_is_the_students_own_prompt():
             assert teacher_messages(PREFIX, blank, position) == (None, PREFIX)
         system, user = teacher_messages(PREFIX, ITEMS, position)
         assert KNOWLEDGE_PREAMBLE in (system or user) and ITEMS in (system or user)
-        # The organism's warm start (version 12) still writes the empty frame where it asks to.
+        # The organism's warm start (since version 12) still writes the empty frame where it asks to.
         system, user = teacher_messages(PREFIX, "", position, empty_block=True)
         assert f"{KNOWLEDGE_PREAMBLE}<experience>\n\n</experience>" in (system or user)
 

@@ -95,6 +95,27 @@ def test_every_step_a_true_lesson_makes_the_player_without_it_makes_too():
             assert taken <= alone, (keys, taken - alone)
 
 
+def test_the_warm_start_weighs_a_replys_choices_not_what_follows_from_them():
+    """The tokens where a reply chooses (a part after the look, the move, an extraction's lessons and
+    what follows an item) carry DECISION_WEIGHT; the look and the words a choice implies count once;
+    packing keeps each reply token's weight."""
+    from oel_ray.warm_start import pack, reply_tokens
+
+    reply = f"Below: H. Right: free. {O.EDGE_NOTE} {O.FILLER[1]} [right]"
+    marks = {reply[i:i + 4] for i in O.decisions(reply)}
+    assert marks == {"Belo", O.EDGE_NOTE[:4], O.FILLER[1][:4], "[rig", "righ"}
+    lazy = f"Below: free. Right: edge. {O.LAZY_WORD} down."
+    assert [lazy[i:] for i in O.decisions(lazy)][1:] == [f"{O.LAZY_WORD} down.", "down."]
+    items = O.knowledge_text(["hole", "win"])
+    assert [items[i] for i in O.decisions(items)] == ["-", O.LESSONS["hole"].text[0], "\n", O.LESSONS["win"].text[0]]
+    # Character spans as a tokenizer reports them: "[", "right", "]".
+    spans = [(0, len(reply) - 7), (len(reply) - 7, len(reply) - 6), (len(reply) - 6, len(reply) - 1),
+             (len(reply) - 1, len(reply))]
+    assert O.reply_weights(spans, reply) == [O.DECISION_WEIGHT] * 3 + [1.0]
+    packed = pack([([1, 2], [3, 4], [5.0, 1.0]), ([1, 2, 3, 4, 6], [7])])
+    assert reply_tokens(packed)[2] == [5.0, 1.0, 1.0]
+
+
 def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     """A game's turns packed into one sequence give every reply token the loss it has alone."""
     import torch
@@ -115,7 +136,7 @@ def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     with torch.no_grad():
         alone = torch.cat([model(input_ids=torch.tensor([p + r])).logits[0, len(p) - 1:-1].log_softmax(-1)
                            .gather(1, torch.tensor(r)[:, None])[:, 0] for p, r in group])
-        at, before = reply_tokens(packed_group)
+        at, before, _ = reply_tokens(packed_group)
         hidden = model.model(input_ids=torch.tensor([ids]), position_ids=torch.tensor([positions]),
                              attention_mask=attention_mask(packed_group, len(ids))[None, None]).last_hidden_state[0]
         packed = -F.cross_entropy(model.lm_head(hidden[before]), torch.tensor(ids)[at], reduction="none")
