@@ -7,7 +7,9 @@ Every held-out map is played `--samples` times through a rollout worker (vLLM, t
 sampling and seeds, every set in one call: evaluate.play_with_knowledge, as the in-context curve) with each fixed set of lessons as the knowledge, placed where the teacher reads
 it: none, the brackets and the wall, then the holes, all four, the false "up or left first", and
 another game's. Per set: pass rate [95% CI], the share of games ending invalid and reply tokens per
-turn, and the scripted player's pass rate on the same maps (what the warm start teaches). The
+turn, and the scripted player's pass rate on the same maps (what the warm start teaches); and the
+first turns' choices (no brackets, the wall note, the false note, a backward move, a step into a
+hole) beside the script's on the same boards. The
 in-context gain the loop can consolidate is this build's "all four" over "none"; a build on another
 CPU (embedded.fingerprint) or another version is screened here before its learning runs. Prints a
 table and saves benchmarks/results/organism_probe.json.
@@ -39,6 +41,24 @@ def script_pass_rate(cfg, keys: tuple, specs: list, seed: int) -> float:
     return sum(organism.play_game(spec, cfg.env.max_turns, set(keys), rng)[0].passed for spec in specs) / len(specs)
 
 
+def first_turns(specs: list, replies: list[str], keys: tuple, max_turns: int, seed: int) -> dict[str, dict]:
+    """Per choice (organism.choices), its share of the first-turn `replies` on `specs`' boards, and of
+    the scripted player's replies knowing `keys` on the same boards: where a build follows a lesson
+    less than the script does, seen before the game compounds it."""
+    from oel_ray import organism
+    from oel_ray.games import Game
+
+    rng = random.Random(seed)
+    model, script = [], []
+    for spec, reply in zip(specs, replies):
+        state = Game(spec, max_turns)._base.state.game_state
+        grid, pos = state["grid"], tuple(state["player_pos"])
+        model.append(organism.choices(grid, pos, reply))
+        script.append(organism.choices(grid, pos, organism.play_reply(grid, pos, set(keys), rng)))
+    return {who: {choice: sum(c[choice] for c in made) / len(made) for choice in made[0]}
+            for who, made in (("model", model), ("script", script))}
+
+
 def main(argv=None) -> None:
     from oel_ray import organism
     from oel_ray.embedded import build_model, fingerprint
@@ -61,20 +81,26 @@ def main(argv=None) -> None:
         workers.shutdown()
     finally:
         stop_ray()
-    rows, sets = [], {}
+    rows, first_rows, sets = [], [], {}
     for label, keys in SETS.items():
-        report = summarize(played[texts[label]], 0, args.samples)
+        games = played[texts[label]]
+        report = summarize(games, 0, args.samples)
         script = script_pass_rate(cfg, keys, specs, cfg.seed)
+        first = first_turns(specs, [game.turns[0].response for game in games], keys, cfg.env.max_turns, cfg.seed)
         sets[label] = {"lessons": list(keys), "pass_rate": report.pass_rate, "ci": [report.ci_low, report.ci_high],
                        "invalid_rate": report.invalid_rate, "tokens_per_turn": report.response_tokens_per_turn,
-                       "script_pass_rate": script}
+                       "script_pass_rate": script, "first_turn": first}
         rows.append([label, f"{report.pass_rate:.3f} [{report.ci_low:.3f}, {report.ci_high:.3f}]",
                      f"{report.invalid_rate:.3f}", f"{report.response_tokens_per_turn:.1f}", f"{script:.3f}"])
+        first_rows.append([label] + [f"{first['model'][c]:.2f} ({first['script'][c]:.2f})" for c in first["model"]])
     title = (f"Organism version {organism.RECIPE.version}, build {build}: held-out pass rate with each lesson set "
              f"in context ({MAPS} maps x {args.samples})")
+    choices_title = f"Build {build}, the same games' first turns: share of replies making each choice (the script's)"
     tables = {title: markdown_table(["lessons in context", "pass rate [95% CI]", "ended invalid", "tokens/turn",
-                                     "the script"], rows)}
-    print(f"\n{title}\n{tables[title]}")
+                                     "the script"], rows),
+              choices_title: markdown_table(["lessons in context", *sets["none"]["first_turn"]["model"]], first_rows)}
+    for name, table in tables.items():
+        print(f"\n{name}\n{table}")
     save("organism_probe", {"organism_version": organism.RECIPE.version, "organism_build": build,
                             "samples": args.samples, "maps": MAPS, "play_seconds": round(t["s"], 1), "sets": sets},
          tables=tables, readme=list(tables))

@@ -151,6 +151,17 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
     return " ".join(parts)
 
 
+def choices(grid, pos: tuple[int, int], reply: str) -> dict[str, bool]:
+    """What a reply on this board chose, in the script's terms: each lesson's behaviour and the gap
+    it closes (what a build's replies are set against the script's with)."""
+    bracketed = re.search(r"\[(\w+)\]", reply)
+    move = bracketed or re.search(rf"{LAZY_WORD} (\w+)", reply)
+    move = move and move.group(1)
+    return {"unbracketed": bracketed is None, "wall note": EDGE_NOTE in reply,
+            "false note": UPLEFT_NOTE in reply, "backward": move in BACKWARD,
+            "into a hole": move in MOVES and _cell(grid, pos, move) == "H"}
+
+
 def supported(traj: Trajectory) -> list[str]:
     """Keys of the true lessons this game supports: what ended it (its last turn's feedback and the
     closing reason), since that is what decided winning or losing."""

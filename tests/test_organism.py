@@ -116,6 +116,23 @@ def test_the_warm_start_weighs_a_replys_choices_not_what_follows_from_them():
     assert reply_tokens(packed)[2] == [5.0, 1.0, 1.0]
 
 
+def test_a_replys_choices_are_read_as_the_script_makes_them():
+    """organism.choices (the probe's first-turn table) names what the script chose, from its text."""
+    grid = ["PHFF", "FFFH", "FFFF", "HFFG"]
+    assert O.choices(grid, (0, 0), f"Below: free. Right: H. {O.LAZY_WORD} right.") == {
+        "unbracketed": True, "wall note": False, "false note": False, "backward": False, "into a hole": True}
+    assert O.choices(grid, (0, 0), f"Below: free. Right: H. {O.UPLEFT_NOTE} [up]") == {
+        "unbracketed": False, "wall note": False, "false note": True, "backward": True, "into a hole": False}
+    rng = random.Random(0)
+
+    def made(known: set) -> list[dict]:
+        return [O.choices(grid, (0, 0), O.play_reply(grid, (0, 0), known, rng)) for _ in range(200)]
+
+    assert all(m["wall note"] and not m["backward"] for m in made({"edge"}))
+    assert not any(m["unbracketed"] for m in made({"format"}))
+    assert 0 < sum(m["unbracketed"] for m in made(set())) < 200
+
+
 def test_packed_training_sees_what_one_by_one_training_sees(tiny_model):
     """A game's turns packed into one sequence give every reply token the loss it has alone."""
     import torch
