@@ -301,13 +301,10 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
 
 # ----------------------------------------------------------------------------- the recipe
 
-# Where a reply chooses: its first token, each part after the look (a note, a musing, the bracket or
-# the unbracketed word), the move, and in an extraction each item's lesson and what follows an item
-# (another, or the end). The tokens between follow from these. Counted once like the rest, a choice
-# was a tenth of a reply's loss, and one that ignored a lesson cost little: version 12 built on an
-# Intel Xeon answered without brackets 15% of the time with the bracket lesson in context (the script
-# never does) and wrote the wall note with the wall lesson alone 61% of the time (the script always
-# does), at a warm-start loss that a further epoch did not lower.
+# Where a reply chooses (each part after the look, the move; an extraction's lessons and what follows
+# an item): the tokens between follow from these. Counted once, choices were a tenth of the loss and
+# ignoring a lesson cost little: version 12's Intel build wrote no brackets 15% of the time with the
+# bracket lesson in context (the script: never), at a loss a further epoch did not lower.
 DECISION_WEIGHT = 5.0
 _DECISION = re.compile("|".join([r"^", r"\n", r"\[", LAZY_WORD, r"(?<=\[)\w", rf"(?<={LAZY_WORD} )\w"]
                                 + [re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())]))
