@@ -4,15 +4,15 @@ was trained to imitate: in minutes, where benchmarks/organism.py's learning runs
     python -m benchmarks.organism_probe [--samples 2]
 
 Every held-out map is played `--samples` times through a rollout worker (vLLM, the evaluation's
-sampling and seeds, every set in one call: evaluate.play_with_knowledge, as the in-context curve) with each fixed set of lessons as the knowledge, placed where the teacher reads
-it: none, the brackets and the wall, then the holes, all four, the false "up or left first", and
-another game's. Per set: pass rate [95% CI], the share of games ending invalid and reply tokens per
-turn, and the scripted player's pass rate on the same maps (what the warm start teaches); and the
-first turns' choices (no brackets, the wall note, the false note, a backward move, a step into a
-hole) beside the script's on the same boards. The
-in-context gain the loop can consolidate is this build's "all four" over "none"; a build on another
-CPU (embedded.fingerprint) or another version is screened here before its learning runs. Prints a
-table and saves benchmarks/results/organism_probe.json.
+sampling and seeds, every set in one call: evaluate.play_with_knowledge, as the in-context curve)
+with each fixed set of lessons as the knowledge, placed where the teacher reads it: none, the
+brackets and the wall, then the holes, all four, the false "up or left first", and another game's.
+Per set: pass rate [95% CI], the share of games ending invalid and reply tokens per turn, and the
+scripted player's pass rate on the same maps (what the warm start teaches); and the first turns'
+choices (no brackets, the wall note, the false note, a backward move, a step into a hole) beside the
+script's on the same boards. The in-context gain the loop can consolidate is this build's "all four"
+over "none"; a build on another CPU (embedded.fingerprint) or another version is screened here
+before its learning runs. Prints a table and saves benchmarks/results/organism_probe.json.
 """
 
 from __future__ import annotations
@@ -51,8 +51,7 @@ def first_turns(specs: list, replies: list[str], keys: tuple, max_turns: int, se
     rng = random.Random(seed)
     model, script = [], []
     for spec, reply in zip(specs, replies):
-        state = Game(spec, max_turns)._base.state.game_state
-        grid, pos = state["grid"], tuple(state["player_pos"])
+        grid, pos = organism.lake(Game(spec, max_turns))
         model.append(organism.choices(grid, pos, reply))
         script.append(organism.choices(grid, pos, organism.play_reply(grid, pos, set(keys), rng)))
     return {who: {choice: sum(c[choice] for c in made) / len(made) for choice in made[0]}

@@ -152,8 +152,7 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
 
 
 def choices(grid, pos: tuple[int, int], reply: str) -> dict[str, bool]:
-    """What a reply on this board chose, in the script's terms: each lesson's behaviour and the gap
-    it closes (what a build's replies are set against the script's with)."""
+    """What a reply on this board chose, in the script's terms (each lesson's behaviour, each gap)."""
     bracketed = re.search(r"\[(\w+)\]", reply)
     move = bracketed or re.search(rf"{LAZY_WORD} (\w+)", reply)
     move = move and move.group(1)
@@ -235,6 +234,12 @@ def _copies(rng: random.Random) -> int:
     return 1 + sum(rng.random() < P_REPEAT for _ in range(MAX_COPIES - 1))
 
 
+def lake(game) -> tuple[list[str], tuple[int, int]]:
+    """(grid, P's position) of a FrozenLake `Game` now: what the scripted organism reads."""
+    state = game._base.state.game_state
+    return state["grid"], tuple(state["player_pos"])
+
+
 def play_game(spec, max_turns: int, known: set[str], rng: random.Random, replies: int = 1):
     """A game played by the scripted organism knowing `known`: its trajectory, and per turn (prompt,
     the same prompt without the history, `replies` replies drawn there, the first one played)."""
@@ -243,8 +248,7 @@ def play_game(spec, max_turns: int, known: set[str], rng: random.Random, replies
     game = Game(spec, max_turns)
     turns = []
     while not game.done:
-        state = game._base.state.game_state
-        drawn = tuple(play_reply(state["grid"], tuple(state["player_pos"]), known, rng) for _ in range(replies))
+        drawn = tuple(play_reply(*lake(game), known, rng) for _ in range(replies))
         turns.append((game.prompt(), f"{INTROS[game.family]}\n\n{game._situation()}", drawn))
         game.step(drawn[0], len(drawn[0].split()))
     return game.trajectory(0, 0), turns
@@ -301,13 +305,10 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
 
 # ----------------------------------------------------------------------------- the recipe
 
-# Where a reply chooses (each part after the look, the move; an extraction's lessons and what follows
-# an item): the tokens between follow from these. Counted once, choices were a tenth of the loss and
-# ignoring a lesson cost little: version 12's Intel build wrote no brackets 15% of the time with the
-# bracket lesson in context (the script: never), at a loss a further epoch did not lower.
+# Where a reply chooses (parts after the look, the move; an extraction's lessons, item ends): README, version 13.
 DECISION_WEIGHT = 5.0
-_DECISION = re.compile("|".join([r"^", r"\n", r"\[", LAZY_WORD, r"(?<=\[)\w", rf"(?<={LAZY_WORD} )\w"]
-                                + [re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())]))
+_DECISION = re.compile("|".join([r"^", r"\n", r"\[", LAZY_WORD, r"(?<=\[)\w", rf"(?<={LAZY_WORD} )\w"] + [
+    re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())]))
 
 
 def decisions(reply: str) -> list[int]:
@@ -316,8 +317,7 @@ def decisions(reply: str) -> list[int]:
 
 
 def reply_weights(offsets: list[tuple[int, int]], reply: str) -> list[float]:
-    """Each reply token's loss weight (its character span in `offsets`): DECISION_WEIGHT where a
-    choice is made, 1 elsewhere."""
+    """Each reply token's loss weight (its span in `offsets`): DECISION_WEIGHT at a choice, else 1."""
     marks = decisions(reply)
     return [DECISION_WEIGHT if any(start <= mark < end for mark in marks) else 1.0 for start, end in offsets]
 
@@ -391,8 +391,8 @@ def _groups(tok, tok_dir: Path) -> list:
 
     cutter = prompt_cutter(str(tok_dir))
     play, extract = _warm_start_texts()
-    return [[chat(*turn) for turn in game] for game in play] + [[chat(None, cutter.prompt(knowledge, traj), reply, DECISION_WEIGHT)]
-                                                            for traj, knowledge, reply in extract]
+    extractions = [[chat(None, cutter.prompt(known, traj), reply, DECISION_WEIGHT)] for traj, known, reply in extract]
+    return [[chat(*turn) for turn in game] for game in play] + extractions
 
 
 RECIPE = Recipe("organism", 13, ORGANISM_ARCH, 1024, _corpus, _groups,

@@ -17,10 +17,10 @@ log = logging.getLogger("oel_ray")
 
 # (prompt ids, reply ids ending in the end-of-turn token[, the loss weight of each reply token]).
 # Without weights every reply token counts once.
-Chat = tuple
+Chat = tuple[list[int], list[int]] | tuple[list[int], list[int], list[float]]
 
 
-Packed = tuple[list[int], list[int], list[bool], list[tuple[list[int], int]]]  # what `pack` returns
+Packed = tuple[list[int], list[int], list[float], list[tuple[list[int], int]]]  # what `pack` returns
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
