@@ -22,7 +22,14 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
     """... and every job after the first takes over the rollout workers and teacher the job before it
     left running (the same settings: only the extractor and the learner differ), brought back to the
     start model: the last job, run alone, gives the same figures to the last bit. Two rounds, so that
-    a job ends with round 2's teacher and workers on weights of its own."""
+    a job ends with round 2's teacher and workers on weights of its own.
+
+    The KL figures are compared to 1e-3 relative, not to the last bit: on the CI machine they once
+    differed by 1.1e-4 relative with the same samples and knowledge (here they agree to the bit).
+    The student's support is the workers' top 256 of the tiny model's 512 tokens, whose logits at
+    that edge lie ~1e-4 apart, so a last-bit difference in an engine's logits can swap the edge
+    token. A teacher left on the previous job's weights moves the first step's KL 170x (0.0513
+    against 0.00029); workers left on them change the knowledge."""
     sweep_dir = tmp_path / "sweep"
     swept = [f"{key}={','.join(map(str, values))}" for key, values in SWEEP.items()]
     smallest_tiny = [*smallest_tiny, "rounds=2"]
@@ -59,7 +66,8 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
         return {**{k: summary[k] for k in ("pass_rate", "pass_rate_round_0", "kl_first_step", "kl_last_step")},
                 "knowledge": (run / "round_1" / "knowledge.json").read_text()}
 
-    assert figures(jobs[-1]) == figures(alone)
+    expected = {k: pytest.approx(v, rel=1e-3) if k.startswith("kl_") else v for k, v in figures(alone).items()}
+    assert figures(jobs[-1]) == expected
 
 
 def test_slurm_sweep_script_submits_one_job_per_combination_with_the_configs_allocation():
