@@ -21,7 +21,7 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
     """... and every job after the first takes over the rollout workers and teacher the job before it
     left running (the same settings: only the extractor and the learner differ), brought back to the
-    start model: the last job, run alone, gives the same figures to the last bit. Two rounds, so that
+    start model: the last job, run alone, gives the same figures. Two rounds, so that
     a job ends with round 2's teacher and workers on weights of its own.
 
     The KL figures are compared to 1e-3 relative, not to the last bit: on the CI machine they once
