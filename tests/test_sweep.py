@@ -21,8 +21,8 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
     """... and every job after the first takes over the rollout workers and teacher the job before it
     left running (the same settings: only the extractor and the learner differ), brought back to the
-    start model: the last job, run alone, gives the same figures. Two rounds, so that
-    a job ends with round 2's teacher and workers on weights of its own.
+    start model: the last job, run alone, gives the same figures. Two rounds, so that a job ends
+    with round 2's teacher and workers on weights of its own.
 
     The KL figures are compared to 1e-3 relative, not to the last bit: on the CI machine they once
     differed by 1.1e-4 relative with the same samples and knowledge (here they agree to the bit).
