@@ -35,6 +35,7 @@ import torch
 
 from benchmarks.common import markdown_table, save, tiny_model_path
 from benchmarks.flops import Arch, datasheet_peak, measured_peak, timed
+from benchmarks.paper_shape import build_random
 from benchmarks.teacher import TEACHER_FULL, TEACHER_REUSED, measure
 from oel_ray.config import BFLOAT16, FLOAT32, LearnerConfig, TeacherConfig
 from oel_ray.types import DistillSample, Generation, Sampling
@@ -64,24 +65,6 @@ class Shape:
 PAPER = Shape(batch=64, prompt=384, knowledge=2048, distinct=10, reply=128, support_k=256, grad_accum=4,
               learner_steps=3)
 TINY = Shape(batch=8, prompt=32, knowledge=64, distinct=2, reply=16, support_k=8, grad_accum=1, learner_steps=2)
-
-
-def build_random(name: str, out: Path, dtype: torch.dtype, device: torch.device) -> Path:
-    """A random-initialised Qwen3 `name` with the real vocabulary size, saved with oel_ray's BPE."""
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
-
-    from oel_ray.tiny_model import build_tokenizer
-
-    tok = build_tokenizer(out)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
-    config = Qwen3Config(vocab_size=QWEN3_VOCAB, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad,
-                         **QWEN3_COMMON, **ARCHS[name])
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(dtype)
-    model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
-    model.save_pretrained(out, safe_serialization=True)
-    return out
 
 
 class HFGenerator:
@@ -209,7 +192,8 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="oel_ray_gpu_check.") as tmp:
         for name in names:
             shape = TINY if name == "tiny" else PAPER
-            path = tiny_model_path() if name == "tiny" else str(build_random(name, Path(tmp) / name, getattr(torch, dtype), device))
+            path = tiny_model_path() if name == "tiny" else str(build_random(
+                {**QWEN3_COMMON, **ARCHS[name]}, Path(tmp) / name, QWEN3_VOCAB, getattr(torch, dtype), device))
             runs.append(dict(check_model(name, path, dtype, device, shape, peak, args.engine), shape=asdict(shape)))
             print(json.dumps(runs[-1], indent=1), flush=True)
             if cuda:

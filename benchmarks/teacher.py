@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.common import markdown_table, save, start_ray, stop_ray, tiny_model_path
 from benchmarks.flops import Arch, measured_peak, timed
+from benchmarks.paper_shape import build_random
 from oel_ray.config import FLOAT32, TeacherConfig
 from oel_ray.prefix_cache import shared_prefix_groups
 from oel_ray.types import DistillSample
@@ -79,14 +80,6 @@ def measure(teacher, samples: list[DistillSample], arch: Arch, device: torch.dev
     return out, scores, error
 
 
-def build_mid(out: Path) -> str:
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    Qwen3ForCausalLM(Qwen3Config(**MID_ARCH)).save_pretrained(out, safe_serialization=True)
-    return str(out)
-
-
 def server(path: str, reuse_prefix: bool = True):
     from oel_ray.teacher import TeacherServer
 
@@ -126,7 +119,8 @@ def main() -> dict:
     peak = measured_peak(device, torch.float32)
     rows, result = [], {"shape": step.__dict__, "matmul_peak_tflops": peak / 1e12, "models": {}}
     with tempfile.TemporaryDirectory(prefix="oel_ray_teacher_bench.") as tmp:
-        for name, path in (("tiny", tiny_model_path()), ("mid-35m", build_mid(Path(tmp) / "mid"))):
+        mid = build_random(MID_ARCH, Path(tmp) / "mid", MID_ARCH["vocab_size"])
+        for name, path in (("tiny", tiny_model_path()), ("mid-35m", str(mid))):
             teacher = server(path)
             arch = Arch.of(teacher.model.config)
             samples = paper_samples(step, arch.vocab)
