@@ -64,7 +64,8 @@ def collect(run: str, seed: int, out: Path, seconds: float) -> dict:
         e = json.loads(path.read_text())
         rounds.append({"round": e["round"], "pass_rate": e["pass_rate"], "ci": [e["ci_low"], e["ci_high"]],
                        "games": e["games"], "tokens_per_turn": e["response_tokens_per_turn"],
-                       "ifeval_strict": (e.get("ifeval") or {}).get("strict_prompt_accuracy")})
+                       "ifeval_strict": (e.get("ifeval") or {}).get("strict_prompt_accuracy"),
+                       "ifeval_prompts": (e.get("ifeval") or {}).get("prompts")})
     from omegaconf import OmegaConf
 
     ran = OmegaConf.load(out / ".hydra" / "config.yaml")
@@ -131,12 +132,18 @@ def verdicts(results: list[dict]) -> dict:
             scores = [(r["rounds"][0]["ifeval_strict"], r["rounds"][-1]["ifeval_strict"]) for r in rs]
             return sum(a - b for a, b in scores) / len(scores) if all(None not in s for s in scores) else None
         on, off = drop(on_seeds_of("off_policy")), drop(by["off_policy"])
-        holds = None not in (on, off) and off > on
-        out["off_policy_forgets_more"] = {"holds": holds, "ifeval_drop_on_policy": on, "ifeval_drop_off_policy": off}
+        # One prompt of the fixture either way is noise: "falls more" asks for more than that.
+        prompts = max((x.get("ifeval_prompts") or 0 for r in by["off_policy"] for x in r["rounds"]), default=0)
+        holds = None not in (on, off) and prompts > 0 and off > 0 and off - on > 1 / prompts
+        out["off_policy_forgets_more"] = {"holds": holds, "ifeval_drop_on_policy": on, "ifeval_drop_off_policy": off,
+                                          "ifeval_prompts": prompts}
         if not holds:
+            measured = ("" if None in (on, off) or not prompts else f": off-policy fell by {off * prompts:+.1f} prompts "
+                        f"on average, on-policy by {on * prompts:+.1f}, and more means by more than one prompt")
             out["off_policy_forgets_more"]["why_not"] = (
-                "IF-Eval (the team's 26-prompt fixture) is the organism's only out-of-distribution score, and its "
-                "warm start never trained on it: the drops above are within a prompt or two of each other")
+                f"IF-Eval (the team's {prompts}-prompt fixture) is the organism's only out-of-distribution score, and "
+                "its warm start never trained on it, so its score sits near the floor and moves by single prompts"
+                + measured)
     return out
 
 
