@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # `make bench`: every script in benchmarks/ in one run (20 minutes on 2 cores for the speed figures,
-# then the organism's lesson probe, 2-4 minutes, and up to 100 for its learning runs and controls over
+# then the organism's lesson probe, 2-4 minutes, and up to 115 for its learning runs and controls over
 # 3 seeds), then
 # benchmarks/results/summary.md and README.md's table. The bench extra (TRL, datasets) goes on top
 # of the project once; torch is pinned to the build already installed so pip cannot swap it for

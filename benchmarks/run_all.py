@@ -33,8 +33,9 @@ ORDER = ("rollout", "generate", "extraction", "consolidation", "teacher", "round
 NOT_BENCHMARKS = {"__init__", "common", "flops", "run_all"}
 # `make bench` <= 20 minutes for the speed figures (a minute left for installing, start-up and the
 # summary), plus the organism: its lesson probe (2m19s on 2 cores) and its learning runs: 15 runs of
-# 3 rounds (3 seeds, the main experiment and 4 controls), 4-8 minutes each on 2 cores.
-PROBE_S, ORGANISM_S = 4 * 60, 100 * 60
+# 3 rounds (3 seeds, the main experiment and 4 controls): version 14, 4-8 minutes a control and 10-15 a
+# main run on 2 cores, 105 minutes in all.
+PROBE_S, ORGANISM_S = 4 * 60, 115 * 60
 BUDGET_S = 19 * 60 + PROBE_S + ORGANISM_S
 # Seconds planned per script, adding up to the budget: 1.3-2x what each took on a quiet 2-core
 # machine (rollout 49, generate 59, extraction 34, consolidation ~200, teacher 146, round ~65,
