@@ -7,15 +7,15 @@ in one run.
 Two workloads by default (`WORKLOADS`). `tiny`: the embedded tiny model at batch 64 and 8, on real
 prompts (below), whose replies run a few tokens. `paper-small`: the paper's step shape
 (benchmarks/paper_shape.py: 64 samples, 10 knowledge texts of 2048 tokens, student prompts of 256,
-replies up to 128) on a random-initialised ~3M-parameter Qwen3; `paper-mid` (~20M, not run by
-default: about half an hour on 2 cores) the same on the teacher benchmark's larger model. Within a
-workload: same model, same prompts, same batch, same machine. oel_ray runs its real roles (rollout
+replies up to 128) on a random-initialised ~3M-parameter Qwen3; `paper-mid` the same on the teacher
+benchmark's larger model (~20M; not run by default: its steps cost about six times paper-small's).
+Within a workload: same model, same prompts, same batch, same machine. oel_ray runs its real roles (rollout
 worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate`) as a `tiny`
 run starts them; at `tiny` its prompts are real: turn prefixes of games the model just played, a knowledge set
 the extractor just wrote. The baselines then replay exactly those (student prompt, teacher prompt)
 pairs with the same sampling, max new tokens, optimizer settings and step count. Each system runs
-`WARMUP_STEPS` untimed steps first. oel_ray runs in several configurations (`OEL_VARIANTS`, the
-paper-shaped workloads only the first two): as
+`WARMUP_STEPS` untimed steps first. oel_ray runs in two configurations, four with `--all-variants`
+(`OEL_VARIANTS`): as
 the `tiny` run configures it (strictly on-policy), asynchronous (consolidation.async_steps=1: batch t+1
 is sampled and scored while the learner takes step t), and with the learner on one thread (what it
 had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
@@ -66,7 +66,6 @@ class Workload:
     name: str
     batch_sizes: tuple[int, ...]  # the first is the headline's
     timed_steps: int
-    variants: int  # how many of OEL_VARIANTS run (the first ones)
     model: str | None = None  # a paper_shape architecture, random-initialised; None: the tiny model
 
     @property
@@ -75,10 +74,12 @@ class Workload:
 
 
 # tiny: the paper's samples per step and the tiny config's learner.batch_size. The paper shape's
-# steps take seconds to minutes on 2 cores: two timed, batch 64 only, strict and asynchronous.
-WORKLOADS = {"tiny": Workload("tiny", (64, 8), 4, 4),
-             "paper-small": Workload("paper-small", (PAPER_STEP.batch,), 2, 2, "small"),
-             "paper-mid": Workload("paper-mid", (PAPER_STEP.batch,), 2, 2, "mid")}
+# steps take seconds to minutes on 2 cores: two timed, batch 64 only. Every workload runs oel_ray
+# strict and asynchronous; --all-variants adds the learner's before-and-after variants (a minute more
+# at tiny), which `make bench` leaves out to stay within its 20 minutes.
+WORKLOADS = {"tiny": Workload("tiny", (64, 8), 4),
+             "paper-small": Workload("paper-small", (PAPER_STEP.batch,), 2, "small"),
+             "paper-mid": Workload("paper-mid", (PAPER_STEP.batch,), 2, "mid")}
 DEFAULT_WORKLOADS = ("tiny", "paper-small")
 
 
@@ -238,7 +239,7 @@ def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path,
     return result
 
 
-def measure(workload: Workload, peak: float, tables: dict[str, list]) -> dict:
+def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants: int) -> dict:
     """Every system at every batch size of `workload`; adds its rows to `tables` (by table) and
     returns what is saved of it."""
     from benchmarks.baselines.plain_loop import run_plain_loop
@@ -256,7 +257,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list]) -> dict:
         else:
             model_path = tiny_model_path()
         variants = {name: run_variant(workload, overrides, data, Path(out), model_path)
-                    for name, overrides in list(OEL_VARIANTS.items())[:workload.variants]}
+                    for name, overrides in list(OEL_VARIANTS.items())[:n_variants]}
         cfg, tokenizer = data["cfg"], data["tokenizer"]
         arch = Arch.of(AutoConfig.from_pretrained(model_path))
 
@@ -324,7 +325,8 @@ def measure(workload: Workload, peak: float, tables: dict[str, list]) -> dict:
     return {"workload": workload.name, "model": workload.model or "tiny", "params": arch.params,
             "timed_steps": workload.timed_steps, "max_new_tokens": cfg.rollout.max_response_tokens,
             "knowledge_tokens": [len(tokenizer(k)["input_ids"]) for k in data["knowledge_set"]],
-            "student_prompt_tokens": mean_prompt(data["pairs"], 0), "teacher_prompt_tokens": mean_prompt(data["pairs"], 1),
+            "student_prompt_tokens": mean_prompt(data["pairs"], 0),
+            "teacher_prompt_tokens": mean_prompt(data["pairs"], 1),
             "prepare_prompts_s": round(data["prepare_s"], 1),
             "start_roles_s": {name: v["start_roles_s"] for name, v in variants.items()},
             "comparisons": comparisons, "verdicts": [verdict(e) for e in comparisons],
@@ -349,12 +351,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(DEFAULT_WORKLOADS))
+    parser.add_argument("--all-variants", action="store_true",
+                        help=f"every oel_ray variant ({', '.join(OEL_VARIANTS)}), not only the first two")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("trl") is None:  # fail now, not after oel_ray's minutes
         raise SystemExit("benchmarks.consolidation compares against TRL: pip install -e '.[bench]'")
     peak = measured_peak(torch.device("cpu"), torch.float32)  # on the quiet machine, before any role starts
     rows: dict[str, list] = {"speed": [], "profile": [], "stages": [], "flops": []}
-    workloads = [measure(WORKLOADS[name], peak, rows) for name in args.workloads]
+    workloads = [measure(WORKLOADS[name], peak, rows, len(OEL_VARIANTS) if args.all_variants else 2)
+                 for name in args.workloads]
     verdicts = [v for w in workloads for v in w["verdicts"]]
     steps = ", ".join(f"{w['workload']} {w['timed_steps']}" for w in workloads)
     tables = {
@@ -403,7 +408,8 @@ def verdict(entry: dict) -> dict:
     speedup = round(overlapped["samples_per_s"] / default["samples_per_s"], 2)
     met = lambda r: "met" if r["vs_trl"] >= target else "not met"  # noqa: E731
     text = (f"{entry['workload']}, batch {entry['batch_size']}: oel_ray strictly on-policy is {default['vs_trl']}x "
-            f"the faster TRL trainer ({entry['best_trl']}) and {default['vs_plain_loop']}x the plain loop; asynchronous "
+            f"the faster TRL trainer ({entry['best_trl']}) and {default['vs_plain_loop']}x the plain loop; "
+            "asynchronous "
             f"(consolidation.async_steps=1, one step off-policy) {overlapped['vs_trl']}x TRL, {speedup}x the strict "
             f"mode on the same work; best oel_ray ({best['system']}) {best['vs_trl']}x TRL. Target >= {target}x TRL: "
             f"strictly on-policy {met(default)}, best {met(best)}. Where a strict step's time goes: "

@@ -138,8 +138,9 @@ def verdicts(results: list[dict]) -> dict:
         out["off_policy_forgets_more"] = {"holds": holds, "ifeval_drop_on_policy": on, "ifeval_drop_off_policy": off,
                                           "ifeval_prompts": prompts}
         if not holds:
-            measured = ("" if None in (on, off) or not prompts else f": off-policy fell by {off * prompts:+.1f} prompts "
-                        f"on average, on-policy by {on * prompts:+.1f}, and more means by more than one prompt")
+            measured = ("" if None in (on, off) or not prompts else
+                        f": off-policy fell by {off * prompts:+.1f} prompts on average, on-policy by "
+                        f"{on * prompts:+.1f}, and more means by more than one prompt")
             out["off_policy_forgets_more"]["why_not"] = (
                 f"IF-Eval (the team's {prompts}-prompt fixture) is the organism's only out-of-distribution score, and "
                 "its warm start never trained on it, so its score sits near the floor and moves by single prompts"
