@@ -72,6 +72,11 @@ class Workload:
     def steps(self) -> int:
         return WARMUP_STEPS + self.timed_steps + COOLDOWN_STEPS
 
+    @property
+    def timed(self) -> slice:
+        """The timed steps among a variant's `steps`."""
+        return slice(WARMUP_STEPS, WARMUP_STEPS + self.timed_steps)
+
 
 # tiny: the paper's samples per step and the tiny config's learner.batch_size. The paper shape's
 # steps take seconds to minutes on 2 cores: two timed, batch 64 only. Every workload runs oel_ray
@@ -81,6 +86,7 @@ WORKLOADS = {"tiny": Workload("tiny", (64, 8), 4),
              "paper-small": Workload("paper-small", (PAPER_STEP.batch,), 2, "small"),
              "paper-mid": Workload("paper-mid", (PAPER_STEP.batch,), 2, "mid")}
 DEFAULT_WORKLOADS = ("tiny", "paper-small")
+DEFAULT_VARIANTS = 2  # the first two of OEL_VARIANTS, strict and asynchronous: what `verdict` compares
 
 
 def step_pairs(cfg, prefixes, knowledge_set, tokenizer, step):
@@ -229,7 +235,7 @@ def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path,
             run, profile = run_oel_ray(dep, cfg, prefixes, data["knowledge_set"], first_step, workload.timed_steps)
             for p, n in zip(profile, run.response_tokens):
                 p["response_tokens"] = n
-            mean, stages = summarize_profile(profile, pairs[WARMUP_STEPS:WARMUP_STEPS + workload.timed_steps])
+            mean, stages = summarize_profile(profile, pairs[workload.timed])
             result[batch] = {"run": run, "profile_mean_s": mean, "profile_steps": profile, "stages": stages,
                              "load_before": load}
             first_step += workload.steps
@@ -264,7 +270,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
         def flops_row(run, batch: int, mean: Optional[dict] = None) -> tuple[list, dict]:
             """(table row, saved figures): the run's model FLOPs per timed step, its achieved FLOP/s end
             to end and, with its stage seconds (`mean`), per stage, against the measured peak."""
-            timed = data["pairs"][batch][WARMUP_STEPS:WARMUP_STEPS + workload.timed_steps]
+            timed = data["pairs"][batch][workload.timed]
             stages = step_flops(arch, timed, run.response_tokens)
             wall = sum(run.step_seconds) / len(run.step_seconds)
             per_s = {"end_to_end": sum(stages.values()) / wall}
@@ -278,7 +284,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
 
         comparisons = []
         for batch in workload.batch_sizes:
-            work = make_work(cfg, tokenizer, data["pairs"][batch][:WARMUP_STEPS + workload.timed_steps])
+            work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop])
             baselines, loads, walls = {}, {}, {}
             for name, fn in (("trl", run_trl), ("trl_distillation", run_trl_distillation),
                              ("plain_loop", run_plain_loop)):
@@ -352,14 +358,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(DEFAULT_WORKLOADS))
     parser.add_argument("--all-variants", action="store_true",
-                        help=f"every oel_ray variant ({', '.join(OEL_VARIANTS)}), not only the first two")
+                        help=f"every oel_ray variant ({', '.join(OEL_VARIANTS)}), "
+                             f"not only the first {DEFAULT_VARIANTS}")
     args = parser.parse_args(argv)
     if importlib.util.find_spec("trl") is None:  # fail now, not after oel_ray's minutes
         raise SystemExit("benchmarks.consolidation compares against TRL: pip install -e '.[bench]'")
     peak = measured_peak(torch.device("cpu"), torch.float32)  # on the quiet machine, before any role starts
     rows: dict[str, list] = {"speed": [], "profile": [], "stages": [], "flops": []}
-    workloads = [measure(WORKLOADS[name], peak, rows, len(OEL_VARIANTS) if args.all_variants else 2)
-                 for name in args.workloads]
+    n_variants = len(OEL_VARIANTS) if args.all_variants else DEFAULT_VARIANTS
+    workloads = [measure(WORKLOADS[name], peak, rows, n_variants) for name in args.workloads]
     verdicts = [v for w in workloads for v in w["verdicts"]]
     steps = ", ".join(f"{w['workload']} {w['timed_steps']}" for w in workloads)
     tables = {
