@@ -118,7 +118,8 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
                 engine: str = "auto") -> dict:
     from transformers import AutoConfig
 
-    from oel_ray.learner import Learner, free_port
+    from oel_ray.learner import Learner
+    from oel_ray.netif import free_port
     from oel_ray.teacher import TeacherServer
 
     arch = Arch.of(AutoConfig.from_pretrained(path))

@@ -14,7 +14,6 @@ data: under ZeRO-3 each pass all-gathers the layers, and unequal counts would ab
 from __future__ import annotations
 
 import os
-import socket
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -30,7 +29,7 @@ from oel_ray.checks import frozen
 from oel_ray.deepspeed_setup import DistillModule, ds_config, import_deepspeed, load_model
 from oel_ray.config import FLOAT32, GLOO, NCCL, TOKEN_MEAN, LearnerConfig
 from oel_ray.strategy import FULL_REVERSE_KL, LEARNER_LOSSES, kl_direction, scores_sampled_tokens
-from oel_ray.netif import use_node_ip
+from oel_ray.netif import free_port, use_node_ip
 from oel_ray.placement import RolePlacement
 from oel_ray.teacher import ColocatedTeacher
 from oel_ray.types import DistillSample, StepMetrics
@@ -292,12 +291,6 @@ def _unique_tensors(model) -> dict[str, torch.Tensor]:
             seen.add(id(tensor))
             out[name] = tensor
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 class LearnerGroup:

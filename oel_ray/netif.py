@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 from typing import Optional
 
@@ -42,3 +43,35 @@ def use_node_ip() -> str:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", name)
     os.environ.setdefault("NCCL_SOCKET_IFNAME", name)
     return ip
+
+
+# Ports a rendezvous picks now and binds moments later. One picked by binding port 0 comes from the
+# kernel's ephemeral range, where any process's next outgoing connection (Ray's workers open many)
+# may take it in between: the learner's rank 0 once failed in CI on EADDRINUSE. Below that range
+# and above Ray's worker ports (10002-19999 by default) only a deliberate bind can collide.
+RENDEZVOUS_PORTS_FROM = 20000
+_ports = random.Random()  # seeded from the OS: independent of any seed a run sets
+
+
+def ephemeral_ports_from() -> int:
+    """The first port of the kernel's ephemeral range (Linux default 32768)."""
+    try:
+        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port(host: str = "") -> int:
+    """A port free on `host` now, outside the ephemeral range where it can be (see above)."""
+    top = ephemeral_ports_from()
+    for _ in range(64 if top > RENDEZVOUS_PORTS_FROM else 0):
+        port = _ports.randrange(RENDEZVOUS_PORTS_FROM, top)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: the kernel's choice
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import uuid
 from dataclasses import dataclass
 from typing import Optional
@@ -72,10 +71,9 @@ class RolePlacement:
 
 @ray.remote
 def _node_address() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        port = s.getsockname()[1]
-    return ray.util.get_node_ip_address(), port
+    from oel_ray.netif import free_port
+
+    return ray.util.get_node_ip_address(), free_port()
 
 
 def _free_resources() -> dict:

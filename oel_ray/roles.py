@@ -63,7 +63,7 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None,
     The roles load side by side (each start is mostly its own imports and model load);
     `while_starting(workers)` runs once every actor is created, before the wait, so whatever it
     starts loads beside them."""
-    c, r, lcfg = cfg.cluster, cfg.rollout, cfg.learner
+    r, lcfg = cfg.rollout, cfg.learner
     path = model_path or cfg.model.path
     model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
     started: list = []
@@ -72,11 +72,7 @@ def build_roles(cfg: OELConfig, model_path: Optional[str] = None,
     try:
         learner = learner_group(cfg, path, wait=False)
         started.append(learner)
-        teacher = TeacherGroup(
-            cfg.teacher.model or path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus, num_gpus=c.teacher_gpus,
-            dtype=cfg.model.dtype, temperature=lcfg.temperature, chunk_tokens=cfg.teacher.chunk_tokens,
-            batch_tokens=cfg.teacher.batch_tokens, reuse_prefix=cfg.teacher.reuse_prefix,
-            trust_remote_code=cfg.model.trust_remote_code, merge_support=lcfg.support == MERGED, wait=False)
+        teacher = TeacherGroup(**teacher_settings(cfg, path), wait=False)
         started.append(teacher)
         workers = rollout_group(cfg, model, wait=False)
         started.append(workers)
@@ -94,12 +90,29 @@ def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_worke
                   max_logprobs: Optional[int] = None, wait: bool = True) -> RolloutGroup:
     """The rollout workers of `cfg` (by default rollout.num_workers engines of the configured model
     that return up to learner.support_k log-probs per token)."""
+    return RolloutGroup(**rollout_settings(cfg, model, num_workers, max_logprobs), wait=wait)
+
+
+def rollout_settings(cfg: OELConfig, model: Optional[ModelConfig] = None, num_workers: Optional[int] = None,
+                     max_logprobs: Optional[int] = None) -> dict:
+    """Everything rollout workers are built from (`rollout_group`'s defaults)."""
     c, r = cfg.cluster, cfg.rollout
-    return RolloutGroup(model or cfg.model, num_workers=num_workers or r.num_workers, seed=r.seed,
-                        max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
-                        gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus,
-                        num_gpus=c.rollout_gpus, history=r.history, keep_reasoning=r.keep_reasoning,
-                        bind_cores=r.bind_cores, knowledge_position=cfg.teacher.knowledge_position, wait=wait)
+    return dict(model=model or cfg.model, num_workers=num_workers or r.num_workers, seed=r.seed,
+                max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
+                gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus,
+                history=r.history, keep_reasoning=r.keep_reasoning, bind_cores=r.bind_cores,
+                knowledge_position=cfg.teacher.knowledge_position)
+
+
+def teacher_settings(cfg: OELConfig, model_path: str) -> dict:
+    """Everything the teacher actors are built from, the student's checkpoint at `model_path` (or
+    teacher.model) teaching."""
+    c, lcfg = cfg.cluster, cfg.learner
+    return dict(model_path=cfg.teacher.model or model_path, num_actors=cfg.teacher.num_actors, num_cpus=c.teacher_cpus,
+                num_gpus=c.teacher_gpus, dtype=cfg.model.dtype, temperature=lcfg.temperature,
+                chunk_tokens=cfg.teacher.chunk_tokens, batch_tokens=cfg.teacher.batch_tokens,
+                reuse_prefix=cfg.teacher.reuse_prefix, trust_remote_code=cfg.model.trust_remote_code,
+                merge_support=lcfg.support == MERGED)
 
 
 def learner_group(cfg: OELConfig, model_path: str, wait: bool = True) -> LearnerGroup:
@@ -148,9 +161,10 @@ _kept: Optional[tuple[tuple, RolloutGroup, TeacherGroup]] = None
 
 
 def shared_role_settings(cfg: OELConfig) -> tuple:
-    """Everything the rollout workers and the teacher actors are built from."""
-    lcfg = cfg.learner
-    return cfg.model, cfg.rollout, cfg.teacher, cfg.cluster, lcfg.support_k, lcfg.support, lcfg.temperature, cfg.seed
+    """Everything the rollout workers and the teacher actors are built from: their constructors'
+    arguments, so a job whose other settings differ (games, K, the teacher's context, the learner's
+    loss, the consolidation mode) still takes them over."""
+    return rollout_settings(cfg), teacher_settings(cfg, cfg.model.path)
 
 
 def to_learner_weights(roles: Roles, cfg: OELConfig, version: int) -> None:

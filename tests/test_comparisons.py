@@ -21,8 +21,9 @@ EXPERIMENTS = {
     "tiny_off_policy": ("off_policy", "knowledge", True, "topk_forward_kl"),
     "tiny_raw_trajectories": ("on_policy", "trajectories", True, "topk_reverse_kl"),
     "tiny_other_extractor": ("on_policy", "knowledge", False, "topk_reverse_kl"),
-    "tiny_public_code": ("on_policy", "knowledge", True, "topk_reverse_kl"),
     "tiny_seqkd": ("off_policy", "knowledge", True, "seqkd_forward"),
+    # Last: its merged support builds the teacher otherwise, so the jobs before it share one start.
+    "tiny_public_code": ("on_policy", "knowledge", True, "topk_reverse_kl"),
 }
 # Switches without an experiment of their own, on `tiny`: run label -> (overrides, the same four facts)
 OPTION_RUNS = {
@@ -63,23 +64,36 @@ def deeper_teacher(tiny_model, tmp_path_factory) -> str:
 @pytest.fixture
 def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_cluster, request):
     """run(name) -> (process, run dir): the experiment (or the OPTION_RUNS switch on `tiny`) at the
-    smallest sizes in the shared root, with its own number of rounds."""
+    smallest sizes in the shared root, with its own number of rounds. The EXPERIMENTS run as one
+    sweep (`-m`, one process, as a user compares them), each job in <root>/<name>: after the first
+    job the others take over its rollout workers and teacher where they would build them alike."""
     def get(name: str):
         if "root" not in finished:
             finished["root"] = tmp_path_factory.mktemp("comparisons")
-        if name not in finished:
-            overrides = [arg for arg in smallest_tiny if not arg.startswith(("+experiment=", "rounds="))]
-            if name in OPTION_RUNS:
-                teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model_k1" else ""
-                overrides += ["+experiment=tiny", *(o.format(teacher=teacher) for o in OPTION_RUNS[name][0])]
-            else:
-                overrides.append(f"+experiment={name}")
-            out = finished["root"] / name
-            finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", *overrides, *joins_session_cluster,
-                 f"model.path={tiny_model}", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
+        root = finished["root"]
+        overrides = [arg for arg in smallest_tiny if not arg.startswith(("+experiment=", "rounds="))]
+        common = [*overrides, *joins_session_cluster, f"model.path={tiny_model}"]
+        if name in EXPERIMENTS and name not in finished:
+            proc = subprocess.run([sys.executable, "-m", "oel_ray.main", "-m", f"+experiment={','.join(EXPERIMENTS)}",
+                                   *common, f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${name}"],
+                                  capture_output=True, text=True, timeout=1800)
+            finished.update({experiment: (proc, root / experiment) for experiment in EXPERIMENTS})
+        elif name not in finished:
+            teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model_k1" else ""
+            switches = ["+experiment=tiny", *(o.format(teacher=teacher) for o in OPTION_RUNS[name][0])]
+            finished[name] = (subprocess.run([sys.executable, "-m", "oel_ray.main", *common, *switches,
+                                              f"hydra.run.dir={root / name}"], capture_output=True, text=True,
+                                             timeout=900), root / name)
         return finished[name]
     return get
+
+
+def summary_printed(proc, out) -> str:
+    """The summary the run in `out` printed (a sweep's process prints one per job)."""
+    printed = proc.stdout.split("=== OEL summary ===")[1:]
+    blocks = [block for block in printed if f"rounds table {out}/rounds.md" in block]
+    assert len(blocks) == 1, proc.stdout[-2000:]
+    return blocks[0]
 
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS) + list(OPTION_RUNS))
@@ -97,7 +111,7 @@ def test_mode_runs_end_to_end_and_reports_beside_the_on_policy_run(run, name, ti
     table = (out / "rounds.md").read_text().split("\n\n")[0].splitlines()  # the rounds (the curve follows)
     assert "IF-Eval strict" in table[0] and len(table) == 2 + config["rounds"] + 1  # rounds 0..R
     assert (out / "rounds.png").stat().st_size > 0
-    assert "IF-Eval prompt-level strict accuracy (OOD)" in proc.stdout
+    assert "IF-Eval prompt-level strict accuracy (OOD)" in summary_printed(proc, out)
 
     _, baseline = run(BASELINE)
     assert out.parent == baseline.parent  # side by side in one output root
@@ -116,7 +130,7 @@ def test_raw_trajectory_context_is_the_trajectories_themselves(run):
 def test_other_extractor_runs_on_its_own_engine_while_the_policy_moves_on(run, tiny_model):
     """Round 2's knowledge comes from the initial checkpoint, the policy being round 1's model."""
     proc, out = run("tiny_other_extractor")
-    assert f"[start the extractor's own engine ({tiny_model})] done" in proc.stderr
+    assert f"[start the extractor's own engine ({tiny_model})] done" in (out / "oel.log").read_text()
     assert (out / "round_1" / "model" / "model.safetensors").exists()
     assert json.loads((out / "round_2" / "knowledge.json").read_text())["set"]
 
@@ -142,7 +156,7 @@ def test_the_public_codes_switches_act_end_to_end(run):
     chosen = curve["selected"]
     best = max(rate for row in curve["steps"] if row["step"] > 0 for rate in row["per_chain_pass_rates"])
     assert chosen["pass_rate"] == best and chosen["step"] > 0
-    assert f"chain {chosen['chain']} at step {chosen['step']}" in proc.stderr
+    assert f"chain {chosen['chain']} at step {chosen['step']}" in (out / "oel.log").read_text()
 
 
 def test_an_estimator_reports_what_it_minimised(run):

@@ -3,7 +3,6 @@ reasoning strip, determinism, and extraction through real engines (Ray + vLLM, a
 OpenAI-compatible server as an endpoint extractor)."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import pytest
 
 from oel_ray.config import ExtractorConfig, ModelConfig
 from oel_ray.errors import ConfigError
+from oel_ray.netif import free_port
 from oel_ray.endpoint import ChatEndpoint
 from oel_ray.seeds import chain_sampling_seed
 from oel_ray.extractor import (Extractor, chain_orders, keep_items, knowledge_set, strip_reasoning,
@@ -264,16 +264,10 @@ def test_extraction_through_vllm_is_reproducible(trajectories_and_workers, tiny_
     assert [s.trajectory_seeds for s in first[0]][1:] == [[t.seed for t in order[:i]] for i in (1, 2, 3)]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def openai_server(tiny_model):
     """vLLM's own OpenAI-compatible server on loopback, serving the tiny model."""
-    port = _free_port()
+    port = free_port("127.0.0.1")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OEL_TEST_KEY="sk-test-secret")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model, "--host", "127.0.0.1",

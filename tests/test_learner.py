@@ -547,3 +547,17 @@ def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, t
     finally:
         group.shutdown()
     assert_same_curve(got, uneven_reference)
+
+
+def test_rendezvous_ports_come_from_below_the_kernels_ephemeral_range():
+    """The learner's rank 0 binds its rendezvous port moments after it is picked: picked from the
+    ephemeral range (a bind of port 0), any process's next outgoing connection could take it in
+    between (EADDRINUSE in CI once). Picked below it, and free when picked."""
+    import socket
+
+    from oel_ray.netif import RENDEZVOUS_PORTS_FROM, ephemeral_ports_from, free_port
+
+    ports = [free_port() for _ in range(20)]
+    assert all(RENDEZVOUS_PORTS_FROM <= port < ephemeral_ports_from() for port in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port("127.0.0.1")))

@@ -32,19 +32,25 @@ def organism_path() -> str:
     return str(build_model(composed_model_path("organism"), "organism"))
 
 
-def one_round(experiment: str, out: Path, model: str, joined: list[str]) -> list[dict]:
-    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", f"+experiment={experiment}", f"model.path={model}",
-                           f"hydra.run.dir={out}", *ONE_ROUND, *joined], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+def one_round_each(experiments: list[str], root: Path, model: str, joined: list[str]) -> dict[str, list[dict]]:
+    """One round of each experiment as one sweep (`-m`) through the entry point: after the first job
+    the others take over its rollout workers and teacher (built alike), as a user's sweep over the
+    controls does. Per experiment, its round-0 and round-1 eval.json."""
+    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", "-m", f"+experiment={','.join(experiments)}",
+                           f"model.path={model}", f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${name}", *ONE_ROUND,
+                           *joined], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Warning" not in proc.stderr, [line for line in proc.stderr.splitlines() if "Warning" in line][:3]
-    return [json.loads((out / f"round_{r}" / "eval.json").read_text()) for r in (0, 1)]
+    for later in experiments[1:]:
+        assert "reusing the 1 rollout worker(s) and the teacher" in (root / later / "oel.log").read_text()
+    return {name: [json.loads((root / name / f"round_{r}" / "eval.json").read_text()) for r in (0, 1)]
+            for name in experiments}
 
 
 def test_one_round_beats_round_0_and_the_empty_knowledge_control_does_not(organism_path, tmp_path,
                                                                           joins_session_cluster):
-    main = one_round("organism", tmp_path / "main", organism_path, joins_session_cluster)
-    empty = one_round("organism_empty_knowledge", tmp_path / "empty", organism_path, joins_session_cluster)
+    runs = one_round_each(["organism", "organism_empty_knowledge"], tmp_path, organism_path, joins_session_cluster)
+    main, empty = runs["organism"], runs["organism_empty_knowledge"]
     (before, after), (_, control) = main, empty
     # Which build was measured: builds differ between CPUs (embedded.fingerprint), and so do their gains.
     build = f"organism build {fingerprint(organism_path)} on {cpu_model()}"

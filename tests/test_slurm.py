@@ -24,6 +24,8 @@ import pytest
 
 from netns import HOST_IP, enter, namespaces
 
+from oel_ray.netif import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 SBATCH = REPO / "launch" / "slurm" / "oel_ray.sbatch"
 DAEMONS = ("sbatch", "slurmctld", "slurmd", "munged")
@@ -43,12 +45,6 @@ def install_slurm() -> None:
     if subprocess.run(install, capture_output=True, env=env, timeout=600).returncode != 0:
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env, timeout=600)
         subprocess.run(install, check=True, capture_output=True, env=env, timeout=600)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 NODES = ("oel1", "oel2")

@@ -112,3 +112,25 @@ print(json.dumps(seen))
     (first, cpus1), (again, cpus2), (_, cpus3) = json.loads(proc.stdout.strip().splitlines()[-1])
     assert again == first and cpus1 == cpus2 == 2
     assert cpus3 == 3  # a new cluster (a local one may take the same port again)
+
+
+def test_a_job_takes_over_the_roles_when_only_what_they_are_not_built_from_differs():
+    """shared_role_settings is what the workers' and teacher's constructors receive: a control's
+    teacher context, K, the loss or the mode leave it alone; what an engine or a teacher actor is
+    built from (its checkpoint, the support size, the sampling seed, the dtype) changes it."""
+    from dataclasses import replace
+
+    from oel_ray.config import OELConfig
+    from oel_ray.roles import shared_role_settings
+
+    base = OELConfig()
+    same = [replace(base, teacher=replace(base.teacher, context="none")),
+            replace(base, extractor=replace(base.extractor, k=base.extractor.k + 1)),
+            replace(base, learner=replace(base.learner, lr=base.learner.lr * 2, steps=base.learner.steps + 1)),
+            replace(base, rollout=replace(base.rollout, games_per_round=base.rollout.games_per_round + 1))]
+    other = [replace(base, teacher=replace(base.teacher, model="/elsewhere")),
+             replace(base, learner=replace(base.learner, support_k=base.learner.support_k // 2)),
+             replace(base, rollout=replace(base.rollout, seed=base.rollout.seed + 1)),
+             replace(base, model=replace(base.model, dtype="bfloat16"))]
+    assert all(shared_role_settings(cfg) == shared_role_settings(base) for cfg in same)
+    assert all(shared_role_settings(cfg) != shared_role_settings(base) for cfg in other)
