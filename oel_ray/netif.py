@@ -14,6 +14,7 @@ import logging
 import os
 import random
 import socket
+from pathlib import Path
 from typing import Optional
 
 log = logging.getLogger("oel_ray")
@@ -56,7 +57,7 @@ _ports = random.Random()  # seeded from the OS: independent of any seed a run se
 def ephemeral_ports_from() -> int:
     """The first port of the kernel's ephemeral range (Linux default 32768)."""
     try:
-        return int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return 32768
 

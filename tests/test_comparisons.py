@@ -129,7 +129,7 @@ def test_raw_trajectory_context_is_the_trajectories_themselves(run):
 
 def test_other_extractor_runs_on_its_own_engine_while_the_policy_moves_on(run, tiny_model):
     """Round 2's knowledge comes from the initial checkpoint, the policy being round 1's model."""
-    proc, out = run("tiny_other_extractor")
+    _, out = run("tiny_other_extractor")
     assert f"[start the extractor's own engine ({tiny_model})] done" in (out / "oel.log").read_text()
     assert (out / "round_1" / "model" / "model.safetensors").exists()
     assert json.loads((out / "round_2" / "knowledge.json").read_text())["set"]
@@ -140,7 +140,7 @@ def test_the_public_codes_switches_act_end_to_end(run):
     support with the tail reports both models' mass on the support every step and a KL of whole
     distributions; select=best records its choice from the in-context curve and says it. (Each has
     its exactness test beside its code's: test_losses, test_teacher, test_extractor, test_evaluate.)"""
-    proc, out = run("tiny_public_code")
+    _, out = run("tiny_public_code")
     config = json.loads((out / "manifest.json").read_text())["config"]
     e, n = config["extractor"], config["extractor"]["num_chains"]
     assert (e["trajectories"], e["with_previous"], e["keep_reasoning"], e["select"]) == ("per_step", False, False, "best")
