@@ -6,18 +6,14 @@ Each case runs the real entry point on a run directory that already holds an ear
 case an interpreter's start and imports (about 2 minutes of the suite); `test_refused_the_same_way_by_a_fresh_interpreter`
 holds that a separate process refuses alike."""
 
-import contextlib
 import hashlib
-import io
 import json
-import logging
-import runpy
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
+from entry_point import main_in_process, main_in_subprocess
 
 from oel_ray.games import Game
 from oel_ray.types import GameSpec, KnowledgeRecord, KnowledgeSnapshot
@@ -94,40 +90,6 @@ CONFIG = [  # (overrides, the message's start after "oel_ray: config error: ")
 def run_main(tiny_model, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`python -m oel_ray.main model.path=... hydra.run.dir=out *overrides`, run in this process."""
     return main_in_process([f"model.path={tiny_model}", f"hydra.run.dir={out}", *overrides])
-
-
-def main_in_process(argv: list[str]) -> subprocess.CompletedProcess:
-    """What `python -m oel_ray.main *argv` does, executed here as `-m` executes it (the module run as
-    __main__), its exit code, stdout and stderr captured. The logging it configures is undone after.
-    Where this process holds a Ray connection (a session cluster), main's exit would close it: such a
-    case runs in a process of its own instead."""
-    import ray
-
-    if ray.is_initialized():
-        return main_in_subprocess(argv)
-    root = logging.getLogger()
-    handlers, level, argv0 = root.handlers[:], root.level, sys.argv
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    sys.argv = [argv0[0], *argv]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
-            # runpy's note that the package was imported first: true of any second run in one process
-            warnings.filterwarnings("ignore", "'oel_ray.main' found in sys.modules", RuntimeWarning)
-            try:
-                runpy.run_module("oel_ray.main", run_name="__main__", alter_sys=True)
-            except SystemExit as exit_:
-                code = exit_.code if isinstance(exit_.code, int) else 1
-    finally:
-        sys.argv = argv0
-        for handler in set(root.handlers) - set(handlers):  # the run's oel.log and console handlers
-            handler.close()
-        root.handlers[:], root.level = handlers, level
-    assert not ray.is_initialized(), "a refused run started Ray"
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-
-
-def main_in_subprocess(argv: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "oel_ray.main", *argv], capture_output=True, text=True, timeout=300)
 
 
 def snapshot(out: Path, skip: tuple = ()) -> dict[str, str]:

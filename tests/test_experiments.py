@@ -1,12 +1,13 @@
 """Every experiment in conf/experiment/ composes and validates from the command line, without
-loading weights: `--cfg job` prints the config, and the printed config passes validate()."""
+loading weights: `--cfg job` prints the config, and the printed config passes validate(). The
+commands run in the test process (tests/entry_point.py); test_bad_input runs the real command apart."""
 
 import functools
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from entry_point import main_in_process
 from omegaconf import OmegaConf
 
 from oel_ray import config, errors
@@ -25,8 +26,7 @@ PAPER = {
 
 
 def show_job_config(*overrides: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "oel_ray.main", *overrides, "--cfg", "job"],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    return main_in_process([*overrides, "--cfg", "job"], cwd=REPO)
 
 
 @functools.cache
