@@ -13,6 +13,7 @@ data: under ZeRO-3 each pass all-gathers the layers, and unequal counts would ab
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from contextlib import nullcontext
@@ -44,14 +45,20 @@ class Learner:
         os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR=master_addr,
                           MASTER_PORT=str(master_port), LOCAL_RANK="0" if cuda else str(rank))
         deepspeed = import_deepspeed()
-        self.cfg, self.rank, self.world, self.model_path = cfg, rank, world_size, model_path
+        self.cfg, self.rank, self.world, self.ds_overrides = cfg, rank, world_size, ds_overrides
         self.device = torch.device("cuda", 0) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.device)
-        torch.manual_seed(cfg.seed)
         use_node_ip()  # gloo/NCCL on the interface other nodes reach, not the hostname's
         deepspeed.init_distributed(dist_backend=NCCL if cuda else GLOO, verbose=False)
-        config = ds_config(cfg, world_size, ds_overrides)
+        self._build(model_path)
+
+    def _build(self, model_path: str) -> None:
+        """The model at `model_path` under a DeepSpeed engine with a fresh optimizer and LR schedule."""
+        deepspeed, cfg = import_deepspeed(), self.cfg
+        torch.manual_seed(cfg.seed)
+        self.model_path = model_path
+        config = ds_config(cfg, self.world, self.ds_overrides)
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
         # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
         # Built before the student, so it is never built under ZeRO-3's partitioning init.
@@ -84,6 +91,18 @@ class Learner:
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=schedule,
                                                config=config)
         self.pad_id = self.model.config.pad_token_id or 0
+
+    def reload(self, model_path: str) -> None:
+        """Start over from the checkpoint at `model_path` with a fresh optimizer and LR schedule, as a
+        new rank would, in this process: a round's start (roles.Deployment) spares the ranks' process
+        start, imports and rendezvous (seconds on CPU, more with NCCL and large models); the process
+        group and any open weight channel stay."""
+        self.engine.destroy()
+        del self.engine, self.model, self.teacher
+        gc.collect()  # the old engine's weights and optimizer moments, before the new ones load
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self._build(model_path)
 
     def ready(self) -> bool:
         return True
@@ -331,6 +350,10 @@ class LearnerGroup:
         """`train_step` started on every rank without waiting: ray.get(refs)[0] is its StepMetrics."""
         batch = ray.put(samples)  # one object, read zero-copy by every rank (a ref argument arrives as its value)
         return [r.train_step.remote(batch, step, loss) for r in self.ranks]
+
+    def reload(self, model_path: str) -> None:
+        """Every rank starts over from `model_path` with a fresh optimizer (Learner.reload)."""
+        self._all("reload", model_path)
 
     def set_threads(self, threads: Optional[int] = None) -> int:
         """Torch threads per rank (None: the node's cores split over the ranks); see Learner.set_threads."""

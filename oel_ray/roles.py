@@ -240,9 +240,7 @@ class Deployment:
             previous = self.run.round(r - 1).model
             if not self.run.round(r - 1).model_config.exists():
                 raise InputError(f"{previous}: round {r - 1}'s model is missing; rerun from a new output_dir")
-            self.roles.learner.shutdown()
-            self.roles.learner = self._learner(str(previous))
-            self._record_placement()
+            self.roles.learner.reload(str(previous))
             to_learner_weights(self.roles, self.cfg, version=(r - 1) * self.cfg.learner.steps)
         self.holds = ("start", r)
         return self
@@ -294,8 +292,7 @@ class Deployment:
         if (not saved or saved[-1][0] != self.cfg.learner.steps) and self.run.round(r).model_config.exists():
             if self.roles is None:
                 self._start()
-            self.roles.learner.shutdown()  # the teacher keeps its weights: no stage of round r needs it again
-            self.roles.learner = self._learner(str(model))
+            self.roles.learner.reload(str(model))  # the teacher keeps its weights: no stage of round r needs it again
             self.sync_workers(version=r * self.cfg.learner.steps)
             self.holds = final
             return self
@@ -332,15 +329,12 @@ class Deployment:
         for_roles(self.roles, self.cfg).sync(version=version)
 
     def _record_placement(self) -> None:
-        """placement.json: where each role runs now (the learner moves when it restarts each round)."""
+        """placement.json: where each role runs (the learner's ranks keep their processes from round to round)."""
         where = self.roles.placement()
         artifacts.write_json(self.run.placement, where)
         nodes = {n["node_id"]: n["ip"] for role in where.values() for n in (role if isinstance(role, list) else [role])}
         log.info("  %d Ray node(s): driver on %s, learner ranks on %s, teacher on %s, rollout workers on %s",
                  len(nodes), where["driver"]["ip"], *([n["ip"] for n in where[k]] for k in ("learner", "teacher", "rollout")))
-
-    def _learner(self, model_path: str) -> LearnerGroup:
-        return learner_group(self.cfg, model_path)
 
     def _start(self) -> None:
         from transformers import AutoTokenizer

@@ -188,22 +188,28 @@ def receive_weights(group, bucket_bytes):
     return got
 
 
-def test_two_ranks_zero3_match_one_rank(trained, batch, tiny_model):
+@pytest.fixture(scope="module")
+def zero3_two_ranks(ray_cluster, batch, tiny_model):
+    """Two ZeRO-3 ranks, every weight partitioned (persistence threshold 0: ZeRO-3 really partitions
+    and gathers every tiny weight), after 3 steps: (group, the steps' metrics, the gathered state)."""
     from oel_ray.learner import LearnerGroup
 
-    _, reference = trained
     samples, _ = batch
-    # persistence threshold 0: ZeRO-3 really partitions and gathers every tiny weight
     group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
                          ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     try:
         got = [group.train_step(samples, s) for s in range(3)]
-        sd = group.state_dict()
-        ids = list(range(20, 60))
-        theirs = group.sequence_logprobs(ids)
-        sent = receive_weights(group, bucket_bytes=64 * 1024)  # several gathered buckets, the embedding alone
+        yield group, got, group.state_dict()
     finally:
         group.shutdown()
+
+
+def test_two_ranks_zero3_match_one_rank(trained, zero3_two_ranks, tiny_model):
+    _, reference = trained
+    group, got, sd = zero3_two_ranks
+    ids = list(range(20, 60))
+    theirs = group.sequence_logprobs(ids)
+    sent = receive_weights(group, bucket_bytes=64 * 1024)  # several gathered buckets, the embedding alone
     assert list(sent) == list(sd) and all(torch.equal(sent[k], sd[k]) for k in sd)
     for ours, ref in zip(got, reference):
         for key in CURVE_KEYS:
@@ -213,6 +219,21 @@ def test_two_ranks_zero3_match_one_rank(trained, batch, tiny_model):
     model.load_state_dict(sd, strict=False)  # the gathered ZeRO-3 weights are the ones it runs
     ours = token_logprobs(model, ids)
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
+
+
+def test_reload_starts_over_as_a_new_group_would(zero3_two_ranks, batch, tiny_model, tmp_path):
+    """A round's start (Learner.reload, in the ranks' own processes): from the start model the ranks
+    take the very steps a new group took (fresh optimizer and LR schedule, to the bit), and from a saved
+    checkpoint they hold its weights; under ZeRO-3 with every weight partitioned."""
+    group, got, sd = zero3_two_ranks
+    samples, _ = batch
+    group.save(str(tmp_path / "trained"))
+    group.reload(tiny_model)
+    again = [group.train_step(samples, s) for s in range(3)]
+    assert [(m.loss, m.kl, m.grad_norm, m.lr) for m in again] == [(m.loss, m.kl, m.grad_norm, m.lr) for m in got]
+    group.reload(str(tmp_path / "trained"))
+    back = group.state_dict()
+    assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
 def test_frozen_parameters_stay_fixed_under_zero3(batch, tiny_model):
@@ -294,27 +315,37 @@ def sampled_logprobs(model, samples) -> torch.Tensor:
     return torch.cat(out)
 
 
-def one_sampled_token_step(batch, tiny_model, loss: str):
-    """One ZeRO-0 step of `loss` with the teacher's [T, 1] scores of the sampled tokens: (metrics, the
-    student's sampled log-probs before it, the teacher's, the student after)."""
+@pytest.fixture(scope="module")
+def zero0_at_start(ray_cluster, tiny_model, tmp_path_factory):
+    """One ZeRO-0 rank for the sampled-token losses, and its training state saved before any step:
+    each loss's test restores it (Learner.load_state) and steps with that loss (train_step's `loss`),
+    as a fresh group would, without a group's start (~7 s) per loss."""
     from oel_ray.learner import LearnerGroup
 
+    group = LearnerGroup(config(zero_stage=0, renormalize=False, warmup_steps=0), tiny_model, num_cpus=0.5)
+    start = tmp_path_factory.mktemp("zero0") / "start"
+    group.save_state(str(start))
+    yield group, str(start)
+    group.shutdown()
+
+
+def one_sampled_token_step(batch, tiny_model, zero0_at_start, loss: str):
+    """One ZeRO-0 step of `loss` from the start model, with the teacher's [T, 1] scores of the sampled
+    tokens: (metrics, the student's sampled log-probs before it, the teacher's, the student after)."""
     samples, teacher = batch
+    group, start = zero0_at_start
     student = load(tiny_model)
     lt = [sampled_logprobs(teacher, [s]).numpy() for s in samples]
     ls0 = sampled_logprobs(student, samples)
-    group = LearnerGroup(config(zero_stage=0, loss=loss, renormalize=False, warmup_steps=0), tiny_model, num_cpus=0.5)
-    try:
-        got = group.train_step([replace(s, teacher_logprobs=t) for s, t in zip(samples, lt)], 0)
-        student.load_state_dict(group.state_dict(), strict=False)
-    finally:
-        group.shutdown()
+    assert group.load_state(start) == 0
+    got = group.train_step([replace(s, teacher_logprobs=t) for s, t in zip(samples, lt)], 0, loss=loss)
+    student.load_state_dict(group.state_dict(), strict=False)
     return got, ls0, torch.from_numpy(np.concatenate(lt)), student
 
 
-def test_sampled_token_loss(ray_cluster, batch, tiny_model):
+def test_sampled_token_loss(batch, tiny_model, zero0_at_start):
     """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
-    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, "sampled_reverse_kl")
+    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, "sampled_reverse_kl")
     assert got.kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
     # The step descends the REINFORCE surrogate mean(ls_y * stopgrad(ls_y - lt_y)) it was built on.
     # (Its KL estimate on these fixed, off-policy tokens need not fall: only on-policy samples say so.)
@@ -324,12 +355,12 @@ def test_sampled_token_loss(ray_cluster, batch, tiny_model):
 
 
 @pytest.mark.parametrize("loss", ESTIMATORS)
-def test_each_estimator_steps_on_what_it_names(ray_cluster, batch, tiny_model, loss):
+def test_each_estimator_steps_on_what_it_names(batch, tiny_model, zero0_at_start, loss):
     """The public code's sampled-token estimators through the learner (learner.loss=k1|k2|k3|abs): the
     reported KL is the mean of d = log p_student - log p_teacher over the reply tokens, the loss the
     estimator's mean of d (k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 up to 10, abs = |d|), and the step moves
     the student. (Each estimator's gradient: test_losses.py; one end to end: test_comparisons.py.)"""
-    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, loss)
+    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, loss)
     d = (ls0 - lt_all).double()
     k3 = ((-d).clamp(-20, 20).exp() + d.clamp(-20, 20) - 1).clamp(max=10)  # clamped as the public code does
     value = {"k1": d, "k2": d.square() / 2, "k3": k3, "abs": d.abs()}[loss]
