@@ -38,8 +38,9 @@ log = logging.getLogger("oel_ray")
 
 
 def run(cfg: OELConfig, keep_roles: bool = False) -> dict:
-    """The whole run (finished stages skipped); `keep_roles`: leave the rollout workers and the
-    teacher running for a next job with the same settings (a sweep's, roles.take_kept_roles)."""
+    """The whole run (finished stages skipped); `keep_roles`: leave the rollout workers, the teacher
+    and the learner's ranks running for a next job with the same settings (a sweep's,
+    roles.take_kept_roles)."""
     run_dir = RunLayout(Path(cfg.output_dir))
     manifest = Manifest(run_dir.root, config_snapshot(cfg))
     log_to_file(run_dir.log)

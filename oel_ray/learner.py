@@ -92,11 +92,16 @@ class Learner:
                                                config=config)
         self.pad_id = self.model.config.pad_token_id or 0
 
-    def reload(self, model_path: str) -> None:
+    def reload(self, model_path: str, cfg: Optional[LearnerConfig] = None) -> None:
         """Start over from the checkpoint at `model_path` with a fresh optimizer and LR schedule, as a
         new rank would, in this process: a round's start (roles.Deployment) spares the ranks' process
         start, imports and rendezvous (seconds on CPU, more with NCCL and large models); the process
-        group and any open weight channel stay."""
+        group and any open weight channel stay. `cfg`: other learner settings from now on (a sweep's
+        next job), on the same number of ranks."""
+        if cfg is not None:
+            if cfg.num_ranks != self.world:
+                raise ValueError(f"learner.num_ranks={cfg.num_ranks}: these ranks are {self.world}")
+            self.cfg = cfg
         self.engine.destroy()
         del self.engine, self.model, self.teacher
         gc.collect()  # the old engine's weights and optimizer moments, before the new ones load
@@ -351,9 +356,9 @@ class LearnerGroup:
         batch = ray.put(samples)  # one object, read zero-copy by every rank (a ref argument arrives as its value)
         return [r.train_step.remote(batch, step, loss) for r in self.ranks]
 
-    def reload(self, model_path: str) -> None:
+    def reload(self, model_path: str, cfg: Optional[LearnerConfig] = None) -> None:
         """Every rank starts over from `model_path` with a fresh optimizer (Learner.reload)."""
-        self._all("reload", model_path)
+        self._all("reload", model_path, cfg)
 
     def set_threads(self, threads: Optional[int] = None) -> int:
         """Torch threads per rank (None: the node's cores split over the ranks); see Learner.set_threads."""

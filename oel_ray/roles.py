@@ -153,11 +153,12 @@ def init_ray(cfg: OELConfig) -> None:
              dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=JOB_ENV)
 
 
-# The rollout workers and teacher actors that a finished job of a sweep left running (Hydra's basic
-# launcher runs the jobs one after another in this process), with the settings they were built
-# from: the next job takes them over when it would build them alike, sparing their start (the vLLM
-# engines' above all). Its own learner and extractor start as always.
-_kept: Optional[tuple[tuple, RolloutGroup, TeacherGroup]] = None
+# The roles that a finished job of a sweep left running (Hydra's basic launcher runs the jobs one
+# after another in this process), with the settings they were built from: the next job takes them
+# over when it would build them alike, sparing their start (the vLLM engines' above all): the
+# workers and teacher as they are, the learner's ranks reloaded with the job's learner settings.
+# Its own extractor starts as always.
+_kept: Optional[tuple[tuple, RolloutGroup, TeacherGroup, tuple, LearnerGroup]] = None
 
 
 def shared_role_settings(cfg: OELConfig) -> tuple:
@@ -165,6 +166,13 @@ def shared_role_settings(cfg: OELConfig) -> tuple:
     arguments, so a job whose other settings differ (games, K, the teacher's context, the learner's
     loss, the consolidation mode) still takes them over."""
     return rollout_settings(cfg), teacher_settings(cfg, cfg.model.path)
+
+
+def learner_processes(cfg: OELConfig) -> tuple:
+    """What the learner's rank processes are built from (their number and placement); every other
+    learner setting a kept rank takes on when it reloads (Learner.reload)."""
+    c = cfg.cluster
+    return cfg.learner.num_ranks, c.learner_cpus, c.learner_gpus
 
 
 def to_learner_weights(roles: Roles, cfg: OELConfig, version: int) -> None:
@@ -178,29 +186,37 @@ def to_learner_weights(roles: Roles, cfg: OELConfig, version: int) -> None:
 
 
 def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
-    """The kept workers and teacher with a new learner at the configured model, all three brought
-    to its weights (the previous job left its own last weights in them), or None: nothing kept,
+    """The kept workers and teacher, and the kept learner ranks reloaded at the configured model (or a
+    new learner, where its processes would be built otherwise), all three brought to its weights
+    (the previous job left its own last weights in them), or None: nothing kept, workers or teacher
     kept with other settings, or a kept actor gone (whatever was kept is then stopped)."""
     global _kept
     kept, _kept = _kept, None
     if kept is None:
         return None
-    settings, workers, teacher = kept
+    settings, workers, teacher, processes, learner = kept
     roles = None
     try:
         if settings == shared_role_settings(cfg) and len(workers.alive()) == cfg.rollout.num_workers:
             teacher.wait()  # raises if an actor died
-            roles = Roles(workers=workers, teacher=teacher, learner=learner_group(cfg, cfg.model.path))
+            if processes == learner_processes(cfg):
+                learner.reload(cfg.model.path, cfg.learner)
+                log.info("  reusing the learner's %d rank(s) the previous job left running, reloaded at the "
+                         "start model with this job's learner settings", cfg.learner.num_ranks)
+            else:
+                learner, old = None, learner
+                old.shutdown()
+                learner = learner_group(cfg, cfg.model.path)
+            roles = Roles(workers=workers, teacher=teacher, learner=learner)
             to_learner_weights(roles, cfg, version=0)
     except Exception as err:
         log.warning("  could not take over the previous job's roles (%s: %s); starting new ones",
                     type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        if roles is not None:
-            roles.learner.shutdown()
         roles = None
     if roles is None:
-        workers.shutdown()
-        teacher.shutdown()
+        for role in (workers, teacher, learner):
+            if role is not None:
+                role.shutdown()
         return None
     log.info("  reusing the %d rollout worker(s) and the teacher the previous job left running (same settings)",
              len(workers.workers))
@@ -306,12 +322,12 @@ class Deployment:
         return self
 
     def shutdown(self, keep: bool = False) -> None:
-        """Stop every role and give the cluster its resources back; `keep`: the rollout workers and the
-        teacher stay up for the next job of a sweep (`take_kept_roles`)."""
+        """Stop every role and give the cluster its resources back; `keep`: the rollout workers, the
+        teacher and the learner's ranks stay up for the next job of a sweep (`take_kept_roles`)."""
         global _kept
         if self.roles is not None and keep:
-            self.roles.learner.shutdown()
-            _kept = (shared_role_settings(self.cfg), self.roles.workers, self.roles.teacher)
+            _kept = (shared_role_settings(self.cfg), self.roles.workers, self.roles.teacher,
+                     learner_processes(self.cfg), self.roles.learner)
         elif self.roles is not None:
             self.roles.shutdown()
         if self.extractor is not None:

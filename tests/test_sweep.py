@@ -19,9 +19,10 @@ SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
 
 @pytest.mark.e2e
 def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, smallest_tiny, joins_session_cluster):
-    """... and every job after the first takes over the rollout workers and teacher the job before it
-    left running (the same settings: only the extractor and the learner differ), brought back to the
-    start model: the last job, run alone, gives the same figures. Two rounds, so that a job ends
+    """... and every job after the first takes over the rollout workers, teacher and learner ranks the
+    job before it left running (the same settings: only the extractor and the learner's grad_accum
+    differ, which the kept ranks take on as they reload), brought back to the start model: the last
+    job, run alone, gives the same figures. Two rounds, so that a job ends
     with round 2's teacher and workers on weights of its own.
 
     The KL figures are compared to 1e-3 relative, not to the last bit: on the CI machine they once
@@ -48,6 +49,7 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
         log = (job / "oel.log").read_text()
         assert ("reusing the Ray cluster" in log) == (i > 0)
         assert ("reusing the 1 rollout worker(s) and the teacher" in log) == (i > 0), log[-2000:]
+        assert ("reusing the learner's 1 rank(s)" in log) == (i > 0), log[-2000:]
         summary = json.loads((job / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["steps"] == 2
         assert 0.0 <= summary["pass_rate"] <= 1.0
@@ -134,3 +136,19 @@ def test_a_job_takes_over_the_roles_when_only_what_they_are_not_built_from_diffe
              replace(base, model=replace(base.model, dtype="bfloat16"))]
     assert all(shared_role_settings(cfg) == shared_role_settings(base) for cfg in same)
     assert all(shared_role_settings(cfg) != shared_role_settings(base) for cfg in other)
+
+
+def test_a_job_takes_over_the_learner_ranks_when_their_processes_would_be_the_same():
+    """learner_processes is what the ranks' processes are built from (their number and placement):
+    any other learner setting (grad_accum, ZeRO stage, loss, lr) the kept ranks take on as they reload."""
+    from dataclasses import replace
+
+    from oel_ray.config import OELConfig
+    from oel_ray.roles import learner_processes
+
+    base = OELConfig()
+    same = [replace(base, learner=replace(base.learner, grad_accum=2, zero_stage=3, loss="k3", lr=1.0))]
+    other = [replace(base, learner=replace(base.learner, num_ranks=2)),
+             replace(base, cluster=replace(base.cluster, learner_cpus=base.cluster.learner_cpus * 2))]
+    assert all(learner_processes(cfg) == learner_processes(base) for cfg in same)
+    assert all(learner_processes(cfg) != learner_processes(base) for cfg in other)
