@@ -188,28 +188,31 @@ def receive_weights(group, bucket_bytes):
     return got
 
 
-@pytest.fixture(scope="module")
-def zero3_two_ranks(ray_cluster, batch, tiny_model):
-    """Two ZeRO-3 ranks, every weight partitioned (persistence threshold 0: ZeRO-3 really partitions
-    and gathers every tiny weight), after 3 steps: (group, the steps' metrics, the gathered state)."""
+def test_two_ranks_zero3_match_one_rank_and_reload_as_a_new_group(trained, batch, tiny_model, tmp_path):
+    """Two ZeRO-3 ranks, every weight partitioned (persistence threshold 0: ZeRO-3 really partitions and
+    gathers every tiny weight), take the one-rank curve. Then a round's start (Learner.reload, in the
+    ranks' own processes): from the start model they take the very steps they took as a new group
+    (fresh optimizer and LR schedule, to the bit), and from a saved checkpoint they hold its weights.
+    One test: a group held for two would crowd the 4-rank tests below off the session's 4 CPUs."""
     from oel_ray.learner import LearnerGroup
 
+    _, reference = trained
     samples, _ = batch
     group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
                          ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
     try:
         got = [group.train_step(samples, s) for s in range(3)]
-        yield group, got, group.state_dict()
+        sd = group.state_dict()
+        ids = list(range(20, 60))
+        theirs = group.sequence_logprobs(ids)
+        sent = receive_weights(group, bucket_bytes=64 * 1024)  # several gathered buckets, the embedding alone
+        group.save(str(tmp_path / "trained"))
+        group.reload(tiny_model)
+        again = [group.train_step(samples, s) for s in range(3)]
+        group.reload(str(tmp_path / "trained"))
+        back = group.state_dict()
     finally:
         group.shutdown()
-
-
-def test_two_ranks_zero3_match_one_rank(trained, zero3_two_ranks, tiny_model):
-    _, reference = trained
-    group, got, sd = zero3_two_ranks
-    ids = list(range(20, 60))
-    theirs = group.sequence_logprobs(ids)
-    sent = receive_weights(group, bucket_bytes=64 * 1024)  # several gathered buckets, the embedding alone
     assert list(sent) == list(sd) and all(torch.equal(sent[k], sd[k]) for k in sd)
     for ours, ref in zip(got, reference):
         for key in CURVE_KEYS:
@@ -219,20 +222,7 @@ def test_two_ranks_zero3_match_one_rank(trained, zero3_two_ranks, tiny_model):
     model.load_state_dict(sd, strict=False)  # the gathered ZeRO-3 weights are the ones it runs
     ours = token_logprobs(model, ids)
     np.testing.assert_allclose(theirs, ours, atol=1e-5)
-
-
-def test_reload_starts_over_as_a_new_group_would(zero3_two_ranks, batch, tiny_model, tmp_path):
-    """A round's start (Learner.reload, in the ranks' own processes): from the start model the ranks
-    take the very steps a new group took (fresh optimizer and LR schedule, to the bit), and from a saved
-    checkpoint they hold its weights; under ZeRO-3 with every weight partitioned."""
-    group, got, sd = zero3_two_ranks
-    samples, _ = batch
-    group.save(str(tmp_path / "trained"))
-    group.reload(tiny_model)
-    again = [group.train_step(samples, s) for s in range(3)]
     assert [(m.loss, m.kl, m.grad_norm, m.lr) for m in again] == [(m.loss, m.kl, m.grad_norm, m.lr) for m in got]
-    group.reload(str(tmp_path / "trained"))
-    back = group.state_dict()
     assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
@@ -315,11 +305,12 @@ def sampled_logprobs(model, samples) -> torch.Tensor:
     return torch.cat(out)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def zero0_at_start(ray_cluster, tiny_model, tmp_path_factory):
     """One ZeRO-0 rank for the sampled-token losses, and its training state saved before any step:
     each loss's test restores it (Learner.load_state) and steps with that loss (train_step's `loss`),
-    as a fresh group would, without a group's start (~7 s) per loss."""
+    as a fresh group would, without a group's start (~7 s) per loss. Stopped after TestSampledTokenLosses
+    (a rank held longer would crowd the 4-rank tests below off the session's 4 CPUs)."""
     from oel_ray.learner import LearnerGroup
 
     group = LearnerGroup(config(zero_stage=0, renormalize=False, warmup_steps=0), tiny_model, num_cpus=0.5)
@@ -343,30 +334,32 @@ def one_sampled_token_step(batch, tiny_model, zero0_at_start, loss: str):
     return got, ls0, torch.from_numpy(np.concatenate(lt)), student
 
 
-def test_sampled_token_loss(batch, tiny_model, zero0_at_start):
-    """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
-    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, "sampled_reverse_kl")
-    assert got.kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
-    # The step descends the REINFORCE surrogate mean(ls_y * stopgrad(ls_y - lt_y)) it was built on.
-    # (Its KL estimate on these fixed, off-policy tokens need not fall: only on-policy samples say so.)
-    advantage = ls0 - lt_all
-    assert got.grad_norm > 0
-    assert float((sampled_logprobs(student, batch[0]) * advantage).mean()) < float((ls0 * advantage).mean())
+class TestSampledTokenLosses:
+    """sampled_reverse_kl and the estimators k1..abs, each one ZeRO-0 step from the start model."""
 
+    def test_sampled_token_loss(self, batch, tiny_model, zero0_at_start):
+        """sampled_reverse_kl with the teacher's [T, 1] scores of the sampled tokens, ZeRO-0."""
+        got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, "sampled_reverse_kl")
+        assert got.kl == pytest.approx(float((ls0 - lt_all).mean()), rel=1e-4)
+        # The step descends the REINFORCE surrogate mean(ls_y * stopgrad(ls_y - lt_y)) it was built on.
+        # (Its KL estimate on these fixed, off-policy tokens need not fall: only on-policy samples say so.)
+        advantage = ls0 - lt_all
+        assert got.grad_norm > 0
+        assert float((sampled_logprobs(student, batch[0]) * advantage).mean()) < float((ls0 * advantage).mean())
 
-@pytest.mark.parametrize("loss", ESTIMATORS)
-def test_each_estimator_steps_on_what_it_names(batch, tiny_model, zero0_at_start, loss):
-    """The public code's sampled-token estimators through the learner (learner.loss=k1|k2|k3|abs): the
-    reported KL is the mean of d = log p_student - log p_teacher over the reply tokens, the loss the
-    estimator's mean of d (k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 up to 10, abs = |d|), and the step moves
-    the student. (Each estimator's gradient: test_losses.py; one end to end: test_comparisons.py.)"""
-    got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, loss)
-    d = (ls0 - lt_all).double()
-    k3 = ((-d).clamp(-20, 20).exp() + d.clamp(-20, 20) - 1).clamp(max=10)  # clamped as the public code does
-    value = {"k1": d, "k2": d.square() / 2, "k3": k3, "abs": d.abs()}[loss]
-    assert got.kl_direction == REVERSE and got.kl == pytest.approx(float(d.mean()), rel=1e-4)
-    assert got.loss == pytest.approx(float(value.mean()), rel=1e-4, abs=1e-7)
-    assert got.grad_norm > 0 and not torch.equal(sampled_logprobs(student, batch[0]), ls0)
+    @pytest.mark.parametrize("loss", ESTIMATORS)
+    def test_each_estimator_steps_on_what_it_names(self, batch, tiny_model, zero0_at_start, loss):
+        """The public code's sampled-token estimators through the learner (learner.loss=k1|k2|k3|abs): the
+        reported KL is the mean of d = log p_student - log p_teacher over the reply tokens, the loss the
+        estimator's mean of d (k1 = d, k2 = d^2 / 2, k3 = exp(-d) + d - 1 up to 10, abs = |d|), and the step moves
+        the student. (Each estimator's gradient: test_losses.py; one end to end: test_comparisons.py.)"""
+        got, ls0, lt_all, student = one_sampled_token_step(batch, tiny_model, zero0_at_start, loss)
+        d = (ls0 - lt_all).double()
+        k3 = ((-d).clamp(-20, 20).exp() + d.clamp(-20, 20) - 1).clamp(max=10)  # clamped as the public code does
+        value = {"k1": d, "k2": d.square() / 2, "k3": k3, "abs": d.abs()}[loss]
+        assert got.kl_direction == REVERSE and got.kl == pytest.approx(float(d.mean()), rel=1e-4)
+        assert got.loss == pytest.approx(float(value.mean()), rel=1e-4, abs=1e-7)
+        assert got.grad_norm > 0 and not torch.equal(sampled_logprobs(student, batch[0]), ls0)
 
 
 # ----------------------------------------------------------------------------- exact full-vocabulary KL
