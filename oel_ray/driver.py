@@ -1,10 +1,11 @@
 """The OEL loop, read top to bottom: collect -> extract -> consolidate -> evaluate -> checkpoint.
 
 Round r starts from round r-1's final weights (round 1: the initial model): the rollout workers
-play with them, the frozen teacher holds them, and the learner restarts from them with a fresh
-optimizer, as the paper's per-round runs do. Every stage writes its outputs under
-<output_dir>/round_<r>/ atomically and is then marked finished in manifest.json, so re-running the
-same command skips what finished and resumes consolidation from its last saved training state.
+play with them, the frozen teacher holds them, and the learner's ranks reload them with a fresh
+optimizer (in their own processes), as the paper trains each round anew. Every stage writes its
+outputs under <output_dir>/round_<r>/ atomically and is then marked finished in manifest.json, so
+re-running the same command skips what finished and resumes consolidation from its last saved
+training state.
 """
 
 from __future__ import annotations
