@@ -2,9 +2,9 @@
 fix, exit code 2 and no traceback; files an earlier run wrote are left exactly as they were.
 
 Each case runs the real entry point on a run directory that already holds an earlier run's files:
-`python -m oel_ray.main`'s own code path (runpy, as `-m` runs it) inside this process, which spares each
-case an interpreter's start and imports (about 2 minutes of the suite); `test_refused_the_same_way_by_a_fresh_interpreter`
-holds that a separate process refuses alike."""
+`python -m oel_ray.main`'s own code path (runpy, as `-m` runs it) inside this process, which spares
+each case an interpreter's start and imports (about 2 minutes of the suite);
+`test_refused_the_same_way_by_a_fresh_interpreter` holds that a separate process refuses alike."""
 
 import hashlib
 import json
