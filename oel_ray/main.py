@@ -96,8 +96,11 @@ def hydra_main(raw: DictConfig) -> dict:
     finally:
         import ray
 
-        # A sweep's next job may reuse the cluster (roles.init_ray); the process's exit stops it.
-        if ray.is_initialized() and not (finished and in_a_sweep()):
+        from oel_ray.roles import ray_started_here
+
+        # A sweep's next job may reuse the cluster (roles.init_ray); the process's exit stops it. A
+        # connection this process found open (a notebook's) is its owner's to close.
+        if ray.is_initialized() and ray_started_here() and not (finished and in_a_sweep()):
             ray.shutdown()
     print_summary(summary)
     return summary

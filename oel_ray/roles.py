@@ -131,6 +131,12 @@ JOB_ENV = {"env_vars": {"HF_HUB_DISABLE_PROGRESS_BARS": "1"}}
 _ray_started_with: Optional[ClusterConfig] = None
 
 
+def ray_started_here() -> bool:
+    """Whether this process opened the Ray connection it holds (started a local cluster or joined
+    cluster.address) rather than finding one open (a test's or a notebook's, which stays open)."""
+    return _ray_started_with is not None
+
+
 def init_ray(cfg: OELConfig) -> None:
     """Start (or join) the Ray cluster cfg.cluster names, unless this process is already connected:
     to one it started with the same settings (reused, and the log says so), or to one it did not

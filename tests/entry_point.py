@@ -16,12 +16,11 @@ from typing import Optional
 def main_in_process(argv: list[str], cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
     """What `python -m oel_ray.main *argv` does, executed here as `-m` executes it (the module run as
     __main__), its exit code, stdout and stderr captured. The logging it configures is undone after.
-    Where this process holds a Ray connection (a session cluster), main's exit would close it: such a
-    case runs in a process of its own instead."""
+    For commands that run no stage: Ray must be as connected after it as before (main leaves a
+    connection it found open, the session cluster's, as it was)."""
     import ray
 
-    if ray.is_initialized():
-        return main_in_subprocess(argv, cwd)
+    connected = ray.is_initialized()
     root = logging.getLogger()
     handlers, level, argv0 = root.handlers[:], root.level, sys.argv
     out, err, code = io.StringIO(), io.StringIO(), 0
@@ -42,7 +41,7 @@ def main_in_process(argv: list[str], cwd: Optional[Path] = None) -> subprocess.C
         for handler in set(root.handlers) - set(handlers):  # the run's oel.log and console handlers
             handler.close()
         root.handlers[:], root.level = handlers, level
-    assert not ray.is_initialized(), "the command started Ray: run it with main_in_subprocess"
+    assert ray.is_initialized() == connected, "the command started or stopped Ray: run it with main_in_subprocess"
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 

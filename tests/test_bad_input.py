@@ -143,6 +143,15 @@ def test_refused_the_same_way_by_a_fresh_interpreter(overrides, message, tiny_mo
     assert "warning" not in proc.stderr.lower(), proc.stderr[-3000:]
 
 
+def test_a_refused_run_leaves_a_ray_connection_it_found_open(ray_cluster, tiny_model, earlier_run):
+    """main closes only a Ray connection it opened: called where one is open (a notebook's, this
+    session's cluster), a run the preflight refuses leaves it open and usable."""
+    before = snapshot(earlier_run)
+    proc = run_main(tiny_model, earlier_run, "model.max_model_len=96")  # refused inside main's try
+    assert_refused(proc, earlier_run, before, "config", "model.max_model_len: 96 is too small")
+    assert ray_cluster.is_initialized() and ray_cluster.get(ray_cluster.put(1)) == 1
+
+
 # ----------------------------------------------------------------------------- files on disk
 
 SMALL = ["rollout.games_per_round=2", "extractor.k=2", "tracking.progress_bars=false"]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from entry_point import main_in_process
 
 pytestmark = pytest.mark.e2e
 
@@ -76,7 +77,7 @@ def test_no_finished_stage_ran_twice(resumed):
 def test_rerunning_a_finished_run_starts_nothing(resumed, tiny_model):
     out, _ = resumed
     started = time.perf_counter()
-    again = subprocess.run(command(tiny_model, out), capture_output=True, text=True, timeout=300)
+    again = main_in_process(command(tiny_model, out)[3:])  # without `python -m oel_ray.main`
     assert again.returncode == 0, again.stderr[-2000:]
     assert "=== OEL summary ===" in again.stdout and "start roles" not in again.stderr
     assert time.perf_counter() - started < 60
@@ -85,7 +86,7 @@ def test_rerunning_a_finished_run_starts_nothing(resumed, tiny_model):
 def test_resume_with_other_settings_is_refused(resumed, tiny_model):
     out, _ = resumed
     other = [arg.replace(f"learner.steps={STEPS}", "learner.steps=5") for arg in command(tiny_model, out)]
-    proc = subprocess.run(other, capture_output=True, text=True, timeout=300)
+    proc = main_in_process(other[3:])
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("oel_ray: config error: learner.steps: is 5 but")
 
