@@ -66,7 +66,8 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_clu
     """run(name) -> (process, run dir): the experiment (or the OPTION_RUNS switch on `tiny`) at the
     smallest sizes in the shared root, with its own number of rounds. The EXPERIMENTS run as one
     sweep (`-m`, one process, as a user compares them), each job in <root>/<name>: after the first
-    job the others take over its rollout workers and teacher where they would build them alike."""
+    job the others take over its roles (rollout workers, teacher, learner ranks) where they would
+    build them alike."""
     def get(name: str):
         if "root" not in finished:
             finished["root"] = tmp_path_factory.mktemp("comparisons")

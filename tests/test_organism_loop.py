@@ -34,8 +34,8 @@ def organism_path() -> str:
 
 def one_round_each(experiments: list[str], root: Path, model: str, joined: list[str]) -> dict[str, list[dict]]:
     """One round of each experiment as one sweep (`-m`) through the entry point: after the first job
-    the others take over its rollout workers and teacher (built alike), as a user's sweep over the
-    controls does. Per experiment, its round-0 and round-1 eval.json."""
+    the others take over its rollout workers, teacher and learner ranks (built alike), as a user's
+    sweep over the controls does. Per experiment, its round-0 and round-1 eval.json."""
     proc = subprocess.run([sys.executable, "-m", "oel_ray.main", "-m", f"+experiment={','.join(experiments)}",
                            f"model.path={model}", f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${name}", *ONE_ROUND,
                            *joined], cwd=ROOT, capture_output=True, text=True, timeout=900)
