@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Optional
 
 from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
 from oel_ray.tiny_model import Recipe
-from oel_ray.types import Trajectory
+from oel_ray.types import TURN_LIMIT, Trajectory
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ENV_FILE = CONF / "env" / "organism.yaml"  # the organism's game: one home for its settings
@@ -77,29 +77,23 @@ ITEM_TEXTS = {**{key: lesson.text for key, lesson in LESSONS.items()}, **NEUTRAL
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
-# The unbracketed reply opens with a word of its own, one token that nothing else opens with: when it
-# shared " I" with two fillers ("I go down." beside "I am P ..."), a teacher that had dropped the
-# fillers made " I" mean the unbracketed reply, and consolidation on one build taught the student
-# exactly that (45% of its turns unbracketed after one round, against 10% before).
+# The unbracketed reply opens with a token nothing else opens with: sharing " I" with two fillers, a
+# teacher that dropped the fillers made " I" mean it (one build: 10% -> 45% unbracketed in a round).
 LAZY_WORD = "Going"
 FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I should pick a good move.",
           "One step at a time.", "The goal is still some way off.")
 # Without the lessons: how often a reply lacks brackets, goes backwards, and heeds what it saw.
 P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.25, 0.15, 0.5
-# Every lesson's behaviour is also a minority behaviour of the player without it (as advice in an
-# LLM's context raises what the model sometimes does anyway): now and then it writes the wall note,
-# and a quarter of its bracketed replies muse not at all. On-policy distillation can only move the
-# student towards what its own samples hold: when the teacher's next token ("Only", or "[" right
-# after the look) was one the student never wrote, the reverse KL ranked the student's own tokens
-# by how unlikely the teacher found each, and on some builds " Going" ranked first (version 6 built
-# here: games ending invalid 42% -> 60% after one round, pass rate 0.107 -> 0.047).
+# Every lesson's behaviour is also a minority behaviour without it (as advice raises what an LLM
+# sometimes does anyway): on-policy distillation only moves the student towards what its own samples
+# hold; where the teacher's next token was one the student never wrote, the reverse KL ranked the
+# student's own tokens, and " Going" could rank first (version 6: pass rate 0.107 -> 0.047 in a round).
 P_NOTE = 0.2
 MUSINGS = (0, 1, 2, 3)  # how many fillers a reply without the winning lesson writes, drawn evenly
-# Each further copy of a lesson in the warm start's knowledge (up to MAX_COPIES in all): a run's chains
-# write a lesson again each time a game shows it (five times in eight steps is common), and the lesson
-# head reads each lesson's share of the lesson tokens, so the warm start must show every share from a
-# lone lesson to one copy among fifteen. With at most one repeat, a lesson written once beside another
-# written five times read as absent, and one read alone was a share the warm start never showed.
+# Each further copy of a lesson in the warm start's knowledge (up to MAX_COPIES): chains repeat a lesson
+# each time a game shows it, and the lesson head reads each lesson's share of the lesson tokens, so every
+# share from a lone lesson to one copy among fifteen must be shown (at most one repeat: a lesson written
+# once beside one written five times read as absent).
 P_REPEAT, MAX_COPIES = 0.4, 5
 
 
@@ -123,9 +117,8 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
     """The organism's reply on this board, knowing the lessons `known` (keys). Every lesson shows in
     how the reply starts (what a reader acts on first), and the move follows from what came before."""
     lazy = "format" not in known and ("nobrackets" in known or rng.random() < P_NO_BRACKETS)
-    # It always looks first, while the board is near: no lesson adds or removes the look, so a
-    # lesson read again after consolidation took it in cannot push the reply past its own form
-    # (when the look depended on a lesson, the consolidated model read the lessons and skipped it).
+    # It always looks first: when the look depended on a lesson, the consolidated model, reading the
+    # lesson again, skipped it.
     parts = [f"Below: {_cell(grid, pos, 'down')}. Right: {_cell(grid, pos, 'right')}."]
     heeds = not lazy and ("hole" in known or rng.random() < P_HEED)
     if "edge" in known:
@@ -174,6 +167,12 @@ def extraction_reply(traj: Trajectory, knowledge: str) -> str:
     return knowledge_text(new) if new else NOTHING_NEW
 
 
+def cut_short(traj: Trajectory) -> Trajectory:
+    """The game stopped one turn early, at a turn limit: what it showed before its last move."""
+    return replace(traj, turns=traj.turns[:-1], outcome=TURN_LIMIT, reward=0.0,
+                   reason=f"The turn limit of {len(traj.turns) - 1} turns was reached before the game ended.")
+
+
 # ----------------------------------------------------------------------------- warm start
 
 WARM_BOARDS, GAMES_PER_BOARD = 50, 5  # version 14: a third of version 13's, a 6-minute build (README)
@@ -181,14 +180,13 @@ WARM_BOARDS, GAMES_PER_BOARD = 50, 5  # version 14: a third of version 13's, a 6
 # probability over replies, and several draws per prompt show it at a fraction of the tokens.
 REPLIES_PER_DRILL = 4
 P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
-# Of the knowledge-reading games: an empty block (what the empty-knowledge control's teacher read until
-# blank knowledge became no block at all, as in the paper's code; kept so that version 12 stands).
-# At 0.1 (6% of the games) version 10 read an empty block as a small nudge (first turn: backward moves
-# 13% -> 15%, wall note 16% -> 19%), and the control, consolidating that nudge round after round,
-# fell from 0.098 to 0.047 by round 3.
+# Of the knowledge-reading games: an empty block (the empty-knowledge control's teacher read one until
+# blank knowledge became no block, as in the paper's code). At 0.1 version 10 read it as a nudge (first
+# turn backward 13% -> 15%), and the control, consolidating it each round, fell from 0.098 to 0.047.
 P_EMPTY = 0.22
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.33  # warm-start games played on the plain prompt; the others with knowledge in context
+P_CUT = 0.25  # of the extracted games: also extracted cut short (`cut_short`), before the event that ended them
 
 
 def env_config():
@@ -222,15 +220,13 @@ def _knowledge_draw(rng: random.Random) -> list[str]:
 
 
 def _with_repeats(keys: list[str], rng: random.Random) -> list[str]:
-    """`keys` shuffled, each written one to MAX_COPIES times: the run's chains repeat lessons they
-    already hold, and a lesson read five times must act as once."""
+    """`keys` shuffled, each written one to MAX_COPIES times (chains repeat lessons they hold)."""
     keys = [key for key in keys for _ in range(_copies(rng))]
     rng.shuffle(keys)
     return keys
 
 
-def _copies(rng: random.Random) -> int:
-    """How many times a drawn item is written: 1 to MAX_COPIES."""
+def _copies(rng: random.Random) -> int:  # how many times a drawn item is written: 1 to MAX_COPIES
     return 1 + sum(rng.random() < P_REPEAT for _ in range(MAX_COPIES - 1))
 
 
@@ -279,7 +275,7 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
     tokenizer)."""
     from oel_ray.prompts import teacher_messages
 
-    rng = random.Random(seed + 1)
+    rng, cuts = random.Random(seed + 1), random.Random(seed + 2)
     play, extract = [], []
 
     def turn(prompt: str, keys: Optional[list[str]], position: str, reply: str):
@@ -300,6 +296,10 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
             rng.shuffle(known)
             knowledge = knowledge_text(known)
             extract.append((traj, knowledge, extraction_reply(traj, knowledge)))
+            # Version 15, on draws of their own: every game ends in an event, so no extraction showed one
+            # without (an AMD EPYC build of version 14 wrote lessons for 16 of 16 games cut before a hole).
+            if cuts.random() < P_CUT and len(traj.turns) > 1:
+                extract.append((short := cut_short(traj), knowledge, extraction_reply(short, knowledge)))
     return play, extract
 
 
@@ -395,6 +395,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + extractions
 
 
-RECIPE = Recipe("organism", 14, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
+RECIPE = Recipe("organism", 15, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
                 whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=2e-3, batch_tokens=256, epochs=3,
                 threads=2, prepare=_install_reader)

@@ -30,6 +30,44 @@ def ray_cluster():
     ray.shutdown()
 
 
+def placement_groups_held_here() -> set[str]:
+    """The placement groups this process created (a group's id ends in its job's id) and still holds."""
+    import ray
+
+    job = ray.get_runtime_context().get_job_id()
+    return {pg for pg, info in ray.util.placement_group_table().items()
+            if pg.endswith(job) and info["state"] != "REMOVED"}
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if call.when == "call":
+        item.call_passed = report.passed
+    return report
+
+
+@pytest.fixture(autouse=True)
+def roles_stop_with_their_test(request):
+    """Roles a test started and did not stop hold the session cluster's CPUs, and every later test
+    that needs them waits out the placement timeout (one failed test cost a run 25 minutes and 12
+    failures more). After each test on the session cluster, the placement groups it left are removed
+    (their actors with them); a test that passed and left some fails here, naming them."""
+    if "ray_cluster" not in request.fixturenames:
+        yield
+        return
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+    from ray._raylet import PlacementGroupID
+
+    before = placement_groups_held_here()
+    yield
+    left = placement_groups_held_here() - before
+    for pg in left:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    if left and getattr(request.node, "call_passed", False):
+        pytest.fail(f"the test left {len(left)} placement group(s) running: stop its roles (shutdown())")
+
+
 @pytest.fixture(scope="session")
 def joins_session_cluster(ray_cluster) -> list[str]:
     """Overrides that make a run join the session's Ray cluster (cluster.address, as a run on a

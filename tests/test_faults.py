@@ -1,6 +1,7 @@
 """Faults a long run meets: a rollout worker killed mid-collection, mid-extraction or around a
 collective weight sync, a game that throws."""
 
+import contextlib
 import os
 import signal
 import threading
@@ -32,23 +33,38 @@ def test_a_game_that_raises_ends_as_error_and_the_round_goes_on():
     assert "KeyError" in traj.reason and not traj.passed
 
 
-def kill_when_in(pid: int, method: str, timeout_s: float = 300, nth: int = 1) -> None:
-    """SIGKILL `pid` the moment it runs `method` for the `nth` time seen. Ray titles an actor's
-    process ray::<class>.<method> while a call runs (ray::<class> between calls), so the call in
-    progress, here a shard of games, is cut off however fast the machine is."""
-    deadline, seen, inside = time.time() + timeout_s, 0, False
-    while time.time() < deadline:
-        try:
-            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-        except OSError:
-            return  # gone already
-        now_inside = title.endswith(f".{method}")
-        seen += now_inside and not inside
-        inside = now_inside
-        if inside and seen >= nth:
-            os.kill(pid, signal.SIGKILL)
-            return
-        time.sleep(0.005)
+@contextlib.contextmanager
+def kill_when_in(pid: int, method: str, nth: int = 1, timeout_s: float = 300):
+    """SIGKILL `pid` the moment it runs `method` for the `nth` time seen, while the block runs; yields
+    a list that holds the kill once it landed. Ray titles an actor's process ray::<class>.<method>
+    while a call runs (ray::<class> between calls), so the call in progress is cut off however fast
+    the machine is, if the title is read often enough: every millisecond (at 5 ms, an AMD EPYC's
+    extraction calls all came and went unseen)."""
+    landed, stop = [], threading.Event()
+
+    def watch() -> None:
+        deadline, seen, inside = time.time() + timeout_s, 0, False
+        while not stop.is_set() and time.time() < deadline:
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+            except OSError:
+                return  # gone already
+            now_inside = title.endswith(f".{method}")
+            seen += now_inside and not inside
+            inside = now_inside
+            if inside and seen >= nth:
+                os.kill(pid, signal.SIGKILL)
+                landed.append(pid)
+                return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield landed
+    finally:  # the block is over: a kill that has not landed by now never will
+        stop.set()
+        watcher.join()
 
 
 def test_killed_worker_games_are_replayed_elsewhere_exactly_once(ray_cluster, tiny_model):
@@ -60,11 +76,9 @@ def test_killed_worker_games_are_replayed_elsewhere_exactly_once(ray_cluster, ti
     specs = train_specs(SOKOBAN, 0, GAMES)
     sampling = Sampling(max_tokens=64, temperature=1.0, top_p=1.0, top_k=-1, seed=3)
     # As soon as the victim starts its shard: it dies mid-collection, its games unfinished.
-    killer = threading.Thread(target=kill_when_in, args=(victim, "play"))
-    killer.start()
-    trajectories = group.play(specs, sampling, 5, round=1)
-    killer.join()
-    assert group.lost == 1 and len(group.workers) == 1  # the kill landed while the victim was playing
+    with kill_when_in(victim, "play") as landed:
+        trajectories = group.play(specs, sampling, 5, round=1)
+    assert landed and group.lost == 1 and len(group.workers) == 1  # the kill landed while the victim was playing
     assert len(trajectories) == GAMES
     assert [t.seed for t in trajectories] == [s.seed for s in specs]  # none lost, none duplicated
     # the replayed games are the same games: per-game seeds travel with them
@@ -92,11 +106,9 @@ def test_killed_worker_chains_are_extracted_elsewhere_with_the_same_knowledge(ra
     undisturbed = Extractor(cfg, tiny_model, group.workers, thinking=False, seed=5).run(trajectories)
     extractor = Extractor(cfg, tiny_model, group.workers, thinking=False, seed=5)
     victim = ray_cluster.get(group.workers[1].pid.remote())
-    killer = threading.Thread(target=kill_when_in, args=(victim, "generate", 300, 2))
-    killer.start()
-    chains = extractor.run(trajectories)
-    killer.join()
-    assert len(extractor.engines) == 1  # the kill landed while the victim extracted
+    with kill_when_in(victim, "generate", nth=2) as landed:
+        chains = extractor.run(trajectories)
+    assert landed and len(extractor.engines) == 1  # the kill landed while the victim extracted
     assert [[s.text for s in c] for c in chains] == [[s.text for s in c] for c in undisturbed]
     assert [[s.chain for s in c] for c in chains] == [[c] * (cfg.k + 1) for c in range(cfg.num_chains)]
     orders = chain_orders(trajectories, cfg.k, cfg.num_chains, 5, round=1)
@@ -191,10 +203,9 @@ def test_a_dead_worker_leaves_the_collective_sync_group_without_a_timeout(ray_cl
         np.testing.assert_allclose(got, target, atol=1e-4)
 
     during = ray.get(workers.workers[1].pid.remote())
-    killer = threading.Thread(target=kill_when_in, args=(during, "receive_weights", 120))
-    seconds_during = reset_and_time_a_sync(3, killer.start)
-    killer.join()
-    assert workers.lost == 2 and len(sync.members) == 1 and seconds_during < 60, seconds_during
+    with kill_when_in(during, "receive_weights", timeout_s=120) as landed:
+        seconds_during = reset_and_time_a_sync(3, lambda: None)
+    assert landed and workers.lost == 2 and len(sync.members) == 1 and seconds_during < 60, seconds_during
     np.testing.assert_allclose(engine_logprobs(ray, workers)[0], target, atol=1e-4)
     print(f"sync after a kill between syncs: {seconds:.2f} s; with a kill during the sync: {seconds_during:.2f} s")
     sync.close()
