@@ -25,7 +25,8 @@ from textarena.core import ObservationType
 
 from oel_ray.config import EnvConfig
 from oel_ray.seeds import ROUND_SEED_STRIDE, STREAM_SEED_STRIDE, train_map_start
-from oel_ray.types import ERROR, EVAL, INVALID, LOSS, TRAIN, TURN_LIMIT, WIN, GameSpec, Trajectory, Turn
+from oel_ray.types import (ERROR, EVAL, INVALID, LOSS, TRAIN, TURN_LIMIT, WIN, GameSpec, Trajectory, Turn,
+                           turn_limit_reason)
 
 ACTION_PATTERN = re.compile(r"\[\s*(up|down|left|right|w|a|s|d)\s*\]", re.IGNORECASE)
 ALIASES = {"w": "up", "a": "left", "s": "down", "d": "right"}
@@ -203,7 +204,7 @@ class Game:
             # The env has not scored an unfinished game; use its own partial credit.
             completion = getattr(self._base, "_get_percentage_completion", lambda: 0.0)
             reward = float(completion())
-            reason = f"The turn limit of {self.max_turns} turns was reached before the game ended."
+            reason = turn_limit_reason(self.max_turns)
         else:
             reward = float(rewards[0])
             reason = str(info.get("reason") or "")

@@ -31,7 +31,7 @@ from typing import Optional
 
 from oel_ray.seeds import BUILD_SEED, WARM_MAP_SEED
 from oel_ray.tiny_model import Recipe
-from oel_ray.types import TURN_LIMIT, Trajectory
+from oel_ray.types import TURN_LIMIT, Trajectory, turn_limit_reason
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 ENV_FILE = CONF / "env" / "organism.yaml"  # the organism's game: one home for its settings
@@ -170,7 +170,7 @@ def extraction_reply(traj: Trajectory, knowledge: str) -> str:
 def cut_short(traj: Trajectory) -> Trajectory:
     """The game stopped one turn early, at a turn limit: what it showed before its last move."""
     return replace(traj, turns=traj.turns[:-1], outcome=TURN_LIMIT, reward=0.0,
-                   reason=f"The turn limit of {len(traj.turns) - 1} turns was reached before the game ended.")
+                   reason=turn_limit_reason(len(traj.turns) - 1))
 
 
 # ----------------------------------------------------------------------------- warm start

@@ -15,6 +15,11 @@ TRAJECTORY_SCHEMA_VERSION = 1
 TRAIN, EVAL = "train", "eval"  # GameSpec.split: collection and extraction, or the held-out maps
 # Trajectory.outcome; ERROR: the environment raised (a bug in a game ends that game, not the round)
 WIN, LOSS, INVALID, TURN_LIMIT, ERROR = "win", "loss", "invalid", "turn_limit", "error"
+
+
+def turn_limit_reason(turns: int) -> str:
+    """A game's closing reason when it reached a limit of `turns` turns unfinished."""
+    return f"The turn limit of {turns} turns was reached before the game ended."
 # teacher.context, what the teacher reads before the prefix (oel_ray/controls.py): the extracted
 # knowledge (OEL), the raw trajectories instead, nothing, or each line's words shuffled
 KNOWLEDGE, TRAJECTORIES, NO_KNOWLEDGE, SHUFFLED = "knowledge", "trajectories", "none", "shuffled"

@@ -56,8 +56,8 @@ def roles_stop_with_their_test(request):
     if "ray_cluster" not in request.fixturenames:
         yield
         return
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
 
     before = placement_groups_held_here()
     yield
