@@ -209,7 +209,7 @@ def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path,
     """Start the roles with these config overrides and run every batch size's steps; on the first
     variant, also make the prompts (`data`) that every later system replays."""
     from oel_ray.layout import RunLayout
-    from oel_ray.roles import Deployment
+    from oel_ray.deployment import Deployment
 
     cfg = workload_config(workload, model_path, *overrides)
     result = {"overrides": overrides, "ray_cpus": ray_cpus(cfg)}

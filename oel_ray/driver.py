@@ -30,7 +30,8 @@ from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.layout import RoundLayout, RunLayout
 from oel_ray.manifest import Manifest, config_snapshot
-from oel_ray.roles import Deployment, sampling_for_play
+from oel_ray.deployment import Deployment
+from oel_ray.roles import sampling_for_play
 from oel_ray.seeds import DEPLOY_STREAM, EXTRACTION_STREAM, round_prefix_seed
 from oel_ray.tracking import timed
 from oel_ray.types import ERROR, INVALID, NO_KNOWLEDGE, RAW_TRAJECTORIES, TRAJECTORIES, KnowledgeRecord
@@ -41,7 +42,7 @@ log = logging.getLogger("oel_ray")
 def run(cfg: OELConfig, keep_roles: bool = False) -> dict:
     """The whole run (finished stages skipped); `keep_roles`: leave the rollout workers, the teacher
     and the learner's ranks running for a next job with the same settings (a sweep's,
-    roles.take_kept_roles)."""
+    session.take_kept_roles)."""
     run_dir = RunLayout(Path(cfg.output_dir))
     manifest = Manifest(run_dir.root, config_snapshot(cfg))
     log_to_file(run_dir.log)

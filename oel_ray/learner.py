@@ -60,7 +60,7 @@ class Learner:
         self.model_path = model_path
         config = ds_config(cfg, self.world, self.ds_overrides)
         # full_reverse_kl: a frozen teacher copy in this rank. `model_path` is the round-start model,
-        # the weights the TeacherServer holds this round (roles.Deployment builds both from it).
+        # the weights the TeacherServer holds this round (deployment.Deployment builds both from it).
         # Built before the student, so it is never built under ZeRO-3's partitioning init.
         self.teacher = (ColocatedTeacher(model_path, getattr(torch, cfg.dtype), self.device)
                         if cfg.loss == FULL_REVERSE_KL else None)
@@ -94,7 +94,7 @@ class Learner:
 
     def reload(self, model_path: str, cfg: Optional[LearnerConfig] = None) -> None:
         """Start over from the checkpoint at `model_path` with a fresh optimizer and LR schedule, as a
-        new rank would, in this process: a round's start (roles.Deployment) spares the ranks' process
+        new rank would, in this process: a round's start (deployment.Deployment) spares the ranks' process
         start, imports and rendezvous (seconds on CPU, more with NCCL and large models); the process
         group and any open weight channel stay. `cfg`: other learner settings from now on (a sweep's
         next job), on the same number of ranks."""

@@ -67,6 +67,7 @@ def hydra_main(raw: DictConfig) -> dict:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
+    from oel_ray.session import keeping_roles_between_runs
     from oel_ray.embedded import build_model, fingerprint, needs_build
 
     if cfg.model.build:
@@ -81,7 +82,7 @@ def hydra_main(raw: DictConfig) -> dict:
     finished = False
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
-        summary = driver.run(cfg, keep_roles=in_a_sweep())  # starts Ray only if some stage still has to run
+        summary = driver.run(cfg, keep_roles=in_a_sweep() or keeping_roles_between_runs())  # starts Ray only if some stage still has to run
         finished = True
     except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         refuse(err, raw)
@@ -96,9 +97,9 @@ def hydra_main(raw: DictConfig) -> dict:
     finally:
         import ray
 
-        from oel_ray.roles import ray_started_here
+        from oel_ray.session import ray_started_here
 
-        # A sweep's next job may reuse the cluster (roles.init_ray); the process's exit stops it. A
+        # A sweep's next job may reuse the cluster (session.init_ray); the process's exit stops it. A
         # connection this process found open (a notebook's) is its owner's to close.
         if ray.is_initialized() and ray_started_here() and not (finished and in_a_sweep()):
             ray.shutdown()

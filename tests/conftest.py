@@ -27,6 +27,9 @@ def ray_cluster():
     if not ray.is_initialized():
         ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
+    from oel_ray import session
+
+    session.release_kept_roles()
     ray.shutdown()
 
 
@@ -52,16 +55,23 @@ def roles_stop_with_their_test(request):
     """Roles a test started and did not stop hold the session cluster's CPUs, and every later test
     that needs them waits out the placement timeout (one failed test cost a run 25 minutes and 12
     failures more). After each test on the session cluster, the placement groups it left are removed
-    (their actors with them); a test that passed and left some fails here, naming them."""
+    (their actors with them); a test that passed and left some fails here, naming them. The roles a
+    `warm_run` keeps for the next one are the exception; a test on the cluster that runs none
+    stops them first (their CPUs are its own)."""
     if "ray_cluster" not in request.fixturenames:
         yield
         return
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, remove_placement_group
 
+    from oel_ray import session
+
+    if "warm_run" not in request.fixturenames:
+        session.release_kept_roles()
     before = placement_groups_held_here()
     yield
-    left = placement_groups_held_here() - before
+    kept = {role.placement.group.id.hex() for role in session.kept_roles()}
+    left = placement_groups_held_here() - before - kept
     for pg in left:
         remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
     if left and getattr(request.node, "call_passed", False):
@@ -89,3 +99,18 @@ def smallest_tiny() -> list[str]:
         "env.eval_maps=1", "rollout.max_response_tokens=16", "extractor.max_response_tokens=16",
         "tracking.progress_bars=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def warm_run(ray_cluster, joins_session_cluster):
+    """run(argv, cwd=None) -> CompletedProcess: `python -m oel_ray.main *argv` on the session cluster,
+    in this process, its roles left running when it ends: the next test's warm run takes them over
+    where it would build them alike (session.take_kept_roles: the vLLM workers and the teacher as
+    they are, the learner's ranks reloaded at the start model), as the jobs of a sweep do, sparing
+    the roles' start (about 11 s of a smallest run's 15 on 2 cores) and the interpreter's. Actors'
+    output does not reach the run's stderr here: a test that reads it runs the command itself."""
+    from entry_point import main_in_process
+
+    def run(argv: list[str], cwd=None):
+        return main_in_process([*argv, *joins_session_cluster], cwd=cwd, keep_roles=True)
+    return run

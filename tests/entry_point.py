@@ -13,18 +13,23 @@ from pathlib import Path
 from typing import Optional
 
 
-def main_in_process(argv: list[str], cwd: Optional[Path] = None) -> subprocess.CompletedProcess:
+def main_in_process(argv: list[str], cwd: Optional[Path] = None,
+                    keep_roles: bool = False) -> subprocess.CompletedProcess:
     """What `python -m oel_ray.main *argv` does, executed here as `-m` executes it (the module run as
     __main__), its exit code, stdout and stderr captured. The logging it configures is undone after.
-    For commands that run no stage: Ray must be as connected after it as before (main leaves a
-    connection it found open, the session cluster's, as it was)."""
+    Ray must be as connected after it as before: a command that runs stages joins the session
+    cluster (cluster.address), which main leaves open as it found it. `keep_roles`: the run leaves
+    its roles running for the next run in this process (session.keep_roles_between_runs)."""
     import ray
+
+    from oel_ray import session
 
     connected = ray.is_initialized()
     root = logging.getLogger()
     handlers, level, argv0 = root.handlers[:], root.level, sys.argv
     out, err, code = io.StringIO(), io.StringIO(), 0
     sys.argv = [argv0[0], *argv]
+    session.keep_roles_between_runs(keep_roles)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(), \
                 contextlib.chdir(cwd or Path.cwd()):
@@ -38,6 +43,7 @@ def main_in_process(argv: list[str], cwd: Optional[Path] = None) -> subprocess.C
                     print(exit_.code, file=sys.stderr)
     finally:
         sys.argv = argv0
+        session.keep_roles_between_runs(False)
         for handler in set(root.handlers) - set(handlers):  # the run's oel.log and console handlers
             handler.close()
         root.handlers[:], root.level = handlers, level

@@ -5,8 +5,6 @@ public code's sequence-level baseline (seqkd) and its other switches (tiny_publi
 reports the same summary (pass rate, the KL it minimised, the OOD metric IF-Eval) as the baseline."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -62,7 +60,7 @@ def deeper_teacher(tiny_model, tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_cluster, request):
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny, warm_run, request):
     """run(name) -> (process, run dir): the experiment (or the OPTION_RUNS switch on `tiny`) at the
     smallest sizes in the shared root, with its own number of rounds. The EXPERIMENTS run as one
     sweep (`-m`, one process, as a user compares them), each job in <root>/<name>: after the first
@@ -73,18 +71,15 @@ def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_clu
             finished["root"] = tmp_path_factory.mktemp("comparisons")
         root = finished["root"]
         overrides = [arg for arg in smallest_tiny if not arg.startswith(("+experiment=", "rounds="))]
-        common = [*overrides, *joins_session_cluster, f"model.path={tiny_model}"]
+        common = [*overrides, f"model.path={tiny_model}"]
         if name in EXPERIMENTS and name not in finished:
-            proc = subprocess.run([sys.executable, "-m", "oel_ray.main", "-m", f"+experiment={','.join(EXPERIMENTS)}",
-                                   *common, f"hydra.sweep.dir={root}", "hydra.sweep.subdir=${name}"],
-                                  capture_output=True, text=True, timeout=1800)
+            proc = warm_run(["-m", f"+experiment={','.join(EXPERIMENTS)}", *common, f"hydra.sweep.dir={root}",
+                             "hydra.sweep.subdir=${name}"])
             finished.update({experiment: (proc, root / experiment) for experiment in EXPERIMENTS})
         elif name not in finished:
             teacher = request.getfixturevalue("deeper_teacher") if name == "tiny_teacher_model_k1" else ""
             switches = ["+experiment=tiny", *(o.format(teacher=teacher) for o in OPTION_RUNS[name][0])]
-            finished[name] = (subprocess.run([sys.executable, "-m", "oel_ray.main", *common, *switches,
-                                              f"hydra.run.dir={root / name}"], capture_output=True, text=True,
-                                             timeout=900), root / name)
+            finished[name] = (warm_run([*common, *switches, f"hydra.run.dir={root / name}"]), root / name)
         return finished[name]
     return get
 

@@ -6,8 +6,6 @@ shuffled, whose first-step KL shows the teacher reads the content it is given.""
 
 import json
 import random
-import subprocess
-import sys
 
 import pytest
 from distill_setup import KNOWLEDGE
@@ -119,16 +117,14 @@ def finished():
 
 
 @pytest.fixture
-def run(finished, tmp_path_factory, tiny_model, smallest_tiny, joins_session_cluster):
+def run(finished, tmp_path_factory, tiny_model, smallest_tiny, warm_run):
     """run(name, *overrides) -> (process, run dir): one round of `tiny` at the smallest sizes, once."""
     base = [arg for arg in smallest_tiny if not arg.startswith("+experiment=")]  # each names its own
 
     def get(name: str, *overrides: str):
         if name not in finished:
             out = tmp_path_factory.mktemp("controls") / name
-            finished[name] = (subprocess.run(
-                [sys.executable, "-m", "oel_ray.main", *base, *overrides, *joins_session_cluster,
-                 f"model.path={tiny_model}", f"hydra.run.dir={out}"], capture_output=True, text=True, timeout=900), out)
+            finished[name] = (warm_run([*base, *overrides, f"model.path={tiny_model}", f"hydra.run.dir={out}"]), out)
         return finished[name]
     return get
 

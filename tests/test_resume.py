@@ -35,7 +35,7 @@ def metric_steps(path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def resumed(tmp_path_factory, tiny_model, joins_session_cluster):
+def resumed(tmp_path_factory, tiny_model, warm_run):
     out = tmp_path_factory.mktemp("resume")
     cmd = command(tiny_model, out)
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -48,7 +48,7 @@ def resumed(tmp_path_factory, tiny_model, joins_session_cluster):
     first.wait()
     assert not (out / "round_1" / "metrics.csv").exists(), "killed too late: consolidation had finished"
     # the rerun joins another cluster (where a run executes may change on resume: RESUMABLE_CHANGES)
-    second = subprocess.run(cmd + joins_session_cluster, capture_output=True, text=True, timeout=900)
+    second = warm_run(cmd[3:])
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     return out, second.stdout + second.stderr
 
@@ -129,7 +129,7 @@ def one_round(tiny_model, out) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def teacher_killed(tmp_path_factory, tiny_model, joins_session_cluster):
+def teacher_killed(tmp_path_factory, tiny_model, warm_run):
     """One round; the learner saves only at the round's end, so a state found mid-round was saved
     by the driver on its way out. The teacher's process is killed once the first step is logged."""
     out, logs = tmp_path_factory.mktemp("dead_teacher"), tmp_path_factory.mktemp("dead_teacher_logs")
@@ -146,7 +146,7 @@ def teacher_killed(tmp_path_factory, tiny_model, joins_session_cluster):
     state = out / "round_1" / "learner_state"  # the rerun's checkpoint stage removes it
     after_first = {"stages": stages_of(out), "steps": metric_steps(metrics),
                    "saved": sorted(p.name for p in state.iterdir()) if state.exists() else []}
-    second = subprocess.run(cmd + joins_session_cluster, capture_output=True, text=True, timeout=900)
+    second = warm_run(cmd[3:])
     return out, code, (logs / "stderr").read_text(), after_first, second
 
 
@@ -180,8 +180,7 @@ def test_the_rerun_after_a_dead_teacher_resumes_and_finishes_every_step_once(tea
     assert "[round_1/deploy] finished earlier, skipped" in log
 
 
-def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teacher_killed, tiny_model,
-                                                                           joins_session_cluster):
+def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teacher_killed, tiny_model, warm_run):
     """Last in this module: it reruns a stage of the finished run. With round 1's eval.json deleted,
     the rerun evaluates round 1 again although its training state is gone (the checkpoint removed
     it): from round_1/model, so the games repeat the first evaluation's move for move."""
@@ -190,8 +189,7 @@ def test_a_round_evaluated_again_after_its_checkpoint_loads_the_round_model(teac
     first = (rdir / "eval_trajectories.jsonl").read_text()
     attempts = stages_of(out)["round_1/evaluate"]["attempts"]
     (rdir / "eval.json").unlink()
-    again = subprocess.run(one_round(tiny_model, out) + joins_session_cluster, capture_output=True, text=True,
-                           timeout=900)
+    again = warm_run(one_round(tiny_model, out)[3:])
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     log = again.stdout + again.stderr
     assert "[round_1/consolidate] finished earlier, skipped" in log

@@ -4,8 +4,6 @@ metrics in CSV and TensorBoard, the per-round plot."""
 
 import csv
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -14,14 +12,11 @@ e2e = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, tiny_model, joins_session_cluster):
+def run_dir(tmp_path_factory, tiny_model, warm_run):
     out = tmp_path_factory.mktemp("run")
-    proc = subprocess.run(
-        [sys.executable, "-m", "oel_ray.main", f"model.path={tiny_model}", f"hydra.run.dir={out}",
-         f"learner.steps={STEPS}", f"rollout.games_per_round={GAMES}", "rollout.deploy_games_per_step=2",
-         "extractor.k=2", f"env.eval_maps={EVAL_MAPS}", "learner.batch_size=4", *joins_session_cluster],
-        capture_output=True, text=True, timeout=900,
-    )
+    proc = warm_run([f"model.path={tiny_model}", f"hydra.run.dir={out}", f"learner.steps={STEPS}",
+                     f"rollout.games_per_round={GAMES}", "rollout.deploy_games_per_step=2", "extractor.k=2",
+                     f"env.eval_maps={EVAL_MAPS}", "learner.batch_size=4"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc.stdout
 

@@ -96,12 +96,12 @@ def test_slurm_sweep_script_submits_one_job_per_combination_with_the_configs_all
 
 
 def test_a_job_reuses_the_cluster_only_with_the_same_cluster_settings():
-    """roles.init_ray in one process, as a sweep's jobs call it: the same settings reuse the running
+    """session.init_ray in one process, as a sweep's jobs call it: the same settings reuse the running
     cluster; other settings (here cluster.num_cpus) stop it and start one that has them."""
     script = """
 import json, ray
 from oel_ray.config import ClusterConfig, OELConfig
-from oel_ray.roles import init_ray
+from oel_ray.session import init_ray
 seen = []
 for cpus in (2, 2, 3):
     init_ray(OELConfig(cluster=ClusterConfig(num_cpus=cpus)))
