@@ -83,9 +83,10 @@ def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_worke
 
 def rollout_settings(cfg: OELConfig, model: Optional[ModelConfig] = None, num_workers: Optional[int] = None,
                      max_logprobs: Optional[int] = None) -> dict:
-    """Everything rollout workers are built from (`rollout_group`'s defaults)."""
+    """Everything rollout workers are built from (`rollout_group`'s defaults). They load model.path:
+    whether main built it first (model.build) is not theirs to know."""
     c, r = cfg.cluster, cfg.rollout
-    return dict(model=model or cfg.model, num_workers=num_workers or r.num_workers, seed=r.seed,
+    return dict(model=replace(model or cfg.model, build=None), num_workers=num_workers or r.num_workers, seed=r.seed,
                 max_logprobs=max_logprobs or cfg.learner.support_k, kv_cache_gib=r.kv_cache_gib,
                 gpu_memory_utilization=r.gpu_memory_utilization, num_cpus=c.rollout_cpus, num_gpus=c.rollout_gpus,
                 history=r.history, keep_reasoning=r.keep_reasoning, bind_cores=r.bind_cores,

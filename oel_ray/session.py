@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from typing import Optional
 
 import ray
 
 from oel_ray.config import ClusterConfig, OELConfig
 from oel_ray.learner import LearnerGroup
-from oel_ray.roles import (JOB_ENV, Roles, learner_group, learner_processes, shared_role_settings,
+from oel_ray.roles import (JOB_ENV, Roles, learner_group, learner_processes, rollout_group, shared_role_settings,
                            to_learner_weights)
 from oel_ray.rollout import RolloutGroup
 from oel_ray.teacher import TeacherGroup
+from oel_ray.tracking import timed
 
 log = logging.getLogger("oel_ray")
 
@@ -60,62 +62,89 @@ def init_ray(cfg: OELConfig) -> None:
              dashboard_host="127.0.0.1", log_to_driver=True, runtime_env=JOB_ENV)
 
 
-# The roles that a finished job of a sweep left running (Hydra's basic launcher runs the jobs one
-# after another in this process), with the settings they were built from: the next job takes them
-# over when it would build them alike, sparing their start (the vLLM engines' above all): the
-# workers and teacher as they are, the learner's ranks reloaded with the job's learner settings.
-# Its own extractor starts as always.
-_kept: Optional[tuple[tuple, RolloutGroup, TeacherGroup, tuple, LearnerGroup]] = None
+@dataclass
+class KeptRoles:
+    """The roles a finished job left running, each beside the settings it was built from."""
+    rollout: dict
+    workers: RolloutGroup
+    teacher_args: dict
+    teacher: TeacherGroup
+    processes: tuple
+    learner: LearnerGroup
 
+
+# What the last finished job of this process left running (Hydra's basic launcher runs a sweep's jobs
+# one after another in it): the next job takes over each role it would build alike, sparing its
+# start (the vLLM engines' above all): the workers and teacher as they are, the learner's ranks
+# reloaded with the job's learner settings. Its own extractor starts as always.
+_kept: Optional[KeptRoles] = None
 
 
 def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
-    """The kept workers and teacher, and the kept learner ranks reloaded at the configured model (or a
-    new learner, where its processes would be built otherwise), all three brought to its weights
-    (the previous job left its own last weights in them), or None: nothing kept, workers or teacher
-    kept with other settings, or a kept actor gone (whatever was kept is then stopped)."""
+    """The roles of `cfg`, taking over each kept one it would build alike (the learner's ranks
+    reloaded at the configured model), starting the others side by side, all brought to the
+    model's weights (the previous job left its own last weights in them); or None where nothing
+    was kept or nothing kept fits (what was kept is then stopped). A kept actor found dead stops
+    them all."""
     global _kept
     kept, _kept = _kept, None
     if kept is None:
         return None
-    settings, workers, teacher, processes, learner = kept
-    roles = None
+    rollout, teacher = shared_role_settings(cfg)
+    mine: dict = {}
     try:
-        if settings == shared_role_settings(cfg) and len(workers.alive()) == cfg.rollout.num_workers:
-            teacher.wait()  # raises if an actor died
-            if processes == learner_processes(cfg):
-                learner.reload(cfg.model.path, cfg.learner)
-                log.info("  reusing the learner's %d rank(s) the previous job left running, reloaded at the "
-                         "start model with this job's learner settings", cfg.learner.num_ranks)
-            else:
-                learner, old = None, learner
-                old.shutdown()
-                learner = learner_group(cfg, cfg.model.path)
-            roles = Roles(workers=workers, teacher=teacher, learner=learner)
-            to_learner_weights(roles, cfg, version=0)
+        if kept.rollout == rollout and len(kept.workers.alive()) == cfg.rollout.num_workers:
+            mine["workers"] = kept.workers
+        if kept.teacher_args == teacher:
+            mine["teacher"] = kept.teacher.wait()  # raises if an actor died
+        if kept.processes == learner_processes(cfg):
+            kept.learner.reload(cfg.model.path, cfg.learner)
+            mine["learner"] = kept.learner
+            log.info("  reusing the learner's %d rank(s) the previous job left running, reloaded at the "
+                     "start model with this job's learner settings", cfg.learner.num_ranks)
     except Exception as err:
         log.warning("  could not take over the previous job's roles (%s: %s); starting new ones",
                     type(err).__name__, str(err).splitlines()[0] if str(err) else "")
-        roles = None
-    if roles is None:
-        for role in (workers, teacher, learner):
-            if role is not None:
-                role.shutdown()
+        mine = {}
+    for name in ("workers", "teacher", "learner"):
+        if name not in mine:
+            getattr(kept, name).shutdown()
+    if not mine:
         return None
-    log.info("  reusing the %d rollout worker(s) and the teacher the previous job left running (same settings)",
-             len(workers.workers))
+    reused = [f"the {len(kept.workers.workers)} rollout worker(s)"] * ("workers" in mine) + ["the teacher"] * (
+        "teacher" in mine)
+    if reused:
+        log.info("  reusing %s the previous job left running (same settings)", " and ".join(reused))
+    path, new = cfg.model.path, {}
+    try:
+        if "learner" not in mine:
+            new["learner"] = learner_group(cfg, path, wait=False)
+        if "teacher" not in mine:
+            new["teacher"] = TeacherGroup(**teacher, wait=False)
+        if "workers" not in mine:
+            new["workers"] = rollout_group(cfg, wait=False)
+        if new:
+            timed(f"start the roles built otherwise than the previous job's: {', '.join(new)}",
+                  lambda: [role.wait() for role in new.values()])
+        roles = Roles(**mine, **new)
+        to_learner_weights(roles, cfg, version=0)
+    except BaseException:
+        for role in [*mine.values(), *new.values()]:
+            role.shutdown()
+        raise
     return roles
 
 
 def keep_roles(cfg: OELConfig, roles: Roles) -> None:
     """Leave `roles` running for the next run of this process (`take_kept_roles`)."""
     global _kept
-    _kept = (shared_role_settings(cfg), roles.workers, roles.teacher, learner_processes(cfg), roles.learner)
+    rollout, teacher = shared_role_settings(cfg)
+    _kept = KeptRoles(rollout, roles.workers, teacher, roles.teacher, learner_processes(cfg), roles.learner)
 
 
 def kept_roles() -> list:
     """The role groups kept for the next run (each has .placement), if any."""
-    return [] if _kept is None else [_kept[1], _kept[2], _kept[4]]
+    return [] if _kept is None else [_kept.workers, _kept.teacher, _kept.learner]
 
 
 def release_kept_roles() -> None:

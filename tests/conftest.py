@@ -21,11 +21,13 @@ def tiny_model() -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """4 logical CPUs on a 2-core machine: actors ask for fractions and mostly wait on each other."""
+    """6 logical CPUs on a 2-core machine: actors ask for fractions and mostly wait on each other. A
+    test's roles fit in 4; the other 2 leave room for the roles a `warm_run` keeps for the next one
+    (idle in between), so no test has to stop them first."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False)
     yield ray
     from oel_ray import session
 
@@ -56,8 +58,7 @@ def roles_stop_with_their_test(request):
     that needs them waits out the placement timeout (one failed test cost a run 25 minutes and 12
     failures more). After each test on the session cluster, the placement groups it left are removed
     (their actors with them); a test that passed and left some fails here, naming them. The roles a
-    `warm_run` keeps for the next one are the exception; a test on the cluster that runs none
-    stops them first (their CPUs are its own)."""
+    `warm_run` keeps for the next one are the exception."""
     if "ray_cluster" not in request.fixturenames:
         yield
         return
@@ -66,8 +67,6 @@ def roles_stop_with_their_test(request):
 
     from oel_ray import session
 
-    if "warm_run" not in request.fixturenames:
-        session.release_kept_roles()
     before = placement_groups_held_here()
     yield
     kept = {role.placement.group.id.hex() for role in session.kept_roles()}
@@ -84,7 +83,7 @@ def joins_session_cluster(ray_cluster) -> list[str]:
     Slurm allocation joins its job's) instead of starting and stopping a private one: about 6 s of a
     smallest run's 36. Only for runs whose test neither kills nor inspects the cluster's processes
     (a run's actors then belong to the cluster's raylet, not to the run's process tree) and that need
-    no more than the 4 logical CPUs beside what the tests hold."""
+    no more than the 4 logical CPUs a test has."""
     return [f"cluster.address={ray_cluster.get_runtime_context().gcs_address}"]
 
 

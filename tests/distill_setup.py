@@ -36,20 +36,26 @@ def distill_config(tiny_model: str, out: str, *, steps: int, batch: int, lr: flo
 @contextlib.contextmanager
 def distill_roles(cfg, ray):
     """The roles of `cfg` (one vLLM rollout worker, the teacher server and a DeepSpeed learner on half
-    a CPU each, through roles.build_roles), plus the tokenizer and two local float32 copies of the
-    initial model (a frozen teacher, and a student to load the learner's weights into). Yields
-    (roles, tokenizer, frozen, student); the roles are stopped on exit."""
+    a CPU each), plus the tokenizer and two local float32 copies of the initial model (a frozen
+    teacher, and a student to load the learner's weights into). Yields (roles, tokenizer, frozen,
+    student). The roles are those a run or test before left running where they would be built
+    alike, brought to the initial model, as a sweep's next job takes them over (session.py), else
+    new (roles.build_roles); they are left running for the next on exit, or stopped if the test
+    failed inside."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from oel_ray import session
     from oel_ray.roles import build_roles
 
-    roles = build_roles(cfg)
+    roles = session.take_kept_roles(cfg) or build_roles(cfg)
     try:
         path = cfg.model.path
         tokenizer = AutoTokenizer.from_pretrained(path)
         frozen = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         yield roles, tokenizer, frozen, student
-    finally:
+    except BaseException:
         roles.shutdown()
+        raise
+    session.keep_roles(cfg, roles)

@@ -546,14 +546,26 @@ def uneven_reference(ray_cluster, tiny_model, uneven):
         group.shutdown()
 
 
-@pytest.mark.parametrize("ranks,stage,checkpointing", [(2, 2, False), (2, 3, False), (4, 2, False), (4, 3, False),
-                                                       (2, 3, True)])
-def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, tiny_model, ranks, stage,
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
+def rank_group(request, ray_cluster, tiny_model):
+    """(n, a group of n ranks, every weight partitioned under ZeRO-3), made once for every test that
+    takes it: each test reloads it with its own settings (Learner.reload: a new group's steps, to
+    the bit; tested above)."""
+    from oel_ray.learner import LearnerGroup
+
+    ranks = request.param
+    group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=ranks), tiny_model, num_cpus=0.5,
+                         ds_overrides=PARTITION_ALL)
+    yield ranks, group
+    group.shutdown()
+
+
+@pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), (3, True)])
+def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, rank_group, tiny_model, stage,
                                                      checkpointing):
     """... and with learner.gradient_checkpointing, whose backward passes run each layer again (under
     ZeRO-3: gathering its weights again) on the shared starts' caches."""
-    from oel_ray.learner import LearnerGroup
-
+    ranks, group = rank_group
     samples, _ = uneven
     lengths = [len(s.student_prompt_ids) + len(s.response_ids) for s in samples]
     # the data is adversarial: planned per rank, the ranks would run different numbers of passes
@@ -562,14 +574,11 @@ def test_unequal_lengths_across_ranks_match_one_rank(uneven_reference, uneven, t
     if ranks == 4:  # rank 3 holds one sample but must run two passes: one is a placeholder
         assert [] in plan[3][0]
     assert any(batching.shared_starts(plan, [s.student_prompt_ids for s in samples])[0][0])
-    cfg = config(zero_stage=stage, grad_accum=1, num_ranks=ranks, gradient_checkpointing=checkpointing)
-    group = LearnerGroup(cfg, tiny_model, num_cpus=0.5, ds_overrides=PARTITION_ALL)
-    try:
-        t0 = time.perf_counter()
-        got = [group.train_step(samples, s) for s in range(3)]
-        print(f"{ranks} ranks, ZeRO-{stage}, checkpointing {checkpointing}: 3 steps {time.perf_counter() - t0:.2f}s")
-    finally:
-        group.shutdown()
+    group.reload(tiny_model, config(zero_stage=stage, grad_accum=1, num_ranks=ranks,
+                                    gradient_checkpointing=checkpointing))
+    t0 = time.perf_counter()
+    got = [group.train_step(samples, s) for s in range(3)]
+    print(f"{ranks} ranks, ZeRO-{stage}, checkpointing {checkpointing}: 3 steps {time.perf_counter() - t0:.2f}s")
     assert_same_curve(got, uneven_reference)
 
 
