@@ -313,18 +313,15 @@ def test_lm_eval_route_calls_the_vllm_backend_with_the_reference_settings(monkey
 
 @pytest.mark.e2e
 def test_ood_lm_eval_scores_every_rounds_saved_checkpoint_beside_the_pass_rate(tmp_path, tiny_model, smallest_tiny,
-                                                                             joins_session_cluster):
+                                                                             warm_run, monkeypatch):
     """ood.ifeval=lm_eval through the entry point, with the stand-in lm_eval (the real one needs
     its data from the hub): round 0 on the initial model, round r on round_r/model."""
-    import os
-    import subprocess
-
     record = fake_lm_eval_with_data(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "lm_eval", raising=False)
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, f"model.path={tiny_model}",
-                           "ood.ifeval=lm_eval", f"hydra.run.dir={out}", *joins_session_cluster],
-                          capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONPATH": str(tmp_path / "site")})
+    proc = warm_run([*smallest_tiny, f"model.path={tiny_model}", "ood.ifeval=lm_eval", f"hydra.run.dir={out}"])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     assert [c["model_args"]["pretrained"] for c in calls] == [tiny_model, str(out / "round_1" / "model")]

@@ -97,6 +97,36 @@ def config(**kw):
     return LearnerConfig(**{**base, **kw})
 
 
+# ZeRO-3 really partitions and gathers every tiny weight (persistence threshold 0).
+PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
+
+
+@pytest.fixture(scope="module")
+def ranks_of(ray_cluster, tiny_model):
+    """ranks_of(n): one group of n ranks (every weight partitioned under ZeRO-3) per rank count, made
+    on first use and held for the module. Whoever takes it reloads it with its own settings
+    (Learner.reload: a new group's very steps, to the bit, as the ZeRO-3 test below shows), sparing a
+    group's start (5-12 s) each time. Only from module fixtures: a group a test made would count as
+    left running by it."""
+    from oel_ray.learner import LearnerGroup
+
+    groups = {}
+
+    def get(ranks: int):
+        if ranks not in groups:
+            groups[ranks] = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=ranks), tiny_model,
+                                         num_cpus=0.5, ds_overrides=PARTITION_ALL)
+        return groups[ranks]
+    yield get
+    for group in groups.values():
+        group.shutdown()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(ranks_of):
+    return ranks_of(2)
+
+
 @pytest.fixture(scope="module")
 def trained(ray_cluster, tiny_model, batch):
     """1 rank, ZeRO-2, 2 micro-batches: STEPS steps on the fixed batch."""
@@ -192,14 +222,14 @@ def test_two_ranks_zero3_match_one_rank_and_reload_as_a_new_group(trained, batch
     """Two ZeRO-3 ranks, every weight partitioned (persistence threshold 0: ZeRO-3 really partitions and
     gathers every tiny weight), take the one-rank curve. Then a round's start (Learner.reload, in the
     ranks' own processes): from the start model they take the very steps they took as a new group
-    (fresh optimizer and LR schedule, to the bit), and from a saved checkpoint they hold its weights.
-    One test: a group held for two would crowd the 4-rank tests below off the session's 4 CPUs."""
+    (fresh optimizer and LR schedule, to the bit), and from a saved checkpoint they hold its weights:
+    what lets the other tests here reload one group per rank count (ranks_of)."""
     from oel_ray.learner import LearnerGroup
 
     _, reference = trained
     samples, _ = batch
     group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
-                         ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
+                         ds_overrides=PARTITION_ALL)
     try:
         got = [group.train_step(samples, s) for s in range(3)]
         sd = group.state_dict()
@@ -226,21 +256,15 @@ def test_two_ranks_zero3_match_one_rank_and_reload_as_a_new_group(trained, batch
     assert list(back) == list(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
-def test_frozen_parameters_stay_fixed_under_zero3(batch, tiny_model):
+def test_frozen_parameters_stay_fixed_under_zero3(batch, tiny_model, two_ranks):
     """learner.freeze on two ZeRO-3 ranks with every weight partitioned: the named parameters come out
     bit-identical after steps, the others move."""
-    from oel_ray.learner import LearnerGroup
-
     samples, _ = batch
     patterns = ["model.embed_tokens.weight", "model.layers.0.*"]
-    group = LearnerGroup(config(zero_stage=3, grad_accum=1, num_ranks=2, freeze=patterns), tiny_model, num_cpus=0.5,
-                         ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    try:
-        for s in range(2):
-            group.train_step(samples, s)
-        after = group.state_dict()
-    finally:
-        group.shutdown()
+    two_ranks.reload(tiny_model, config(zero_stage=3, grad_accum=1, num_ranks=2, freeze=patterns))
+    for s in range(2):
+        two_ranks.train_step(samples, s)
+    after = two_ranks.state_dict()
     before = load(tiny_model).state_dict()
     fixed = {k for k in after if k == patterns[0] or k.startswith("model.layers.0.")}
     assert fixed and all(torch.equal(after[k], before[k]) for k in fixed)
@@ -248,23 +272,19 @@ def test_frozen_parameters_stay_fixed_under_zero3(batch, tiny_model):
 
 
 @pytest.fixture(scope="module")
-def zero2_two_ranks(ray_cluster, tiny_model, batch, tmp_path_factory):
+def zero2_two_ranks(tiny_model, batch, tmp_path_factory, two_ranks):
     """2 ranks, ZeRO-2, 1 micro-batch each (the reference's global batch): one step, save_state
     (mid warm-up), two more steps."""
-    from oel_ray.learner import LearnerGroup
-
     samples, _ = batch
     path = tmp_path_factory.mktemp("resume") / "state"
-    group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5)
-    try:
-        metrics = [group.train_step(samples, 0)]
-        t0 = time.perf_counter()
-        group.save_state(str(path))
-        group.save_state(str(path))  # replacing an existing state
-        print(f"save_state {(time.perf_counter() - t0) / 2:.2f}s")
-        metrics += [group.train_step(samples, s) for s in (1, 2)]
-    finally:
-        group.shutdown()
+    group = two_ranks
+    group.reload(tiny_model, config(zero_stage=2, grad_accum=1, num_ranks=2))
+    metrics = [group.train_step(samples, 0)]
+    t0 = time.perf_counter()
+    group.save_state(str(path))
+    group.save_state(str(path))  # replacing an existing state
+    print(f"save_state {(time.perf_counter() - t0) / 2:.2f}s")
+    metrics += [group.train_step(samples, s) for s in (1, 2)]
     return metrics, path
 
 
@@ -306,18 +326,15 @@ def sampled_logprobs(model, samples) -> torch.Tensor:
 
 
 @pytest.fixture(scope="class")
-def zero0_at_start(ray_cluster, tiny_model, tmp_path_factory):
-    """One ZeRO-0 rank for the sampled-token losses, and its training state saved before any step:
-    each loss's test restores it (Learner.load_state) and steps with that loss (train_step's `loss`),
-    as a fresh group would, without a group's start (~7 s) per loss. Stopped after TestSampledTokenLosses
-    (a rank held longer would crowd the 4-rank tests below off the session's 4 CPUs)."""
-    from oel_ray.learner import LearnerGroup
-
-    group = LearnerGroup(config(zero_stage=0, renormalize=False, warmup_steps=0), tiny_model, num_cpus=0.5)
+def zero0_at_start(tiny_model, tmp_path_factory, ranks_of):
+    """The module's one rank reloaded as ZeRO-0 for the sampled-token losses, and its training state
+    saved before any step: each loss's test restores it (Learner.load_state) and steps with that
+    loss (train_step's `loss`), as a fresh group would, without a group's start (~7 s) per loss."""
+    group = ranks_of(1)
+    group.reload(tiny_model, config(zero_stage=0, renormalize=False, warmup_steps=0))
     start = tmp_path_factory.mktemp("zero0") / "start"
     group.save_state(str(start))
-    yield group, str(start)
-    group.shutdown()
+    return group, str(start)
 
 
 def one_sampled_token_step(batch, tiny_model, zero0_at_start, loss: str):
@@ -391,19 +408,15 @@ def full_config(**kw):
 
 
 @pytest.fixture(scope="module")
-def full_trained(ray_cluster, tiny_model, knowledge_samples):
+def full_trained(tiny_model, knowledge_samples, ranks_of):
     """learner.loss=full_reverse_kl, 1 rank, ZeRO-2, 2 micro-batches: STEPS steps. Each rank holds
     a frozen teacher copy; the samples carry no teacher_logprobs."""
-    from oel_ray.learner import LearnerGroup
-
     t0 = time.perf_counter()
-    group = LearnerGroup(full_config(zero_stage=2, grad_accum=2), tiny_model, num_cpus=0.5)
-    try:
-        metrics = [group.train_step(knowledge_samples, s) for s in range(STEPS)]
-        trained = load(tiny_model)
-        trained.load_state_dict(group.state_dict(), strict=False)
-    finally:
-        group.shutdown()
+    group = ranks_of(1)
+    group.reload(tiny_model, full_config(zero_stage=2, grad_accum=2))
+    metrics = [group.train_step(knowledge_samples, s) for s in range(STEPS)]
+    trained = load(tiny_model)
+    trained.load_state_dict(group.state_dict(), strict=False)
     print(f"full_reverse_kl: {time.perf_counter() - t0:.1f}s;", [round(m.kl, 5) for m in metrics])
     return metrics, trained
 
@@ -423,18 +436,12 @@ def test_full_reverse_kl_is_exact_and_steps_lower_it(full_trained, tiny_model, k
     assert exact_kl(trained, initial, knowledge_samples) < 0.7 * reference
 
 
-def test_full_reverse_kl_two_ranks_zero3_match_one_rank(full_trained, tiny_model, knowledge_samples):
+def test_full_reverse_kl_two_ranks_zero3_match_one_rank(full_trained, tiny_model, knowledge_samples, two_ranks):
     """The teacher's hidden states and head enter DeepSpeed's forward as inputs: under ZeRO-3 (every
     weight partitioned) two ranks follow the one-rank curve."""
-    from oel_ray.learner import LearnerGroup
-
     reference, _ = full_trained
-    group = LearnerGroup(full_config(zero_stage=3, grad_accum=1, num_ranks=2), tiny_model, num_cpus=0.5,
-                         ds_overrides={"zero_optimization": {"stage3_param_persistence_threshold": 0}})
-    try:
-        got = [group.train_step(knowledge_samples, s) for s in range(3)]
-    finally:
-        group.shutdown()
+    two_ranks.reload(tiny_model, full_config(zero_stage=3, grad_accum=1, num_ranks=2))
+    got = [two_ranks.train_step(knowledge_samples, s) for s in range(3)]
     for ours, ref in zip(got, reference):
         for key in CURVE_KEYS:
             assert getattr(ours, key) == pytest.approx(getattr(ref, key), rel=1e-4, abs=1e-6), key
@@ -450,7 +457,6 @@ def test_full_reverse_kl_needs_the_teacher_copy(trained, knowledge_samples):
 
 # Persistence threshold 0: ZeRO-3 partitions every weight, so every forward pass all-gathers every
 # layer, as at real model sizes (the default keeps a tiny model's small weights whole on each rank).
-PARTITION_ALL = {"zero_optimization": {"stage3_param_persistence_threshold": 0}}
 # One long reply among short ones. With 2 ranks (rank r trains on samples r::2) rank 0 draws only
 # short replies and rank 1 short and long ones; with 4 ranks rank 1 holds the long one next to a
 # short one and rank 3 a single sample. Length buckets planned per rank would give the ranks 1 and 2
@@ -534,30 +540,18 @@ def uneven(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def uneven_reference(ray_cluster, tiny_model, uneven):
+def uneven_reference(tiny_model, uneven, ranks_of):
     """One rank, ZeRO-2: 3 steps on the uneven batch."""
-    from oel_ray.learner import LearnerGroup
-
     samples, _ = uneven
-    group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=1), tiny_model, num_cpus=0.5)
-    try:
-        return [group.train_step(samples, s) for s in range(3)]
-    finally:
-        group.shutdown()
+    group = ranks_of(1)
+    group.reload(tiny_model, config(zero_stage=2, grad_accum=1, num_ranks=1))
+    return [group.train_step(samples, s) for s in range(3)]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
-def rank_group(request, ray_cluster, tiny_model):
-    """(n, a group of n ranks, every weight partitioned under ZeRO-3), made once for every test that
-    takes it: each test reloads it with its own settings (Learner.reload: a new group's steps, to
-    the bit; tested above)."""
-    from oel_ray.learner import LearnerGroup
-
-    ranks = request.param
-    group = LearnerGroup(config(zero_stage=2, grad_accum=1, num_ranks=ranks), tiny_model, num_cpus=0.5,
-                         ds_overrides=PARTITION_ALL)
-    yield ranks, group
-    group.shutdown()
+def rank_group(request, ranks_of):
+    """(n, ranks_of(n)): each test reloads the group with its own settings."""
+    return request.param, ranks_of(request.param)
 
 
 @pytest.mark.parametrize("stage,checkpointing", [(2, False), (3, False), (3, True)])

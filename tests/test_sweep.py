@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from entry_point import main_in_process
+
+from oel_ray import session
 
 REPO = Path(__file__).resolve().parents[1]
 SWEEP = {"extractor.k": [2, 4], "learner.grad_accum": [1, 2]}
@@ -59,9 +62,10 @@ def test_multirun_over_k_and_grad_accum_gives_one_result_dir_per_job(tmp_path, s
 
     alone = tmp_path / "alone"
     last = [f"{key}={values[-1]}" for key, values in SWEEP.items()]
-    proc = subprocess.run([sys.executable, "-m", "oel_ray.main", *smallest_tiny, *last, f"hydra.run.dir={alone}",
-                           *joins_session_cluster], capture_output=True, text=True, timeout=600, cwd=REPO)
+    session.release_kept_roles()  # alone: on roles of its own
+    proc = main_in_process([*smallest_tiny, *last, f"hydra.run.dir={alone}", *joins_session_cluster], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "start roles" in proc.stderr
 
     def figures(run: Path) -> dict:
         summary = json.loads((run / "summary.json").read_text())
