@@ -52,6 +52,37 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def remove_placement_groups(ids: set[str]) -> None:
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    for pg in ids:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+
+
+def kept_placement_groups() -> set[str]:
+    from oel_ray import session
+
+    return {role.placement.group.id.hex() for role in session.kept_roles()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def roles_stop_with_their_module():
+    """The same for a module's fixtures: roles a module fixture started and did not stop are removed
+    once the module is done, and its last test errs, naming them (three such fixtures once held half
+    the session cluster's CPUs to its end). Whichever of its tests joins the cluster first."""
+    import ray
+
+    before = placement_groups_held_here() if ray.is_initialized() else set()
+    yield
+    if not ray.is_initialized():
+        return
+    left = placement_groups_held_here() - before - kept_placement_groups()
+    remove_placement_groups(left)
+    if left:
+        pytest.fail(f"the module's fixtures left {len(left)} placement group(s) running: stop their roles")
+
+
 @pytest.fixture(autouse=True)
 def roles_stop_with_their_test(request):
     """Roles a test started and did not stop hold the session cluster's CPUs, and every later test
@@ -62,17 +93,10 @@ def roles_stop_with_their_test(request):
     if "ray_cluster" not in request.fixturenames:
         yield
         return
-    from ray._raylet import PlacementGroupID
-    from ray.util.placement_group import PlacementGroup, remove_placement_group
-
-    from oel_ray import session
-
     before = placement_groups_held_here()
     yield
-    kept = {role.placement.group.id.hex() for role in session.kept_roles()}
-    left = placement_groups_held_here() - before - kept
-    for pg in left:
-        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    left = placement_groups_held_here() - before - kept_placement_groups()
+    remove_placement_groups(left)
     if left and getattr(request.node, "call_passed", False):
         pytest.fail(f"the test left {len(left)} placement group(s) running: stop its roles (shutdown())")
 

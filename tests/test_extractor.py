@@ -248,7 +248,8 @@ def trajectories_and_workers(ray_cluster, tiny_model):
                            kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
     specs = train_specs(EnvConfig(kwargs={"dim_room": [6, 6], "num_boxes": 1}), 1, 6)
     trajs = workers.play(specs, Sampling(max_tokens=24, temperature=0.7, seed=3), 3, 1)
-    return trajs, workers
+    yield trajs, workers
+    workers.shutdown()
 
 
 def test_extraction_through_vllm_is_reproducible(trajectories_and_workers, tiny_model):

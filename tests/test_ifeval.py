@@ -345,8 +345,10 @@ def workers(ray_cluster, tiny_model):
     from oel_ray.config import ModelConfig
     from oel_ray.rollout import RolloutGroup
 
-    return RolloutGroup(ModelConfig(path=tiny_model, build=None, max_model_len=2048), num_workers=1, seed=0,
-                        max_logprobs=1, kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    workers = RolloutGroup(ModelConfig(path=tiny_model, build=None, max_model_len=2048), num_workers=1, seed=0,
+                           max_logprobs=1, kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    yield workers
+    workers.shutdown()
 
 
 def test_run_ifeval_on_the_tiny_model_scores_its_real_replies(workers, tiny_model):

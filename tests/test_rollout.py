@@ -217,8 +217,10 @@ def test_invalid_turns_and_per_sample_report():
 def group(ray_cluster, tiny_model):
     from oel_ray.rollout import RolloutGroup
 
-    return RolloutGroup(ModelConfig(path=tiny_model, build=None, max_model_len=2048), num_workers=2, seed=0,
-                        max_logprobs=1, kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    group = RolloutGroup(ModelConfig(path=tiny_model, build=None, max_model_len=2048), num_workers=2, seed=0,
+                         max_logprobs=1, kv_cache_gib=1, gpu_memory_utilization=0.5, num_cpus=0.5, num_gpus=0)
+    yield group
+    group.shutdown()
 
 
 SAMPLING = Sampling(max_tokens=16, temperature=0.7, top_p=0.8, top_k=20)
