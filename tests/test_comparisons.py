@@ -173,3 +173,16 @@ def test_another_checkpoint_teaches_every_round(run, deeper_teacher):
     assert json.loads((out / "manifest.json").read_text())["config"]["teacher"]["model"] == deeper_teacher
     rows = [json.loads(line) for r in (1, 2) for line in (out / f"round_{r}" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(row["kl"] > 0.5 for row in rows), [row["kl"] for row in rows]
+
+
+def test_a_job_whose_teacher_is_built_otherwise_takes_over_the_workers_and_the_learner(run):
+    """tiny_public_code merges the teacher's support into the student's, so its teacher is built from
+    other arguments than the job before it: it takes over that job's rollout workers and learner
+    ranks and starts a teacher alone (session.take_kept_roles)."""
+    proc, out = run("tiny_public_code")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (out / "oel.log").read_text()
+    assert "reusing the 1 rollout worker(s) the previous job left running (same settings)" in log
+    assert "reusing the learner's 1 rank(s)" in log
+    assert "[start the roles built otherwise than the previous job's: teacher] done" in log
+    assert "start roles:" not in log
