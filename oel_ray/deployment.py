@@ -23,9 +23,9 @@ from oel_ray.endpoint import ChatEndpoint
 from oel_ray.errors import InputError
 from oel_ray.extractor import Extractor
 from oel_ray.layout import RunLayout
-from oel_ray.roles import Roles, build_roles, to_learner_weights
+from oel_ray.roles import Roles, to_learner_weights
 from oel_ray.rollout import RolloutGroup
-from oel_ray.session import init_ray, keep_roles, take_kept_roles
+from oel_ray.session import init_ray, keep_roles, start_roles
 from oel_ray.tracking import timed
 from oel_ray.weight_sync import for_roles
 
@@ -164,11 +164,7 @@ class Deployment:
 
         cfg = self.cfg
         init_ray(cfg)
-        self.roles = take_kept_roles(cfg)
-        if self.roles is None:
-            self.roles = build_roles(cfg, while_starting=self._start_extractor)
-        else:
-            self._start_extractor(self.roles.workers)
+        self.roles = start_roles(cfg, while_starting=self._start_extractor)
         self._record_placement()
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.path)
 

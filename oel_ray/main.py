@@ -67,8 +67,8 @@ def hydra_main(raw: DictConfig) -> dict:
         fail(checks.user_named(str(err), raw))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     from oel_ray import driver, tracking
-    from oel_ray.session import keeping_roles_between_runs
     from oel_ray.embedded import build_model, fingerprint, needs_build
+    from oel_ray.session import keeping_roles_between_runs
 
     if cfg.model.build:
         if needs_build(cfg.model.path, cfg.model.build):
@@ -82,7 +82,8 @@ def hydra_main(raw: DictConfig) -> dict:
     finished = False
     try:
         preflight.check(cfg)  # prompt room, env kwargs, model limits: needs the tokenizer and a game, not Ray
-        summary = driver.run(cfg, keep_roles=in_a_sweep() or keeping_roles_between_runs())  # starts Ray only if some stage still has to run
+        # starts Ray only if some stage still has to run
+        summary = driver.run(cfg, keep_roles=in_a_sweep() or keeping_roles_between_runs())
         finished = True
     except errors.ConfigError as err:  # found on disk: a resume with other settings, a corrupt file
         refuse(err, raw)

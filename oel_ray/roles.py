@@ -44,34 +44,40 @@ class Roles:
 
 
 def build_roles(cfg: OELConfig, model_path: Optional[str] = None,
-                while_starting: Optional[Callable[[RolloutGroup], None]] = None) -> Roles:
+                while_starting: Optional[Callable[[RolloutGroup], None]] = None,
+                running: Optional[dict] = None) -> Roles:
     """The rollout workers, teacher actors and learner ranks of `cfg`, all at `model_path` (default
     the configured model). The learner is placed first: its bundles are the largest and it packs
     its ranks on as few nodes as they fit on; then the teacher and the workers take what is left.
     The roles load side by side (each start is mostly its own imports and model load);
     `while_starting(workers)` runs once every actor is created, before the wait, so whatever it
-    starts loads beside them."""
+    starts loads beside them. `running`: roles already up, by Roles field ("workers", "teacher",
+    "learner"), taken over from the previous job (session.take_kept_roles): only the others
+    start, and a failure stops these too."""
     r, lcfg = cfg.rollout, cfg.learner
     path = model_path or cfg.model.path
     model = cfg.model if path == cfg.model.path else replace(cfg.model, path=path, build=None)
-    started: list = []
-    what = (f"start roles: learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage}), teacher "
+    running = running or {}
+    makers = {"learner": lambda: learner_group(cfg, path, wait=False),
+              "teacher": lambda: TeacherGroup(**teacher_settings(cfg, path), wait=False),
+              "workers": lambda: rollout_group(cfg, model, wait=False)}
+    to_start = [name for name in makers if name not in running]
+    what = (f"start the roles built otherwise than the previous job's: {', '.join(to_start)}" if running else
+            f"start roles: learner ({lcfg.num_ranks} DeepSpeed rank(s), ZeRO-{lcfg.zero_stage}), teacher "
             f"({cfg.teacher.num_actors} actor(s)), {r.num_workers} rollout worker(s) (vLLM)")
+    started: dict = {}
     try:
-        learner = learner_group(cfg, path, wait=False)
-        started.append(learner)
-        teacher = TeacherGroup(**teacher_settings(cfg, path), wait=False)
-        started.append(teacher)
-        workers = rollout_group(cfg, model, wait=False)
-        started.append(workers)
+        for name in to_start:
+            started[name] = makers[name]()
         if while_starting is not None:
-            while_starting(workers)
-        timed(what, lambda: [role.wait() for role in reversed(started)])  # the engines start last: wait there first
+            while_starting({**running, **started}["workers"])
+        if started:  # the engines start last: wait there first
+            timed(what, lambda: [role.wait() for role in reversed(started.values())])
     except BaseException:
-        for role in started:
+        for role in [*started.values(), *running.values()]:
             role.shutdown()
         raise
-    return Roles(workers=workers, teacher=teacher, learner=learner)
+    return Roles(**running, **started)
 
 
 def rollout_group(cfg: OELConfig, model: Optional[ModelConfig] = None, num_workers: Optional[int] = None,

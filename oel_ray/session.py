@@ -13,17 +13,16 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import ray
 
 from oel_ray.config import ClusterConfig, OELConfig
 from oel_ray.learner import LearnerGroup
-from oel_ray.roles import (JOB_ENV, Roles, learner_group, learner_processes, rollout_group, shared_role_settings,
+from oel_ray.roles import (JOB_ENV, Roles, build_roles, learner_processes, shared_role_settings,
                            to_learner_weights)
 from oel_ray.rollout import RolloutGroup
 from oel_ray.teacher import TeacherGroup
-from oel_ray.tracking import timed
 
 log = logging.getLogger("oel_ray")
 
@@ -80,16 +79,14 @@ class KeptRoles:
 _kept: Optional[KeptRoles] = None
 
 
-def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
-    """The roles of `cfg`, taking over each kept one it would build alike (the learner's ranks
-    reloaded at the configured model), starting the others side by side, all brought to the
-    model's weights (the previous job left its own last weights in them); or None where nothing
-    was kept or nothing kept fits (what was kept is then stopped). A kept actor found dead stops
-    them all."""
+def take_kept_roles(cfg: OELConfig) -> dict:
+    """The kept roles `cfg` would build alike, by Roles field (the learner's ranks reloaded at the
+    configured model with the job's learner settings); the others are stopped. Empty where nothing
+    was kept or nothing kept fits; a kept actor found dead stops them all."""
     global _kept
     kept, _kept = _kept, None
     if kept is None:
-        return None
+        return {}
     rollout, teacher = shared_role_settings(cfg)
     mine: dict = {}
     try:
@@ -109,29 +106,25 @@ def take_kept_roles(cfg: OELConfig) -> Optional[Roles]:
     for name in ("workers", "teacher", "learner"):
         if name not in mine:
             getattr(kept, name).shutdown()
-    if not mine:
-        return None
     reused = [f"the {len(kept.workers.workers)} rollout worker(s)"] * ("workers" in mine) + ["the teacher"] * (
         "teacher" in mine)
     if reused:
         log.info("  reusing %s the previous job left running (same settings)", " and ".join(reused))
-    path, new = cfg.model.path, {}
-    try:
-        if "learner" not in mine:
-            new["learner"] = learner_group(cfg, path, wait=False)
-        if "teacher" not in mine:
-            new["teacher"] = TeacherGroup(**teacher, wait=False)
-        if "workers" not in mine:
-            new["workers"] = rollout_group(cfg, wait=False)
-        if new:
-            timed(f"start the roles built otherwise than the previous job's: {', '.join(new)}",
-                  lambda: [role.wait() for role in new.values()])
-        roles = Roles(**mine, **new)
-        to_learner_weights(roles, cfg, version=0)
-    except BaseException:
-        for role in [*mine.values(), *new.values()]:
-            role.shutdown()
-        raise
+    return mine
+
+
+def start_roles(cfg: OELConfig, while_starting: Optional[Callable[[RolloutGroup], None]] = None) -> Roles:
+    """The roles of `cfg`: those the previous job left that it would build alike, the others started
+    beside them (roles.build_roles), all brought to the model's weights where any was taken over
+    (the previous job left its own last weights in them)."""
+    running = take_kept_roles(cfg)
+    roles = build_roles(cfg, while_starting=while_starting, running=running)
+    if running:
+        try:
+            to_learner_weights(roles, cfg, version=0)
+        except BaseException:
+            roles.shutdown()
+            raise
     return roles
 
 

@@ -40,15 +40,14 @@ def distill_roles(cfg, ray):
     teacher, and a student to load the learner's weights into). Yields (roles, tokenizer, frozen,
     student). The roles are those a run or test before left running where they would be built
     alike, brought to the initial model, as a sweep's next job takes them over (session.py), else
-    new (roles.build_roles); they are left running for the next on exit, or stopped if the test
+    new (session.start_roles); they are left running for the next on exit, or stopped if the test
     failed inside."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from oel_ray import session
-    from oel_ray.roles import build_roles
 
-    roles = session.take_kept_roles(cfg) or build_roles(cfg)
+    roles = session.start_roles(cfg)
     try:
         path = cfg.model.path
         tokenizer = AutoTokenizer.from_pretrained(path)
