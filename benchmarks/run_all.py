@@ -9,8 +9,10 @@ whatever the scripts before it left unused, never more:
 a slow or stuck script is stopped at its deadline and the rest still run. The known ones run first,
 in `ORDER`; any other script in benchmarks/ with a `main()` runs after them. summary.md holds only
 what the scripts saved: their own tables where they give them (`common.save(..., tables=...)`),
-else their scalar results, plus each script's runtime and status; the tables a script marks for the
-README (`common.save(..., readme=...)`) replace the part of README.md between `README_MARKERS`.
+else their scalar results, plus each script's runtime and status. README.md shows the tables each
+script marks for it (`common.save(..., readme=...)`) from its latest results file, whichever run
+wrote it, each headed by when it was measured: a run of some scripts refreshes theirs and keeps the
+others' (`update_readme`).
 Exits non-zero when any benchmark failed.
 """
 
@@ -126,24 +128,55 @@ def write_summary(runtimes: list[dict], wall_s: float) -> Path:
     return path
 
 
-def update_readme(runtimes: list[dict], readme: Path = ROOT / "README.md") -> bool:
-    """Put this run's README tables between the markers in README.md; False when it has none."""
+def readme_markers(name: str) -> tuple[str, str]:
+    """Where `name`'s README tables go when README has a place of their own for them."""
+    return f"<!-- bench:{name}:start -->", f"<!-- bench:{name}:end -->"
+
+
+def readme_tables(name: str, results: Path = RESULTS) -> list[str]:
+    """`name`'s README tables from its latest results file, headed by when and where it measured them."""
+    path = results / f"{name}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    titles = data.get("readme_tables") or []
+    if not titles:
+        return []
+    m, when = data.get("machine", {}), data.get("measured_at", "?")
+    when = f"{when[:16].replace('T', ' ')} UTC" if when.endswith("+0000") else when
+    where = f"{m['cpu']}, " if m.get("cpu") else ""
+    head = f"`benchmarks.{name}`, measured {when} ({where}{m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}):"
+    return [head] + [f"**{title}**\n\n{data['tables_md'][title]}" for title in titles]
+
+
+def update_readme(runtimes: list[dict], readme: Path = ROOT / "README.md", results: Path = RESULTS) -> bool:
+    """Every script's README tables from its latest results file, whichever run wrote it (each table
+    says when): between its own markers (`readme_markers`) where README has them, else between
+    `README_MARKERS`, after a line for each script this run did not finish. False when README has no
+    `README_MARKERS`."""
     text = readme.read_text()
     start, end = README_MARKERS
     if start not in text or end not in text:
         print(f"{readme}: no {start} ... {end} markers; README not updated")
         return False
-    parts = [provenance() + " All tables: `benchmarks/results/summary.md`."]
-    for r in runtimes:
-        path = RESULTS / f"{r['benchmark']}.json"
-        data = json.loads(path.read_text()) if r["status"] == "ok" and path.exists() else {}
-        if r["status"] != "ok":
-            parts.append(f"`benchmarks.{r['benchmark']}`: {r['status']}.")
-        parts += [f"**{title}**\n\n{data['tables_md'][title]}" for title in data.get("readme_tables", [])]
-    block = f"{start}\n" + "\n\n".join(parts) + f"\n{end}"
-    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
-    atomic_write_text(readme, pattern.sub(lambda _: block, text, count=1))
+    names = [n for n in discover() if (results / f"{n}.json").exists()]
+    general = [f"Each script's tables from its latest results file (`benchmarks/results/<script>.json`, "
+               "written by `python -m benchmarks.run_all` or the script alone); ratios inside a table compare "
+               "systems measured in the same run on the same machine. All tables: `benchmarks/results/summary.md`."]
+    general += [f"`benchmarks.{r['benchmark']}`: {r['status']} in the run of {time.strftime('%Y-%m-%d %H:%M %Z')}."
+                for r in runtimes if r["status"] != "ok"]
+    for name in names:
+        own = readme_markers(name)
+        if own[0] in text and own[1] in text:
+            text = replace_between(text, own, "\n\n".join(readme_tables(name, results)))
+        else:
+            general += readme_tables(name, results)
+    atomic_write_text(readme, replace_between(text, README_MARKERS, "\n\n".join(general)))
     return True
+
+
+def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
+    start, end = markers
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text, count=1)
 
 
 def main() -> None:
@@ -153,8 +186,7 @@ def main() -> None:
     wall = time.perf_counter() - start
     atomic_write_text(RESULTS / "run_all.json", json.dumps({"runs": runtimes, "seconds": round(wall, 1)}, indent=2))
     path = write_summary(runtimes, wall)
-    if not sys.argv[1:]:  # a partial run leaves the README's table, which comes from a whole one
-        update_readme(runtimes)
+    update_readme(runtimes)
     print("\n" + markdown_table(["benchmark", "status", "seconds"],
                                 [[r["benchmark"], r["status"], r["seconds"]] for r in runtimes]))
     print(f"total {wall:.0f} s; summary: {path}")
