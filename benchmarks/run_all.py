@@ -31,7 +31,7 @@ from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
 HERE = Path(__file__).resolve().parent
 ORDER = ("rollout", "generate", "extraction", "consolidation", "teacher", "round", "weight_sync", "kl_memory",
-         "checkpointing", "gpu_check", "organism_probe", "organism")
+         "checkpointing", "gpu_check", "learner_memory", "organism_probe", "organism")
 NOT_BENCHMARKS = {"__init__", "common", "flops", "run_all"}
 # `make bench` <= 20 minutes for the speed figures (a minute left for installing, start-up and the
 # summary), plus the organism: its lesson probe (2m19s on 2 cores) and its learning runs: 15 runs of
@@ -40,11 +40,13 @@ NOT_BENCHMARKS = {"__init__", "common", "flops", "run_all"}
 PROBE_S, ORGANISM_S = 4 * 60, 115 * 60
 BUDGET_S = 19 * 60 + PROBE_S + ORGANISM_S
 # Seconds planned per script, adding up to the budget: 1.3-2x what each took on a quiet 2-core
-# machine (rollout 49, generate 59, extraction 34, consolidation 684 with the paper-shaped workload
-# and four tiny variants, teacher 146, round ~65, weight_sync 32, kl_memory 26, checkpointing 100,
-# gpu_check 25 on CPU): about 20 minutes in all, so the later scripts' shares run up to the budget.
+# machine (2026-12-07, AMD EPYC: rollout 29, generate 49, extraction 37, consolidation 561 with the
+# paper-shaped workload, teacher 120, round 30, weight_sync 19, kl_memory 21, checkpointing 83,
+# gpu_check 13 on CPU, learner_memory 171): 18m54s in all, so the later scripts' shares run up to
+# the budget.
 PLAN_S = {"rollout": 90, "generate": 90, "extraction": 60, "consolidation": 780, "teacher": 180, "round": 90,
-          "weight_sync": 60, "kl_memory": 50, "checkpointing": 130, "gpu_check": 50, "organism_probe": PROBE_S,
+          "weight_sync": 60, "kl_memory": 50, "checkpointing": 130, "gpu_check": 50, "learner_memory": 240,
+          "organism_probe": PROBE_S,
           "organism": ORGANISM_S}
 UNPLANNED_S = 60  # a script not in PLAN_S
 README_MARKERS = ("<!-- bench:start -->", "<!-- bench:end -->")
