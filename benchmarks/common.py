@@ -25,6 +25,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
+def quiet_libraries() -> None:
+    """What the libraries the scripts drive print and a reader of `make bench` can do nothing about:
+    DeepSpeed's "could not find a GPU" (a CPU machine is named as such before it loads), a progress
+    bar per random-initialised model saved, vLLM's start-up chatter in the scripts' own engines, and
+    TRL's notes that GKDTrainer lives in trl.experimental and that this CPU build's vLLM (0.32) is
+    newer than TRL 1.16 lists (its baselines generate with Hugging Face, README says why)."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    from oel_ray.deepspeed_setup import name_the_accelerator
+    from oel_ray.rollout import quiet_vllm_start
+
+    name_the_accelerator()
+    hf_logging.disable_progress_bar()
+    quiet_vllm_start()
+    warnings.filterwarnings("ignore", message=r"You are importing from 'trl\.experimental'")
+    warnings.filterwarnings("ignore", message=r"TRL currently supports vLLM versions", category=UserWarning)
+
+
+quiet_libraries()  # every script imports this module before the libraries it drives
+
+
 def load_config(*overrides: str):
     """The validated OELConfig of `conf/config.yaml` (+ overrides), as `python -m oel_ray.main` builds it."""
     from hydra import compose, initialize_config_dir

@@ -19,6 +19,7 @@ Exits non-zero when any benchmark failed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 from oel_ray.artifacts import atomic_write_text
+from oel_ray.rollout import WORKER_ENV  # torch's C++ log level, read when a script's torch loads
 
 from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
@@ -76,7 +78,8 @@ def run(name: str, deadline: float) -> dict:
     if limit < 10:
         return {"benchmark": name, "seconds": 0.0, "status": "skipped: the time budget was spent"}
     try:
-        code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, timeout=limit).returncode
+        code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, timeout=limit,
+                              env={**os.environ, **WORKER_ENV["env_vars"]}).returncode
         status = "ok" if code == 0 else f"failed (exit {code})"
     except subprocess.TimeoutExpired:
         status = f"stopped at its deadline after {limit:.0f} s"
