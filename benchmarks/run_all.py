@@ -9,7 +9,8 @@ whatever the scripts before it left unused, never more:
 a slow or stuck script is stopped at its deadline and the rest still run. The known ones run first,
 in `ORDER`; any other script in benchmarks/ with a `main()` runs after them. summary.md holds only
 what the scripts saved: their own tables where they give them (`common.save(..., tables=...)`),
-else their scalar results, plus each script's runtime and status. README.md shows the tables each
+else their scalar results, for every script with a results file (the run's own with their runtime
+and status, the others as their latest run left them). README.md shows the tables each
 script marks for it (`common.save(..., readme=...)`) from its latest results file, whichever run
 wrote it, each headed by when it was measured: a run of some scripts refreshes theirs and keeps the
 others' (`update_readme`).
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 from oel_ray.artifacts import atomic_write_text
 from oel_ray.rollout import WORKER_ENV  # torch's C++ log level, read when a script's torch loads
@@ -99,9 +101,11 @@ def scalars(data: dict, prefix: str = "", depth: int = 2) -> list[tuple[str, obj
     return out
 
 
-def section(name: str, runtime: dict) -> str:
+def section(name: str, runtime: Optional[dict]) -> str:
+    """`name`'s part of summary.md: how it ran in this run (None: not run in it) and its latest results."""
     path = RESULTS / f"{name}.json"
-    head = f"## {name}\n\n`python -m benchmarks.{name}`: {runtime['status']}, {runtime['seconds']} s"
+    ran = f"{runtime['status']}, {runtime['seconds']} s" if runtime else "not run in this run"
+    head = f"## {name}\n\n`python -m benchmarks.{name}`: {ran}"
     if not path.exists():
         return f"{head}; no results file."
     data = json.loads(path.read_text())
@@ -116,17 +120,20 @@ def section(name: str, runtime: dict) -> str:
 def provenance() -> str:
     m = machine()
     return (f"Written by `python -m benchmarks.run_all` on {time.strftime('%Y-%m-%d %H:%M %Z')}: "
-            f"{m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}. Every figure comes from the "
-            "results files of this run's scripts; ratios compare systems measured in the same run on the same machine.")
+            f"{m['cpu_count']} CPUs, torch {m['torch']}, Python {m['python']}. The table is this run's; below it, "
+            "every script's latest results, whichever run wrote them (each says when); ratios compare systems "
+            "measured in the same run on the same machine.")
 
 
 def write_summary(runtimes: list[dict], wall_s: float) -> Path:
+    ran = {r["benchmark"]: r for r in runtimes}
+    names = list(ran) + [n for n in discover() if n not in ran and (RESULTS / f"{n}.json").exists()]
     parts = [
         "# Benchmark summary",
         provenance(),
         markdown_table(["benchmark", "status", "seconds"], [[r["benchmark"], r["status"], r["seconds"]]
                                                              for r in runtimes] + [["total", "", round(wall_s, 1)]]),
-        *[section(r["benchmark"], r) for r in runtimes],
+        *[section(name, ran.get(name)) for name in names],
     ]
     path = RESULTS / "summary.md"
     atomic_write_text(path, "\n\n".join(parts) + "\n")
