@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks.common import ROOT, markdown_table, save
+from benchmarks.common import ROOT, markdown_table, quiet_libraries, save
 from benchmarks.teacher import MID_ARCH
 
 SETTINGS = {"activations kept": False, "gradient checkpointing": True}
@@ -119,4 +119,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -30,7 +30,9 @@ def quiet_libraries() -> None:
     DeepSpeed's "could not find a GPU" (a CPU machine is named as such before it loads), a progress
     bar per random-initialised model saved, vLLM's start-up chatter in the scripts' own engines, and
     TRL's notes that GKDTrainer lives in trl.experimental and that this CPU build's vLLM (0.32) is
-    newer than TRL 1.16 lists (its baselines generate with Hugging Face, README says why)."""
+    newer than TRL 1.16 lists (its baselines generate with Hugging Face, README says why). Each script
+    calls it first when run as a program, never on import: a test session that imports this module
+    must still see what the product itself prints."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -44,8 +46,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=r"You are importing from 'trl\.experimental'")
     warnings.filterwarnings("ignore", message=r"TRL currently supports vLLM versions", category=UserWarning)
 
-
-quiet_libraries()  # every script imports this module before the libraries it drives
 
 
 def load_config(*overrides: str):

@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Optional
 
 from benchmarks.baselines.work import Run, Work
-from benchmarks.common import (RAY_CPUS, load_config, markdown_table, save, start_ray, stop_ray, stopwatch,
-                               tiny_model_path)
+from benchmarks.common import (RAY_CPUS, load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray,
+                               stopwatch, tiny_model_path)
 from benchmarks.paper_shape import SMALL_ARCH, build_random, paper_prompts
 from benchmarks.teacher import MID_ARCH, Step
 
@@ -441,4 +441,5 @@ def make_work(cfg, tokenizer, pairs) -> Work:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

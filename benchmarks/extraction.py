@@ -16,7 +16,8 @@ from __future__ import annotations
 import statistics
 from dataclasses import replace
 
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch, tiny_model_path
+from benchmarks.common import (load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray, stopwatch,
+                               tiny_model_path)
 
 CHAINS, K, WORKERS = 4, 12, 2
 TRAJECTORIES = 24  # each chain draws its own K of these
@@ -79,4 +80,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -17,7 +17,7 @@ import time
 
 import ray
 
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, tiny_model_path
+from benchmarks.common import load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray, tiny_model_path
 from oel_ray.placement import bind_to_cores
 
 PROMPTS = 64
@@ -110,4 +110,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

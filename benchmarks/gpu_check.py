@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, save, tiny_model_path
+from benchmarks.common import markdown_table, quiet_libraries, save, tiny_model_path
 from benchmarks.flops import Arch, datasheet_peak, measured_peak, timed
 from benchmarks.paper_shape import build_random
 from benchmarks.teacher import TEACHER_FULL, TEACHER_REUSED, measure
@@ -215,4 +215,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -162,4 +162,7 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--variant":
         print(json.dumps(run_variant(sys.argv[2])))
     else:
+        from benchmarks.common import quiet_libraries
+
+        quiet_libraries()
         main()

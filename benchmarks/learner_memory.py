@@ -20,7 +20,7 @@ import argparse
 import time
 from pathlib import Path
 
-from benchmarks.common import markdown_table, save, start_ray, stop_ray
+from benchmarks.common import markdown_table, quiet_libraries, save, start_ray, stop_ray
 
 RANKS = 2
 ALL_PARTITIONED = {"stage3_param_persistence_threshold": 0}  # as at real sizes: no weight stays whole
@@ -162,4 +162,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

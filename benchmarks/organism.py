@@ -24,7 +24,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from benchmarks.common import RESULTS, ROOT, load_config, markdown_table, save, stopwatch
+from benchmarks.common import RESULTS, ROOT, load_config, markdown_table, quiet_libraries, save, stopwatch
 
 RUNS = {"main": "organism", "empty": "organism_empty_knowledge", "shuffled": "organism_shuffled_knowledge",
         "raw": "organism_raw_trajectories", "off_policy": "organism_off_policy"}
@@ -272,4 +272,5 @@ def report(results: list[dict], args, final: bool) -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import random
 
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch
+from benchmarks.common import load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray, stopwatch
 from benchmarks.organism import MAPS, RUNS
 
 SETS = {  # label -> lesson keys (oel_ray/organism.py), in the order play reveals them
@@ -106,4 +106,5 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, stopwatch, tiny_model_path
+from benchmarks.common import (load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray, stopwatch,
+                               tiny_model_path)
 
 GAMES = 64  # the paper's samples per consolidation step: one realistic collection batch
 WARMUP_GAMES = 8
@@ -90,4 +91,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

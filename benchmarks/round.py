@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchmarks.common import ROOT, markdown_table, save, stopwatch
+from benchmarks.common import ROOT, markdown_table, quiet_libraries, save, stopwatch
 
 DONE = re.compile(r"\[(?P<stage>[^\]]+)\] done in (?P<seconds>[0-9.]+)s")
 STARTS = ("start ",)  # role start-up lines; they run inside the first stage that needs the roles
@@ -64,4 +64,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Optional
 
 from oel_ray.artifacts import atomic_write_text
-from oel_ray.rollout import WORKER_ENV  # torch's C++ log level, read when a script's torch loads
 
 from benchmarks.common import RESULTS, ROOT, machine, markdown_table
 
@@ -79,6 +78,8 @@ def run(name: str, deadline: float) -> dict:
     limit = deadline - start
     if limit < 10:
         return {"benchmark": name, "seconds": 0.0, "status": "skipped: the time budget was spent"}
+    from oel_ray.rollout import WORKER_ENV  # torch's C++ log level, read when a script's torch loads
+
     try:
         code = subprocess.run([sys.executable, "-m", f"benchmarks.{name}"], cwd=HERE.parent, timeout=limit,
                               env={**os.environ, **WORKER_ENV["env_vars"]}).returncode

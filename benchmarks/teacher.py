@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks.common import markdown_table, save, start_ray, stop_ray, tiny_model_path
+from benchmarks.common import markdown_table, quiet_libraries, save, start_ray, stop_ray, tiny_model_path
 from benchmarks.flops import Arch, measured_peak, timed
 from benchmarks.paper_shape import build_random
 from oel_ray.config import FLOAT32, TeacherConfig
@@ -148,4 +148,5 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()

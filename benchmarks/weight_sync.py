@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import statistics
 
-from benchmarks.common import load_config, markdown_table, save, start_ray, stop_ray, tiny_model_path
+from benchmarks.common import load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray, tiny_model_path
 
 TRANSPORTS = ("object_store", "gloo")
 WARMUP, REPEATS = 3, 20
@@ -71,4 +71,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    quiet_libraries()
     main()
