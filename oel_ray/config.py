@@ -9,8 +9,9 @@ spans groups or looks at files (oel_ray/validate.py), then what needs the tokeni
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -202,6 +203,8 @@ class TeacherConfig:
     batch_tokens: int = 8192  # tokens per teacher forward pass
     chunk_tokens: int = 1024  # positions per log-softmax chunk (bounds fp32 memory at large V)
     reuse_prefix: bool = True  # encode each shared prompt start (a knowledge text) once per round
+    # Encode a batch's prompts while its replies are generated (prefill.py); None: with teacher GPUs
+    prefill_prompts: Optional[bool] = None
     model: Optional[str] = None  # another checkpoint (same tokenizer) teaching every round; None: the round's start
 
     def check(self) -> None:
@@ -365,8 +368,6 @@ class TrackingConfig:
 
     def check(self) -> None:
         if self.wandb:
-            import importlib.util
-
             require(importlib.util.find_spec("wandb") is not None, "tracking.wandb",
                     "true needs the wandb package: pip install wandb (or set tracking.wandb=false)")
 
@@ -391,8 +392,7 @@ class OELConfig:
     def check(self) -> None:
         """Each group's own fields, in the order of the groups above."""
         positive("rounds", self.rounds)
-        for group in (self.model, self.env, self.rollout, self.extractor, self.teacher, self.learner, self.cluster,
-                      self.consolidation, self.ood, self.tracking):
+        for group in (getattr(self, f.name) for f in fields(self) if hasattr(getattr(self, f.name), "check")):
             group.check()
 
 

@@ -100,6 +100,8 @@ def sample_and_score(roles: Roles, cfg: OELConfig, step: int, prefixes: list[str
     rng = random.Random(step_draw_seed(cfg.seed, step))
     pairs = make_samples(prefixes, knowledge_set, tokenizer, cfg, rng)
     seeds = [rng.randrange(2**31) for _ in pairs]
+    if loss != FULL_REVERSE_KL and prefills_prompts(cfg):
+        roles.teacher.prefill([t for _, t in pairs])  # encoded while the workers generate: prefill.py
     with timed(seconds, "generate"):  # off-policy: the round-start weights with the knowledge
         replies = roles.workers.generate([strategy.worker_prompt(p, t) for p, t in pairs], sampling, seeds)
     samples = [DistillSample(p, t, g.token_ids, g.topk_ids) for (p, t), g in zip(pairs, replies)]
@@ -137,6 +139,14 @@ def _consolidate_overlapped(roles: Roles, cfg: OELConfig, steps: list[tuple[int,
         on_step(metrics)
         if i + 1 < len(steps):
             batch, lag, seconds = upcoming, int(strategy.sync_each_step), {}
+
+
+def prefills_prompts(cfg: OELConfig) -> bool:
+    """teacher.prefill_prompts, its default resolved: on where the teacher has GPUs of its own. Where
+    it shares CPU cores with the rollout workers the two slow each other down more than the overlap
+    saves (2 cores, `tiny` at batch 8: 0.18 s a step without, 0.52 s with)."""
+    setting = cfg.teacher.prefill_prompts
+    return setting if setting is not None else cfg.cluster.use_gpu and cfg.cluster.teacher_gpus >= 1
 
 
 def stage_threads(cfg: OELConfig) -> Optional[int]:

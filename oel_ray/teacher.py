@@ -8,6 +8,9 @@ length. (vLLM's prompt_logprobs would ignore the temperature, which is why the t
 forward pass.) The support is the student's top-k (on-policy), that joined with the teacher's own
 top-k (learner.support=merged, `merged_support_logprobs`), or the teacher's own (off-policy).
 Prompts that start alike (the same knowledge text) share one encoded start (`prefix_cache.py`).
+A batch's teacher prompts are known before its replies: `prefill` encodes them while the workers
+generate (teacher.prefill_prompts), so that scoring, once the replies are in, runs only the reply
+tokens (`prefill.py`).
 
 ColocatedTeacher is the copy a learner rank holds for the exact full-vocabulary KL.
 """
@@ -25,6 +28,7 @@ import torch
 
 from oel_ray import batching, losses
 from oel_ray.placement import RolePlacement
+from oel_ray.prefill import Prefilled, encode_prompts, kv_bytes_per_token, reply_hidden
 from oel_ray.prefix_cache import MIN_SHARED_TOKENS, PrefixCache, shared_prefix_groups
 from oel_ray.types import DistillSample
 
@@ -70,6 +74,7 @@ class TeacherServer:
         self.prefixes = PrefixCache(self.model) if reuse_prefix else None
         self.merge_support = merge_support  # learner.support=merged: its own top-k joins the student's
         self.said_unshared = False
+        self.prefilled = Prefilled()  # the last `prefill`'s batches, until they are scored
 
     def ready(self) -> bool:
         return True
@@ -97,6 +102,31 @@ class TeacherServer:
         """Forget the knowledge prefixes encoded so far (a new round reads a new knowledge set)."""
         if self.prefixes is not None:
             self.prefixes.clear()
+        self.prefilled = Prefilled()
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> int:
+        """Encode these teacher prompts before their replies exist (the workers are generating them):
+        a later `score` of replies to them runs only the reply tokens on the keys and values kept
+        here. Holds one batch: the next prefill, or a new round, drops what was not scored. Returns
+        the prompt tokens encoded (after the shared starts)."""
+        self.prefilled = Prefilled()
+        for skip, kv, members in self._groups(prompts):
+            for batch in self._batches([len(prompts[i]) for i in members], skip):
+                rows = [prompts[members[i]] for i in batch]
+                if not self._room_for(sum(len(p) - skip for p in rows)):
+                    log.info("teacher: device memory is short: the prompts not yet encoded are scored in full")
+                    return self.prefilled.encoded_tokens
+                self.prefilled.add(encode_prompts(self.model, rows, skip, kv))
+        return self.prefilled.encoded_tokens
+
+    def _room_for(self, tokens: int) -> bool:
+        """Whether the keys and values of `tokens` more prompt tokens leave a GPU a quarter of its
+        memory for scoring (always on CPU)."""
+        if self.device != "cuda":
+            return True
+        free, total = torch.cuda.mem_get_info()
+        return free - tokens * kv_bytes_per_token(self.model) >= total / 4
 
     @torch.no_grad()
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[np.ndarray]:
@@ -105,32 +135,39 @@ class TeacherServer:
         merge_support, (merged ids, log-probs) pairs ([T, 2k] each, `merged_support_logprobs`). Only
         the arrays travel back: TeacherGroup puts them on the samples the driver already holds."""
         out: list[np.ndarray] = [None] * len(samples)  # type: ignore[list-item]
-        for skip, kv, members in self._groups(samples):
-            for batch in self._batches([samples[i] for i in members], skip):
+        prefilled, rest = self.prefilled.take([s.teacher_prompt_ids for s in samples])
+        for encoded, rows in prefilled:
+            batch = [samples[i] for i in rows]
+            hidden = reply_hidden(self.model, encoded, [s.response_ids for s in batch])
+            for i, scores in zip(rows, self._scores(hidden, batch, sampled_only)):
+                out[i] = scores
+        for skip, kv, members in self._groups([samples[i].teacher_prompt_ids for i in rest]):
+            members = [rest[i] for i in members]
+            for batch in self._batches([self._length(samples[i]) for i in members], skip):
                 rows = [members[i] for i in batch]
                 for i, scores in zip(rows, self._score_batch([samples[i] for i in rows], sampled_only, skip, kv)):
                     out[i] = scores
         return out
 
-    def _groups(self, samples: list[DistillSample]) -> list[tuple[int, object, list[int]]]:
-        """(tokens skipped, their cached keys/values or None, sample indices): one group per shared
-        start, and one of the samples scored in full."""
+    def _groups(self, prompts: list[list[int]]) -> list[tuple[int, object, list[int]]]:
+        """(tokens skipped, their cached keys/values or None, prompt indices): one group per shared
+        start, and one of the prompts scored in full."""
         if self.prefixes is None:
-            return [(0, None, list(range(len(samples))))]
-        prompts = [s.teacher_prompt_ids for s in samples]
+            return [(0, None, list(range(len(prompts))))]
         groups = shared_prefix_groups(prompts)
         alone = [i for shared, run in groups if not shared for i in run]
-        if len(alone) == len(samples) > 1 and not self.said_unshared:
+        if len(alone) == len(prompts) > 1 and not self.said_unshared:
             log.info("teacher: the prompts share no start of %d tokens or more (nothing to reuse): each is "
                      "scored in full", MIN_SHARED_TOKENS)
             self.said_unshared = True
         out = [(*self.prefixes.lookup(prompts[run[0]][:shared], self.device), run) for shared, run in groups if shared]
         return out + ([(0, None, alone)] if alone else [])
 
-    def _batches(self, samples: list[DistillSample], skip: int = 0) -> list[list[int]]:
-        """Batches of at most `batch_tokens` (padded, after the `skip` cached tokens), longest first."""
-        length = [self._length(s) - skip for s in samples]
-        order = sorted(range(len(samples)), key=lambda i: -length[i])
+    def _batches(self, lengths: list[int], skip: int = 0) -> list[list[int]]:
+        """Indices of `lengths` in batches of at most `batch_tokens` (padded, after the `skip` cached
+        tokens), longest first."""
+        length = [n - skip for n in lengths]
+        order = sorted(range(len(lengths)), key=lambda i: -length[i])
         batches, current, longest = [], [], 0
         for i in order:
             longest = max(longest, length[i])
@@ -149,11 +186,14 @@ class TeacherServer:
                                         pad_id=0)
         past = self.prefixes.expanded(kv, len(batch)) if kv is not None else None
         hidden = batching.response_hidden(self.model, ids.to(self.device), gather_idx.to(self.device), past)
-        rows, supports = [], []
-        for row, s in enumerate(batch):
-            rows.append(hidden[row, : len(s.response_ids)])
+        return self._scores([hidden[row, : len(s.response_ids)] for row, s in enumerate(batch)], batch, sampled_only)
+
+    def _scores(self, rows: list[torch.Tensor], batch: list[DistillSample], sampled_only: bool) -> list[np.ndarray]:
+        """Each sample's scores (see `score`) from its hidden states at the reply positions (`rows`)."""
+        supports = []
+        for s in batch:
             support = np.asarray(s.response_ids).reshape(-1, 1) if sampled_only else np.asarray(s.support_ids)
-            supports.append(torch.tensor(support, dtype=torch.long, device=hidden.device))  # copies: Ray hands read-only arrays
+            supports.append(torch.tensor(support, dtype=torch.long, device=self.device))  # copies: Ray hands read-only arrays
         # One pass over every response position of the batch: a few large matmuls, not one per sample.
         head = self.model.get_output_embeddings().weight
         cuts = np.cumsum([len(s.response_ids) for s in batch])[:-1]
@@ -206,6 +246,7 @@ class TeacherGroup:
         self.placement = RolePlacement("teacher", num_actors, num_cpus, num_gpus).reserve()
         self.actors = [ray.remote(TeacherServer).options(**self.placement.options(i)).remote(model_path, **kwargs)
                        for i in range(num_actors)]
+        self.prefilling: Optional[tuple[list[list[int]], list[list[int]], list[ray.ObjectRef]]] = None
         if wait:
             self.wait()
 
@@ -218,12 +259,26 @@ class TeacherGroup:
             raise
         return self
 
+    def prefill(self, prompts: list[list[int]]) -> None:
+        """Start encoding a batch's teacher prompts (TeacherServer.prefill) and return at once: the
+        actors encode them while the workers generate the replies. `score` of replies to exactly
+        these prompts then sends each sample to the actor that encoded its prompt."""
+        shares = balance([len(p) for p in prompts], len(self.actors))
+        refs = [a.prefill.remote([prompts[i] for i in share]) for a, share in zip(self.actors, shares) if share]
+        self.prefilling = (prompts, shares, refs)
+
     def score(self, samples: list[DistillSample], sampled_only: bool = False) -> list[DistillSample]:
         """The samples with their teacher_logprobs (see TeacherServer.score), in their order; a merged
         support replaces their support_ids."""
-        shares = balance([TeacherServer._length(s) for s in samples], len(self.actors))
+        prefilled, self.prefilling = self.prefilling, None
+        if prefilled is not None and prefilled[0] == [s.teacher_prompt_ids for s in samples]:
+            shares = prefilled[1]
+        else:
+            shares = balance([TeacherServer._length(s) for s in samples], len(self.actors))
         refs = [(share, a.score.remote([samples[i] for i in share], sampled_only))
                 for a, share in zip(self.actors, shares) if share]
+        if prefilled is not None:
+            ray.get(prefilled[2])  # done before the scores (each actor runs its calls in order): its errors surface here
         out = list(samples)
         for share, ref in refs:
             for i, scores in zip(share, ray.get(ref)):

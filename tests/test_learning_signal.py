@@ -26,7 +26,10 @@ TRAIN_GAMES, HELD_OUT_MAPS, SAMPLES_PER_PREFIX = 30, 16, 4
 
 
 def make_config(tiny_model: str, out: str):
-    return distill_config(tiny_model, out, steps=STEPS, batch=BATCH, lr=LR, env={"eval_maps": HELD_OUT_MAPS})
+    # The teacher encodes each batch's prompts while the workers generate (off by default on CPU):
+    # scores it got wrong that way would teach the student something else than the knowledge.
+    return distill_config(tiny_model, out, steps=STEPS, batch=BATCH, lr=LR, env={"eval_maps": HELD_OUT_MAPS},
+                          teacher={"prefill_prompts": True})
 
 
 def turn_prompts(trajectories) -> list[str]:

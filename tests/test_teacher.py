@@ -65,7 +65,7 @@ def test_support_logprobs_are_exact(tiny_model, reference_model, samples, chunk_
 
 def test_batches_respect_the_token_budget(tiny_model, samples):
     teacher = server(tiny_model, batch_tokens=100)
-    batches = teacher._batches(samples)
+    batches = teacher._batches([teacher._length(s) for s in samples])
     assert sorted(i for b in batches for i in b) == list(range(len(samples)))
     for batch in batches:
         padded = len(batch) * max(teacher._length(samples[i]) for i in batch)
@@ -126,6 +126,23 @@ def test_teacher_actors_return_the_same_scores_in_order(ray_cluster, tiny_model,
     assert len(samples) > 2 and all(balance([len(s.response_ids) for s in samples], 2))  # both actors scored
     assert len(remote) == len(local)
     for a, b in zip(remote, local):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+
+
+def test_prefilled_actors_score_as_one_server(ray_cluster, tiny_model, placed_samples):
+    """teacher.prefill_prompts through Ray: each sample goes to the actor that encoded its prompt."""
+    from oel_ray.teacher import TeacherGroup, balance
+
+    samples = placed_samples["user"]
+    assert all(balance([len(s.teacher_prompt_ids) for s in samples], 2))  # both actors encode some
+    group = TeacherGroup(tiny_model, num_actors=2, num_cpus=0.5, num_gpus=0, dtype="float32", temperature=TEMP,
+                         chunk_tokens=8, batch_tokens=256)
+    try:
+        group.prefill([s.teacher_prompt_ids for s in samples])
+        remote = [s.teacher_logprobs for s in group.score(samples)]
+    finally:
+        group.shutdown()
+    for a, b in zip(remote, server(tiny_model, chunk_tokens=8, batch_tokens=256).score(samples)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
 
 
@@ -232,3 +249,40 @@ def test_prompts_that_share_nothing_are_scored_in_full(tiny_model, reference_mod
     assert "share no start" in caplog.text and not teacher.prefixes.entries
     for sample, got in zip(samples, scores):
         np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("position", ["user", "system"])
+@pytest.mark.parametrize("reuse_prefix", [True, False])
+def test_prompts_prefilled_before_their_replies_score_as_the_plain_forward(tiny_model, reference_model,
+                                                                            placed_samples, position, reuse_prefix):
+    """teacher.prefill_prompts: the prompts encoded first (several batches, a prompt drawn twice, a
+    reply of one token), the replies run on top later: the plain forward's scores."""
+    from oel_ray.teacher import TeacherServer
+
+    samples = placed_samples[position] + [replace(placed_samples[position][0], response_ids=[7],
+                                                  support_ids=placed_samples[position][1].support_ids[:1])]
+    teacher = TeacherServer(tiny_model, dtype="float32", temperature=TEMP, chunk_tokens=7, batch_tokens=200,
+                            reuse_prefix=reuse_prefix)
+    encoded = teacher.prefill([s.teacher_prompt_ids for s in samples])
+    shared = teacher.prefixes.encoded_tokens if reuse_prefix else 0
+    assert encoded + shared < sum(len(s.teacher_prompt_ids) for s in samples) or not reuse_prefix
+    assert len(teacher.prefilled.batches) > 1
+    scores = teacher.score(samples[::-1])[::-1]  # any order: each reply finds its prompt
+    assert not teacher.prefilled.batches, "scored once, then dropped"
+    for sample, got in zip(samples, scores):
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
+
+
+def test_replies_to_other_prompts_than_the_prefilled_ones_are_scored_in_full(tiny_model, reference_model,
+                                                                             placed_samples):
+    from oel_ray.teacher import TeacherServer
+
+    samples = placed_samples["user"]
+    teacher = TeacherServer(tiny_model, dtype="float32", temperature=TEMP, chunk_tokens=7, batch_tokens=10_000)
+    teacher.prefill([s.teacher_prompt_ids for s in samples[:6]])
+    scores = teacher.score(samples[3:6])  # part of each prefilled batch: they stay, every sample is scored in full
+    assert len(teacher.prefilled.batches) == 2
+    for sample, got in zip(samples[3:6], scores):
+        np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
+    teacher.new_round()
+    assert not teacher.prefilled.batches
