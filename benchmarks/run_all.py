@@ -192,12 +192,23 @@ def replace_between(text: str, markers: tuple[str, str], body: str) -> str:
     return pattern.sub(lambda _: f"{start}\n{body}\n{end}", text, count=1)
 
 
+def runtimes_record(runtimes: list[dict], wall_s: float, path: Path = RESULTS / "run_all.json") -> dict:
+    """run_all.json: this run's scripts and seconds, and beside them each script's latest runtime
+    from whichever run last ran it, so that running some scripts keeps the others' (the whole
+    `make bench` time is their sum)."""
+    now = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    latest = json.loads(path.read_text()).get("latest", {}) if path.exists() else {}
+    latest.update({r["benchmark"]: {**r, "run_at": now} for r in runtimes})
+    return {"runs": runtimes, "seconds": round(wall_s, 1), "run_at": now, "latest": latest,
+            "latest_total_seconds": round(sum(r["seconds"] for r in latest.values()), 1)}
+
+
 def main() -> None:
     names = sys.argv[1:] or discover()
     start = time.perf_counter()
     runtimes = [run(name, deadline) for name, deadline in zip(names, deadlines(names, start))]
     wall = time.perf_counter() - start
-    atomic_write_text(RESULTS / "run_all.json", json.dumps({"runs": runtimes, "seconds": round(wall, 1)}, indent=2))
+    atomic_write_text(RESULTS / "run_all.json", json.dumps(runtimes_record(runtimes, wall), indent=2))
     path = write_summary(runtimes, wall)
     update_readme(runtimes)
     print("\n" + markdown_table(["benchmark", "status", "seconds"],

@@ -79,8 +79,7 @@ def encode_prompts(model, prompts: list[list[int]], skip: int = 0,
     ids, last = batching.pack(rests, [[] for _ in rests], pad_id=0)
     base = getattr(model, model.base_model_prefix)
     if start:
-        past = recording_cache()([(k.expand(len(rests), -1, -1, -1), v.expand(len(rests), -1, -1, -1))
-                                  for k, v in start], config=model.config)
+        past = recording_cache()(expand_cache(start, len(rests), model.config).parts, model.config)
         hidden = base(input_ids=ids.to(device), past_key_values=past, use_cache=True).last_hidden_state
         rest = past.new
     else:
@@ -106,9 +105,10 @@ def reply_hidden(model, encoded: EncodedPrompts, replies: list[list[int]]) -> li
                       (torch.arange(longest)[None, :] < lengths[:, None]).long(),
                       torch.ones(n, width, dtype=torch.long)], 1)
     positions = encoded.skip + lengths[:, None] + torch.arange(width)[None, :]
-    layers = [(torch.cat([k.expand(n, -1, -1, -1), rk], -2), torch.cat([v.expand(n, -1, -1, -1), rv], -2))
-              for (k, v), (rk, rv) in zip(encoded.start, encoded.rest)] if encoded.start else encoded.rest
-    past = expand_cache(layers, n, model.config)
+    if encoded.start:
+        past = expand_cache(encoded.start, n, model.config, rest=encoded.rest)
+    else:  # no shared start: the rows' own keys are the whole past
+        past = fixed_start_cache()([[layer] for layer in encoded.rest], model.config)
     base = getattr(model, model.base_model_prefix)
     hidden = base(input_ids=ids.to(device), past_key_values=past, attention_mask=mask.to(device),
                   position_ids=positions.to(device), use_cache=False).last_hidden_state

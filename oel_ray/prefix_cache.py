@@ -91,11 +91,15 @@ class PrefixCache:
         return expand_cache(kv, batch, self.model.config)
 
 
-def expand_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, config):
-    """A cache holding one row's per-layer keys and values `kv` for `batch` rows (views), read and
-    never extended (`fixed_start_cache`), so `kv` is never written."""
-    return fixed_start_cache()([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv],
-                               config=config)
+def expand_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, config,
+                 rest: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None):
+    """A cache holding one row's per-layer keys and values `kv` for `batch` rows, then, if given,
+    each row's own `rest` [batch, heads, n, dim] per layer; read and never extended
+    (`fixed_start_cache`). Nothing is copied here: each layer's parts are joined only when the
+    forward pass reaches that layer, so a batch never holds more than one layer's joined keys."""
+    parts = [[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))] + ([rest[i]] if rest else [])
+             for i, (k, v) in enumerate(kv)]
+    return fixed_start_cache()(parts, config)
 
 
 @functools.cache
@@ -105,14 +109,25 @@ def fixed_start_cache() -> type:
     from transformers import DynamicCache
 
     class FixedStart(DynamicCache):
-        """`update` returns the start followed by the new keys and values and keeps nothing: the
-        states are the plain cache's, and a pass can run twice on one cache with the same result,
-        as a gradient-checkpointed layer runs again in the backward pass
+        """`update` returns the start (its parts joined) followed by the new keys and values and
+        keeps nothing: the states are the plain cache's, and a pass can run twice on one cache with
+        the same result, as a gradient-checkpointed layer runs again in the backward pass
         (learner.gradient_checkpointing). A cache that kept what it was given would hand that second
-        run the first run's keys as well."""
+        run the first run's keys as well. Each layer's keys and values are a stand-in of the start's
+        shape (no memory), from which transformers sizes its masks."""
+
+        def __init__(self, parts: list[list[tuple[torch.Tensor, torch.Tensor]]], config):
+            super().__init__(config=config)
+            self.parts = parts
+            for layer, layer_parts in zip(self.layers, parts):
+                first = layer_parts[0][0]
+                shape = (*first.shape[:2], sum(k.shape[-2] for k, _ in layer_parts), first.shape[-1])
+                layer.lazy_initialization(first, first)
+                layer.keys = layer.values = first.new_zeros(()).expand(shape)
 
         def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-            layer = self.layers[layer_idx]
-            return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+            parts = self.parts[layer_idx]
+            return (torch.cat([*(k for k, _ in parts), key_states], -2),
+                    torch.cat([*(v for _, v in parts), value_states], -2))
 
     return FixedStart

@@ -43,3 +43,15 @@ def test_a_readme_without_the_markers_is_left_alone(tmp_path):
     readme.write_text("# Title\n")
     assert not update_readme([], readme, tmp_path)
     assert readme.read_text() == "# Title\n"
+
+
+def test_run_all_keeps_each_script_s_latest_runtime(tmp_path):
+    from benchmarks.run_all import runtimes_record
+
+    path = tmp_path / "run_all.json"
+    first = [{"benchmark": "a", "seconds": 10.0, "status": "ok"}, {"benchmark": "b", "seconds": 20.0, "status": "ok"}]
+    path.write_text(json.dumps(runtimes_record(first, 30.0, path)))
+    again = runtimes_record([{"benchmark": "b", "seconds": 25.0, "status": "timeout"}], 25.0, path)
+    assert [r["benchmark"] for r in again["runs"]] == ["b"] and again["seconds"] == 25.0
+    assert {k: v["seconds"] for k, v in again["latest"].items()} == {"a": 10.0, "b": 25.0}
+    assert again["latest"]["b"]["status"] == "timeout" and again["latest_total_seconds"] == 35.0
