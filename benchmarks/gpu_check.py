@@ -9,7 +9,8 @@ rows: the output head and its log-softmax cost what they cost there); the tokeni
 own BPE, built offline, so prompt ids use only its first ids. One step is the paper's shape: 64
 student prompts, 10 distinct knowledge texts in front of them in the teacher's prompts, replies
 sampled with the student's top-k support, the teacher's scores (each prompt in full, then with each
-knowledge text encoded once and reused), one optimizer step on the top-k reverse KL.
+knowledge text encoded once and reused, then with the prompts encoded before the replies and the
+replies run on top: teacher.prefill_prompts), one optimizer step on the top-k reverse KL.
 
 The roles share one GPU as they do on a one-GPU node, and run in this process as the classes the
 Ray actors wrap (`TeacherServer`, `Learner`, `VLLMEngine`): what is measured is their work, not
@@ -36,7 +37,7 @@ import torch
 from benchmarks.common import markdown_table, quiet_libraries, save, tiny_model_path
 from benchmarks.flops import Arch, datasheet_peak, measured_peak, timed
 from benchmarks.paper_shape import build_random
-from benchmarks.teacher import TEACHER_FULL, TEACHER_REUSED, measure
+from benchmarks.teacher import TEACHER_AFTER, TEACHER_FULL, TEACHER_PREFILL, TEACHER_REUSED, measure
 from oel_ray.config import BFLOAT16, FLOAT32, LearnerConfig, TeacherConfig
 from oel_ray.types import DistillSample, Generation, Sampling
 
@@ -146,9 +147,11 @@ def check_model(name: str, path: str, dtype: str, device: torch.device, shape: S
                             batch_tokens=8 * (shape.knowledge + shape.prompt + shape.reply))
     teacher.score(samples[:2])  # warm-up (two knowledge texts: nothing shared)
     figures, scores, reuse_error = measure(teacher, samples, arch, device)
-    scored = sum(len(s.teacher_prompt_ids) + len(s.response_ids) for s in samples)
+    prompt_tokens = sum(len(s.teacher_prompt_ids) for s in samples)
+    reply_tokens = sum(len(s.response_ids) for s in samples)
+    read = {TEACHER_PREFILL: prompt_tokens, TEACHER_AFTER: reply_tokens}  # the prefilled step's two parts
     for label, (seconds, flops) in figures.items():
-        stage(label, seconds, scored, flops)
+        stage(label, seconds, read.get(label, prompt_tokens + reply_tokens), flops)
     samples = [replace(s, teacher_logprobs=lp) for s, lp in zip(samples, scores)]
     del teacher
 

@@ -48,11 +48,13 @@ def test_gpu_check_runs_every_stage_on_cpu(tiny_model, tmp_path):
     generated = run["stages"]["generation"]["tokens"]
     assert 0 < generated <= shape["batch"] * shape["reply"]
     # The teacher reads knowledge + prompt + reply, the learner prompt + reply, of the same replies.
-    teacher = [v for k, v in run["stages"].items() if k.startswith("teacher")]
-    assert len(teacher) == 3
-    for stage in teacher:
-        assert stage["tokens"] == shape["batch"] * (shape["knowledge"] + shape["prompt"]) + generated
-    assert run["teacher_prefix_max_abs_diff"] < 1e-4  # reused keys/values: the same scores as in full
+    from benchmarks.teacher import TEACHER_AFTER, TEACHER_PREFILL
+
+    teacher = {k: v["tokens"] for k, v in run["stages"].items() if k.startswith("teacher")}
+    prompts = shape["batch"] * (shape["knowledge"] + shape["prompt"])
+    assert teacher.pop(TEACHER_PREFILL) == prompts and teacher.pop(TEACHER_AFTER) == generated
+    assert list(teacher.values()) == [prompts + generated] * 3
+    assert run["teacher_prefix_max_abs_diff"] < 1e-4  # reused or prefilled keys/values: the scores in full
     assert run["teacher_prefix_speedup"] > 0
     assert run["stages"]["learner"]["tokens"] == shape["batch"] * shape["prompt"] + generated
     for stage in run["stages"].values():
