@@ -28,7 +28,9 @@ and the rest: driver work and Ray overhead = wall - their sum; asynchronous: the
 the wait the overlap did not hide, its compute in the actor beside it) and per-stage throughput
 (teacher server tokens/s, learner tokens/s and step time), and each system's model FLOPs per step
 with the fraction of this machine's fp32 matmul peak (measured at the start of the same run) it
-reaches, end to end and, for oel_ray, per stage. Prints tables and saves
+reaches, end to end and, for oel_ray, per stage (with teacher.prefill_prompts on, off by default on
+CPU, the teacher's prompts are encoded during generation: its column is then the wait after it, and
+its per-stage FLOP/s, all its work over that wait, overstates it; end to end is unaffected). Prints tables and saves
 benchmarks/results/consolidation.json.
 """
 
