@@ -28,11 +28,12 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def quiet_libraries() -> None:
     """What the libraries the scripts drive print and a reader of `make bench` can do nothing about:
     DeepSpeed's "could not find a GPU" (a CPU machine is named as such before it loads), a progress
-    bar per random-initialised model saved, vLLM's start-up chatter in the scripts' own engines, and
+    bar per random-initialised model saved, vLLM's start-up chatter in the scripts' own engines,
     TRL's notes that GKDTrainer lives in trl.experimental and that this CPU build's vLLM (0.32) is
-    newer than TRL 1.16 lists (its baselines generate with Hugging Face, README says why). Each script
-    calls it first when run as a program, never on import: a test session that imports this module
-    must still see what the product itself prints."""
+    newer than TRL 1.16 lists (its baselines generate with Hugging Face, README says why), and
+    transformers' deprecation note on how GKDTrainer calls `generate`. Each script calls it first
+    when run as a program, never on import: a test session that imports this module must still see
+    what the product itself prints."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -45,6 +46,9 @@ def quiet_libraries() -> None:
     quiet_vllm_start()
     warnings.filterwarnings("ignore", message=r"You are importing from 'trl\.experimental'")
     warnings.filterwarnings("ignore", message=r"TRL currently supports vLLM versions", category=UserWarning)
+    # GKDTrainer passes return_dict_in_generate beside its generation_config, which transformers calls deprecated.
+    hf_logging.get_logger("transformers.generation.utils").addFilter(
+        lambda record: "together with generation-related arguments" not in record.getMessage())
 
 
 

@@ -17,7 +17,7 @@ import tempfile
 
 import torch
 
-from benchmarks.baselines.work import Run, Work, left_pad, load_model, step_clock
+from benchmarks.baselines.work import Run, Work, left_pad, load_model, step_clock, train_quietly
 
 
 class ContextDistillationTrainer:
@@ -84,6 +84,6 @@ def run_trl_distillation(work: Work) -> Run:
             args=args, train_dataset=Dataset.from_list(rows),
             processing_class=AutoTokenizer.from_pretrained(work.model_path),
             callbacks=[step_clock(run, work.warmup_steps)])
-        trainer.train()
+        train_quietly(trainer)
     run.response_tokens = replies[work.warmup_steps:]
     return run

@@ -15,7 +15,7 @@ import tempfile
 
 import torch
 
-from benchmarks.baselines.work import Run, Work, left_pad, load_model, positions, step_clock
+from benchmarks.baselines.work import Run, Work, left_pad, load_model, positions, step_clock, train_quietly
 
 
 class ContextGKDTrainer:
@@ -98,6 +98,6 @@ def run_trl(work: Work) -> Run:
             callbacks=[step_clock(run, work.warmup_steps)])
         # lmbda=1: one generation per optimizer step
         trainer.generate_on_policy_outputs = count_replies(trainer.generate_on_policy_outputs)
-        trainer.train()
+        train_quietly(trainer)
     run.response_tokens = replies[work.warmup_steps:]
     return run

@@ -100,3 +100,12 @@ def step_clock(run: Run, warmup_steps: int):
             self.last = now
 
     return StepClock()
+
+
+def train_quietly(trainer) -> None:
+    """`trainer.train()` without the dict of metrics a Trainer whose progress bar is off prints after
+    each log (PrinterCallback): the benchmark reports its own timings, and `make bench` stays readable."""
+    from transformers import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
