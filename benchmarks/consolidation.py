@@ -21,7 +21,8 @@ is sampled and scored while the learner takes step t), and with the learner on o
 had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
 that in the asynchronous mode the last timed step also overlaps the sampling of a next batch. Ray
 is shut down before the baselines run, so they have the machine to themselves. The load average
-before each measurement is saved with it: other work on the machine shows there.
+and a 0.1 s matmul probe of the machine's speed before each measurement are saved with it: other
+work on the machine shows there, and each verdict says how far apart the probes were.
 
 Also reported: where an oel_ray step spends its time (generation, teacher, learner, weight sync,
 and the rest: driver work and Ray overhead = wall - their sum; asynchronous: the learner column is
@@ -233,13 +234,13 @@ def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path,
             pairs = data["pairs"].setdefault(batch, [
                 step_pairs(cfg, p, data["knowledge_set"], data["tokenizer"], first_step + 1 + i)
                 for i, p in enumerate(prefixes)])
-            load = os.getloadavg()[0]
+            before = machine_state()
             run, profile = run_oel_ray(dep, cfg, prefixes, data["knowledge_set"], first_step, workload.timed_steps)
             for p, n in zip(profile, run.response_tokens):
                 p["response_tokens"] = n
             mean, stages = summarize_profile(profile, pairs[workload.timed])
             result[batch] = {"run": run, "profile_mean_s": mean, "profile_steps": profile, "stages": stages,
-                             "load_before": load}
+                             "load_before": before["load"], "gflops_before": before["gflops"]}
             first_step += workload.steps
         dep.shutdown()
     finally:
@@ -287,10 +288,11 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
         comparisons = []
         for batch in workload.batch_sizes:
             work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop])
-            baselines, loads, walls = {}, {}, {}
+            baselines, loads, speeds, walls = {}, {}, {}, {}
             for name, fn in (("trl", run_trl), ("trl_distillation", run_trl_distillation),
                              ("plain_loop", run_plain_loop)):
-                loads[name] = os.getloadavg()[0]
+                before = machine_state()
+                loads[name], speeds[name] = before["load"], before["gflops"]
                 with stopwatch() as t:
                     baselines[name] = fn(work)  # fresh models: model loading and set-up are in wall_s only
                 walls[name] = round(t["s"], 1)
@@ -299,7 +301,8 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
             plain = baselines["plain_loop"]
             entry = {"workload": workload.name, "batch_size": batch, "params": arch.params,
                      "baselines": {k: r.to_json() for k, r in baselines.items()}, "best_trl": trl.system,
-                     "baselines_load_before": loads, "baselines_wall_s": walls, "oel_ray": {}}
+                     "baselines_load_before": loads, "baselines_gflops_before": speeds, "baselines_wall_s": walls,
+                     "oel_ray": {}}
             flops = []
             for key, r in baselines.items():
                 row, entry["baselines"][key]["flops"] = flops_row(r, batch)
@@ -312,7 +315,8 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
                     "vs_trl": round(ours.samples_per_s / trl.samples_per_s, 2),
                     "vs_plain_loop": round(ours.samples_per_s / plain.samples_per_s, 2),
                     "profile_mean_s": v[batch]["profile_mean_s"], "profile_steps": v[batch]["profile_steps"],
-                    "stages": v[batch]["stages"], "load_before": v[batch]["load_before"]}
+                    "stages": v[batch]["stages"], "load_before": v[batch]["load_before"],
+                    "gflops_before": v[batch]["gflops_before"]}
                 row, entry["oel_ray"][name]["flops"] = flops_row(ours, batch, v[batch]["profile_mean_s"])
                 tables["flops"].append(row)
                 p, s = v[batch]["profile_mean_s"], v[batch]["stages"]
@@ -415,6 +419,8 @@ def verdict(entry: dict) -> dict:
                      if k in ("generate", "teacher", "learner", "sync", "driver_and_ray_overhead")),
                     key=lambda kv: -kv[1])
     speedup = round(overlapped["samples_per_s"] / default["samples_per_s"], 2)
+    speeds = [r["gflops_before"] for r in runs.values()] + list(entry["baselines_gflops_before"].values())
+    spread = max(speeds) / min(speeds) - 1
     met = lambda r: "met" if r["vs_trl"] >= target else "not met"  # noqa: E731
     text = (f"{entry['workload']}, batch {entry['batch_size']}: oel_ray strictly on-policy is {default['vs_trl']}x "
             f"the faster TRL trainer ({entry['best_trl']}) and {default['vs_plain_loop']}x the plain loop; "
@@ -422,13 +428,26 @@ def verdict(entry: dict) -> dict:
             f"(consolidation.async_steps=1, one step off-policy) {overlapped['vs_trl']}x TRL, {speedup}x the strict "
             f"mode on the same work; best oel_ray ({best['system']}) {best['vs_trl']}x TRL. Target >= {target}x TRL: "
             f"strictly on-policy {met(default)}, best {met(best)}. Where a strict step's time goes: "
-            + ", ".join(f"{k} {v:.0%}" for k, v in shares) + ".")
+            + ", ".join(f"{k} {v:.0%}" for k, v in shares) + ". The machine's fp32 matmul speed just before each "
+            f"system was measured: {min(speeds):.0f}-{max(speeds):.0f} GFLOP/s ({spread:.0%} apart).")
     return {"workload": entry["workload"], "batch_size": entry["batch_size"], "target_vs_trl": target,
             "oel_ray_vs_trl": default["vs_trl"], "oel_ray_vs_plain_loop": default["vs_plain_loop"],
             "async_vs_trl": overlapped["vs_trl"], "async_speedup": speedup, "best_variant": best["system"],
             "best_vs_trl": best["vs_trl"], "best_vs_plain_loop": best["vs_plain_loop"],
             "meets_target": best["vs_trl"] >= target, "strict_meets_target": default["vs_trl"] >= target,
-            "step_time_shares": {k: round(v, 3) for k, v in shares}, "text": text}
+            "step_time_shares": {k: round(v, 3) for k, v in shares}, "machine_gflops_spread": round(spread, 3),
+            "text": text}
+
+
+def machine_state() -> dict:
+    """The machine just before a system is measured: its 1-minute load average and this process's
+    fp32 matmul GFLOP/s (a probe of about 0.1 s). Systems are measured minutes apart, one after
+    another; a change of the machine's speed between them shows here, beside their ratio."""
+    import torch
+
+    from benchmarks.flops import measured_peak
+
+    return {"load": os.getloadavg()[0], "gflops": round(measured_peak(torch.device("cpu"), torch.float32) / 1e9, 1)}
 
 
 def make_work(cfg, tokenizer, pairs) -> Work:

@@ -286,3 +286,22 @@ def test_replies_to_other_prompts_than_the_prefilled_ones_are_scored_in_full(tin
         np.testing.assert_allclose(got, expected(reference_model, sample, TEMP), atol=1e-5, rtol=0)
     teacher.new_round()
     assert not teacher.prefilled.batches
+
+
+def test_a_shared_start_is_not_copied_per_row_until_a_layer_reads_it(reference_model):
+    """prefix_cache.expand_cache: a batch over a long shared start holds no row copies of it up front
+    (transformers' cache would concatenate what it is given, a copy per row for every layer)."""
+    from oel_ray.prefix_cache import expand_cache
+
+    config = reference_model.config
+    heads, dim = config.num_key_value_heads, config.head_dim
+    start = [(torch.randn(1, heads, 1000, dim), torch.randn(1, heads, 1000, dim))
+             for _ in range(config.num_hidden_layers)]
+    rest = [(torch.randn(64, heads, 7, dim), torch.randn(64, heads, 7, dim)) for _ in start]
+    cache = expand_cache(start, 64, config, rest=rest)
+    assert cache.get_seq_length() == 1007
+    for layer in cache.layers:
+        assert layer.keys.shape == (64, heads, 1007, dim) and layer.keys.untyped_storage().nbytes() <= 4
+    new = torch.randn(64, heads, 2, dim)
+    keys, _ = cache.update(new, new, 0)
+    torch.testing.assert_close(keys, torch.cat([start[0][0].expand(64, -1, -1, -1), rest[0][0], new], -2))
