@@ -51,7 +51,6 @@ def quiet_libraries() -> None:
         lambda record: "together with generation-related arguments" not in record.getMessage())
 
 
-
 def load_config(*overrides: str):
     """The validated OELConfig of `conf/config.yaml` (+ overrides), as `python -m oel_ray.main` builds it."""
     from hydra import compose, initialize_config_dir

@@ -31,8 +31,8 @@ the wait the overlap did not hide, its compute in the actor beside it) and per-s
 with the fraction of this machine's fp32 matmul peak (measured at the start of the same run) it
 reaches, end to end and, for oel_ray, per stage (with teacher.prefill_prompts on, off by default on
 CPU, the teacher's prompts are encoded during generation: its column is then the wait after it, and
-its per-stage FLOP/s, all its work over that wait, overstates it; end to end is unaffected). Prints tables and saves
-benchmarks/results/consolidation.json.
+its per-stage FLOP/s, all its work over that wait, overstates it; end to end is unaffected). Prints
+tables and saves benchmarks/results/consolidation.json.
 """
 
 from __future__ import annotations

@@ -15,13 +15,14 @@ it has in the unpadded sequence.
 from __future__ import annotations
 
 import functools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from oel_ray import batching
-from oel_ray.prefix_cache import expand_cache, fixed_start_cache
+from oel_ray.prefix_cache import expand_cache, fixed_start_cache, start_parts
 
 
 @dataclass
@@ -57,10 +58,7 @@ class Prefilled:
             where.setdefault(tuple(p), []).append(i)
         taken, kept = [], []
         for encoded in self.batches:
-            counts: dict[tuple[int, ...], int] = {}
-            for p in encoded.prompts:
-                counts[p] = counts.get(p, 0) + 1
-            if all(len(where.get(p, ())) >= n for p, n in counts.items()):
+            if all(len(where.get(p, ())) >= n for p, n in Counter(encoded.prompts).items()):
                 taken.append((encoded, [where[p].pop(0) for p in encoded.prompts]))
             else:
                 kept.append(encoded)
@@ -79,7 +77,7 @@ def encode_prompts(model, prompts: list[list[int]], skip: int = 0,
     ids, last = batching.pack(rests, [[] for _ in rests], pad_id=0)
     base = getattr(model, model.base_model_prefix)
     if start:
-        past = recording_cache()(expand_cache(start, len(rests), model.config).parts, model.config)
+        past = recording_cache()(start_parts(start, len(rests)), model.config)
         hidden = base(input_ids=ids.to(device), past_key_values=past, use_cache=True).last_hidden_state
         rest = past.new
     else:
@@ -105,10 +103,7 @@ def reply_hidden(model, encoded: EncodedPrompts, replies: list[list[int]]) -> li
                       (torch.arange(longest)[None, :] < lengths[:, None]).long(),
                       torch.ones(n, width, dtype=torch.long)], 1)
     positions = encoded.skip + lengths[:, None] + torch.arange(width)[None, :]
-    if encoded.start:
-        past = expand_cache(encoded.start, n, model.config, rest=encoded.rest)
-    else:  # no shared start: the rows' own keys are the whole past
-        past = fixed_start_cache()([[layer] for layer in encoded.rest], model.config)
+    past = expand_cache(encoded.start, n, model.config, rest=encoded.rest)
     base = getattr(model, model.base_model_prefix)
     hidden = base(input_ids=ids.to(device), past_key_values=past, attention_mask=mask.to(device),
                   position_ids=positions.to(device), use_cache=False).last_hidden_state

@@ -91,15 +91,20 @@ class PrefixCache:
         return expand_cache(kv, batch, self.model.config)
 
 
-def expand_cache(kv: list[tuple[torch.Tensor, torch.Tensor]], batch: int, config,
+def expand_cache(kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]], batch: int, config,
                  rest: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None):
-    """A cache holding one row's per-layer keys and values `kv` for `batch` rows, then, if given,
-    each row's own `rest` [batch, heads, n, dim] per layer; read and never extended
-    (`fixed_start_cache`). Nothing is copied here: each layer's parts are joined only when the
-    forward pass reaches that layer, so a batch never holds more than one layer's joined keys."""
-    parts = [[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1))] + ([rest[i]] if rest else [])
-             for i, (k, v) in enumerate(kv)]
-    return fixed_start_cache()(parts, config)
+    """A cache of a fixed start (`fixed_start_cache`) over `start_parts(kv, batch, rest)`."""
+    return fixed_start_cache()(start_parts(kv, batch, rest), config)
+
+
+def start_parts(kv: Optional[list[tuple[torch.Tensor, torch.Tensor]]], batch: int,
+                rest: Optional[list[tuple[torch.Tensor, torch.Tensor]]] = None) -> list[list[tuple]]:
+    """Per layer, the parts of a fixed start for `batch` rows: one row's keys and values `kv` seen by
+    every row (views), then, if given, each row's own `rest` [batch, heads, n, dim]; at least one of
+    the two. Nothing is copied here: a fixed-start cache joins a layer's parts only when the forward
+    pass reaches that layer, so a batch never holds more than one layer's joined keys."""
+    return [([(kv[i][0].expand(batch, -1, -1, -1), kv[i][1].expand(batch, -1, -1, -1))] if kv else [])
+            + ([rest[i]] if rest else []) for i in range(len(kv or rest))]
 
 
 @functools.cache
