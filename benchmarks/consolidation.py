@@ -2,23 +2,25 @@
 DistillationTrainer; "best TRL" is the faster of them at each batch size) and a plain PyTorch loop,
 in one run.
 
-    python -m benchmarks.consolidation [--workloads tiny paper-small paper-mid]
+    python -m benchmarks.consolidation [--workloads tiny paper-small paper-mid paper-large]
 
 Two workloads by default (`WORKLOADS`). `tiny`: the embedded tiny model at batch 64 and 8, on real
 prompts (below), whose replies run a few tokens. `paper-small`: the paper's step shape
 (benchmarks/paper_shape.py: 64 samples, 10 knowledge texts of 2048 tokens, student prompts of 256,
 replies up to 128) on a random-initialised ~3M-parameter Qwen3; `paper-mid` the same on the teacher
-benchmark's larger model (~20M; not run by default: its steps cost about six times paper-small's).
+benchmark's larger model (~20M; its steps cost about six times paper-small's) and `paper-large` on a
+~48M one (`LARGE_ARCH`: minutes a step per system, one timed step, no warm-up). Those two are run by
+hand, outside `make bench`'s 20 minutes, and save beside the default run's results
+(consolidation-<workloads>.json, `results_name`) instead of replacing them.
 Within a workload: same model, same prompts, same batch, same machine. oel_ray runs its real roles (rollout
 worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate`) as a `tiny`
 run starts them; at `tiny` its prompts are real: turn prefixes of games the model just played, a knowledge set
 the extractor just wrote. The baselines then replay exactly those (student prompt, teacher prompt)
 pairs with the same sampling, max new tokens, optimizer settings and step count. Each system runs
-`WARMUP_STEPS` untimed steps first. oel_ray runs in two configurations, four with `--all-variants`
-(`OEL_VARIANTS`): as
-the `tiny` run configures it (strictly on-policy), asynchronous (consolidation.async_steps=1: batch t+1
-is sampled and scored while the learner takes step t), and with the learner on one thread (what it
-had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
+`WARMUP_STEPS` untimed steps first (a workload may set fewer). oel_ray runs in two configurations,
+four with `--all-variants` (`OEL_VARIANTS`): as the `tiny` run configures it (strictly on-policy),
+asynchronous (consolidation.async_steps=1: batch t+1 is sampled and scored while the learner takes
+step t), and with the learner on one thread (what it had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
 that in the asynchronous mode the last timed step also overlaps the sampling of a next batch. Ray
 is shut down before the baselines run, so they have the machine to themselves. The load average
 and a 0.1 s matmul probe of the machine's speed before each measurement are saved with it: other
@@ -40,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -49,11 +52,11 @@ from typing import Optional
 from benchmarks.baselines.work import Run, Work
 from benchmarks.common import (RAY_CPUS, load_config, markdown_table, quiet_libraries, save, start_ray, stop_ray,
                                stopwatch, tiny_model_path)
-from benchmarks.paper_shape import SMALL_ARCH, build_random, paper_prompts
+from benchmarks.paper_shape import LARGE_ARCH, SMALL_ARCH, build_random, paper_prompts
 from benchmarks.teacher import MID_ARCH, Step
 
 PAPER_STEP = Step()  # the paper's step: 64 samples, 10 knowledge texts of 2048 tokens, prompts 256, replies 128
-PAPER_MODELS = {"small": SMALL_ARCH, "mid": MID_ARCH}  # random-initialised, with oel_ray's vocabulary
+PAPER_MODELS = {"small": SMALL_ARCH, "mid": MID_ARCH, "large": LARGE_ARCH}  # random-initialised, with oel_ray's vocabulary
 
 # A step's stages and the profile seconds each one's FLOPs are divided by (the learner's: its compute
 # in the actor, which in the asynchronous mode overlaps the others).
@@ -70,24 +73,28 @@ class Workload:
     batch_sizes: tuple[int, ...]  # the first is the headline's
     timed_steps: int
     model: str | None = None  # a paper_shape architecture, random-initialised; None: the tiny model
+    warmup: int = WARMUP_STEPS  # untimed steps first, every system
 
     @property
     def steps(self) -> int:
-        return WARMUP_STEPS + self.timed_steps + COOLDOWN_STEPS
+        return self.warmup + self.timed_steps + COOLDOWN_STEPS
 
     @property
     def timed(self) -> slice:
         """The timed steps among a variant's `steps`."""
-        return slice(WARMUP_STEPS, WARMUP_STEPS + self.timed_steps)
+        return slice(self.warmup, self.warmup + self.timed_steps)
 
 
 # tiny: the paper's samples per step and the tiny config's learner.batch_size. The paper shape's
 # steps take seconds to minutes on 2 cores: two timed, batch 64 only. Every workload runs oel_ray
 # strict and asynchronous; --all-variants adds the learner's before-and-after variants (a minute more
 # at tiny), which `make bench` leaves out to stay within its 20 minutes.
+# paper-large's steps take minutes per system: one timed step and no warm-up (what a warm-up step
+# leaves out, first-call costs, is seconds there), by hand only.
 WORKLOADS = {"tiny": Workload("tiny", (64, 8), 4),
              "paper-small": Workload("paper-small", (PAPER_STEP.batch,), 2, "small"),
-             "paper-mid": Workload("paper-mid", (PAPER_STEP.batch,), 2, "mid")}
+             "paper-mid": Workload("paper-mid", (PAPER_STEP.batch,), 2, "mid"),
+             "paper-large": Workload("paper-large", (PAPER_STEP.batch,), 1, "large", warmup=0)}
 DEFAULT_WORKLOADS = ("tiny", "paper-small")
 DEFAULT_VARIANTS = 2  # the first two of OEL_VARIANTS, strict and asynchronous: what `verdict` compares
 
@@ -122,9 +129,9 @@ def prepare(dep, cfg, workload: Workload) -> tuple[dict[int, list[list[str]]], l
     return {b: step_prefixes(deploy, workload.steps, b, cfg.seed + 1) for b in workload.batch_sizes}, texts
 
 
-def run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step: int, timed_steps: int) -> tuple[Run, list[dict]]:
-    """WARMUP_STEPS + `timed_steps` (+ COOLDOWN_STEPS) real consolidation steps; per timed step, the
-    wall time and the stage seconds `consolidate` measured."""
+def run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step: int, workload: Workload) -> tuple[Run, list[dict]]:
+    """The workload's warm-up and timed steps (+ COOLDOWN_STEPS), real consolidation steps; per timed
+    step, the wall time and the stage seconds `consolidate` measured."""
     from oel_ray.consolidate import consolidate
 
     run, profile = Run("oel_ray", len(prefixes[0])), []
@@ -132,7 +139,7 @@ def run_oel_ray(dep, cfg, prefixes, knowledge_set, first_step: int, timed_steps:
 
     def on_step(metrics) -> None:
         marks.append(time.perf_counter())
-        if first_step + WARMUP_STEPS < metrics.step <= first_step + WARMUP_STEPS + timed_steps:
+        if first_step + workload.timed.start < metrics.step <= first_step + workload.timed.stop:
             wall = marks[-1] - marks[-2]
             run.step_seconds.append(wall)
             run.response_tokens.append(metrics.response_tokens)
@@ -235,7 +242,7 @@ def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path,
                 step_pairs(cfg, p, data["knowledge_set"], data["tokenizer"], first_step + 1 + i)
                 for i, p in enumerate(prefixes)])
             before = machine_state()
-            run, profile = run_oel_ray(dep, cfg, prefixes, data["knowledge_set"], first_step, workload.timed_steps)
+            run, profile = run_oel_ray(dep, cfg, prefixes, data["knowledge_set"], first_step, workload)
             for p, n in zip(profile, run.response_tokens):
                 p["response_tokens"] = n
             mean, stages = summarize_profile(profile, pairs[workload.timed])
@@ -287,7 +294,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
 
         comparisons = []
         for batch in workload.batch_sizes:
-            work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop])
+            work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop], workload.warmup)
             baselines, loads, speeds, walls = {}, {}, {}, {}
             for name, fn in (("trl", run_trl), ("trl_distillation", run_trl_distillation),
                              ("plain_loop", run_plain_loop)):
@@ -335,7 +342,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
                                         "best oel_ray" if r is best else "best TRL" if r is trl else ""])
             comparisons.append(entry)
     return {"workload": workload.name, "model": workload.model or "tiny", "params": arch.params,
-            "timed_steps": workload.timed_steps, "max_new_tokens": cfg.rollout.max_response_tokens,
+            "warmup_steps": workload.warmup, "timed_steps": workload.timed_steps, "max_new_tokens": cfg.rollout.max_response_tokens,
             "knowledge_tokens": [len(tokenizer(k)["input_ids"]) for k in data["knowledge_set"]],
             "student_prompt_tokens": mean_prompt(data["pairs"], 0),
             "teacher_prompt_tokens": mean_prompt(data["pairs"], 1),
@@ -374,9 +381,9 @@ def main(argv: list[str] | None = None) -> None:
     n_variants = len(OEL_VARIANTS) if args.all_variants else DEFAULT_VARIANTS
     workloads = [measure(WORKLOADS[name], peak, rows, n_variants) for name in args.workloads]
     verdicts = [v for w in workloads for v in w["verdicts"]]
-    steps = ", ".join(f"{w['workload']} {w['timed_steps']}" for w in workloads)
+    steps = ", ".join(f"{w['workload']} {w['timed_steps']} after {w['warmup_steps']}" for w in workloads)
     tables = {
-        f"Consolidation samples/s, side by side (timed steps after {WARMUP_STEPS} warm-up: {steps})":
+        f"Consolidation samples/s, side by side (timed steps after untimed warm-up steps: {steps})":
             markdown_table(["workload", "system", "batch", "samples/s", "reply tokens/s", "s/step", "vs best TRL",
                             "vs plain loop", ""], rows["speed"]),
         "oel_ray step profile (mean seconds per timed step; overhead = wall - the stages; async: the "
@@ -396,14 +403,23 @@ def main(argv: list[str] | None = None) -> None:
         "skips counts as done, so every system is credited with the same work.")
     tables["Verdict"] = "\n".join(f"- {v['text']}" for v in verdicts)
     print("\n\n".join(f"{title}\n{table}" for title, table in tables.items()))
-    save("consolidation", {
-        "warmup_steps": WARMUP_STEPS, "workloads": workloads, "headline": verdicts[0], "verdicts": verdicts,
+    save(results_name(args.workloads), {
+        "command": " ".join(["python -m benchmarks.consolidation", *(argv if argv is not None else sys.argv[1:])]),
+        "workloads": workloads, "headline": verdicts[0], "verdicts": verdicts,
         "baselines": {"trl": "trl.experimental.gkd.GKDTrainer, lmbda=1, beta=1, teacher reads its own prompt",
                       "trl_distillation": "trl.DistillationTrainer (on-policy), beta=1, teacher reads its own prompt, "
                                           "HF generate (its colocated vLLM fails its weight sync on vLLM 0.32)",
                       "plain_loop": "HF generate + full-vocabulary reverse KL + AdamW, one process"},
         "matmul_peak_tflops": round(peak / 1e12, 4),
     }, tables=tables, readme=[next(iter(tables)), flops_title, "Verdict"])
+
+
+def results_name(workloads: list[str]) -> str:
+    """consolidation.json for `make bench`'s workloads; a run of others, by hand (paper-large's minutes
+    a step), saves beside it without replacing it: consolidation-<workloads>.json."""
+    if list(workloads) == list(DEFAULT_WORKLOADS):
+        return "consolidation"
+    return "-".join(["consolidation", *workloads])
 
 
 def verdict(entry: dict) -> dict:
@@ -450,7 +466,7 @@ def machine_state() -> dict:
     return {"load": os.getloadavg()[0], "gflops": round(measured_peak(torch.device("cpu"), torch.float32) / 1e9, 1)}
 
 
-def make_work(cfg, tokenizer, pairs) -> Work:
+def make_work(cfg, tokenizer, pairs, warmup_steps: int) -> Work:
     from transformers import GenerationConfig
 
     eos = GenerationConfig.from_pretrained(cfg.model.path).eos_token_id  # the stop tokens vLLM uses too
@@ -458,7 +474,7 @@ def make_work(cfg, tokenizer, pairs) -> Work:
     return Work(model_path=cfg.model.path, batches=pairs, max_new_tokens=cfg.rollout.max_response_tokens,
                 temperature=cfg.rollout.temperature, lr=lr.lr, weight_decay=lr.weight_decay,
                 betas=tuple(lr.betas), grad_clip=lr.grad_clip, stop_ids=eos if isinstance(eos, list) else [eos],
-                pad_id=tokenizer.pad_token_id, seed=cfg.seed, warmup_steps=WARMUP_STEPS)
+                pad_id=tokenizer.pad_token_id, seed=cfg.seed, warmup_steps=warmup_steps)
 
 
 if __name__ == "__main__":

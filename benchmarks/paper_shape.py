@@ -21,6 +21,13 @@ import torch
 # vocabulary) is the teacher benchmark's MID_ARCH with oel_ray's vocabulary.
 SMALL_ARCH = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=64)
+# ~48M parameters with oel_ray's vocabulary, nearly all of them in the layers (the compute of a model
+# that size, not of its embeddings): a paper-shaped step takes minutes per system on 2 cores, so it is
+# measured by hand, outside `make bench` (benchmarks/consolidation.py, workload paper-large). Wide
+# and shallow: the baselines hold a batch of 64 at once, and 8 layers of 768 (55M) took TRL's
+# GKDTrainer past a 23 GiB machine's memory; 4 layers of 1024 keep a third fewer activations.
+LARGE_ARCH = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=4, num_attention_heads=16,
+                  num_key_value_heads=4, head_dim=64)
 
 
 def build_random(arch: dict, out: Path, vocab: int | None = None, dtype: torch.dtype = torch.float32,

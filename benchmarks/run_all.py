@@ -102,14 +102,25 @@ def scalars(data: dict, prefix: str = "", depth: int = 2) -> list[tuple[str, obj
     return out
 
 
+def with_extra_results(names: list[str], results: Path = RESULTS) -> list[str]:
+    """`names`, each followed by its results saved under other names: `<script>-<workloads>.json`, a
+    script run by hand on workloads outside `make bench` (benchmarks.consolidation's paper-large)."""
+    return [n for name in names for n in [name, *sorted(p.stem for p in results.glob(f"{name}-*.json"))]]
+
+
+def command(name: str, data: dict) -> str:
+    """The command that wrote results file `name` (saved in it where it is not the script's own)."""
+    return data.get("command") or f"python -m benchmarks.{name}"
+
+
 def section(name: str, runtime: Optional[dict]) -> str:
     """`name`'s part of summary.md: how it ran in this run (None: not run in it) and its latest results."""
     path = RESULTS / f"{name}.json"
     ran = f"{runtime['status']}, {runtime['seconds']} s" if runtime else "not run in this run"
-    head = f"## {name}\n\n`python -m benchmarks.{name}`: {ran}"
     if not path.exists():
-        return f"{head}; no results file."
+        return f"## {name}\n\n`python -m benchmarks.{name}`: {ran}; no results file."
     data = json.loads(path.read_text())
+    head = f"## {name}\n\n`{command(name, data)}`: {ran}"
     head += f"; results measured {data.get('measured_at', '?')} (benchmarks/results/{name}.json)"
     if data.get("tables_md"):
         body = "\n\n".join(f"**{title}**\n\n{table}" for title, table in data["tables_md"].items())
@@ -128,7 +139,7 @@ def provenance() -> str:
 
 def write_summary(runtimes: list[dict], wall_s: float) -> Path:
     ran = {r["benchmark"]: r for r in runtimes}
-    names = list(ran) + [n for n in discover() if n not in ran and (RESULTS / f"{n}.json").exists()]
+    names = with_extra_results(list(ran) + [n for n in discover() if n not in ran and (RESULTS / f"{n}.json").exists()])
     parts = [
         "# Benchmark summary",
         provenance(),
@@ -156,7 +167,7 @@ def readme_tables(name: str, results: Path = RESULTS) -> list[str]:
     m, when = data.get("machine", {}), data.get("measured_at", "?")
     when = f"{when[:16].replace('T', ' ')} UTC" if when.endswith("+0000") else when
     where = f"{m['cpu']}, " if m.get("cpu") else ""
-    head = f"`benchmarks.{name}`, measured {when} ({where}{m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}):"
+    head = f"`{command(name, data)}`, measured {when} ({where}{m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}):"
     return [head] + [f"**{title}**\n\n{data['tables_md'][title]}" for title in titles]
 
 
@@ -170,7 +181,7 @@ def update_readme(runtimes: list[dict], readme: Path = ROOT / "README.md", resul
     if start not in text or end not in text:
         print(f"{readme}: no {start} ... {end} markers; README not updated")
         return False
-    names = [n for n in discover() if (results / f"{n}.json").exists()]
+    names = with_extra_results([n for n in discover() if (results / f"{n}.json").exists()], results)
     general = [f"Each script's tables from its latest results file (`benchmarks/results/<script>.json`, "
                "written by `python -m benchmarks.run_all` or the script alone); ratios inside a table compare "
                "systems measured in the same run on the same machine. All tables: `benchmarks/results/summary.md`."]

@@ -38,6 +38,32 @@ def test_each_script_s_latest_tables_land_in_its_own_block_or_the_general_one(tm
     assert text.startswith("# Title\n\nOrganism prose.\n\n") and text.endswith(f"{end}\n\nLayout.\n")
 
 
+def test_a_script_s_results_from_a_run_by_hand_follow_its_own(tmp_path):
+    """benchmarks.consolidation on workloads outside `make bench` (paper-large: minutes a step) saves
+    consolidation-<workloads>.json beside consolidation.json; README shows both, each headed by the
+    command that measured it."""
+    from benchmarks.consolidation import results_name
+
+    results = tmp_path / "results"
+    results.mkdir()
+    assert results_name(["tiny", "paper-small"]) == "consolidation"
+    assert results_name(["paper-large"]) == "consolidation-paper-large"
+    results_file(results, "consolidation", "2026-12-07T07:08:00+0000", "| tiny | 2.2x |")
+    results_file(results, "consolidation-paper-large", "2026-12-07T09:30:00+0000", "| paper-large | 3x |")
+    by_hand = json.loads((results / "consolidation-paper-large.json").read_text())
+    by_hand["command"] = "python -m benchmarks.consolidation --workloads paper-large"
+    (results / "consolidation-paper-large.json").write_text(json.dumps(by_hand))
+    start, end = README_MARKERS
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{start}\n{end}\n")
+
+    assert update_readme([], readme, results)
+    text = readme.read_text()
+    assert text.index("| tiny | 2.2x |") < text.index("| paper-large | 3x |")
+    assert "`python -m benchmarks.consolidation`, measured 2026-12-07 07:08 UTC" in text
+    assert "`python -m benchmarks.consolidation --workloads paper-large`, measured 2026-12-07 09:30 UTC" in text
+
+
 def test_a_readme_without_the_markers_is_left_alone(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Title\n")
