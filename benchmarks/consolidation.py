@@ -20,9 +20,10 @@ pairs with the same sampling, max new tokens, optimizer settings and step count.
 `WARMUP_STEPS` untimed steps first (a workload may set fewer). oel_ray runs in two configurations,
 four with `--all-variants` (`OEL_VARIANTS`): as the `tiny` run configures it (strictly on-policy),
 asynchronous (consolidation.async_steps=1: batch t+1 is sampled and scored while the learner takes
-step t), and with the learner on one thread (what it had before it took the idle cores). oel_ray runs one more, untimed, step after the timed ones, so
-that in the asynchronous mode the last timed step also overlaps the sampling of a next batch. Ray
-is shut down before the baselines run, so they have the machine to themselves. The load average
+step t), and with the learner on one thread (what it had before it took the idle cores). oel_ray runs
+one more, untimed, step after the timed ones, so that in the asynchronous mode the last timed step
+also overlaps the sampling of a next batch. Ray is shut down before the baselines run, so they have
+the machine to themselves. The load average
 and a 0.1 s matmul probe of the machine's speed before each measurement are saved with it: other
 work on the machine shows there, and each verdict says how far apart the probes were.
 
@@ -56,7 +57,8 @@ from benchmarks.paper_shape import LARGE_ARCH, SMALL_ARCH, build_random, paper_p
 from benchmarks.teacher import MID_ARCH, Step
 
 PAPER_STEP = Step()  # the paper's step: 64 samples, 10 knowledge texts of 2048 tokens, prompts 256, replies 128
-PAPER_MODELS = {"small": SMALL_ARCH, "mid": MID_ARCH, "large": LARGE_ARCH}  # random-initialised, with oel_ray's vocabulary
+# random-initialised, with oel_ray's vocabulary
+PAPER_MODELS = {"small": SMALL_ARCH, "mid": MID_ARCH, "large": LARGE_ARCH}
 
 # A step's stages and the profile seconds each one's FLOPs are divided by (the learner's: its compute
 # in the actor, which in the asynchronous mode overlaps the others).
@@ -342,7 +344,8 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
                                         "best oel_ray" if r is best else "best TRL" if r is trl else ""])
             comparisons.append(entry)
     return {"workload": workload.name, "model": workload.model or "tiny", "params": arch.params,
-            "warmup_steps": workload.warmup, "timed_steps": workload.timed_steps, "max_new_tokens": cfg.rollout.max_response_tokens,
+            "warmup_steps": workload.warmup, "timed_steps": workload.timed_steps,
+            "max_new_tokens": cfg.rollout.max_response_tokens,
             "knowledge_tokens": [len(tokenizer(k)["input_ids"]) for k in data["knowledge_set"]],
             "student_prompt_tokens": mean_prompt(data["pairs"], 0),
             "teacher_prompt_tokens": mean_prompt(data["pairs"], 1),

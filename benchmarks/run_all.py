@@ -167,7 +167,8 @@ def readme_tables(name: str, results: Path = RESULTS) -> list[str]:
     m, when = data.get("machine", {}), data.get("measured_at", "?")
     when = f"{when[:16].replace('T', ' ')} UTC" if when.endswith("+0000") else when
     where = f"{m['cpu']}, " if m.get("cpu") else ""
-    head = f"`{command(name, data)}`, measured {when} ({where}{m.get('cpu_count', '?')} CPUs, torch {m.get('torch', '?')}):"
+    cpus, torch = m.get("cpu_count", "?"), m.get("torch", "?")
+    head = f"`{command(name, data)}`, measured {when} ({where}{cpus} CPUs, torch {torch}):"
     return [head] + [f"**{title}**\n\n{data['tables_md'][title]}" for title in titles]
 
 
