@@ -7,7 +7,7 @@ The prompts are the tiny experiment's first turns of 64 fresh Sokoban maps, answ
 sampling, twice: without log-probs (collection) and with the student's top-k support (the
 consolidation step's sampling, `learner.support_k`). The bare engine is what a user would write:
 `vllm.LLM` with the same model, dtype, context length and KV-cache size, fed token ids, with
-detokenization left on. Each side is measured in alternation, median of 3 after a warm-up.
+detokenization left on. Each side is measured in alternation, median of `REPEATS` after a warm-up.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from benchmarks.common import load_config, markdown_table, quiet_libraries, save
 from oel_ray.placement import bind_to_cores
 
 PROMPTS = 64
-REPEATS = 3
+REPEATS = 7  # each side takes well under a second here: more repeats, less of the machine's noise in the median
 
 
 class BareVLLM:
