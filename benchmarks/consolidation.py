@@ -23,9 +23,9 @@ asynchronous (consolidation.async_steps=1: batch t+1 is sampled and scored while
 step t), and with the learner on one thread (what it had before it took the idle cores). oel_ray runs
 one more, untimed, step after the timed ones, so that in the asynchronous mode the last timed step
 also overlaps the sampling of a next batch. Ray is shut down before the baselines run, so they have
-the machine to themselves. The load average
-and a 0.1 s matmul probe of the machine's speed before each measurement are saved with it: other
-work on the machine shows there, and each verdict says how far apart the probes were.
+the machine to themselves. The load average and a 0.1 s matmul probe of the machine's speed before
+each measurement are saved with it: other work on the machine shows there, and each verdict says how
+far apart the probes were.
 
 Also reported: where an oel_ray step spends its time (generation, teacher, learner, weight sync,
 and the rest: driver work and Ray overhead = wall - their sum; asynchronous: the learner column is

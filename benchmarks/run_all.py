@@ -117,10 +117,10 @@ def section(name: str, runtime: Optional[dict]) -> str:
     """`name`'s part of summary.md: how it ran in this run (None: not run in it) and its latest results."""
     path = RESULTS / f"{name}.json"
     ran = f"{runtime['status']}, {runtime['seconds']} s" if runtime else "not run in this run"
-    if not path.exists():
-        return f"## {name}\n\n`python -m benchmarks.{name}`: {ran}; no results file."
-    data = json.loads(path.read_text())
+    data = json.loads(path.read_text()) if path.exists() else {}
     head = f"## {name}\n\n`{command(name, data)}`: {ran}"
+    if not path.exists():
+        return f"{head}; no results file."
     head += f"; results measured {data.get('measured_at', '?')} (benchmarks/results/{name}.json)"
     if data.get("tables_md"):
         body = "\n\n".join(f"**{title}**\n\n{table}" for title, table in data["tables_md"].items())
