@@ -12,6 +12,7 @@ from __future__ import annotations
 import gc
 import os
 import time
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional
 
 import numpy as np
@@ -55,7 +56,8 @@ class VLLMEngine:
         # vLLM's CPU runner cannot rewind a seeded per-request generator when a prefill is split
         # into chunks ("CPU Generator does not use offset"): on CPU, prefill whole prompts instead,
         # so per-request seeds work and replies do not depend on what else is in the batch.
-        cpu_prefill = {} if _on_cuda() else dict(
+        self.on_cpu = not _on_cuda()
+        cpu_prefill = {} if not self.on_cpu else dict(
             enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
         self.llm = LLM(
             model=model_path,
@@ -100,10 +102,18 @@ class VLLMEngine:
                     p.seed = seeds[i]
                 if max_tokens is not None:
                     p.max_tokens = max_tokens[i]
-        outputs = self.llm.generate(
-            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False
-        )
+        outputs = self._engine_call([TokensPrompt(prompt_token_ids=p) for p in prompts], params)
         return [self._to_generation(out.outputs[0], sampling.support_k) for out in outputs]
+
+    def _engine_call(self, prompts: list, params) -> list:
+        """`LLM.generate`; on CPU with torch.compile off. vLLM compiles the count that ranks each
+        sampled token among the log-probs with inductor: a C++ build on the first call that asks for
+        log-probs, 14 s on a fresh 2-core machine and 4.5 s in every later process (its cache only
+        spares the compiler), against 0.05 s eager, which counts the same integers."""
+        import torch
+
+        with torch._dynamo.config.patch(disable=True) if self.on_cpu else nullcontext():
+            return self.llm.generate(prompts, params, use_tqdm=False)
 
     def _to_generation(self, completion, support_k: int) -> Generation:
         topk = None
@@ -136,7 +146,7 @@ class VLLMEngine:
         from vllm import SamplingParams, TokensPrompt
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0, flat_logprobs=True)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=token_ids)], params, use_tqdm=False)[0]
+        out = self._engine_call([TokensPrompt(prompt_token_ids=token_ids)], params)[0]
         flat = out.prompt_logprobs
         # Position 0 has no logprob; each later position's first entry is the actual prompt token.
         starts = np.asarray(flat.start_indices[1:], dtype=np.int64)

@@ -38,3 +38,27 @@ def test_support_ids_are_the_models_top_k(ray_cluster, tiny_model):
             agree += set(got.tolist()) == set(want.tolist()) and (np.array_equal(got, want) or gap < 1e-4)
     assert positions > 40
     assert agree / positions > 0.97, f"{agree}/{positions} positions with the model's top-{K}"
+
+
+def test_cpu_engine_compiles_nothing(ray_cluster, tiny_model):
+    """vLLM torch.compiles the rank count behind log-probs with inductor: a C++ build in the first
+    call that asks for log-probs (14 s on a fresh 2-core machine, 4.5 s per process after). The
+    CPU engine runs it eagerly: after a top-k generate and a prompt-log-prob call in a fresh
+    process, dynamo has seen no frame at all."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def dynamo_counters(path: str) -> dict:
+        from torch._dynamo.utils import counters
+
+        from oel_ray.engine import VLLMEngine
+        from oel_ray.types import Sampling
+
+        engine = VLLMEngine(path, max_logprobs=K, max_model_len=256)
+        reply = engine.generate([[5, 6, 7, 8]], Sampling(max_tokens=4, support_k=K, seed=1))[0]
+        engine.prompt_logprobs([5, 6, 7, 8])
+        return {"support": reply.topk_ids.shape, **{kind: dict(c) for kind, c in counters.items() if c}}
+
+    seen = ray.get(dynamo_counters.remote(tiny_model))
+    assert seen.pop("support")[1] == K
+    assert seen == {}, f"torch.compile ran in the CPU engine: {seen}"
