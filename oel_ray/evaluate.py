@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import Optional
 
 from oel_ray.config import OELConfig
 from oel_ray.games import eval_specs, invalid_turns
@@ -139,16 +140,19 @@ def play_with_knowledge(workers, cfg: OELConfig, texts: list[str], round: int,
 
 
 def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[KnowledgeSnapshot]],
-                       steps: list[int], on_games=None) -> list[dict]:
+                       steps: list[int], on_games=None, plain: Optional[list[Trajectory]] = None) -> list[dict]:
     """The in-context curve: one row per accumulation step in `steps`, the held-out maps played
     `env.eval_samples` times with each chain's knowledge of that step in the teacher's prompt.
 
     Each distinct knowledge text is played once, all in one call, with `evaluate`'s sampling and
     seeds: step 0 and a chain still empty later play the plain prompt, the games of `evaluate`.
+    `plain`: those games, where `evaluate` already played them with these weights (not played again).
     The chains count as further samples of each map, so the interval clusters by map (`summarize`)."""
     samples = cfg.env.eval_samples
     texts = sorted({chain[s].text.strip() for s in steps for chain in chains})
-    per_text = play_with_knowledge(workers, cfg, texts, round, on_games)
+    per_text = {"": plain} if plain is not None and "" in texts else {}
+    if to_play := [text for text in texts if text not in per_text]:
+        per_text.update(play_with_knowledge(workers, cfg, to_play, round, on_games))
     rows = []
     for step in steps:
         games = [per_text[chain[step].text.strip()] for chain in chains]

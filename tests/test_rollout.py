@@ -286,6 +286,10 @@ def test_in_context_curve_plays_each_knowledge_once_on_the_eval_seeds(group, tin
     assert step1["per_chain_pass_rates"][1] == plain_report.pass_rate
     replies = sorted(turn.response for t in played for turn in t.turns)
     assert replies != sorted(turn.response for t in plain * 2 for turn in t.turns)  # the lesson was read
+    # Given evaluate's games (the driver passes round r-1's), only the lesson is played: same rows.
+    again = []
+    rows = evaluate_knowledge(group, cfg, 0, chains, [0, 1], on_games=again.extend, plain=plain)
+    assert len(again) == 6 and rows == [step0, step1]
 
 
 def test_one_batched_engine_call_per_turn_on_every_worker(group):
