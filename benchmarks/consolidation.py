@@ -211,11 +211,11 @@ def ray_cpus(cfg) -> int:
 
 
 def workload_config(workload: Workload, model_path: str, *overrides: str):
-    """The `tiny` config at the workload's batch size, model and reply length, plus `overrides`."""
+    """The `tiny` config at the workload's batch size, model and reply length, plus `overrides`;
+    validated with the workload's model (a paper shape needs no tiny model built)."""
     shape = [f"rollout.max_response_tokens={PAPER_STEP.reply}", "model.build=null"] if workload.model else []
-    cfg = load_config(f"learner.batch_size={max(workload.batch_sizes)}", *shape, *overrides)
-    cfg.model.path = model_path
-    return cfg
+    return load_config(f"learner.batch_size={max(workload.batch_sizes)}", f"model.path={model_path}", *shape,
+                       *overrides)
 
 
 def run_variant(workload: Workload, overrides: list[str], data: dict, out: Path, model_path: str) -> dict:
