@@ -57,8 +57,8 @@ class VLLMEngine:
         # into chunks ("CPU Generator does not use offset"): on CPU, prefill whole prompts instead,
         # so per-request seeds work and replies do not depend on what else is in the batch.
         self.on_cpu = not _on_cuda()
-        cpu_prefill = {} if not self.on_cpu else dict(
-            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192))
+        cpu_prefill = dict(
+            enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 8192)) if self.on_cpu else {}
         self.llm = LLM(
             model=model_path,
             tokenizer=model_path,
