@@ -25,7 +25,7 @@ from oel_ray.errors import InputError
 from oel_ray.consolidate import consolidate, learner_loss, step_prefixes
 from oel_ray.evaluate import curve_markdown, evaluate, evaluate_knowledge, select_best
 from oel_ray.extractor import knowledge_set
-from oel_ray.games import eval_specs, train_specs
+from oel_ray.games import train_specs
 from oel_ray.ifeval import reference_sampling, run_ifeval
 from oel_ray.ifeval_lmeval import run_lm_eval_ifeval
 from oel_ray.layout import RoundLayout, RunLayout
@@ -158,13 +158,11 @@ def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r:
     """The in-context curve (paper Fig. 4): the round-start model on the held-out maps with each
     chain's knowledge of every step in extractor.eval_steps in the teacher's prompt. Step 0 is
     the plain prompt: the round-start model's own evaluation, game for game, so its games are
-    taken from round r-1's evaluation (played again only where that file is gone)."""
+    taken from round r-1's evaluation (played again where that file is gone or holds other games)."""
     steps, e = cfg.extractor.curve_steps, cfg.extractor
     chains = artifacts.read_knowledge_chains(rl.knowledge, max(steps))  # before any actor starts
     evaluated = RoundLayout(rl.run, r - 1).eval_trajectories
     plain = artifacts.read_trajectories(evaluated) if evaluated.exists() else None
-    if plain is not None and [t.seed for t in plain] != [m.seed for m in eval_specs(cfg.env)] * cfg.env.eval_samples:
-        plain = None  # not the held-out maps of this configuration
     rows = evaluate_knowledge(cluster.at_round_start(r).workers, cfg, r, chains, steps, plain=plain)
     for row in rows:  # per step, as the public code saves them; the curve below keeps the figures only
         artifacts.write_json(rl.knowledge_step(row["step"]), {"round": r, **row})

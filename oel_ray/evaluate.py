@@ -19,7 +19,7 @@ from typing import Optional
 from oel_ray.config import OELConfig
 from oel_ray.games import eval_specs, invalid_turns
 from oel_ray.tracking import curve_cells
-from oel_ray.types import INVALID, KnowledgeSnapshot, Sampling, Trajectory
+from oel_ray.types import INVALID, GameSpec, KnowledgeSnapshot, Sampling, Trajectory
 
 
 @dataclass
@@ -116,10 +116,15 @@ def eval_sampling(cfg: OELConfig) -> Sampling:
                     top_k=r.eval_top_k, seed=cfg.seed)
 
 
+def held_out_games(cfg: OELConfig) -> list[GameSpec]:
+    """The games `evaluate` plays, in its order: every held-out map, `env.eval_samples` times, sample-major."""
+    return eval_specs(cfg.env) * cfg.env.eval_samples
+
+
 def evaluate(workers, cfg: OELConfig, round: int, on_games=None) -> tuple[EvalReport, list[Trajectory]]:
     """One rollout per held-out map and sampling seed, no knowledge in context; trajectories come
     back sample-major (see `summarize`). `on_games` as in `RolloutGroup.play` (streaming)."""
-    specs = eval_specs(cfg.env) * cfg.env.eval_samples
+    specs = held_out_games(cfg)
     trajectories = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
     return summarize(trajectories, round, cfg.env.eval_samples), trajectories
 
@@ -132,10 +137,10 @@ def play_with_knowledge(workers, cfg: OELConfig, texts: list[str], round: int,
     """Every held-out map `env.eval_samples` times with each of `texts` in the teacher's place ("":
     the plain prompt), all in one call with `evaluate`'s sampling and seeds; per text, its games
     sample-major (as `summarize` reads them)."""
-    maps, samples = eval_specs(cfg.env), cfg.env.eval_samples
-    specs = [replace(spec, knowledge=text) for text in texts for spec in maps * samples]
+    games = held_out_games(cfg)
+    specs = [replace(spec, knowledge=text) for text in texts for spec in games]
     played = workers.play(specs, eval_sampling(cfg), cfg.env.max_turns, round, on_games=on_games)
-    per_text = len(maps) * samples
+    per_text = len(games)
     return {text: played[i * per_text:(i + 1) * per_text] for i, text in enumerate(texts)}
 
 
@@ -146,11 +151,13 @@ def evaluate_knowledge(workers, cfg: OELConfig, round: int, chains: list[list[Kn
 
     Each distinct knowledge text is played once, all in one call, with `evaluate`'s sampling and
     seeds: step 0 and a chain still empty later play the plain prompt, the games of `evaluate`.
-    `plain`: those games, where `evaluate` already played them with these weights (not played again).
+    `plain`: those games, where `evaluate` already played them with these weights (not played again;
+    ignored unless they are `held_out_games` in that order).
     The chains count as further samples of each map, so the interval clusters by map (`summarize`)."""
     samples = cfg.env.eval_samples
     texts = sorted({chain[s].text.strip() for s in steps for chain in chains})
-    per_text = {"": plain} if plain is not None and "" in texts else {}
+    evaluated = plain is not None and [t.seed for t in plain] == [g.seed for g in held_out_games(cfg)]
+    per_text = {"": plain} if evaluated and "" in texts else {}
     if to_play := [text for text in texts if text not in per_text]:
         per_text.update(play_with_knowledge(workers, cfg, to_play, round, on_games))
     rows = []

@@ -290,6 +290,9 @@ def test_in_context_curve_plays_each_knowledge_once_on_the_eval_seeds(group, tin
     again = []
     rows = evaluate_knowledge(group, cfg, 0, chains, [0, 1], on_games=again.extend, plain=plain)
     assert len(again) == 6 and rows == [step0, step1]
+    other = []  # games that are not evaluate's, in its order: played again
+    evaluate_knowledge(group, cfg, 0, chains, [0, 1], on_games=other.extend, plain=plain[::-1])
+    assert len(other) == 12
 
 
 def test_one_batched_engine_call_per_turn_on_every_worker(group):
