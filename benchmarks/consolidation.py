@@ -17,7 +17,7 @@ worker, teacher server, DeepSpeed learner, weight sync, `consolidate.consolidate
 run starts them; at `tiny` its prompts are real: turn prefixes of games the model just played, a knowledge set
 the extractor just wrote. The baselines then replay exactly those (student prompt, teacher prompt)
 pairs with the same sampling, max new tokens, optimizer settings and step count. Each system runs
-`WARMUP_STEPS` untimed steps first (a workload may set fewer). oel_ray runs in two configurations,
+`WARMUP_STEPS` untimed steps first. oel_ray runs in two configurations,
 four with `--all-variants` (`OEL_VARIANTS`): as the `tiny` run configures it (strictly on-policy),
 asynchronous (consolidation.async_steps=1: batch t+1 is sampled and scored while the learner takes
 step t), and with the learner on one thread (what it had before it took the idle cores). oel_ray runs
@@ -75,16 +75,15 @@ class Workload:
     batch_sizes: tuple[int, ...]  # the first is the headline's
     timed_steps: int
     model: str | None = None  # a paper_shape architecture, random-initialised; None: the tiny model
-    warmup: int = WARMUP_STEPS  # untimed steps first, every system
 
     @property
     def steps(self) -> int:
-        return self.warmup + self.timed_steps + COOLDOWN_STEPS
+        return WARMUP_STEPS + self.timed_steps + COOLDOWN_STEPS
 
     @property
     def timed(self) -> slice:
         """The timed steps among a variant's `steps`."""
-        return slice(self.warmup, self.warmup + self.timed_steps)
+        return slice(WARMUP_STEPS, WARMUP_STEPS + self.timed_steps)
 
 
 # tiny: the paper's samples per step and the tiny config's learner.batch_size. The paper shape's
@@ -297,7 +296,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
 
         comparisons = []
         for batch in workload.batch_sizes:
-            work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop], workload.warmup)
+            work = make_work(cfg, tokenizer, data["pairs"][batch][:workload.timed.stop], WARMUP_STEPS)
             baselines, loads, speeds, walls = {}, {}, {}, {}
             for name, fn in (("trl", run_trl), ("trl_distillation", run_trl_distillation),
                              ("plain_loop", run_plain_loop)):
@@ -345,7 +344,7 @@ def measure(workload: Workload, peak: float, tables: dict[str, list], n_variants
                                         "best oel_ray" if r is best else "best TRL" if r is trl else ""])
             comparisons.append(entry)
     return {"workload": workload.name, "model": workload.model or "tiny", "params": arch.params,
-            "warmup_steps": workload.warmup, "timed_steps": workload.timed_steps,
+            "warmup_steps": WARMUP_STEPS, "timed_steps": workload.timed_steps,
             "max_new_tokens": cfg.rollout.max_response_tokens,
             "knowledge_tokens": [len(tokenizer(k)["input_ids"]) for k in data["knowledge_set"]],
             "student_prompt_tokens": mean_prompt(data["pairs"], 0),
