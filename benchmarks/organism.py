@@ -29,8 +29,9 @@ from benchmarks.common import RESULTS, ROOT, load_config, markdown_table, quiet_
 RUNS = {"main": "organism", "empty": "organism_empty_knowledge", "shuffled": "organism_shuffled_knowledge",
         "raw": "organism_raw_trajectories", "off_policy": "organism_off_policy"}
 # The in-context curve at step 0 and the knowledge step only (each further step plays every map once
-# per chain: 8 x 256 games); the controls are judged on their rounds and skip it.
-MAIN_OVERRIDES = ("extractor.eval_steps=[0,8]",)
+# per chain: 8 x 256 games), with every chain (the experiment, sized for `make run`, plays 2 of the 8);
+# the controls are judged on their rounds and skip it.
+MAIN_OVERRIDES = ("extractor.eval_steps=[0,8]", "extractor.eval_chains=null")
 CONTROL_OVERRIDES = ("extractor.eval_steps=[]",)
 # What a run's figures depend on besides the organism (its recipe's version) and the samples: a saved
 # run measured under other values is measured again, never mixed in.

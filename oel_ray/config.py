@@ -106,13 +106,10 @@ class RolloutConfig:
     bind_cores: bool = True  # CPU only: each worker's threads on its own share of the node's cores
 
     def check(self) -> None:
-        positive("rollout.num_workers", self.num_workers)
-        positive("rollout.games_per_round", self.games_per_round)
-        positive("rollout.temperature", self.temperature)
+        for name in ("num_workers", "games_per_round", "temperature", "max_response_tokens", "kv_cache_gib",
+                     "deploy_games_per_step"):
+            positive(f"rollout.{name}", getattr(self, name))
         require(0 < self.top_p <= 1, "rollout.top_p", f"{self.top_p} must be in (0, 1]")
-        positive("rollout.max_response_tokens", self.max_response_tokens)
-        positive("rollout.kv_cache_gib", self.kv_cache_gib)
-        positive("rollout.deploy_games_per_step", self.deploy_games_per_step)
         choice("rollout.history", self.history, HISTORY_FORMATS)
         require(not self.keep_reasoning or self.history == "chat", "rollout.keep_reasoning",
                 "only applies to rollout.history=chat (the flattened history never shows earlier replies)")
@@ -144,6 +141,8 @@ class ExtractorConfig:
     # The in-context curve (paper Fig. 4): steps (0..k) at which the held-out maps are played with each
     # chain's knowledge of that step in context; None: 0, K/4, the knowledge step and K; []: no curve.
     eval_steps: Optional[list[int]] = None
+    # The curve plays the knowledge of the first n chains (each: every held-out map); None: every chain.
+    eval_chains: Optional[int] = None
     select: str = MIX  # best: the teacher reads the one chain and curve step of highest in-context pass rate
 
     @property
@@ -158,8 +157,8 @@ class ExtractorConfig:
         return sorted(set(steps))
 
     def check(self) -> None:
-        positive("extractor.k", self.k)
-        positive("extractor.num_chains", self.num_chains)
+        for name in ("k", "num_chains", "max_knowledge_tokens", "max_response_tokens", "temperature"):
+            positive(f"extractor.{name}", getattr(self, name))
         if self.use_step is not None:
             require(1 <= self.use_step <= self.k, "extractor.use_step",
                     f"{self.use_step} must be in 1..extractor.k ({self.k})")
@@ -170,14 +169,17 @@ class ExtractorConfig:
                     f"{bad[0] if bad else ''} must be an integer in 0..extractor.k ({self.k})")
             twice = sorted({s for s in steps if steps.count(s) > 1})
             require(not twice, "extractor.eval_steps", f"{steps} lists step {twice[0] if twice else ''} more than once")
+        if self.eval_chains is not None:
+            require(1 <= self.eval_chains <= self.num_chains, "extractor.eval_chains",
+                    f"{self.eval_chains} must be in 1..extractor.num_chains ({self.num_chains}), "
+                    "or null for every chain")
         choice("extractor.format", self.format, KNOWLEDGE_FORMATS)
         choice("extractor.trajectories", self.trajectories, CHAIN_GAMES)
         choice("extractor.select", self.select, SELECTS)
         require(self.select == MIX or any(s > 0 for s in self.curve_steps), "extractor.select", "best picks by the "
                 "in-context pass rate at extractor.eval_steps: list a step above 0 there, or leave it unset")
-        positive("extractor.max_knowledge_tokens", self.max_knowledge_tokens)
-        positive("extractor.max_response_tokens", self.max_response_tokens)
-        positive("extractor.temperature", self.temperature)
+        require(self.select == MIX or self.eval_chains in (None, self.num_chains), "extractor.select",
+                "best picks among every chain's curve: set extractor.eval_chains=null")
         require("{trajectory}" in self.prompt, "extractor.prompt", "the template must contain {trajectory}")
         require(not self.with_previous or "{knowledge}" in self.prompt, "extractor.with_previous",
                 "true shows the knowledge so far in {knowledge}, which extractor.prompt lacks: add it to the "
@@ -252,11 +254,8 @@ class LearnerConfig:
     gradient_checkpointing: bool = False  # layers' activations recomputed in backward: less memory, ~1/3 more compute
 
     def check(self) -> None:
-        positive("learner.steps", self.steps)
-        positive("learner.batch_size", self.batch_size)
-        positive("learner.grad_accum", self.grad_accum)
-        positive("learner.num_ranks", self.num_ranks)
-        positive("learner.checkpoint_every", self.checkpoint_every)
+        for name in ("steps", "batch_size", "grad_accum", "num_ranks", "checkpoint_every"):
+            positive(f"learner.{name}", getattr(self, name))
         positive("learner.threads", self.threads, allow_zero=True)
         require(self.batch_size % (self.grad_accum * self.num_ranks) == 0, "learner.batch_size",
                 f"{self.batch_size} must be divisible by learner.grad_accum x learner.num_ranks "

@@ -25,13 +25,14 @@ EXPERIMENTS = {
 }
 # Switches without an experiment of their own, on `tiny`: run label -> (overrides, the same four facts)
 OPTION_RUNS = {
-    # Two switches that act on different parts, in one run (each run is mostly start-up): another
+    # Switches that act on different parts, in one run (each run is mostly start-up): another
     # checkpoint teaching both rounds, a deeper one, which a round start that handed it the student's
-    # weights (as the default teacher gets them) would refuse; and one of the public code's
+    # weights (as the default teacher gets them) would refuse; one of the public code's
     # sampled-token estimators end to end (each one's values and gradient through the learner:
-    # test_learner.py, test_losses.py)
-    "tiny_teacher_model_k1": (["teacher.model={teacher}", "rounds=2", "learner.loss=k1"], "on_policy", "knowledge",
-                              True, "k1"),
+    # test_learner.py, test_losses.py); and an in-context curve of the first chain only
+    "tiny_teacher_model_k1": (["teacher.model={teacher}", "rounds=2", "learner.loss=k1", "extractor.num_chains=2",
+                               "extractor.eval_chains=1"],
+                              "on_policy", "knowledge", True, "k1"),
 }
 COMPARED = {"pass_rate", "pass_rate_ci", "kl_first_step", "kl_last_step", "consolidation_loss",
             "ifeval_strict_prompt_accuracy", "response_tokens_per_turn"}
@@ -162,6 +163,21 @@ def test_an_estimator_reports_what_it_minimised(run):
     for m in (json.loads(line) for line in (out / "round_1" / "metrics.jsonl").read_text().splitlines()):
         assert m["kl_direction"] == REVERSE and m["response_tokens"] > 0
         assert m["loss"] == pytest.approx(m["kl"], rel=1e-6, abs=1e-9)
+
+
+def test_the_curve_plays_the_first_eval_chains(run):
+    """extractor.eval_chains=1 of tiny's 2 chains: each curve step plays the held-out games once, with
+    chain 0's knowledge (its token count, not the mean over both chains)."""
+    _, out = run("tiny_teacher_model_k1")
+    for r in (1, 2):
+        chains = json.loads((out / f"round_{r}" / "knowledge.json").read_text())["chains"]
+        curve = json.loads((out / f"round_{r}" / "knowledge_eval.json").read_text())
+        assert len(chains) == 2 and curve["chains"] == 1
+        for row in curve["steps"]:
+            assert row["games"] == curve["maps"] * curve["samples"] and len(row["per_chain_pass_rates"]) == 1
+            assert row["knowledge_tokens"] == chains[0][row["step"]]["num_tokens"]
+        assert any(chains[0][row["step"]]["num_tokens"] != chains[1][row["step"]]["num_tokens"]
+                   for row in curve["steps"]), "the chains hold the same knowledge: the test shows nothing"
 
 
 def test_another_checkpoint_teaches_every_round(run, deeper_teacher):

@@ -63,6 +63,18 @@ def test_eval_steps_default_and_errors():
         with pytest.raises(errors.ConfigError) as err:
             validate(cfg("extractor.k=4", f"extractor.eval_steps={steps}"))
         assert str(err.value) == message
+    # how many chains the curve plays: 1..num_chains, and every one where select=best picks among them
+    assert validate(cfg("extractor.num_chains=3", "extractor.eval_chains=2")).extractor.eval_chains == 2
+    for overrides, message in [
+            (["extractor.eval_chains=3"], "extractor.eval_chains: 3 must be in 1..extractor.num_chains (2), or null "
+                                          "for every chain"),
+            (["extractor.eval_chains=0"], "extractor.eval_chains: 0 must be in 1..extractor.num_chains (2), or null "
+                                          "for every chain"),
+            (["extractor.select=best", "extractor.eval_chains=1"],
+             "extractor.select: best picks among every chain's curve: set extractor.eval_chains=null")]:
+        with pytest.raises(errors.ConfigError) as err:
+            validate(cfg(*overrides))
+        assert str(err.value) == message
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
