@@ -157,9 +157,9 @@ def extract_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -
 def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r: int) -> None:
     """The in-context curve (paper Fig. 4): the round-start model on the held-out maps with each
     chain's knowledge (of the first extractor.eval_chains) of every step in extractor.eval_steps in
-    the teacher's prompt. Step 0 is
-    the plain prompt: the round-start model's own evaluation, game for game, so its games are
-    taken from round r-1's evaluation (played again where that file is gone or holds other games)."""
+    the teacher's prompt. Step 0 is the plain prompt: the round-start model's own evaluation, game
+    for game, so its games are taken from round r-1's evaluation (played again where that file is
+    gone or holds other games)."""
     steps, e = cfg.extractor.curve_steps, cfg.extractor
     # before any actor starts
     chains = artifacts.read_knowledge_chains(rl.knowledge, max(steps))[:e.eval_chains]
