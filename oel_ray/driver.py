@@ -179,7 +179,8 @@ def knowledge_eval_into(rl: RoundLayout, cluster: Deployment, cfg: OELConfig, r:
                  selected["chain"], selected["step"], selected["pass_rate"])
     table = curve_markdown(rows, e.knowledge_step)
     artifacts.atomic_write_text(rl.knowledge_eval_md, table)
-    log.info("  held-out pass rate with each chain's knowledge in context, by accumulation step:\n%s", table)
+    log.info("  held-out pass rate with each chain's knowledge in context (%d of %d chains), by accumulation "
+             "step:\n%s", len(chains), e.num_chains, table)
 
 
 def teacher_knowledge(rl: RoundLayout, cfg: OELConfig) -> list[str]:
