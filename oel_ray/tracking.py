@@ -121,13 +121,15 @@ def curves_table(curves: dict[int, dict]) -> str:
     """The in-context curves (each round's knowledge_eval.json) as one table; "" when none."""
     if not curves:
         return ""
-    lines = ["", "In context: held-out pass rate with each chain's knowledge of an accumulation step in the "
-             "teacher's prompt (step 0: none; * the step consolidation reads)", "",
-             "| round | step | knowledge tokens | pass rate | 95% CI | tokens/turn |", "|---|---|---|---|---|---|"]
+    lines = ["", "In context: held-out pass rate with the knowledge of the chains played (extractor.eval_chains) "
+             "at an accumulation step in the teacher's prompt (step 0: none; * the step consolidation reads)", "",
+             "| round | step | chains | games | knowledge tokens | pass rate | 95% CI | tokens/turn |",
+             "|---|---|---|---|---|---|---|---|"]
     for r, curve in sorted(curves.items()):
         for row in curve["steps"]:
             mark = "*" if row["step"] == curve["use_step"] else ""
-            lines.append(f"| {r} | {row['step']}{mark} | {curve_cells(row)} | {row['response_tokens_per_turn']:.1f} |")
+            lines.append(f"| {r} | {row['step']}{mark} | {curve.get('chains', '-')} | {row['games']} | {curve_cells(row)} "
+                         f"| {row['response_tokens_per_turn']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -127,8 +127,9 @@ def report(r: int, ifeval: bool) -> dict:
 
 def curve(r: int) -> dict:
     """A round's knowledge_eval.json (the fields the plot and the table read)."""
-    return {"use_step": 2, "steps": [{"step": s, "pass_rate": 0.1 * s, "ci_low": 0.0, "ci_high": 0.6,
-                                      "response_tokens_per_turn": 9.0, "knowledge_tokens": 30.0 * s}
+    return {"use_step": 2, "chains": 2, "steps": [{"step": s, "pass_rate": 0.1 * s, "ci_low": 0.0, "ci_high": 0.6,
+                                                   "response_tokens_per_turn": 9.0, "knowledge_tokens": 30.0 * s,
+                                                   "games": 64}
                                      for s in (0, 1, 2, 4)]}
 
 
@@ -146,5 +147,5 @@ def test_round_plot_draws_the_ifeval_panel_when_measured(tmp_path, ifeval, curve
     table = tracking.rounds_table([report(r, ifeval) for r in range(3)], {})
     assert ("| 0.200 |" in table.splitlines()[-1]) is ifeval  # round 2's IF-Eval beside its pass rate
     rows = tracking.curves_table({r: curve(r) for r in (1, 2)}).splitlines()
-    assert rows[-4:] == [f"| 2 | {s} | {30 * int(s[0])} | {0.1 * int(s[0]):.3f} | [0.000, 0.600] | 9.0 |"
+    assert rows[-4:] == [f"| 2 | {s} | 2 | 64 | {30 * int(s[0])} | {0.1 * int(s[0]):.3f} | [0.000, 0.600] | 9.0 |"
                          for s in ("0", "1", "2*", "4")] and tracking.curves_table({}) == ""
