@@ -71,11 +71,13 @@ def build_tiny_model(path: str | os.PathLike) -> Path:
     return build_model(path, TINY.name)
 
 
-def build_model(path: str | os.PathLike, name: str) -> Path:
+def build_model(path: str | os.PathLike, name: str, seed: int = BUILD_SEED) -> Path:
     """Build the embedded model `name` at `path` unless its current version is already there.
 
     Written to a temporary sibling directory and renamed, so an interrupted build never leaves a
-    half-written checkpoint that a later run would trust; an older version is replaced.
+    half-written checkpoint that a later run would trust; an older version is replaced. `seed` (the
+    weights' start and the order of the warm start's batches) is the recipe's own everywhere but in
+    benchmarks/organism_draws.py, which builds other draws of a recipe at paths of their own.
     """
     r = recipe(name)
     path = Path(path).expanduser()
@@ -87,11 +89,11 @@ def build_model(path: str | os.PathLike, name: str) -> Path:
     with FileLock(str(path) + ".lock"):
         if not needs_build(path, name):
             return path
-        _build(path, r)
+        _build(path, r, seed)
     return path
 
 
-def _build(path: Path, r: Recipe) -> None:
+def _build(path: Path, r: Recipe, seed: int) -> None:
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
     from transformers.utils import logging as hf_logging
@@ -111,11 +113,11 @@ def _build(path: Path, r: Recipe) -> None:
         threads = torch.get_num_threads()
         torch.set_num_threads(r.threads)
         try:
-            torch.manual_seed(BUILD_SEED)
+            torch.manual_seed(seed)
             model = Qwen3ForCausalLM(config)
             if r.prepare is not None:
                 r.prepare(model, tok)
-            train(model, groups, pad, lr=r.lr, batch_tokens=r.batch_tokens, seed=BUILD_SEED, epochs=r.epochs)
+            train(model, groups, pad, lr=r.lr, batch_tokens=r.batch_tokens, seed=seed, epochs=r.epochs)
         finally:
             torch.set_num_threads(threads)
         model.generation_config = GenerationConfig(eos_token_id=[eos, pad], pad_token_id=pad)
