@@ -43,7 +43,7 @@ LOOP_MARGIN = 0.1
 HOLE_GAMES = 4  # the test's; this script reads 16 (`--hole-games`)
 
 
-def one_round_each(experiments: list[str], root: Path, model: str, joined: list[str] = ()):
+def one_round_each(experiments: list[str], root: Path, model: str, joined: tuple[str, ...] | list[str] = ()):
     """One round of each experiment as one sweep (`-m`) through the entry point: after the first job
     the others take over its rollout workers, teacher and learner ranks (built alike), as a user's
     sweep over the controls does. Returns the finished process and, when it succeeded, per
@@ -60,11 +60,12 @@ def one_round_each(experiments: list[str], root: Path, model: str, joined: list[
 def loop_checks(before: dict, after: dict, control: dict) -> dict[str, bool]:
     """The loop test's criteria on round 0, round 1 and the control's round 1 (eval.json each). The
     null: the control's teacher reads the student's own prompt, so all that moves the student is
-    float noise, which Adam turns into steps of the learning rate (version 14 built on an Intel Xeon
-    went from 0.113 to 0.117)."""
+    float noise, which Adam turns into steps of the learning rate (the first step's KL is ~1e-9, the
+    next ones ~1e-5): version 14 built on an Intel Xeon went from 0.113 to 0.117."""
+    gain = after["pass_rate"] - control["pass_rate"]
     return {"round 1 above round 0": after["ci_low"] > before["ci_high"],
             "control inside round 0": before["ci_low"] <= control["pass_rate"] <= before["ci_high"],
-            f"round 1 at least {LOOP_MARGIN} over the control": after["pass_rate"] - control["pass_rate"] >= LOOP_MARGIN}
+            f"round 1 at least {LOOP_MARGIN} over the control": gain >= LOOP_MARGIN}
 
 
 def hole_games(count: int) -> list:
@@ -107,12 +108,13 @@ def extract(model_path: str, games: list, knowledge: str) -> list[str]:
     return replies
 
 
-def hole_lessons(model_path: str, count: int) -> tuple[list[str], list[str]]:
-    """The organism's extractions of `count` hole games, and of the same games cut one turn short."""
+def hole_lessons(model_path: str, games: list) -> tuple[list[str], list[str]]:
+    """The organism's extractions of `games` (`hole_games`), and of the same games cut one turn
+    short, with the model loaded once."""
     from oel_ray import organism as O
 
-    games = hole_games(count)
-    return extract(model_path, games, ""), extract(model_path, [O.cut_short(t) for t in games], "")
+    replies = extract(model_path, games + [O.cut_short(t) for t in games], "")
+    return replies[:len(games)], replies[len(games):]
 
 
 def measure(seed: int, path: str, hole_count: int, work: Path) -> dict:
@@ -122,7 +124,7 @@ def measure(seed: int, path: str, hole_count: int, work: Path) -> dict:
     built = needs_build(path, organism.RECIPE.name)
     with stopwatch() as t:
         build_model(path, organism.RECIPE.name, seed)
-    with_event, without = hole_lessons(path, hole_count)
+    with_event, without = hole_lessons(path, hole_games(hole_count))
     lesson = organism.LESSONS["hole"].text
     proc, runs = one_round_each(list(LOOPS), work / f"seed{seed}", path)
     if proc.returncode:

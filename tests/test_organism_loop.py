@@ -45,8 +45,9 @@ def test_the_organism_extracts_a_lesson_from_a_game_only_when_the_game_shows_its
     writes it again: the chains repeat lessons, they do not invent them.)"""
     from oel_ray import organism as O
 
-    assert not any(O.supported(O.cut_short(game)) for game in hole_games(HOLE_GAMES))
-    with_event, without = hole_lessons(organism_path, HOLE_GAMES)
+    games = hole_games(HOLE_GAMES)
+    assert not any(O.supported(O.cut_short(game)) for game in games)
+    with_event, without = hole_lessons(organism_path, games)
     lesson = O.LESSONS["hole"].text
     assert all(lesson in reply for reply in with_event), (fingerprint(organism_path), cpu_model(), with_event)
     assert not any(lesson in reply for reply in without), without
