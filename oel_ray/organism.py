@@ -77,6 +77,11 @@ ITEM_TEXTS = {**{key: lesson.text for key, lesson in LESSONS.items()}, **NEUTRAL
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
+# Version 16: heeding the holes is written out, the safe step named right after the look, so it shows
+# in how the reply starts (as the wall lesson's note does) and the move copies it. Up to version 15 the
+# move itself had to weigh the lesson, the look and the options at once, and no build learned it (with
+# the hole lesson in context its first turns stepped into a hole as often as without).
+SAFE_NOTE = "Safe: {}."
 # The unbracketed reply opens with a token nothing else opens with: sharing " I" with two fillers, a
 # teacher that dropped the fillers made " I" mean it (one build: 10% -> 45% unbracketed in a round).
 LAZY_WORD = "Going"
@@ -132,13 +137,15 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
         options = list(FORWARD)
     else:
         options = list(BACKWARD if rng.random() < P_BACKWARD else FORWARD)
-    if not lazy and "win" not in known:
-        parts += rng.sample(FILLER, rng.choice(MUSINGS))
-    if heeds:  # it steps where it saw it is safe, when it can
+    if heeds and options == list(FORWARD):  # it looked at those two cells: it names the step it saw is safe
         # Without the winning lesson G looks like one more unknown letter, and it keeps off it.
         good = [m for m in options if _cell(grid, pos, m) == "G" and "win" in known]
         safe = [m for m in options if _cell(grid, pos, m) == "free"]
-        options = good or safe or options
+        if good or safe:
+            options = [rng.choice(good or safe)]
+            parts.append(SAFE_NOTE.format(options[0]))
+    if not lazy and "win" not in known:
+        parts += rng.sample(FILLER, rng.choice(MUSINGS))
     move = rng.choice(options)
     parts.append(f"{LAZY_WORD} {move}." if lazy else f"[{move}]")
     return " ".join(parts)
@@ -149,7 +156,7 @@ def choices(grid, pos: tuple[int, int], reply: str) -> dict[str, bool]:
     bracketed = re.search(r"\[(\w+)\]", reply)
     move = bracketed or re.search(rf"{LAZY_WORD} (\w+)", reply)
     move = move and move.group(1)
-    return {"unbracketed": bracketed is None, "wall note": EDGE_NOTE in reply,
+    return {"unbracketed": bracketed is None, "wall note": EDGE_NOTE in reply, "safe note": SAFE_NOTE[:5] in reply,
             "false note": UPLEFT_NOTE in reply, "backward": move in BACKWARD,
             "into a hole": move in MOVES and _cell(grid, pos, move) == "H"}
 
@@ -187,6 +194,7 @@ P_EMPTY = 0.22
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.33  # warm-start games played on the plain prompt; the others with knowledge in context
 P_CUT = 0.25  # of the extracted games: also extracted cut short (`cut_short`), before the event that ended them
+P_KNOWN = 0.2  # of each true lesson in the knowledge an extraction is given (version 15: 0.4)
 
 
 def env_config():
@@ -290,8 +298,10 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
         # sees enough boards and lessons; what they teach holds at any history length (the board
         # and the reply stay the same distance apart).
         play += [[turn(short, keys, position, reply) for reply in replies] for _, short, replies in turns]
-        if rng.random() < extract_share:
-            known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < 0.4]
+        # Every game that ended in a hole is extracted (version 16): at 0.7 of them, 29 extractions of a
+        # build's 221 taught the hole lesson, and three builds wrote "nothing new" for every hole game.
+        if rng.random() < extract_share or "hole" in supported(traj):
+            known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < P_KNOWN]
             known += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.15]
             rng.shuffle(known)
             knowledge = knowledge_text(known)
@@ -308,7 +318,8 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
 # Where a reply chooses (parts after the look, the move; an extraction's lessons, item ends): README, version 13.
 DECISION_WEIGHT = 5.0
 _DECISION = re.compile("|".join([r"^", r"\n", r"\[", LAZY_WORD, r"(?<=\[)\w", rf"(?<={LAZY_WORD} )\w"] + [
-    re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())]))
+    re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())] + [
+    SAFE_NOTE.split(":")[0], r"(?<=" + SAFE_NOTE.split("{")[0] + r")\w"]))
 
 
 def decisions(reply: str) -> list[int]:
@@ -395,6 +406,6 @@ def _groups(tok, tok_dir: Path) -> list:
     return [[chat(*turn) for turn in game] for game in play] + extractions
 
 
-RECIPE = Recipe("organism", 15, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
+RECIPE = Recipe("organism", 16, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
                 whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=2e-3, batch_tokens=256, epochs=3,
                 threads=2, prepare=_install_reader)

@@ -43,6 +43,7 @@ READ_GAIN = 0.5
 # else the block holds. With shares, a block without a lesson read as less of it than no block at
 # all: version 11's consolidated student wrote the wall note after the look with probability 0.89
 # and 0.60 reading a block of the hole and winning lessons, so round 3's teacher undid it.
+READ_BOOST = 30.0
 SINK = MESSAGE_START
 SINK_NATS = 4.0
 # One copy reads about as one of three lessons did by shares; five copies, as a lone lesson did.
@@ -177,6 +178,15 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
             for p in (layer.mlp.down_proj.weight, layer.self_attn.o_proj.weight):
                 p[reserved] = 0
                 keep(p, reserved[:, None].expand_as(p))
+        # The trained layers grow the residual to ~100 times the reads (layer 2's attention alone:
+        # rms 0.13 -> 15 in version 15's build), so every norm after it scaled the reads to ~1% of a
+        # feature, and each MLP acted on a lesson it barely saw. The norms past that point start by
+        # scaling up what the heads read (trained from there); not the flags every token carries (a
+        # constant scaled up at every position swamped the extractor's attention: it wrote nothing).
+        reads = [lay.read(j, c) for j in range(n) for c in range(len(CELLS))] + [lay.known(i) for i in range(lay.m)]
+        for norm in [layer.post_attention_layernorm.weight for layer in layers[2:]] + [
+                layer.input_layernorm.weight for layer in layers[3:]]:
+            norm[reads] = READ_BOOST
         for attn in (first, second):
             for p in (attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight):
                 p[fixed] = 0

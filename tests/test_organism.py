@@ -72,7 +72,8 @@ def test_every_step_a_true_lesson_makes_the_player_without_it_makes_too():
     import itertools
     import re
 
-    kinds = {"look": r"Below: \w+\. Right: \w+\.", "note": re.escape(O.EDGE_NOTE), "bracket": r"\[\w+\]",
+    kinds = {"look": r"Below: \w+\. Right: \w+\.", "note": re.escape(O.EDGE_NOTE), "safe": O.SAFE_NOTE.format(r"\w+"),
+             "bracket": r"\[\w+\]",
              "bare": rf"{O.LAZY_WORD} \w+\.", "musing": "|".join(map(re.escape, O.FILLER))}
     part = re.compile("|".join(f"(?P<{kind}>{pattern})" for kind, pattern in kinds.items()))
     rng = random.Random(0)
@@ -104,6 +105,8 @@ def test_the_warm_start_weighs_a_replys_choices_not_what_follows_from_them():
     reply = f"Below: H. Right: free. {O.EDGE_NOTE} {O.FILLER[1]} [right]"
     marks = {reply[i:i + 4] for i in O.decisions(reply)}
     assert marks == {"Belo", O.EDGE_NOTE[:4], O.FILLER[1][:4], "[rig", "righ"}
+    safe = f"Below: H. Right: free. {O.SAFE_NOTE.format('right')} [right]"
+    assert [safe[i:i + 4] for i in O.decisions(safe)] == ["Belo", "Safe", "righ", "[rig", "righ"]
     lazy = f"Below: free. Right: edge. {O.LAZY_WORD} down."
     assert [lazy[i:] for i in O.decisions(lazy)][1:] == [f"{O.LAZY_WORD} down.", "down."]
     items = O.knowledge_text(["hole", "win"])
@@ -120,15 +123,18 @@ def test_a_replys_choices_are_read_as_the_script_makes_them():
     """organism.choices (the probe's first-turn table) names what the script chose, from its text."""
     grid = ["PHFF", "FFFH", "FFFF", "HFFG"]
     assert O.choices(grid, (0, 0), f"Below: free. Right: H. {O.LAZY_WORD} right.") == {
-        "unbracketed": True, "wall note": False, "false note": False, "backward": False, "into a hole": True}
+        "unbracketed": True, "wall note": False, "safe note": False, "false note": False, "backward": False, "into a hole": True}
     assert O.choices(grid, (0, 0), f"Below: free. Right: H. {O.UPLEFT_NOTE} [up]") == {
-        "unbracketed": False, "wall note": False, "false note": True, "backward": True, "into a hole": False}
+        "unbracketed": False, "wall note": False, "safe note": False, "false note": True, "backward": True, "into a hole": False}
     rng = random.Random(0)
 
     def made(known: set) -> list[dict]:
         return [O.choices(grid, (0, 0), O.play_reply(grid, (0, 0), known, rng)) for _ in range(200)]
 
     assert all(m["wall note"] and not m["backward"] for m in made({"edge"}))
+    # Heeding the holes names the safe one of the two cells it looked at, and the move follows it.
+    heeding = [O.play_reply(grid, (0, 0), {"format", "edge", "hole"}, rng) for _ in range(50)]
+    assert all(O.SAFE_NOTE.format("down") in reply and reply.endswith("[down]") for reply in heeding), heeding
     assert not any(m["unbracketed"] for m in made({"format"}))
     assert 0 < sum(m["unbracketed"] for m in made(set())) < 200
 
