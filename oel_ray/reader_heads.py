@@ -38,12 +38,13 @@ FLAG, GAIN = 0.1, 0.05  # embedding value of a flag; what a layer-0 head writes 
 # What layer 1 writes per unit it reads: large, so the trained layers see the read over the residual
 # that their own MLPs grow during training (rms ~12 after layer 2 in a build).
 READ_GAIN = 0.5
+# ... and the trained layers' norms past layer 2 start with this weight on the read dimensions (below).
+READ_BOOST = 30.0
 # The lesson head counts copies instead of taking shares: each chat message's start token (a sink)
 # outscores a lesson token by SINK_NATS, so a lesson's read is its copies times e^-SINK_NATS, whatever
 # else the block holds. With shares, a block without a lesson read as less of it than no block at
 # all: version 11's consolidated student wrote the wall note after the look with probability 0.89
 # and 0.60 reading a block of the hole and winning lessons, so round 3's teacher undid it.
-READ_BOOST = 30.0
 SINK = MESSAGE_START
 SINK_NATS = 4.0
 # One copy reads about as one of three lessons did by shares; five copies, as a lone lesson did.
@@ -181,8 +182,8 @@ def install(model, tok, offsets: tuple[int, ...], lessons: tuple[str, ...]) -> l
         # The trained layers grow the residual to ~100 times the reads (layer 2's attention alone:
         # rms 0.13 -> 15 in version 15's build), so every norm after it scaled the reads to ~1% of a
         # feature, and each MLP acted on a lesson it barely saw. The norms past that point start by
-        # scaling up what the heads read (trained from there); not the flags every token carries (a
-        # constant scaled up at every position swamped the extractor's attention: it wrote nothing).
+        # scaling up what the heads read (trained from there); not the flags the embeddings carry, the
+        # constant at every position among them.
         reads = [lay.read(j, c) for j in range(n) for c in range(len(CELLS))] + [lay.known(i) for i in range(lay.m)]
         for norm in [layer.post_attention_layernorm.weight for layer in layers[2:]] + [
                 layer.input_layernorm.weight for layer in layers[3:]]:
