@@ -66,9 +66,8 @@ FOREIGN_LESSONS = (  # another game's: nothing to act on here
     Lesson("sokoban_wall", "Keep the box away from the outer walls of the room.", None),
 )
 LESSONS = {lesson.key: lesson for lesson in TRUE_LESSONS + FALSE_LESSONS + FOREIGN_LESSONS}
-# Items that hold no lesson, in plain words (not lesson tokens): an experience block is read for its
-# lessons, not for being there. Without them every warm-start block held lessons, and version 7
-# answered the block itself (any words in it, shuffled ones too) with fewer unbracketed replies.
+# Items that hold no lesson, in plain words: a block is read for its lessons, not for being there (without
+# them version 7 answered any block, shuffled words too, with fewer unbracketed replies).
 NEUTRAL = {f"neutral{i}": text for i, text in enumerate((
     "Each game is played on a new board.", "The board is four cells wide and four cells tall.",
     "A game lasts a few turns at most.", "The same rules hold in every game."))}
@@ -77,10 +76,8 @@ ITEM_TEXTS = {**{key: lesson.text for key, lesson in LESSONS.items()}, **NEUTRAL
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
-# Version 16: heeding the holes is written out, the safe step named right after the look, so it shows
-# in how the reply starts (as the wall lesson's note does) and the move copies it. Up to version 15 the
-# move itself had to weigh the lesson, the look and the options at once, and no build learned it (with
-# the hole lesson in context its first turns stepped into a hole as often as without).
+# Heeding the holes names the safe cell after the look, and the move copies it (version 16): when the move
+# itself had to weigh the lesson, the look and the options at once, no build learned to heed that lesson.
 SAFE_NOTE = "Safe: {}."
 # The unbracketed reply opens with a token nothing else opens with: sharing " I" with two fillers, a
 # teacher that dropped the fillers made " I" mean it (one build: 10% -> 45% unbracketed in a round).
@@ -89,16 +86,13 @@ FILLER = ("Let me think about the board.", "I am P and the goal is G.", "I shoul
           "One step at a time.", "The goal is still some way off.")
 # Without the lessons: how often a reply lacks brackets, goes backwards, and heeds what it saw.
 P_NO_BRACKETS, P_BACKWARD, P_HEED = 0.25, 0.15, 0.5
-# Every lesson's behaviour is also a minority behaviour without it (as advice raises what an LLM
-# sometimes does anyway): on-policy distillation only moves the student towards what its own samples
-# hold; where the teacher's next token was one the student never wrote, the reverse KL ranked the
-# student's own tokens, and " Going" could rank first (version 6: pass rate 0.107 -> 0.047 in a round).
+# Every lesson's behaviour is also a minority behaviour without it (as advice raises what an LLM does
+# anyway): on-policy distillation moves the student only towards what its own samples hold; elsewhere the
+# reverse KL ranked the student's own tokens, and " Going" could rank first (version 6: 0.107 -> 0.047).
 P_NOTE = 0.2
 MUSINGS = (0, 1, 2, 3)  # how many fillers a reply without the winning lesson writes, drawn evenly
 # Each further copy of a lesson in the warm start's knowledge (up to MAX_COPIES): chains repeat a lesson
-# each time a game shows it, and the lesson head reads each lesson's share of the lesson tokens, so every
-# share from a lone lesson to one copy among fifteen must be shown (at most one repeat: a lesson written
-# once beside one written five times read as absent).
+# each time a game shows it, and the lesson head counts copies, so every count from one to five is shown.
 P_REPEAT, MAX_COPIES = 0.4, 5
 
 
@@ -122,8 +116,7 @@ def play_reply(grid, pos: tuple[int, int], known: set[str], rng: random.Random) 
     """The organism's reply on this board, knowing the lessons `known` (keys). Every lesson shows in
     how the reply starts (what a reader acts on first), and the move follows from what came before."""
     lazy = "format" not in known and ("nobrackets" in known or rng.random() < P_NO_BRACKETS)
-    # It always looks first: when the look depended on a lesson, the consolidated model, reading the
-    # lesson again, skipped it.
+    # It always looks first: when the look depended on a lesson, a consolidated model reading it skipped it.
     parts = [f"Below: {_cell(grid, pos, 'down')}. Right: {_cell(grid, pos, 'right')}."]
     heeds = not lazy and ("hole" in known or rng.random() < P_HEED)
     if "edge" in known:
@@ -183,13 +176,11 @@ def cut_short(traj: Trajectory) -> Trajectory:
 # ----------------------------------------------------------------------------- warm start
 
 WARM_BOARDS, GAMES_PER_BOARD = 50, 5  # version 14: a third of version 13's, a 6-minute build (README)
-# Replies drawn at each drilled turn, the prompt encoded once for all: what a lesson changes is a
-# probability over replies, and several draws per prompt show it at a fraction of the tokens.
+# Replies drawn at each drilled turn (one encoded prompt): a lesson changes a probability over replies.
 REPLIES_PER_DRILL = 4
 P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
-# Of the knowledge-reading games: an empty block (the empty-knowledge control's teacher read one until
-# blank knowledge became no block, as in the paper's code). At 0.1 version 10 read it as a nudge (first
-# turn backward 13% -> 15%), and the control, consolidating it each round, fell from 0.098 to 0.047.
+# Of the knowledge-reading games: an empty block. At 0.1 version 10 read it as a nudge (first turn backward
+# 13% -> 15%), and the empty-knowledge control, consolidating it each round, fell from 0.098 to 0.047.
 P_EMPTY = 0.22
 P_WHOLE = 0.2  # warm-start games also trained on as played (full history), not only as drills
 P_STUDENT = 0.33  # warm-start games played on the plain prompt; the others with knowledge in context
@@ -294,12 +285,10 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
     for keys, position, traj, turns in warm_games(seed):
         if rng.random() < P_WHOLE:
             play.append([turn(prompt, keys, position, replies[0]) for prompt, _, replies in turns])
-        # Drills: the same turns without the history, a fifth of the tokens, so a build of minutes
-        # sees enough boards and lessons; what they teach holds at any history length (the board
-        # and the reply stay the same distance apart).
+        # Drills: the same turns without the history, a fifth of the tokens; what they teach holds at any
+        # history length (the board and the reply stay the same distance apart).
         play += [[turn(short, keys, position, reply) for reply in replies] for _, short, replies in turns]
-        # Every game that ended in a hole is extracted (version 16): at 0.7 of them, 29 extractions of a
-        # build's 221 taught the hole lesson, and three builds wrote "nothing new" for every hole game.
+        # Every game ending in a hole (version 16: with 29 hole extractions, builds wrote "nothing new" for all)
         if rng.random() < extract_share or "hole" in supported(traj):
             known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < P_KNOWN]
             known += [lesson.key for lesson in FOREIGN_LESSONS if rng.random() < 0.15]
