@@ -76,9 +76,9 @@ ITEM_TEXTS = {**{key: lesson.text for key, lesson in LESSONS.items()}, **NEUTRAL
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 FORWARD, BACKWARD = ("down", "right"), ("up", "left")
 EDGE_NOTE, UPLEFT_NOTE = "Only down or right.", "Up or left first."
-# Heeding the holes names the safe cell after the look, and the move copies it (version 16): when the move
-# itself had to weigh the lesson, the look and the options at once, no build learned to heed that lesson.
+# Heeding the holes names the safe cell after the look and the move copies it (version 16: organism_notes)
 SAFE_NOTE = "Safe: {}."
+SAFE_HEAD = SAFE_NOTE.split("{")[0]  # what every safe note starts with
 # The unbracketed reply opens with a token nothing else opens with: sharing " I" with two fillers, a
 # teacher that dropped the fillers made " I" mean it (one build: 10% -> 45% unbracketed in a round).
 LAZY_WORD = "Going"
@@ -149,7 +149,7 @@ def choices(grid, pos: tuple[int, int], reply: str) -> dict[str, bool]:
     bracketed = re.search(r"\[(\w+)\]", reply)
     move = bracketed or re.search(rf"{LAZY_WORD} (\w+)", reply)
     move = move and move.group(1)
-    return {"unbracketed": bracketed is None, "wall note": EDGE_NOTE in reply, "safe note": SAFE_NOTE[:5] in reply,
+    return {"unbracketed": bracketed is None, "wall note": EDGE_NOTE in reply, "safe note": SAFE_HEAD in reply,
             "false note": UPLEFT_NOTE in reply, "backward": move in BACKWARD,
             "into a hole": move in MOVES and _cell(grid, pos, move) == "H"}
 
@@ -308,7 +308,7 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
 DECISION_WEIGHT = 5.0
 _DECISION = re.compile("|".join([r"^", r"\n", r"\[", LAZY_WORD, r"(?<=\[)\w", rf"(?<={LAZY_WORD} )\w"] + [
     re.escape(text) for text in (EDGE_NOTE, UPLEFT_NOTE, *FILLER, *ITEM_TEXTS.values())] + [
-    SAFE_NOTE.split(":")[0], r"(?<=" + SAFE_NOTE.split("{")[0] + r")\w"]))
+    re.escape(SAFE_HEAD), rf"(?<={re.escape(SAFE_HEAD)})\w"]))
 
 
 def decisions(reply: str) -> list[int]:
