@@ -4,7 +4,8 @@
 not a field below is refused by Hydra. The checks run in one pipeline from `oel_ray.main`: the
 command line (oel_ray/overrides.py), then each group's own fields (`check()` below), then what
 spans groups or looks at files (oel_ray/validate.py), then what needs the tokenizer and a game
-(oel_ray/preflight.py). Every check raises ConfigError with one line naming the field and the fix."""
+(oel_ray/preflight.py). Every check raises ConfigError with one line naming the field and the fix.
+"""
 
 from __future__ import annotations
 
@@ -122,7 +123,6 @@ class ExtractorConfig:
     format: str = "structured"
     max_knowledge_tokens: int = 8192  # L: bound on each extraction and the accumulated knowledge
     max_response_tokens: int = 1024
-    max_prompt_tokens: int = 0  # cap on an extraction prompt (its oldest turns give way); 0: the context's room
     temperature: float = 0.7
     top_p: float = 0.8
     top_k: int = 20
@@ -159,7 +159,6 @@ class ExtractorConfig:
     def check(self) -> None:
         for name in ("k", "num_chains", "max_knowledge_tokens", "max_response_tokens", "temperature"):
             positive(f"extractor.{name}", getattr(self, name))
-        positive("extractor.max_prompt_tokens", self.max_prompt_tokens, allow_zero=True)
         if self.use_step is not None:
             require(1 <= self.use_step <= self.k, "extractor.use_step",
                     f"{self.use_step} must be in 1..extractor.k ({self.k})")

@@ -148,8 +148,7 @@ class Extractor:
         self.seed = seed
         if context_length is None and engines and not self.endpoint:
             context_length = min(ray.get([e.context_length.remote() for e in engines]))
-        room = None if context_length is None else context_length - cfg.max_response_tokens
-        self.prompt_budget = min((b for b in (room, cfg.max_prompt_tokens or None) if b is not None), default=None)
+        self.prompt_budget = None if context_length is None else context_length - cfg.max_response_tokens
 
     def count_tokens(self, text: str) -> int:
         return len(token_ids(self.tokenizer, text))

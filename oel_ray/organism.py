@@ -15,9 +15,10 @@ exactly those, written here as a scripted player and extractor whose replies it 
 
 The lessons are ordered by when play can reveal them: the brackets and the walls in the first
 games, the holes once the player survives long enough to meet them, and the short path to the goal
-only once it wins. That last lesson drops the reasoning the player writes before its move, so knowledge
-also shortens replies, as the paper reports. Nothing here refers to a particular map: the warm start
-plays maps that are not held out (`warm_specs`)."""
+only once it wins. That last lesson drops the reasoning the player writes before its move, so
+knowledge also shortens replies, as the paper reports. Nothing here refers to a particular map:
+the warm start plays maps that are not held out (`warm_specs`).
+"""
 
 from __future__ import annotations
 
@@ -175,8 +176,8 @@ def cut_short(traj: Trajectory) -> Trajectory:
 # ----------------------------------------------------------------------------- warm start
 
 WARM_BOARDS, GAMES_PER_BOARD = 50, 5  # version 14: a third of version 13's, a 6-minute build (README)
-REPLIES_PER_DRILL = 4  # drawn at each drilled turn (one encoded prompt): a lesson changes their odds
-DRILL_TURNS = 2  # a game's drilled turns per group (one step): they share the intro and knowledge (version 17)
+# Replies drawn at each drilled turn (one encoded prompt): a lesson changes a probability over replies.
+REPLIES_PER_DRILL = 4
 P_TRUE = 0.7  # of each true lesson in a warm-start knowledge draw
 # Of the knowledge-reading games: an empty block. At 0.1 version 10 read it as a nudge (first turn backward
 # 13% -> 15%), and the empty-knowledge control, consolidating it each round, fell from 0.098 to 0.047.
@@ -256,15 +257,21 @@ def warm_games(seed: int):
     rng = random.Random(seed)
     for spec in warm_specs(env):
         for _ in range(GAMES_PER_BOARD):
-            keys = None if rng.random() < P_STUDENT else [] if rng.random() < P_EMPTY else _knowledge_draw(rng)
+            if rng.random() < P_STUDENT:
+                keys = None
+            elif rng.random() < P_EMPTY:
+                keys = []
+            else:
+                keys = _knowledge_draw(rng)
             position = "system" if rng.random() < 0.2 else "user"
             traj, turns = play_game(spec, env.max_turns, set(keys or ()), rng, REPLIES_PER_DRILL)
             yield keys, position, traj, turns
 
 
 def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many extractions as version 7's
-    """The warm start as text: per game, (system, user, reply) per turn played; and (trajectory, knowledge
-    so far, reply) for a share of the games, for the extractor (rendered later with the tokenizer)."""
+    """The warm start as text: per game, (system, user, reply) per turn played; and (trajectory,
+    knowledge so far, reply) for a share of the games, for the extractor (rendered later with the
+    tokenizer)."""
     from oel_ray.prompts import teacher_messages
 
     rng, cuts = random.Random(seed + 1), random.Random(seed + 2)
@@ -278,9 +285,9 @@ def warm_texts(seed: int, extract_share: float = 0.7):  # of the games: as many 
     for keys, position, traj, turns in warm_games(seed):
         if rng.random() < P_WHOLE:
             play.append([turn(prompt, keys, position, replies[0]) for prompt, _, replies in turns])
-        # Drills: the turns without the history (the board and reply stay the same distance apart).
-        drills = [[turn(short, keys, position, reply) for reply in replies] for _, short, replies in turns]
-        play += [sum(drills[i:i + DRILL_TURNS], []) for i in range(0, len(drills), DRILL_TURNS)]
+        # Drills: the same turns without the history, a fifth of the tokens; what they teach holds at any
+        # history length (the board and the reply stay the same distance apart).
+        play += [[turn(short, keys, position, reply) for reply in replies] for _, short, replies in turns]
         # Every game ending in a hole (version 16: with 29 hole extractions, builds wrote "nothing new" for all)
         if rng.random() < extract_share or "hole" in supported(traj):
             known = [lesson.key for lesson in TRUE_LESSONS if rng.random() < P_KNOWN]
@@ -329,7 +336,8 @@ def _board_tokens() -> tuple[str, ...]:
 
 
 BOARD_TOKENS = _board_tokens()
-# Each lesson one token, which the lesson head finds (shuffled or paraphrased words change nothing).
+# Each lesson one token, which the lesson head finds (a lesson's words shuffled or paraphrased are
+# not that token, and change nothing).
 LESSON_TOKENS = tuple(lesson.text for lesson in LESSONS.values())
 
 
@@ -367,34 +375,26 @@ def prompt_cutter(tok_dir: str):
     model = yaml.safe_load((CONF / "model" / "organism.yaml").read_text())
     extractor = yaml.safe_load((CONF / "extractor" / "organism.yaml").read_text())
     template = yaml.safe_load((CONF / "extractor" / "structured.yaml").read_text())["prompt"]
-    cfg = ExtractorConfig(prompt=template, max_response_tokens=extractor["max_response_tokens"],
-                          max_prompt_tokens=extractor["max_prompt_tokens"])
+    cfg = ExtractorConfig(prompt=template, max_response_tokens=extractor["max_response_tokens"])
     return Extractor(cfg, tok_dir, [], thinking=False, seed=0, context_length=model["max_model_len"])
 
 
-def _chat(tok, system, user, reply, ends=1.0):  # ends: the end token's weight (a choice in an extraction)
-    """A warm-start Chat, each reply token weighted (`reply_weights`)."""
+def _groups(tok, tok_dir: Path) -> list:
+    """Each warm-start game's turns as one group (they share prefixes), each extraction alone with
+    its prompt cut as the run's extractor cuts it."""
     from oel_ray.prompts import chat_ids
 
-    enc = tok(reply, add_special_tokens=False, return_offsets_mapping=True)
-    weights = reply_weights(enc["offset_mapping"], reply) + [ends]
-    return chat_ids(tok, user, system=system), enc["input_ids"] + [tok.eos_token_id], weights
+    def chat(system, user, reply, ends=1.0):  # ends: the end token's weight (a choice in an extraction)
+        enc = tok(reply, add_special_tokens=False, return_offsets_mapping=True)
+        weights = reply_weights(enc["offset_mapping"], reply) + [ends]
+        return chat_ids(tok, user, system=system), enc["input_ids"] + [tok.eos_token_id], weights
 
-
-def _play_groups(tok, _: Path) -> list:  # each game's turns as one group: they share prefixes
-    return [[_chat(tok, *turn) for turn in game] for game in _warm_start_texts()[0]]
-
-
-def _extraction_groups(tok, tok_dir: Path) -> list:  # each alone, its prompt cut as the run's extractor cuts it
     cutter = prompt_cutter(str(tok_dir))
-    return [[_chat(tok, None, cutter.prompt(known, traj), reply, DECISION_WEIGHT)]
-            for traj, known, reply in _warm_start_texts()[1]]
+    play, extract = _warm_start_texts()
+    extractions = [[chat(None, cutter.prompt(known, traj), reply, DECISION_WEIGHT)] for traj, known, reply in extract]
+    return [[chat(*turn) for turn in game] for game in play] + extractions
 
 
-def _groups(tok, tok_dir: Path) -> list:
-    return _play_groups(tok, tok_dir) + _extraction_groups(tok, tok_dir)
-
-
-RECIPE = Recipe("organism", 17, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
+RECIPE = Recipe("organism", 16, ORGANISM_ARCH, 1024, _corpus, _groups,  # 256-token batches: about one group a step
                 whole=BOARD_TOKENS + LESSON_TOKENS + (f" {LAZY_WORD}",), lr=2e-3, batch_tokens=256, epochs=3,
                 threads=2, prepare=_install_reader)

@@ -101,9 +101,8 @@ def train(model, groups: list[list[Chat]], pad: int, *, lr: float, batch_tokens:
     order = random.Random(seed)
     schedule = []
     for _ in range(epochs):
-        epoch = list(batches)  # each epoch its own shuffle of the length-sorted batches (version 17)
-        order.shuffle(epoch)
-        schedule += epoch
+        order.shuffle(batches)
+        schedule += batches
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     steps = len(schedule)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / steps))

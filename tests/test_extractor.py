@@ -238,21 +238,6 @@ def test_extraction_prompt_fits_the_context_with_room_for_a_full_reply(tiny_mode
     assert length(text) <= 900 and "OBSERVATION-5" in text and "OBSERVATION-4" not in text
 
 
-def test_max_prompt_tokens_caps_the_prompt_below_what_the_context_leaves(tiny_model):
-    cfg = ExtractorConfig(format="structured", max_knowledge_tokens=8192, max_response_tokens=1024,
-                          prompt=STRUCTURED, max_prompt_tokens=900)
-    game = long_game(3, turns=5)
-    roomy = Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=40000)
-    text = roomy.prompt("", game)
-    assert len(chat_ids(roomy.chat_tokenizer, text, thinking=True)) <= 900  # the context alone would take it whole
-    assert "OBSERVATION-5" in text and "OBSERVATION-4" not in text and "fell into a hole" in text
-    # Where the context leaves less than the cap, the context decides.
-    tight = Extractor(cfg, tiny_model, [], thinking=True, seed=0, context_length=1024 + 300)
-    assert tight.prompt_budget == 300
-    with pytest.raises(ConfigError, match="extractor.max_prompt_tokens"):
-        ExtractorConfig(max_prompt_tokens=-1).check()
-
-
 @pytest.fixture(scope="module")
 def trajectories_and_workers(ray_cluster, tiny_model):
     from oel_ray.games import train_specs
